@@ -1,0 +1,258 @@
+"""Layer groups: split a model's parameters into the ordered groups a strategy selects from.
+
+``layer_groups(model)`` picks a registered scheme by looking at the model (the paper's
+6 groups for ResNets, embedding / blocks / head for ViTs, top-level children for any
+other ``nn.Module``); ``scheme=`` names one, or gives ``[(group_name, regex), ...]``
+patterns matched against parameter names (first match wins), like timm's
+``group_matcher``. Register more schemes with :func:`register_grouping`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+NamedParams = list[tuple[str, nn.Parameter]]
+
+
+@dataclass
+class LayerGroups:
+    """Ordered, named groups of ``(parameter_name, parameter)``; every parameter in one group."""
+
+    groups: dict[str, NamedParams]
+    scheme: str = "custom"
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.groups)
+
+    def __getitem__(self, name: str) -> NamedParams:
+        return self.groups[name]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.groups)
+
+    def named_param_lists(self) -> list[tuple[str, list[nn.Parameter]]]:
+        return [(name, [p for _, p in items]) for name, items in self.groups.items()]
+
+    def tensor_groups(self) -> list[tuple[str, list[nn.Parameter]]]:
+        """One group per parameter tensor, named by the parameter (for BVG-TS)."""
+        return [(pname, [p]) for items in self.groups.values() for pname, p in items]
+
+    def param_groups(self, **options) -> list[dict]:
+        """Optimizer param groups, one per non-empty group of trainable parameters.
+
+        Each dict carries ``"name"`` so strategies can report group names;
+        ``options`` (e.g. ``weight_decay=0``) are copied into every group.
+        """
+        out = []
+        for name, items in self.groups.items():
+            params = [p for _, p in items if p.requires_grad]
+            if params:
+                out.append({"params": params, "name": name, **options})
+        return out
+
+    def index(self, name: str) -> int:
+        return self.names.index(name)
+
+    def describe(self) -> str:
+        """A table of the groups: index, name, tensors, parameters, first/last tensor names."""
+        rows = [("#", "group", "tensors", "params", "trainable", "from .. to")]
+        total = trainable = 0
+        for i, (name, items) in enumerate(self.groups.items()):
+            n = sum(p.numel() for _, p in items)
+            nt = sum(p.numel() for _, p in items if p.requires_grad)
+            total, trainable = total + n, trainable + nt
+            span = f"{items[0][0]} .. {items[-1][0]}" if len(items) > 1 else (items[0][0] if items else "-")
+            rows.append((str(i + 1), name, str(len(items)), f"{n:,}", f"{nt:,}", span))
+        rows.append(("", "total", str(sum(len(v) for v in self.groups.values())), f"{total:,}", f"{trainable:,}", ""))
+        widths = [max(len(r[c]) for r in rows) for c in range(5)]
+        lines = [f"layer groups ({self.scheme} scheme):"]
+        for r in rows:
+            lines.append("  ".join(r[c].rjust(widths[c]) if c in (0, 2, 3, 4) else r[c].ljust(widths[c])
+                                   for c in range(5)) + "  " + r[5])
+        return "\n".join(lines)
+
+    __str__ = describe
+
+
+# ---------------------------------------------------------------------- registry
+@dataclass
+class GroupingScheme:
+    name: str
+    build: Callable[[nn.Module], dict[str, NamedParams]]
+    detect: Callable[[nn.Module], bool] | None  # None: only when asked for by name
+
+
+GROUPING_SCHEMES: dict[str, GroupingScheme] = {}
+
+
+def register_grouping(name: str, detect: Callable[[nn.Module], bool] | None = None):
+    """Decorator: register ``build(model) -> {group_name: [(param_name, param), ...]}``.
+
+    Schemes with a ``detect`` function take part in ``scheme="auto"``; the newest
+    registration is tried first, so a user's scheme wins over the built-in ones.
+    """
+    def deco(build):
+        GROUPING_SCHEMES[name] = GroupingScheme(name, build, detect)
+        return build
+    return deco
+
+
+def grouping_names() -> list[str]:
+    return sorted(GROUPING_SCHEMES) + ["auto", "patterns (a list of (name, regex))"]
+
+
+def layer_groups(model: nn.Module, scheme: str | Sequence | Mapping = "auto") -> LayerGroups:
+    """Split ``model``'s parameters into ordered layer groups.
+
+    Args:
+        model: any ``nn.Module``.
+        scheme: ``"auto"`` (detect), a registered name (see :func:`grouping_names`),
+            or patterns: ``[(group_name, regex), ...]`` / ``{group_name: regex}``
+            matched with ``re.search`` against parameter names, first match wins.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(scheme, str):
+        if scheme == "auto":
+            chosen = next(s for s in reversed(list(GROUPING_SCHEMES.values()))
+                          if s.detect is not None and s.detect(model))
+        elif scheme in GROUPING_SCHEMES:
+            chosen = GROUPING_SCHEMES[scheme]
+        else:
+            raise ValueError(f"unknown grouping scheme {scheme!r}; known: {', '.join(grouping_names())}")
+        groups, name = chosen.build(model), chosen.name
+    else:
+        groups, name = _group_by_patterns(model, scheme), "patterns"
+    groups = {k: v for k, v in groups.items() if v}
+    _check_partition(model, groups)
+    return LayerGroups(groups, scheme=name)
+
+
+def _check_partition(model: nn.Module, groups: Mapping[str, NamedParams]) -> None:
+    seen: dict[int, str] = {}
+    for gname, items in groups.items():
+        for pname, p in items:
+            if id(p) in seen:
+                raise ValueError(f"parameter {pname!r} is in groups {seen[id(p)]!r} and {gname!r}")
+            seen[id(p)] = gname
+    missing = [n for n, p in model.named_parameters() if id(p) not in seen]
+    if missing:
+        raise ValueError(f"{len(missing)} parameter(s) are in no group: {', '.join(missing[:8])}"
+                         f"{' ...' if len(missing) > 8 else ''}")
+
+
+def _group_by_patterns(model: nn.Module, patterns: Sequence | Mapping) -> dict[str, NamedParams]:
+    items = list(patterns.items()) if isinstance(patterns, Mapping) else list(patterns)
+    try:
+        compiled = [(str(g), re.compile(rx)) for g, rx in items]
+    except (TypeError, ValueError, re.error) as e:
+        raise ValueError(f"patterns must be (group_name, regex) pairs: {e}") from None
+    groups: dict[str, NamedParams] = {g: [] for g, _ in compiled}
+    unmatched = []
+    for pname, p in model.named_parameters():
+        for g, rx in compiled:
+            if rx.search(pname):
+                groups[g].append((pname, p))
+                break
+        else:
+            unmatched.append(pname)
+    if unmatched:
+        raise ValueError(f"{len(unmatched)} parameter(s) match no pattern: {', '.join(unmatched[:8])}"
+                         f"{' ...' if len(unmatched) > 8 else ''}")
+    return groups
+
+
+def _by_rules(model: nn.Module, order: list[str], rule: Callable[[str], str]) -> dict[str, NamedParams]:
+    """Assign each parameter to ``rule(name)``; groups appear in ``order``, then new ones."""
+    groups: dict[str, NamedParams] = {g: [] for g in order}
+    for pname, p in model.named_parameters():
+        groups.setdefault(rule(pname), []).append((pname, p))
+    return groups
+
+
+# ---------------------------------------------------------------------- built-in schemes
+@register_grouping("generic", detect=lambda m: True)
+def _generic(model: nn.Module) -> dict[str, NamedParams]:
+    """Top-level children in registration order, descending through single-child
+    wrappers; parameters held directly by a module come first, as "<name>.params"."""
+    prefix, module = "", model
+    while True:
+        children = [(n, c) for n, c in module.named_children() if any(True for _ in c.parameters())]
+        if len(children) == 1 and not any(True for _ in module.parameters(recurse=False)):
+            name, module = children[0]
+            prefix += name + "."
+            continue
+        break
+    groups: dict[str, NamedParams] = {}
+    own = [(prefix + n, p) for n, p in module.named_parameters(recurse=False)]
+    if own:
+        groups[(prefix or "root.") + "params"] = own
+    for name, child in module.named_children():
+        groups[prefix + name] = [(f"{prefix}{name}.{n}", p) for n, p in child.named_parameters()]
+    return groups
+
+
+@register_grouping("tensor")
+def _per_tensor(model: nn.Module) -> dict[str, NamedParams]:
+    """One group per parameter tensor (what BVG-TS selects from)."""
+    return {n: [(n, p)] for n, p in model.named_parameters()}
+
+
+def _is_resnet(model: nn.Module) -> bool:
+    return all(hasattr(model, a) for a in ("conv1", "layer1", "layer2", "layer3", "layer4", "fc"))
+
+
+@register_grouping("resnet", detect=_is_resnet)
+def _resnet(model: nn.Module) -> dict[str, NamedParams]:
+    """The paper's 6 groups: stem (conv1 + bn1), layer1..layer4, fc (torchvision or timm)."""
+    def rule(name: str) -> str:
+        top = name.split(".", 1)[0]
+        return top if top in ("layer1", "layer2", "layer3", "layer4", "fc") else "stem"
+    return _by_rules(model, ["stem", "layer1", "layer2", "layer3", "layer4", "fc"], rule)
+
+
+def _vit_rule(block_prefix: str, head_prefixes: tuple[str, ...]):
+    rx = re.compile(re.escape(block_prefix) + r"([^.]+)\.")
+
+    def rule(name: str) -> str:
+        m = rx.match(name)
+        if m:
+            digits = re.findall(r"\d+", m.group(1))
+            return f"block{digits[-1]}" if digits else m.group(1)
+        if name.startswith(head_prefixes):
+            return "head"
+        return "embed"
+    return rule
+
+
+def _is_timm_vit(model: nn.Module) -> bool:
+    return hasattr(model, "patch_embed") and isinstance(getattr(model, "blocks", None), (nn.Sequential, nn.ModuleList))
+
+
+@register_grouping("vit", detect=_is_timm_vit)
+def _timm_vit(model: nn.Module) -> dict[str, NamedParams]:
+    """timm ViTs as in the paper: [cls_token + pos_embed + patch_embed, each block, norm + head]."""
+    n = len(model.blocks)
+    rule = _vit_rule("blocks.", ("norm.", "fc_norm.", "head.", "attn_pool.", "head_drop."))
+    return _by_rules(model, ["embed"] + [f"block{i}" for i in range(n)] + ["head"], rule)
+
+
+def _is_torchvision_vit(model: nn.Module) -> bool:
+    enc = getattr(model, "encoder", None)
+    return hasattr(model, "conv_proj") and hasattr(enc, "layers") and hasattr(model, "heads")
+
+
+@register_grouping("torchvision-vit", detect=_is_torchvision_vit)
+def _torchvision_vit(model: nn.Module) -> dict[str, NamedParams]:
+    """torchvision ``vit_*``: [class_token + conv_proj + pos_embedding, each encoder layer, encoder.ln + heads]."""
+    n = len(model.encoder.layers)
+    rule = _vit_rule("encoder.layers.", ("encoder.ln.", "heads."))
+    return _by_rules(model, ["embed"] + [f"block{i}" for i in range(n)] + ["head"], rule)
