@@ -206,6 +206,11 @@ class GroupStrategy:
         self.optimizer.step()
         return loss
 
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called by training loops at the start of each epoch (0-based); a no-op here.
+
+        Strategies that act per epoch (e.g. gradual unfreezing) override it."""
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
