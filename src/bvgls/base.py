@@ -152,6 +152,11 @@ class GroupStrategy:
         """Learning-rate multiplier of every group for the step about to run."""
         raise NotImplementedError
 
+    def _tensor_scales(self, group_scales: Sequence[float]) -> list[float]:
+        """Learning-rate multiplier of every tensor (``self.params`` order); by default
+        its group's. Strategies with per-tensor rates (e.g. Auto-RGN) override this."""
+        return [group_scales[g] for g in self.param_group_index]
+
     def _pre_step(self, optimizer, args, kwargs):
         self._restore_param_groups()  # a previous step that raised never ran the post-hook
         if sum(len(g["params"]) for g in optimizer.param_groups) != self._opt_param_count:
@@ -165,9 +170,9 @@ class GroupStrategy:
         self.selected = [i for i, s in enumerate(scales) if s > 0]
         for i in self.selected:
             self.counts[i] += 1
-        if all(s == 1.0 for s in scales):
-            return None  # every group steps with its own lr: nothing to change
-        per_tensor = [scales[g] for g in self.param_group_index]
+        per_tensor = self._tensor_scales(scales)
+        if all(s == 1.0 for s in per_tensor):
+            return None  # every tensor steps with its own lr: nothing to change
         temporary = []
         for group, layout in zip(optimizer.param_groups, self._opt_layout):
             buckets: dict[float, list] = {}

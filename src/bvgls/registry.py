@@ -50,3 +50,20 @@ class DatasetSplits:
     num_classes: int
     classes: list[str] = field(default_factory=list)
     name: str = ""
+
+
+@dataclass
+class ModelInput:
+    """What a model expects as input; model builders attach it as ``model.bvgls_input``
+    so dataset builders can make matching transforms. Default: ImageNet 224x224 RGB."""
+
+    size: int = 224
+    channels: int = 3
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+
+
+#: name -> build(num_classes: int, weights: str | None = None) -> nn.Module (with .bvgls_input)
+MODELS: Registry = Registry("model")
+#: name -> build(root: str, *, download: bool, input: ModelInput) -> DatasetSplits
+DATASETS: Registry = Registry("dataset")

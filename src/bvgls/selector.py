@@ -25,6 +25,11 @@ from .base import GroupsSpec, GroupStrategy, _as_named_lists
 
 _CHUNK = 1 << 16
 
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2 gradients); any other tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
 # (bias, v_sum) -> (bias, v_sum): e.g. an all-reduce when gradients are sharded (FSDP)
 SumReducer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -117,7 +122,7 @@ class BVGLS(GroupStrategy):
             return self.ratios
         grads = []
         for i in idx:
-            g = self.params[i].grad
+            g = _local(self.params[i].grad)
             if g.is_sparse:
                 raise ValueError(f"{type(self).__name__} does not support sparse gradients")
             if self._m[i] is None:
