@@ -14,6 +14,7 @@ from .strategies import (
     register_strategy,
     strategy_names,
 )
+from . import peers  # noqa: F401  (registers auto-rgn, lisa, bcd-cyclic, gradual-unfreeze, llrd)
 
 __version__ = "0.1.0"
 

@@ -256,3 +256,84 @@ def _torchvision_vit(model: nn.Module) -> dict[str, NamedParams]:
     n = len(model.encoder.layers)
     rule = _vit_rule("encoder.layers.", ("encoder.ln.", "heads."))
     return _by_rules(model, ["embed"] + [f"block{i}" for i in range(n)] + ["head"], rule)
+
+
+# ---------------------------------------------------------------------- transformers models
+# Duck-typed on ``config`` + ``base_model_prefix`` (what every transformers ``PreTrainedModel``
+# has), so ``import bvgls`` never imports transformers. The blocks are found as the
+# outermost ``nn.ModuleList``s of same-class modules (``bert.encoder.layer``, ``transformer.h``,
+# ``model.layers``, ``vit.layers``, ``encoder.block`` + ``decoder.block``, ...).
+def _transformer_block_lists(model: nn.Module) -> list[str]:
+    found: list[tuple[str, str]] = []
+    for path, module in model.named_modules():
+        if not path or not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if any(path.startswith(outer + ".") for outer, _ in found):
+            continue  # a list inside a block (e.g. T5's per-block sub-layers)
+        kinds = {type(child).__name__ for child in module}
+        if len(kinds) == 1 and any(True for _ in module.parameters()):
+            found.append((path, kinds.pop()))
+    # transformers names its block classes in _no_split_modules: prefer those lists when present
+    block_classes = set(getattr(model, "_no_split_modules", None) or ())
+    preferred = [path for path, kind in found if kind in block_classes]
+    return preferred or [path for path, _ in found]
+
+
+def _is_transformers_model(model: nn.Module) -> bool:
+    return (hasattr(model, "config") and isinstance(getattr(model, "base_model_prefix", None), str)
+            and bool(_transformer_block_lists(model)))
+
+
+@register_grouping("transformers", detect=_is_transformers_model)
+def _transformers(model: nn.Module) -> dict[str, NamedParams]:
+    """Hugging Face transformers models: [embeddings, each block, final norm + head].
+
+    Encoder-decoder and multi-tower models (T5, BART, CLIP) get one group per block of
+    every stack, named ``<stack>.block<i>``; parameters between two stacks go to
+    ``<next stack>.embed`` if they belong to it, else to ``<previous stack>.final``.
+    """
+    stacks = _transformer_block_lists(model)
+    if not stacks:
+        raise ValueError(f"{type(model).__name__} has no nn.ModuleList of transformer blocks; "
+                         "use scheme='generic' or patterns")
+    owners = [path.split(".")[:-1] for path in stacks]
+    common = 0
+    while all(len(o) > common for o in owners) and len({o[common] for o in owners}) == 1:
+        common += 1
+    labels = [o[common] if len(o) > common else path for o, path in zip(owners, stacks)]
+    if len(set(labels)) < len(labels):
+        labels = list(stacks)
+    roots = [".".join(o[:common + 1]) + "." for o in owners]
+    prefix = [""] if len(stacks) == 1 else [label + "." for label in labels]
+    named = list(model.named_parameters())
+
+    def block_of(name: str) -> tuple[int, str] | None:
+        for j, path in enumerate(stacks):
+            if name.startswith(path + "."):
+                return j, f"{prefix[j]}block{name[len(path) + 1:].split('.', 1)[0]}"
+        return None
+
+    located = [block_of(name) for name, _ in named]
+    stack_before, stack_after, last = [], [None] * len(named), None
+    for loc in located:  # the stack of the nearest block parameter before / after each parameter
+        stack_before.append(last)
+        last = loc[0] if loc is not None else last
+    for k in range(len(named) - 2, -1, -1):
+        nxt = located[k + 1]
+        stack_after[k] = nxt[0] if nxt is not None else stack_after[k + 1]
+    groups: dict[str, NamedParams] = {"embed": []}
+    for k, (name, p) in enumerate(named):
+        if located[k] is not None:
+            groups.setdefault(located[k][1], []).append((name, p))
+            continue
+        before, after = stack_before[k], stack_after[k]
+        if before is None:
+            group = "embed"
+        elif after is None:
+            group = "head"
+        elif name.startswith(roots[after]):
+            group = f"{labels[after]}.embed"
+        else:
+            group = f"{labels[before]}.final"
+        groups.setdefault(group, []).append((name, p))
+    return groups
