@@ -407,3 +407,29 @@ def test_python_api_matches_spec_strings():
     g = GradualUnfreezing(opt, groups, every=2)
     assert "every=2 steps" in repr(g)
     assert math.isclose(make_strategy("llrd", opt, groups).multipliers[0], 0.75 ** 4)
+
+
+# ---------------------------------------------------------------------- a real model
+@pytest.mark.parametrize("spec", ["auto-rgn:batches=2", "lisa:K=2", "bcd-cyclic:K=1", "gradual-unfreeze:every=1",
+                                  "llrd"])
+def test_peers_train_a_torchvision_resnet(spec):
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = tv.models.resnet18(num_classes=3)
+    groups = layer_groups(model)  # the paper's 6 groups
+    opt = torch.optim.AdamW(groups.param_groups(), lr=1e-3)
+    s = make_strategy(spec, opt, groups)
+    if spec.startswith("auto-rgn"):  # the name heuristic finds every BatchNorm, downsample.1 included
+        assert {id(p) for p, n in zip(s.params, s.is_norm) if n} == {id(p) for p in normalization_parameters(model)}
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    losses = []
+    for t in range(4):
+        s.on_epoch_start(0)
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        s.step()
+        losses.append(loss.item())
+        assert len(s.scales) == 6 and s.selected
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    assert [g["lr"] for g in opt.param_groups] == [1e-3] * 6

@@ -40,6 +40,7 @@ def test_fixed_strategies_move_exactly_their_groups(spec, trained):
     moved = sorted(set(one_step(model, strategy)))
     assert moved == trained
     assert strategy.selected == trained and strategy.counts == [int(i in trained) for i in range(6)]
+    assert strategy.mean_scales() == [float(i in trained) for i in range(6)]
     frozen = [i for i, m in enumerate(model) if not m.weight.requires_grad]
     assert frozen == ([] if spec == "full" else [i for i in range(6) if i not in trained])
 

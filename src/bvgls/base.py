@@ -87,6 +87,7 @@ class GroupStrategy:
         self._bind_groups(groups)
         self.num_steps = 0
         self.counts = [0] * len(self.group_names)
+        self.scale_sums = [0.0] * len(self.group_names)
         self.selected: list[int] = []
         self.scales: list[float] = [1.0] * len(self.group_names)
         self._saved_param_groups = None
@@ -170,6 +171,7 @@ class GroupStrategy:
         self.selected = [i for i, s in enumerate(scales) if s > 0]
         for i in self.selected:
             self.counts[i] += 1
+        self.scale_sums = [total + s for total, s in zip(self.scale_sums, scales)]
         per_tensor = self._tensor_scales(scales)
         if all(s == 1.0 for s in per_tensor):
             return None  # every tensor steps with its own lr: nothing to change
@@ -231,6 +233,12 @@ class GroupStrategy:
         n = max(self.num_steps, 1)
         return [c / n for c in self.counts]
 
+    def mean_scales(self) -> list[float]:
+        """Mean learning-rate multiplier of each group over all steps: the selection
+        frequency for 0/1 strategies, the average weight for graded ones (llrd, auto-rgn)."""
+        n = max(self.num_steps, 1)
+        return [s / n for s in self.scale_sums]
+
     def describe_selection(self) -> str:
         return ",".join(self.group_names[i] for i in self.selected)
 
@@ -243,6 +251,7 @@ class GroupStrategy:
             "group_sizes": [len(ps) for ps in self.group_params],
             "num_steps": self.num_steps,
             "counts": list(self.counts),
+            "scale_sums": list(self.scale_sums),
             "selected": list(self.selected),
             "scales": list(self.scales),
         }
@@ -256,6 +265,7 @@ class GroupStrategy:
                              f"groups {self.group_names}")
         self.num_steps = int(state["num_steps"])
         self.counts = [int(c) for c in state["counts"]]
+        self.scale_sums = [float(s) for s in state.get("scale_sums", self.counts)]
         self.selected = [int(i) for i in state["selected"]]
         self.scales = [float(s) for s in state["scales"]]
 

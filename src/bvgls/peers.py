@@ -282,8 +282,9 @@ class AutoRGN(_PeerStrategy):
         if any(g.is_sparse for g in grads):
             raise ValueError("AutoRGN does not support sparse gradients")
         weights = [self.params[i].detach() for i in idx]
-        # the one device-to-host transfer of a measuring step
-        norms = torch.stack([x.to(torch.float64).cpu() for x in torch._foreach_norm(grads + weights)])
+        device = weights[0].device
+        norms = torch.stack([x.to(device, torch.float32) for x in torch._foreach_norm(grads + weights)])
+        norms = norms.to(torch.float64).cpu()  # the one device-to-host transfer of a measuring step
         g_norm, p_norm = norms[:len(idx)], norms[len(idx):]
         index = torch.tensor(idx, dtype=torch.long)
         rgn = torch.where(p_norm > 0, g_norm / p_norm.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
