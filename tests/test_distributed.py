@@ -8,6 +8,8 @@ single-process run on the concatenated batch.
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -99,6 +101,22 @@ def _worker(rank, store_path, out_dir):
                           "params": [p.full_tensor().detach().tolist() for p in model.parameters()],
                           "reduce_calls": calls,
                           "local_numel": sum(p.to_local().numel() for p in model.parameters())}
+        # a rank's state_dict (its shard of the EMAs) loads back into a strategy on the same shards
+        restored = make_strategy(model)
+        restored.load_state_dict(strategy.state_dict())
+        result["fsdp"]["state_roundtrip"] = all(torch.equal(a, b) for a, b in zip(restored._m, strategy._m))
+        restored.remove()
+
+        # FSDP1 flattens whole units: rejected with a clear error rather than computing partial sums
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        model = make_model()
+        fsdp1 = FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=True)
+        opt = torch.optim.SGD(fsdp1.parameters(), lr=0.1)
+        try:
+            bdist.setup(bvgls.BVGLS(opt, groups=bvgls.layer_groups(model)), modules=[fsdp1])
+            result["fsdp1_rejected"] = False
+        except ValueError as e:
+            result["fsdp1_rejected"] = "FSDP1" in str(e)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
     finally:
@@ -158,6 +176,25 @@ def test_fsdp_reduces_once_per_step_with_2L_values(runs):
 def test_selection_check_detects_disagreement(runs):
     ranks, _ = runs
     assert all(r["mismatch_detected"] for r in ranks)
+
+
+def test_fsdp_state_dict_roundtrip_and_fsdp1_rejected(runs):
+    ranks, _ = runs
+    assert all(r["fsdp"]["state_roundtrip"] for r in ranks)
+    assert all(r["fsdp1_rejected"] for r in ranks)
+
+
+def test_example_script_under_torchrun():
+    pytest.importorskip("sklearn")
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "ddp_finetune.py")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          script, "--fsdp", "--epochs", "1", "--pretrain-epochs", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "2 processes, fsdp, strategy bvgls; extra communication: one all-reduce of 8 float64 = 64 bytes" \
+        in out.stdout
+    assert "epoch 1: train loss" in out.stdout
+    assert "all 2 ranks selected the same groups in all 10 steps" in out.stdout
 
 
 def test_setup_outside_distributed_is_a_no_op():

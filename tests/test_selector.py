@@ -394,7 +394,13 @@ def test_closure_is_evaluated_before_the_selection():
         loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()
         return loss
-    loss = sel.step(closure)
-    assert loss.item() > 0 and sel.num_steps == 1
+    calls = []
+    counted = lambda: calls.append(1) or closure()  # noqa: E731
+    loss = sel.step(counted)
+    assert loss.item() > 0 and sel.num_steps == 1 and len(calls) == 1
+    # a framework passing the closure to optimizer.step (Lightning does) gets the same
+    opt.zero_grad()
+    opt.step(counted)
+    assert sel.num_steps == 2 and len(calls) == 2 and not math.isnan(sel.ratios[0].item())
     with pytest.raises(TypeError, match="LBFGS"):
         bvgls.BVGLS(torch.optim.LBFGS(model.parameters()))

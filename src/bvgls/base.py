@@ -163,6 +163,15 @@ class GroupStrategy:
         if sum(len(g["params"]) for g in optimizer.param_groups) != self._opt_param_count:
             raise RuntimeError("the optimizer's parameters changed after the strategy was attached "
                                "(add_param_group?); create the strategy again")
+        replaced = None
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0] is the optimizer
+        if closure is not None:
+            # the optimizer would evaluate the closure after this hook: evaluate it now so
+            # the statistics see its gradients, and hand the optimizer the cached result
+            with torch.enable_grad():
+                loss = closure()
+            rest = {k: v for k, v in kwargs.items() if k != "closure"}
+            replaced = (args[:1], {**rest, "closure": lambda: loss})
         scales = [float(s) for s in self._plan()]
         if len(scales) != self.num_groups:
             raise RuntimeError(f"{type(self).__name__}._plan returned {len(scales)} scales for {self.num_groups} groups")
@@ -174,7 +183,7 @@ class GroupStrategy:
         self.scale_sums = [total + s for total, s in zip(self.scale_sums, scales)]
         per_tensor = self._tensor_scales(scales)
         if all(s == 1.0 for s in per_tensor):
-            return None  # every tensor steps with its own lr: nothing to change
+            return replaced  # every tensor steps with its own lr: nothing to change
         temporary = []
         for group, layout in zip(optimizer.param_groups, self._opt_layout):
             buckets: dict[float, list] = {}
@@ -190,7 +199,7 @@ class GroupStrategy:
                 temporary.append(sub)
         self._saved_param_groups = optimizer.param_groups
         optimizer.param_groups = temporary
-        return None
+        return replaced
 
     def _post_step(self, optimizer, args, kwargs):
         self._restore_param_groups()
@@ -203,15 +212,10 @@ class GroupStrategy:
     def step(self, closure=None):
         """Run one optimizer step with this strategy's per-group learning rates.
 
-        A closure is evaluated once, before the selection (so the statistics see its
-        gradients); the optimizer then steps without it.
+        A closure (here or passed to ``optimizer.step``) is evaluated once, before the
+        selection, so the statistics see its gradients; the optimizer gets its result.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self.optimizer.step()
-        return loss
+        return self.optimizer.step() if closure is None else self.optimizer.step(closure)
 
     def on_epoch_start(self, epoch: int) -> None:
         """Called by training loops at the start of each epoch (0-based); a no-op here.

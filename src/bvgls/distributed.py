@@ -28,8 +28,8 @@ import torch.distributed as dist
 
 from .base import GroupStrategy
 
-__all__ = ["all_reduce_sums", "assert_same_selection", "setup", "shard_statistics", "sharding_groups",
-           "verify_selection"]
+__all__ = ["all_reduce_sums", "assert_same_selection", "reject_fsdp1", "setup", "shard_statistics",
+           "sharding_groups", "verify_selection"]
 
 
 def _require_initialized() -> None:
@@ -154,16 +154,38 @@ def verify_selection(strategy: GroupStrategy, every: int = 1, group: Any = None)
     return strategy.optimizer.register_step_post_hook(check)
 
 
-def setup(strategy: GroupStrategy, *, verify_every: int = 0, group: Any = None) -> str:
+def reject_fsdp1(strategy: GroupStrategy, modules: Sequence[torch.nn.Module] = ()) -> None:
+    """Raise ``ValueError`` if FSDP1 (``FullyShardedDataParallel``) manages the parameters:
+    it flattens a whole wrapped unit into one tensor and shards that, so per-layer sums
+    cannot be formed (and with ``use_orig_params=True`` each rank would silently see only
+    part of every layer)."""
+    flat = [name for name, ps in zip(strategy.group_names, strategy.group_params)
+            if any(getattr(p, "_is_flat_param", False) for p in ps)]
+    wrapped = False
+    if modules:
+        try:
+            from torch.distributed.fsdp import FullyShardedDataParallel
+        except ImportError:  # pragma: no cover - torch built without distributed
+            FullyShardedDataParallel = ()
+        wrapped = any(isinstance(m, FullyShardedDataParallel) for module in modules for m in module.modules())
+    if flat or wrapped:
+        raise ValueError("FSDP1 (FullyShardedDataParallel) is not supported: it shards flattened units, not "
+                         "layers. Shard with FSDP2 (torch.distributed.fsdp.fully_shard) instead")
+
+
+def setup(strategy: GroupStrategy, *, verify_every: int = 0, group: Any = None,
+          modules: Sequence[torch.nn.Module] = ()) -> str:
     """Prepare ``strategy`` for the current ``torch.distributed`` setting.
 
     Returns ``"single"`` (not distributed, or one process: nothing to do), ``"fsdp"``
     (DTensor parameters: per-group sums are all-reduced, see :func:`shard_statistics`)
     or ``"ddp"`` (replicated parameters: nothing to do). With ``verify_every=n``,
-    every n-th step checks that all ranks selected the same groups.
+    every n-th step checks that all ranks selected the same groups. ``modules``: the
+    (wrapped) model(s), checked for FSDP1, which is not supported.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return "single"
+    reject_fsdp1(strategy, modules)
     mode = "ddp"
     if sharding_groups(strategy) is not None:
         mode = "fsdp"

@@ -204,8 +204,9 @@ class BVGLS(GroupStrategy):
         if len(m) != len(self.params):
             raise ValueError(f"state_dict has {len(m)} gradient buffers for {len(self.params)} parameters")
         for i, (buf, p) in enumerate(zip(m, self.params)):
-            if buf is not None and buf.shape != p.shape:
-                raise ValueError(f"gradient buffer {i} has shape {tuple(buf.shape)}, parameter has {tuple(p.shape)}")
+            if buf is not None and buf.shape != _local(p).shape:  # FSDP2: the EMA is this rank's shard
+                raise ValueError(f"gradient buffer {i} has shape {tuple(buf.shape)}, parameter has "
+                                 f"{tuple(_local(p).shape)}")
         self.alpha, self.eps = float(state["alpha"]), float(state["eps"])
         self.k = state["k"]
         self._m = [None if b is None else b.to(p.device, p.dtype).clone() for b, p in zip(m, self.params)]

@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -140,7 +140,9 @@ class SelectionTracker:
         self._ratio_count += valid
 
     def _snapshot(self) -> tuple:
-        return (self.strategy.num_steps, list(self.strategy.counts), self._ratio_sum.clone(), self._ratio_count.clone())
+        scale_sums = list(getattr(self.strategy, "scale_sums", self.strategy.counts))
+        return (self.strategy.num_steps, list(self.strategy.counts), self._ratio_sum.clone(), self._ratio_count.clone(),
+                scale_sums)
 
     def steps_since(self, window: str) -> int:
         """Optimizer steps taken since ``window`` was last taken."""
@@ -148,26 +150,33 @@ class SelectionTracker:
 
     def take(self, window: str) -> dict[str, list]:
         """Statistics of the steps since ``window`` was last taken: ``{"steps": n,
-        "frequency": [per group], "bvr": [per group, None where undefined]}``."""
+        "frequency": [per group], "scale": [per group], "bvr": [per group, None where undefined]}``
+        (frequency: fraction of steps with a multiplier > 0; scale: mean multiplier,
+        the same as the frequency for select-or-not strategies)."""
         now = self._snapshot()
-        steps0, counts0, sum0, count0 = self._marks.get(window, self._start)
+        steps0, counts0, sum0, count0, scales0 = self._marks.get(window, self._start)
         self._marks[window] = now
         steps = now[0] - steps0
         freq = [(c - c0) / steps if steps else 0.0 for c, c0 in zip(now[1], counts0)]
+        scale = [(s - s0) / steps if steps else 0.0 for s, s0 in zip(now[4], scales0)]
         bvr: list[float | None] = [None] * len(freq)
         if self.has_ratios and steps:
             sums = (now[2] - sum0).tolist()
             counts = (now[3] - count0).tolist()
             bvr = [s / c if c > 0 else None for s, c in zip(sums, counts)]
-        return {"steps": steps, "frequency": freq, "bvr": bvr}
+        return {"steps": steps, "frequency": freq, "scale": scale, "bvr": bvr}
 
     def metrics(self, window: str, prefix: str = "bvgls/") -> dict[str, float]:
-        """:meth:`take` as flat metrics: ``{prefix}freq/<group>`` and ``{prefix}bvr/<group>``;
+        """:meth:`take` as flat metrics: ``{prefix}freq/<group>``, ``{prefix}bvr/<group>`` and,
+        for strategies with graded multipliers (llrd, auto-rgn), ``{prefix}scale/<group>``;
         empty when no step was taken in the window."""
         stats = self.take(window)
         if not stats["steps"]:
             return {}
-        out = {f"{prefix}freq/{name}": f for name, f in zip(self.strategy.group_names, stats["frequency"])}
+        names = self.strategy.group_names
+        out = {f"{prefix}freq/{name}": f for name, f in zip(names, stats["frequency"])}
+        if any(abs(s - f) > 1e-9 for s, f in zip(stats["scale"], stats["frequency"])):
+            out.update({f"{prefix}scale/{name}": s for name, s in zip(names, stats["scale"])})
         out.update({f"{prefix}bvr/{name}": b for name, b in zip(self.strategy.group_names, stats["bvr"])
                     if b is not None})
         return out
