@@ -14,12 +14,13 @@ from .strategies import (
     register_strategy,
     strategy_names,
 )
+from .train import History, finetune
 from . import peers  # noqa: F401  (registers auto-rgn, lisa, bcd-cyclic, gradual-unfreeze, llrd)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BVGLS", "BVGTS", "FixedGroups", "GroupStrategy", "LayerGroups", "STRATEGIES",
+    "BVGLS", "BVGTS", "FixedGroups", "GroupStrategy", "History", "LayerGroups", "STRATEGIES", "finetune",
     "full_finetuning", "grouping_names", "layer_groups", "linear_probing", "make_strategy",
     "parse_strategy", "partial_finetuning", "register_grouping", "register_strategy", "strategy_names",
 ]

@@ -121,6 +121,7 @@ def check_strategies(strategies: Sequence[str], model: nn.Module) -> None:
     """Raise ValueError now, not hours into a grid, for specs that do not fit ``model``'s groups."""
     from .grouping import layer_groups
 
+    trainable = [(p, p.requires_grad) for p in model.parameters()]
     for spec in strategies:
         parse_strategy(spec)
         groups = layer_groups(model)
@@ -131,8 +132,8 @@ def check_strategies(strategies: Sequence[str], model: nn.Module) -> None:
             raise ValueError(f"strategy {spec!r} does not fit {type(model).__name__} "
                              f"({len(groups)} groups: {', '.join(groups.names)}): {e}") from None
         finally:
-            for p in model.parameters():
-                p.requires_grad_(True)
+            for p, flag in trainable:  # partial strategies freeze groups
+                p.requires_grad_(flag)
 
 
 # ---------------------------------------------------------------------- the grid
@@ -218,7 +219,7 @@ def compare(
         config = {"model": model_label, "weights": weights if isinstance(model, str) else None, "dataset": label,
                   "phase": phase, "num_classes": splits.num_classes}
         _check_existing(run_dir, {**_FINETUNE_DEFAULTS, **config, **train_options, "epochs": epochs,
-                                  "batch_size": batch_size})
+                                  "batch_size": batch_size, "val_fraction": vf})
         if os.path.isfile(os.path.join(run_dir, "result.json")):
             return
         log(f"[{done + 1}/{total}] {label} {spec} lr={_lr_text(lr)} seed={seed} ({phase}) -> {run_dir}")
@@ -228,7 +229,7 @@ def compare(
             history = finetune(net, splits, spec, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                                val_fraction=vf, out_dir=run_dir, resume=True, progress=progress, config=config,
                                **train_options)
-        except Exception as e:  # noqa: BLE001 - with keep_going a failed run must not stop the grid
+        except Exception as e:  # with keep_going a failed run must not stop the grid
             if not keep_going:
                 raise
             failed.append(f"{run_dir}: {type(e).__name__}: {e}")
@@ -269,7 +270,7 @@ def _check_existing(run_dir: str, expected: Mapping[str, Any]) -> None:
         return
     with open(path) as f:
         old = json.load(f)
-    keys = [k for k in _COMPARED_KEYS + ("dataset",) if k in expected]
+    keys = [k for k in _COMPARED_KEYS + ("dataset", "phase", "val_fraction") if k in expected]
     changed = [f"{k}: {old.get(k)!r} -> {expected[k]!r}" for k in keys if old.get(k) != expected[k]]
     if changed:
         raise ValueError(f"{run_dir!r} holds a run with other settings ({'; '.join(changed)}); "

@@ -329,6 +329,27 @@ def _food101(root: str, *, download: bool = False, input: ModelInput, augment: s
     return _splits("food101", train, get("test"), train.classes, input, augment)
 
 
+SUN397_PARTITIONS_URL = "https://vision.princeton.edu/projects/2010/SUN/download/Partitions.zip"
+
+
+def _fetch_sun397_partitions(data_dir: Path) -> None:
+    """The official train/test partitions (not part of torchvision's download); on failure the
+    fixed fallback split is used, with a warning."""
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    target = data_dir / "Partitions"
+    try:
+        download_and_extract_archive(SUN397_PARTITIONS_URL, download_root=str(data_dir), extract_root=str(target))
+    except Exception as e:  # noqa: BLE001 - any failure means: use the fallback split
+        warnings.warn(f"could not fetch the SUN397 partitions ({type(e).__name__}); using the fixed 50/50 "
+                      "per-class split instead of the official partition 1", stacklevel=2)
+        return
+    nested = next(target.rglob("Training_01.txt"), None)
+    if nested is not None and nested.parent != target:  # the archive may hold a Partitions/ folder itself
+        for f in nested.parent.iterdir():
+            os.replace(f, target / f.name)
+
+
 def _sun397_partition(data_dir: Path, files: list[Path], labels: list[int]) -> tuple[list[int], list[int]]:
     """The official partition 1 when ``Partitions/Training_01.txt`` is there, else a fixed one:
     per class, 50 train and 50 test images drawn with seed 0 (the official partitions' sizes)."""
@@ -336,7 +357,10 @@ def _sun397_partition(data_dir: Path, files: list[Path], labels: list[int]) -> t
         train_txt, test_txt = part_dir / "Training_01.txt", part_dir / "Testing_01.txt"
         if train_txt.is_file() and test_txt.is_file():
             index = {"/" + str(f.relative_to(data_dir)).replace(os.sep, "/"): i for i, f in enumerate(files)}
-            pick = [[index[line.strip()] for line in open(t) if line.strip() in index] for t in (train_txt, test_txt)]
+            pick = []
+            for listing in (train_txt, test_txt):
+                lines = listing.read_text().split()
+                pick.append([index[line] for line in lines if line in index])
             return pick[0], pick[1]
     gen = np.random.default_rng(0)
     by_class: dict[int, list[int]] = {}
@@ -358,6 +382,8 @@ def _sun397(root: str, *, download: bool = False, input: ModelInput, augment: st
     from torchvision.datasets import SUN397
 
     full = _torchvision("sun397", root, download, lambda s: SUN397(root, download=download))(None)
+    if download and not (full._data_dir / "Partitions" / "Training_01.txt").is_file():
+        _fetch_sun397_partitions(full._data_dir)
     train_idx, test_idx = _sun397_partition(full._data_dir, full._image_files, full._labels)
     return _splits("sun397", Subset(full, train_idx), Subset(full, test_idx), full.classes, input, augment)
 

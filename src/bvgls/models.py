@@ -248,7 +248,7 @@ def load_model_file(path: str, num_classes: int) -> nn.Module:
         obj = _load(path, weights_only=True)
     except ModelError:
         raise
-    except Exception:  # a pickled module is not loadable with weights_only
+    except Exception:  # noqa: BLE001 - a pickled module is not loadable with weights_only
         obj = None
     if isinstance(obj, dict) and obj.get("format") == MODEL_FILE_FORMAT:
         arch = obj["model"]
@@ -294,8 +294,9 @@ class _Block(nn.Module):
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
         self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        if stride != 1 or cin != cout:  # average-pool then 1x1 conv (ResNet-D), cheaper than a strided 1x1
+            self.shortcut = nn.Sequential(nn.AvgPool2d(stride) if stride > 1 else nn.Identity(),
+                                          nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x):
         out = torch.relu(self.bn1(self.conv1(x)))

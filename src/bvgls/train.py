@@ -23,6 +23,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,7 +54,10 @@ class History:
     Epoch dicts have ``epoch`` (1-based), ``steps``, ``lr``, ``train_loss``, ``test_loss``,
     ``test_error`` (percent), ``val_loss``/``val_error`` (None without a validation split),
     ``train_s``, ``eval_s``, ``wall_s``, ``selection_frequency`` (per strategy group),
-    ``mean_bvr`` (per strategy group, None where not defined) and, when the strategy's groups
+    ``mean_bvr`` (per strategy group: mean over the epoch's steps, leaving out steps where the
+    group's variance was still clamped to eps (its first step), None where not defined),
+    ``mean_scale`` (per strategy group, the mean learning-rate multiplier; differs from the
+    selection frequency for graded strategies such as llrd) and, when the strategy's groups
     are not the layer groups (BVG-TS), ``layer_selection_frequency``.
     """
 
@@ -303,6 +307,15 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: torch.dt
     return total / n, 100.0 * errors / n
 
 
+def _nhwc_crash_hazard(model: nn.Module) -> str | None:
+    """The first 1x1 strided conv with 4-15 input channels (segfaults in NHWC backward on CPU, torch 2.14)."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Conv2d) and mod.kernel_size == (1, 1) and max(mod.stride) > 1 \
+                and 3 < mod.in_channels < 16:
+            return name
+    return None
+
+
 def _to_device(x, y, device, channels_last):
     x = x.to(device, non_blocking=True)
     if channels_last and x.dim() == 4:
@@ -415,13 +428,17 @@ def finetune(
                     grad_accum=grad_accum, amp=amp, seed=seed, val_fraction=val_fraction,
                     label_smoothing=label_smoothing, steps_per_epoch=steps_per_epoch, channels_last=channels_last,
                     eval_every=eval_every, device=str(device))
-    full_config = {**dict(config or {}), **settings, "torch": torch.__version__}
+    # plain JSON types only: the config goes into config.json and into weights_only checkpoints
+    full_config = json.loads(json.dumps({**dict(config or {}), **settings, "torch": str(torch.__version__)},
+                                        default=str))
 
     # ---- data
     splits = _split_data(data)
     if val_fraction:
         if "val" in splits:
             raise ValueError("data already has a validation set; pass val_fraction=0")
+        if isinstance(splits["train"], DataLoader):
+            raise ValueError("val_fraction needs datasets, not DataLoaders (carve the split yourself)")
         from .data import validation_split
         from .registry import DatasetSplits
         if not isinstance(data, DatasetSplits):
@@ -450,6 +467,12 @@ def finetune(
 
     # ---- model, optimizer, strategy, schedule
     model.to(device)
+    hazard = _nhwc_crash_hazard(model) if channels_last and device.type == "cpu" else None
+    if hazard:
+        warnings.warn(f"channels_last disabled: on CPU, oneDNN's weight gradient of 1x1 strided convolutions with "
+                      f"fewer than 16 input channels ({hazard}) can crash the process (uxlfoundation/oneDNN#6035)",
+                      stacklevel=2)
+        channels_last = False
     if channels_last:
         model.to(memory_format=torch.channels_last)
     trainable_before = {id(p): p.requires_grad for p in model.parameters()}
@@ -472,6 +495,8 @@ def finetune(
     history = History(full_config, list(strat.group_names), list(groups.names))
     ratios = getattr(strat, "ratios", None)
     has_ratios = isinstance(ratios, torch.Tensor) and ratios.numel() == strat.num_groups
+    clamped_variance = has_ratios and isinstance(getattr(strat, "variance", None), torch.Tensor) \
+        and isinstance(getattr(strat, "eps", None), float)
 
     # ---- resume or start
     start_epoch, global_step = 0, 0
@@ -527,6 +552,7 @@ def finetune(
             model.train()
             shuffle_gen.manual_seed(epoch_seed(seed, epoch))
             counts_before, steps_before = list(strat.counts), strat.num_steps
+            scale_sums_before = list(getattr(strat, "scale_sums", []))
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             seen = 0
             if has_ratios:
@@ -560,6 +586,8 @@ def finetune(
                 if has_ratios and strat.num_steps > stepped_before:
                     ratios = strat.ratios.to(torch.float64)
                     valid = ~torch.isnan(ratios)
+                    if clamped_variance:  # a group's first step has variance 0: BVR = bias / eps, no signal
+                        valid &= strat.variance > strat.eps
                     bvr_sum += torch.where(valid, ratios, 0.0)
                     bvr_n += valid
                 opt.zero_grad(set_to_none=True)
@@ -576,6 +604,8 @@ def finetune(
                         bar.set_postfix(loss=f"{loss.item():.4f}", sel=_selection_text(strat), refresh=False)
                         last_shown = now
             train_s = time.perf_counter() - t0
+            if bar is not None:
+                bar.close()
 
             t1 = time.perf_counter()
             evals: dict[str, tuple[float, float] | None] = {"val": None, "test": None}
@@ -597,6 +627,9 @@ def finetune(
                 "selection_frequency": freq,
                 "mean_bvr": [_finite(v) for v in (bvr_sum / bvr_n).tolist()] if has_ratios else None,
             }
+            if len(scale_sums_before) == strat.num_groups:  # graded strategies (llrd, auto-rgn): mean lr multiplier
+                record["mean_scale"] = [(a - b) / steps if steps else 0.0
+                                        for a, b in zip(strat.scale_sums, scale_sums_before)]
             if per_layer:
                 layer_freq = []
                 for li in range(len(groups)):
@@ -606,13 +639,12 @@ def finetune(
             history.epochs.append(record)
             epochs_run += 1
             if bar is not None:
-                shown = {"loss": f"{record['train_loss']:.4f}"}
-                if record["test_error"] is not None:
-                    shown["test_err"] = f"{record['test_error']:.2f}%"
-                if record["val_error"] is not None:
-                    shown["val_err"] = f"{record['val_error']:.2f}%"
-                bar.set_postfix(shown)
-                bar.close()
+                parts = [f"train loss {record['train_loss']:.4f}"]
+                for split in ("val", "test"):
+                    if record[f"{split}_error"] is not None:
+                        parts.append(f"{split} loss {record[f'{split}_loss']:.4f}, "
+                                     f"{split} error {record[f'{split}_error']:.2f}%")
+                bar.write(f"epoch {epoch + 1}/{epochs}: {'; '.join(parts)} ({record['wall_s']:.1f} s)")
             if out_dir:
                 _write_metrics(out_dir, history)
                 _save_checkpoint(ckpt_path, model, opt, strat, scheduler, scaler, epoch + 1, global_step, history)
@@ -663,7 +695,7 @@ def _save_checkpoint(path, model, opt, strat, scheduler, scaler, epoch, global_s
 def _load_checkpoint(path: str) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # a third-party strategy state with plain python objects; we wrote this file
+    except Exception:  # noqa: BLE001 - a third-party strategy state with python objects; we wrote this file
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path!r} is not a bvgls checkpoint")
