@@ -45,6 +45,11 @@ PARTIAL = ("L2-6", "L3-6", "L4-6", "L5-6")
 SELECTIVE = ("bvgls", "bvgts")
 
 
+def _is_partial_spec(spec: str) -> bool:
+    import re
+    return re.fullmatch(r"L\d+-\d+", spec) is not None
+
+
 @dataclass(frozen=True)
 class Protocol:
     """Everything a benchmark run depends on (recorded in ``protocol.json``)."""
@@ -403,7 +408,7 @@ def _count_search(out: Path) -> int:
 
 def _difference_section(tasks, strategies, errors, means, summary) -> list[str]:
     partial = [s for s in PARTIAL if s in strategies]
-    fixed = [s for s in strategies if s not in SELECTIVE]
+    fixed = [s for s in strategies if s in ("full", "linear") or s in PARTIAL or _is_partial_spec(s)]  # not adaptive peers
     lines = []
     for sel in [s for s in SELECTIVE if s in strategies]:
         lines += [f"## Paired differences: {sel} minus baselines (test error points; negative = {sel} better)", "",
