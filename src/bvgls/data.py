@@ -159,7 +159,6 @@ def load_dataset(name_or_path: str, root: str | os.PathLike | None = None, downl
         input: the model's input (size, channels, mean/std); default ImageNet 224 RGB.
         augment: override the dataset's default augmentation (``paper``, ``light``, ``none``).
     """
-    from . import offline  # noqa: F401  (registers fmnist-resnet and the offline:* tasks on first use)
     input = input or ModelInput()
     options = {} if augment is None else {"augment": augment}
     if name_or_path in DATASETS:

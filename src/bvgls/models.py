@@ -66,7 +66,6 @@ def build_model(spec: str, num_classes: int, weights: str | None = "DEFAULT") ->
             for models without, e.g. the tiny test nets), an explicit weights name, ``None`` /
             ``"none"`` for random init, or the path of a state-dict file.
     """
-    from . import offline  # noqa: F401  (registers fmnist-resnet and the offline:* tasks on first use)
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ModelError(f"num_classes must be a positive int, got {num_classes!r}")
     wname = _weights_name(weights)

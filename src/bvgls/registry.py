@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -13,10 +14,18 @@ class Registry(Generic[T]):
     """A named collection of builders. ``@REG.register("name")`` adds one; ``REG.get(name)``
     returns it or raises a ``KeyError`` whose message lists the known names."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, lazy_modules: tuple[str, ...] = ()):
         self.kind = kind
         self._builders: dict[str, Callable[..., T]] = {}
         self._help: dict[str, str] = {}
+        # modules that register more entries, imported on the first lookup (they need
+        # torchvision, which ``import bvgls`` must not)
+        self._lazy_modules = lazy_modules
+
+    def _load_lazy(self) -> None:
+        modules, self._lazy_modules = self._lazy_modules, ()
+        for name in modules:
+            importlib.import_module(name)
 
     def register(self, name: str, help: str = ""):
         def deco(fn: Callable[..., T]) -> Callable[..., T]:
@@ -26,15 +35,18 @@ class Registry(Generic[T]):
         return deco
 
     def get(self, name: str) -> Callable[..., T]:
+        self._load_lazy()
         try:
             return self._builders[name]
         except KeyError:
             raise KeyError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}") from None
 
     def __contains__(self, name: str) -> bool:
+        self._load_lazy()
         return name in self._builders
 
     def names(self) -> list[str]:
+        self._load_lazy()
         return sorted(self._builders)
 
     def help(self, name: str) -> str:
@@ -64,6 +76,6 @@ class ModelInput:
 
 
 #: name -> build(num_classes: int, weights: str | None = None) -> nn.Module (with .bvgls_input)
-MODELS: Registry = Registry("model")
+MODELS: Registry = Registry("model", lazy_modules=("bvgls.offline",))
 #: name -> build(root: str, *, download: bool, input: ModelInput) -> DatasetSplits
-DATASETS: Registry = Registry("dataset")
+DATASETS: Registry = Registry("dataset", lazy_modules=("bvgls.offline",))

@@ -184,3 +184,11 @@ class SelectionTracker:
     def close(self) -> None:
         """Remove the step hook."""
         self._handle.remove()
+
+
+def detach(strategy: GroupStrategy | None, tracker: SelectionTracker | None) -> None:
+    """Undo a callback's attachment: stop tracking and leave the optimizer as it was."""
+    if tracker is not None:
+        tracker.close()
+    if strategy is not None:
+        strategy.remove()

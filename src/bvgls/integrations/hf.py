@@ -34,7 +34,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .. import distributed
 from ..base import GroupStrategy
-from . import SelectionTracker, StrategySpec, build_strategy
+from . import SelectionTracker, StrategySpec, build_strategy, detach
 
 __all__ = ["BVGLSCallback", "attach"]
 
@@ -131,11 +131,8 @@ class BVGLSCallback(TrainerCallback):
                            state.global_step, path)
 
     def _detach(self) -> None:
-        if self.tracker is not None:
-            self.tracker.close()
-            self.tracker = None
-        if self.strategy is not None:
-            self.strategy.remove()
+        detach(self.strategy, self.tracker)
+        self.tracker = None
 
 
 def attach(trainer, strategy: StrategySpec = "bvgls", groups: Any = None, **options) -> BVGLSCallback:

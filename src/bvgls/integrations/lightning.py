@@ -26,7 +26,7 @@ from lightning.pytorch.callbacks import Callback
 
 from .. import distributed
 from ..base import GroupStrategy
-from . import SelectionTracker, StrategySpec, build_strategy, unwrap_optimizer
+from . import SelectionTracker, StrategySpec, build_strategy, detach, unwrap_optimizer
 
 __all__ = ["BVGLSCallback"]
 
@@ -125,8 +125,5 @@ class BVGLSCallback(Callback):
             logger.log_metrics(metrics, step=step)
 
     def _detach(self) -> None:
-        if self.tracker is not None:
-            self.tracker.close()
-            self.tracker = None
-        if self.strategy is not None:
-            self.strategy.remove()
+        detach(self.strategy, self.tracker)
+        self.tracker = None
