@@ -8,8 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from bvgls import bench, offline_tasks
-from bvgls.offline_tasks import FewShotTask
+from bvgls import bench
+from bvgls.bench import tasks as offline_tasks
+from bvgls.bench.tasks import FewShotTask
 
 torch.set_num_threads(1)
 
@@ -41,7 +42,7 @@ def test_tiny_benchmark_end_to_end(tiny_task, tmp_path):
     # every searched cell chose an lr inside its grid or at the end of the ladder; the fixed one did not search
     cells = {c["strategy"]: c for c in summary["cells"]}
     assert cells["linear"]["fixed"] and cells["linear"]["lr"] == 0.05 and cells["linear"]["grid"] == [0.05]
-    from bvgls.compare import collect_results
+    from bvgls.runner.grid import collect_results
     searched = {r["strategy"] for r in collect_results(str(tmp_path / "search"))}
     assert searched == {"full", "bvgls"}
     for cell in (cells["full"], cells["bvgls"]):

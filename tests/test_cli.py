@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from bvgls.plots import DPI, LOSS_FIGSIZE, selection_figsize
+from bvgls.runner.plots import DPI, LOSS_FIGSIZE, selection_figsize
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -51,7 +51,7 @@ def test_finetune_writes_run_dir(cli, image_root, tmp_path):
     recs = metrics(run)
     assert [r["epoch"] for r in recs] == [1, 2] and len(recs[0]["selection_frequency"]) == 6
     # the finetuned model is loadable as a model spec
-    from bvgls.models import build_model
+    from bvgls.runner.models import build_model
     assert build_model(str(run / "model.pt"), 3).fc.out_features == 3
     # the same --out again is refused, pointing at the way out
     again = cli("finetune", "--data", image_root, "--epochs", "2", "--out", run, *TINY)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from bvgls.data import ArrayImages, DatasetError, load_dataset, make_transform, read_idx, targets_of, validation_split
-from bvgls.models import ModelError, build_model, save_model_file
+from bvgls.runner.data import ArrayImages, DatasetError, load_dataset, make_transform, read_idx, targets_of, validation_split
+from bvgls.runner.models import ModelError, build_model, save_model_file
 from bvgls.registry import DATASETS, MODELS, ModelInput
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -181,7 +181,7 @@ def test_unknown_model_lists_known():
 def test_sun397_partitions(tmp_path):
     from pathlib import Path
 
-    from bvgls.data import _sun397_partition
+    from bvgls.runner.data import _sun397_partition
 
     data_dir = tmp_path / "SUN397"
     files = [data_dir / "a" / "abbey" / f"sun_{i}.jpg" for i in range(120)] + \

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import bvgls
-from bvgls import offline, source_model
-from bvgls.offline_tasks import SPLITS, TASKS, VAL_FRACTION, build_task, export_image_folder
+from bvgls import bench as offline
+from bvgls.bench import source_model
+from bvgls.bench.tasks import SPLITS, TASKS, VAL_FRACTION, build_task, export_image_folder
 from bvgls.registry import DATASETS, MODELS
 
 torch.set_num_threads(1)
@@ -114,7 +115,7 @@ def test_construction_is_deterministic_by_seed(tasks, name):
 
 
 def test_runner_carve_gives_disjoint_few_shot_and_validation_sets(tasks):
-    from bvgls.data import validation_split, targets_of
+    from bvgls.runner.data import validation_split, targets_of
 
     task = tasks["fmnist-pairs"]
     splits = task.splits()

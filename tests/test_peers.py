@@ -11,7 +11,7 @@ from torch import nn
 
 import bvgls
 from bvgls import layer_groups, make_strategy
-from bvgls.peers import AutoRGN, BlockCoordinateDescent, GradualUnfreezing, LISA, normalization_parameters
+from bvgls.strategies.peers import AutoRGN, BlockCoordinateDescent, GradualUnfreezing, LISA, normalization_parameters
 
 torch.set_num_threads(1)
 LR = 0.1

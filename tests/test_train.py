@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from bvgls.data import load_dataset
-from bvgls.models import build_model
-from bvgls.train import Callback, History, evaluate, finetune, seed_everything
+from bvgls.runner.data import load_dataset
+from bvgls.runner.models import build_model
+from bvgls.runner.loop import Callback, History, evaluate, finetune, seed_everything
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -180,7 +180,7 @@ def test_bad_arguments(colors):
 
 
 def test_compare_refit_and_guards(colors, tmp_path):
-    from bvgls.compare import compare, read_results
+    from bvgls.runner.grid import compare, read_results
 
     res = compare("full,bvgls", {"colors": colors}, seeds=[0], lrs=[0.01, 0.1], model="tiny-resnet", weights=None,
                   out_dir=tmp_path, epochs=1, batch_size=8, val_fraction=0.3, refit=True, progress=False,
@@ -199,7 +199,7 @@ def test_compare_refit_and_guards(colors, tmp_path):
 
 
 def test_compare_keep_going_records_failures(colors, tmp_path):
-    from bvgls.compare import compare
+    from bvgls.runner.grid import compare
 
     from bvgls.base import GroupStrategy
     from bvgls.strategies import STRATEGIES, register_strategy

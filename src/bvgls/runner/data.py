@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from .registry import DATASETS, DatasetSplits, ModelInput
+from ..registry import DATASETS, DatasetSplits, ModelInput
 
 AUGMENTATIONS = ("paper", "light", "none")
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"

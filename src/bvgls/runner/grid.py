@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .strategies import make_strategy, parse_strategy
-from .train import _RESUME_KEYS, finetune, seed_everything
+from ..strategies import make_strategy, parse_strategy
+from .loop import _RESUME_KEYS, finetune, seed_everything
 
 RESULT_COLUMNS = ["dataset", "strategy", "seed", "lr", "test_error", "test_loss", "val_error", "val_loss",
                   "train_loss", "epochs", "wall_s", "phase", "chosen", "run_dir"]
@@ -119,7 +119,7 @@ def _model_builder(model, weights) -> tuple[str, Callable[[int], nn.Module]]:
 
 def check_strategies(strategies: Sequence[str], model: nn.Module) -> None:
     """Raise ValueError now, not hours into a grid, for specs that do not fit ``model``'s groups."""
-    from .grouping import layer_groups
+    from ..grouping import layer_groups
 
     trainable = [(p, p.requires_grad) for p in model.parameters()]
     for spec in strategies:
@@ -166,13 +166,13 @@ def compare(
             label -> DatasetSplits or ``fn(model_input) -> DatasetSplits``.
         seeds: one run per seed (seeds the head's init, shuffling and augmentation).
         lrs: base learning rates; more than one needs ``val_fraction`` (see module docstring).
-        model: a model spec for :func:`bvgls.models.build_model`, or ``fn(num_classes) -> nn.Module``.
+        model: a model spec for :func:`bvgls.runner.models.build_model`, or ``fn(num_classes) -> nn.Module``.
         out_dir: where runs, ``results.csv`` and ``table.md`` go; rerunning skips finished runs.
-        epochs, batch_size: passed to :func:`bvgls.train.finetune`.
+        epochs, batch_size: passed to :func:`bvgls.runner.loop.finetune`.
         weights: weights for a model spec (``DEFAULT``, ``none``, a file).
         val_fraction: validation split carved from the training set for choosing the lr.
         refit: after choosing the lr, train again on the full training set at that lr.
-        data_root, download, augment: passed to :func:`bvgls.data.load_dataset`.
+        data_root, download, augment: passed to :func:`bvgls.runner.data.load_dataset`.
         train_options: more :func:`finetune` arguments (optimizer, momentum, weight_decay,
             schedule, warmup_epochs, amp, device, channels_last, num_workers, grad_accum, ...).
         keep_going: log a failed run and continue with the others (default: raise).
@@ -434,7 +434,7 @@ def write_reports(out_dir: str | os.PathLike, *, strategies: Sequence[str] = (),
             for r in rows:
                 writer.writerow({k: ("" if r[k] is None else r[k]) for k in RESULT_COLUMNS})
 
-    from .train import _atomic_write_bytes
+    from .loop import _atomic_write_bytes
     _atomic_write_bytes(os.path.join(out_dir, "results.csv"), write_csv)
 
     def write_md(tmp):

@@ -2,7 +2,7 @@
 
 The protocol is frozen in ``docs/benchmark.md`` and encoded in :data:`BENCH`; :data:`DEMO`
 is a cut-down version for the README's first command. Every task of the suite is exported
-as an ImageFolder and run through the runner's generic path, :func:`bvgls.compare.compare`:
+as an ImageFolder and run through the runner's generic path, :func:`bvgls.runner.grid.compare`:
 
 1. **lr search** (``search_seeds``): every strategy on every task at each lr of the grid,
    trained on the few-shot set carved from the task's pool, scored by the final validation
@@ -34,8 +34,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any
 
-from . import offline  # noqa: F401  (registers fmnist-resnet and the offline:* tasks)
-from .offline_tasks import SPLITS, TASKS, VAL_FRACTION, build_task, export_image_folder
+from . import tasks  # noqa: F401  (registers fmnist-resnet and the offline:* tasks)
+from .tasks import SPLITS, TASKS, VAL_FRACTION, build_task, export_image_folder
 
 #: learning rates the grid may be extended to (factor ~3 apart)
 LR_LADDER = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
@@ -116,8 +116,8 @@ def _log_to(path: str) -> Callable[[str], None]:
 
 def _search(cell: _Cell, log: Callable[[str], None]) -> tuple[float, list[float], bool]:
     """The lr search of one (task, strategy): returns (chosen lr, searched grid, chosen at an edge)."""
-    from .compare import choose_lrs, collect_results
-    from .compare import compare as run_grid
+    from ..runner.grid import choose_lrs, collect_results
+    from ..runner.grid import compare as run_grid
 
     p = cell.protocol
     fixed = p.fixed_lr(cell.task, cell.strategy)
@@ -153,7 +153,7 @@ def _run_cell(cell: _Cell) -> dict:
     """The lr search, then the final runs, of one (task, strategy); runs in a worker process."""
     import torch
 
-    from .compare import compare as run_grid
+    from ..runner.grid import compare as run_grid
 
     torch.set_num_threads(cell.threads)
     p = cell.protocol
@@ -252,7 +252,7 @@ def paired_ci(diffs: Sequence[float]) -> tuple[float, float, float]:
 # ---------------------------------------------------------------------- report
 def _final_rows(out: Path) -> list[dict]:
     """The reported runs (``final/``), each with ``path``, its run directory."""
-    from .compare import collect_results
+    from ..runner.grid import collect_results
 
     rows = collect_results(str(out / "final"))
     for r in rows:
@@ -266,7 +266,7 @@ def _errors_by_seed(rows, task, strategy) -> dict[int, float]:
 
 def _mean_history(out: Path, rows, task, strategy):
     """The per-epoch records of a cell's final runs averaged over seeds (a History)."""
-    from .train import History
+    from ..runner.loop import History
 
     hists = [History.load(r["path"]) for r in rows
              if r["dataset"] == task and r["strategy"] == strategy]
@@ -402,7 +402,7 @@ def _task_manifest(out: Path, task: str) -> dict:
 
 
 def _count_search(out: Path) -> int:
-    from .compare import collect_results
+    from ..runner.grid import collect_results
     return len(collect_results(str(out / "search")))
 
 
@@ -518,7 +518,7 @@ def _selection_section(out, rows, tasks, summary) -> list[str]:
 def _figures(out: Path, rows, tasks, strategies) -> dict[str, str]:
     """Per task: B (bvgls vs full, mean over seeds) and C (bvgls selection heatmap); and the two
     summary figures over all tasks."""
-    from .plots import plot_losses, plot_selection
+    from ..runner.plots import plot_losses, plot_selection
 
     fig_dir = out / "figures"
     fig_dir.mkdir(exist_ok=True)
@@ -542,7 +542,7 @@ def _figures(out: Path, rows, tasks, strategies) -> dict[str, str]:
 
 
 def _summary_losses(path: Path, tasks, means) -> str:
-    from .plots import _figure, _save
+    from ..runner.plots import _figure, _save
 
     fig = _figure((max(7.0, 3.0 * len(tasks)), 5.4))
     axes = fig.subplots(2, len(tasks), squeeze=False)
@@ -571,7 +571,7 @@ def _summary_losses(path: Path, tasks, means) -> str:
 def _summary_selection(path: Path, tasks, means) -> str:
     import numpy as np
 
-    from .plots import _figure, _save
+    from ..runner.plots import _figure, _save
 
     present = [t for t in tasks if means.get((t, "bvgls")) is not None]
     fig = _figure((max(7.0, 3.0 * len(present) + 1.0), 3.2))
@@ -623,7 +623,7 @@ def _attach_cli() -> None:
     try:
         import typer
 
-        from .cli import app, user_errors
+        from ..cli import app, user_errors
     except ImportError:  # the CLI extras are not installed
         return
 

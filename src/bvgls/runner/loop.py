@@ -2,7 +2,7 @@
 
 Example::
 
-    from bvgls.train import finetune
+    from bvgls import finetune
     history = finetune(model, (train_set, test_set), "bvgls", epochs=50, lr=0.01, out_dir="runs/x")
     history.final["test_error"]
 
@@ -32,9 +32,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .base import GroupStrategy
-from .grouping import LayerGroups, layer_groups
-from .strategies import make_strategy
+from ..base import GroupStrategy
+from ..grouping import LayerGroups, layer_groups
+from ..strategies import make_strategy
 
 CHECKPOINT_FORMAT = "bvgls-checkpoint-v1"
 OPTIMIZERS = ("sgd", "adamw")
@@ -362,7 +362,7 @@ def finetune(
     """Finetune ``model`` with a layer-selection ``strategy``; returns the :class:`History`.
 
     Args:
-        model: the network (e.g. from :func:`bvgls.models.build_model`); moved to ``device``.
+        model: the network (e.g. from :func:`bvgls.runner.models.build_model`); moved to ``device``.
             Partial/linear strategies set ``requires_grad=False`` on frozen groups during the
             run; the flags are restored afterwards.
         data: a ``DatasetSplits``, ``(train, test)``, ``(train, val, test)`` or a dict with
@@ -440,7 +440,7 @@ def finetune(
         if isinstance(splits["train"], DataLoader):
             raise ValueError("val_fraction needs datasets, not DataLoaders (carve the split yourself)")
         from .data import validation_split
-        from .registry import DatasetSplits
+        from ..registry import DatasetSplits
         if not isinstance(data, DatasetSplits):
             data = DatasetSplits(splits["train"], splits["test"], 0)
         splits["train"], splits["val"] = validation_split(data, val_fraction, seed)

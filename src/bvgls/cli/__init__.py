@@ -33,8 +33,8 @@ import typer
 
 #: modules imported before the command line is parsed; they may add commands to ``app`` and
 #: entries to the model / dataset / strategy registries. Missing optional ones are skipped.
-PLUGIN_MODULES: list[str] = ["bvgls.models", "bvgls.data"]
-OPTIONAL_PLUGIN_MODULES: list[str] = ["bvgls.peers", "bvgls.bench"]
+PLUGIN_MODULES: list[str] = ["bvgls.runner.models", "bvgls.runner.data"]
+OPTIONAL_PLUGIN_MODULES: list[str] = ["bvgls.bench.report"]
 ENTRY_POINT_GROUP = "bvgls.plugins"
 
 app = typer.Typer(
@@ -278,7 +278,7 @@ def finetune(
             with open(cfg_path) as f:
                 recorded = json.load(f).get("cli")
             if not recorded:
-                raise CLIError(f"{run_dir!r} was not started by `bvgls finetune`; resume it with bvgls.train.finetune")
+                raise CLIError(f"{run_dir!r} was not started by `bvgls finetune`; resume it with bvgls.runner.loop.finetune")
             params = {**recorded, **{k: params[k] for k in _RUNTIME_ONLY}, "resume": run_dir, "out": run_dir}
         elif params["model"] is None or params["data"] is None:
             raise CLIError("--model and --data are required (or --resume RUN_DIR)")
@@ -286,12 +286,12 @@ def finetune(
 
 
 def _run_finetune(p: dict[str, Any]) -> None:
-    from .compare import check_strategies
-    from .data import load_dataset
-    from .models import build_model
-    from .strategies import parse_strategy
-    from .train import finetune as train
-    from .train import seed_everything
+    from ..runner.grid import check_strategies
+    from ..runner.data import load_dataset
+    from ..runner.models import build_model
+    from ..strategies import parse_strategy
+    from ..runner.loop import finetune as train
+    from ..runner.loop import seed_everything
 
     console = _console()
     parse_strategy(p["strategy"])
@@ -338,8 +338,8 @@ def _run_finetune(p: dict[str, Any]) -> None:
 
 
 def _slug(text: str) -> str:
-    from .compare import slug
-    from .data import dataset_label
+    from ..runner.grid import slug
+    from ..runner.data import dataset_label
     return slug(dataset_label(text))
 
 
@@ -387,7 +387,7 @@ def compare(
 
     results.csv has one row per finished run (dataset, strategy, seed, lr, test_error in %, test_loss, val_error, epochs, wall_s, ...); table.md gives the test error mean ± std per dataset and strategy, an average row, the best per row in bold, and the lr each strategy used. Rerunning with the same --out skips finished runs and resumes interrupted ones.
     """
-    from .compare import compare as run_grid
+    from ..runner.grid import compare as run_grid
 
     console = _console()
     with user_errors():
@@ -419,7 +419,7 @@ def plot(
 
     Each run directory gets loss.png (train/test loss and test error per epoch), selection.png (each group's selection frequency per epoch) and bvr.png (mean BVR per group). Several run directories also get loss_compare.png (e.g. BVG-LS against full finetuning); a compare directory gets plots/loss_<dataset>.png and plots/selection_<dataset>_<strategy>.png.
     """
-    from .plots import plot_paths
+    from ..runner.plots import plot_paths
 
     with user_errors():
         written = plot_paths([str(p) for p in paths], None if out is None else str(out))
@@ -439,8 +439,8 @@ def groups(
         "Also show which groups this strategy trains (e.g. L3-6)."))] = None,
 ) -> None:
     """Print the layer groups a strategy selects from: index, name, tensors, parameters."""
-    from .grouping import layer_groups
-    from .models import build_model
+    from ..grouping import layer_groups
+    from ..runner.models import build_model
 
     with user_errors():
         net = build_model(model, num_classes, weights)
@@ -449,7 +449,7 @@ def groups(
         if strategy:
             import torch
 
-            from .strategies import make_strategy
+            from ..strategies import make_strategy
             opt = torch.optim.SGD(lg.param_groups(), lr=0.1)
             strat = make_strategy(strategy, opt, lg)
             trained = [n for n, ps in zip(strat.group_names, strat.group_params) if any(p.requires_grad for p in ps)]
@@ -463,9 +463,9 @@ def list_registered() -> None:
     """List the registered models, datasets, strategies and grouping schemes."""
     from rich.table import Table
 
-    from .grouping import GROUPING_SCHEMES
-    from .registry import DATASETS, MODELS
-    from .strategies import STRATEGIES
+    from ..grouping import GROUPING_SCHEMES
+    from ..registry import DATASETS, MODELS
+    from ..strategies import STRATEGIES
 
     console = _console()
     for title, names, help_of in (

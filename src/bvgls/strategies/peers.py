@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import GroupsSpec, GroupStrategy
-from .strategies import register_strategy
+from ..base import GroupsSpec, GroupStrategy
+from . import register_strategy
 
 __all__ = [
     "AutoRGN", "BlockCoordinateDescent", "GradualUnfreezing", "LISA", "LayerwiseLRDecay",

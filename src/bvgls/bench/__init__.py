@@ -5,7 +5,7 @@ the tasks ``offline:<name>`` in ``bvgls.registry.DATASETS``. The protocol that u
 frozen in ``docs/benchmark.md``; ``bvgls.bench`` runs it.
 """
 
-from .offline_tasks import (
+from .tasks import (
     TASKS,
     FewShotTask,
     build_task,
@@ -30,3 +30,15 @@ __all__ = [
     "build_fmnist_resnet", "build_task", "export_image_folder", "file_sha256", "font_families",
     "load_checkpoint", "pretrain", "read_fashion_mnist", "task_names",
 ]
+
+
+def __getattr__(name: str):
+    # the benchmark runner and report need the runner; loading the registrations above must not
+    import importlib
+    if name.startswith("__"):
+        raise AttributeError(name)
+    report = importlib.import_module("bvgls.bench.report")
+    try:
+        return getattr(report, name)
+    except AttributeError:
+        raise AttributeError(f"module 'bvgls.bench' has no attribute {name!r}") from None

@@ -10,7 +10,7 @@ Importing this module registers into :data:`bvgls.registry.MODELS`:
 :func:`build_model` resolves a model spec: a registered name, ``timm:<name>`` (timm's
 ``create_model``; pretrained weights only when asked for), or a local file:
 
-- a bvgls ``model.pt`` written by :func:`bvgls.train.finetune` (it records its architecture),
+- a bvgls ``model.pt`` written by :func:`bvgls.runner.loop.finetune` (it records its architecture),
 - a whole pickled ``nn.Module`` (``torch.save(model)``; unpickling runs code, so only files you trust).
 
 A plain state dict has no architecture: pass the architecture as the model and the file as
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .registry import MODELS, ModelInput
+from ..registry import MODELS, ModelInput
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -274,7 +274,7 @@ def save_model_file(model: nn.Module, path: str) -> None:
     The model must have been made by :func:`build_model` (it records the architecture)."""
     spec = getattr(model, "bvgls_spec", None)
     if spec is None:
-        raise ModelError("save_model_file needs a model built by bvgls.models.build_model")
+        raise ModelError("save_model_file needs a model built by bvgls.runner.models.build_model")
     inp = getattr(model, "bvgls_input", ModelInput())
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload = {"format": MODEL_FILE_FORMAT, "model": spec["model"], "num_classes": spec["num_classes"],

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .registry import MODELS, ModelInput
+from ..registry import MODELS, ModelInput
 
 #: Fashion-MNIST's train-split pixel mean / std (of values in [0, 1]).
 FMNIST_MEAN, FMNIST_STD = (0.2860,), (0.3530,)
@@ -35,7 +35,7 @@ FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 DEBIAN_FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
-ASSET_DIR = Path(__file__).resolve().parent / "assets"
+ASSET_DIR = Path(__file__).resolve().parent.parent / "assets"
 CHECKPOINT_NAME = "fmnist_resnet.pt"
 #: SHA-256 of the shipped ``assets/fmnist_resnet.pt`` (made by ``bvgls pretrain``, see docs/benchmark.md).
 CHECKPOINT_SHA256 = "70b3a30be710cbfff2971522474acbfa8a02cdcb48cd44df83397fc6a4d309ca"

@@ -17,7 +17,7 @@ import math
 import os
 from collections.abc import Sequence
 
-from .train import History
+from .loop import History
 
 DPI = 100
 LOSS_FIGSIZE = (13.5, 4.0)  # inches; PNGs are LOSS_FIGSIZE * DPI pixels
@@ -168,7 +168,7 @@ def _is_selective(hist: History) -> bool:
 def plot_compare(out_dir: str) -> list[str]:
     """Per dataset: loss curves of every strategy at its reported lr (first seed), and a selection
     heatmap per selective strategy; written to ``out_dir/plots``."""
-    from .compare import choose_lrs, collect_results, mark_reported, slug
+    from .grid import choose_lrs, collect_results, mark_reported, slug
 
     rows = collect_results(out_dir)
     rows = mark_reported(rows, choose_lrs(rows))

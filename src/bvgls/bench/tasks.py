@@ -15,7 +15,7 @@ disjoint, as ``uint8`` 28x28 grayscale images (white on black, like Fashion-MNIS
 pool holds ``shots + val`` images per class in the ratio 2:5; a run carves it, stratified
 and seeded by the run's seed, into the few-shot training set (``shots`` per class, 10-40)
 and the validation set that chooses the learning rate: ``val_fraction = 5/7``, the
-runner's ``--val-fraction`` (:func:`bvgls.data.validation_split`). So each seed is a new
+runner's ``--val-fraction`` (:func:`bvgls.runner.data.validation_split`). So each seed is a new
 draw of the few shots, and all strategies with the same seed see the same draw.
 Construction is deterministic given the task's ``seed``. Tasks are registered in
 ``bvgls.registry.DATASETS`` as ``offline:<name>`` and are written as an ImageFolder
@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .registry import DATASETS, DatasetSplits, ModelInput
+from ..registry import DATASETS, DatasetSplits, ModelInput
 from .source_model import FMNIST_CLASSES, read_fashion_mnist
 
 IMAGE_SIZE = 28
@@ -85,10 +85,10 @@ class FewShotTask:
         return h.hexdigest()
 
     def splits(self, input: ModelInput | None = None, augment: str = "none") -> DatasetSplits:
-        """Datasets for :func:`bvgls.train.finetune` (train = the whole pool: pass
-        ``val_fraction=task.val_fraction``), with ``bvgls.data``'s transforms for ``input``
+        """Datasets for :func:`bvgls.runner.loop.finetune` (train = the whole pool: pass
+        ``val_fraction=task.val_fraction``), with ``bvgls.runner.data``'s transforms for ``input``
         (default: 28x28 grey, Fashion-MNIST mean/std) and ``augment`` on the train split."""
-        from .data import ArrayImages, TransformedDataset, make_transform
+        from ..runner.data import ArrayImages, TransformedDataset, make_transform
         from .source_model import FMNIST_INPUT
 
         input = input or FMNIST_INPUT

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import GroupsSpec, GroupStrategy, _as_named_lists
-from .selector import BVGLS, BVGTS
+from ..base import GroupsSpec, GroupStrategy, _as_named_lists
+from ..selector import BVGLS, BVGTS
 
 
 class FixedGroups(GroupStrategy):
@@ -174,3 +174,6 @@ def _bvgls_skip(optimizer, groups=None, k=1, alpha=0.9):
 def _bvgts(optimizer, groups=None, fraction=0.5, alpha=0.9):
     """BVG-TS: the fraction of parameter tensors with the largest ratio."""
     return BVGTS(optimizer, fraction=fraction, alpha=alpha, groups=groups)
+
+
+from . import peers  # noqa: E402,F401  (registers auto-rgn, lisa, bcd-cyclic, gradual-unfreeze, llrd)
