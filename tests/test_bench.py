@@ -87,8 +87,8 @@ def test_paired_ci_matches_the_t_interval():
 
 
 def test_lr_ladder_steps():
-    assert bench._next_lr(0.01, -1) == 0.003 and bench._next_lr(0.1, +1) == 0.3
-    assert bench._next_lr(1.0, +1) is None and bench._next_lr(0.001, -1) is None
+    assert bench.next_lr(0.01, -1) == 0.003 and bench.next_lr(0.1, +1) == 0.3
+    assert bench.next_lr(1.0, +1) is None and bench.next_lr(0.001, -1) is None
 
 
 def test_frozen_protocol_matches_the_documentation():

@@ -133,7 +133,7 @@ def math_close(a, b):
 def test_compare_chooses_lr_on_validation_split(cli, image_root, tmp_path):
     out = tmp_path / "lrs"
     res = cli("compare", "--data", image_root, "--strategies", "full,bvgls", "--seeds", "0", "--epochs", "1",
-              "--lrs", "0.01,0.1", "--val-fraction", "0.3", "--out", out,
+              "--lrs", "0.01,0.1", "--val-fraction", "0.3", "--out", out, "--no-extend-lrs",
               "--model", "tiny-resnet", "--weights", "none", "--batch-size", "8", "--no-progress")
     assert res.exit_code == 0, res.output
     with open(out / "results.csv") as f:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .registry import Entry, Registry
+
 NamedParams = list[tuple[str, nn.Parameter]]
 
 
@@ -84,13 +86,14 @@ class LayerGroups:
 
 # ---------------------------------------------------------------------- registry
 @dataclass
-class GroupingScheme:
-    name: str
-    build: Callable[[nn.Module], dict[str, NamedParams]]
-    detect: Callable[[nn.Module], bool] | None  # None: only when asked for by name
+class GroupingScheme(Entry):
+    """A grouping scheme: ``build(model) -> {group_name: [(param_name, param), ...]}``."""
+
+    detect: Callable[[nn.Module], bool] | None = None  # None: only when asked for by name
 
 
-GROUPING_SCHEMES: dict[str, GroupingScheme] = {}
+GROUPING_SCHEMES: Registry = Registry("grouping scheme", entry_type=GroupingScheme,
+                                      title="grouping schemes (--grouping)")
 
 
 def register_grouping(name: str, detect: Callable[[nn.Module], bool] | None = None):
@@ -99,10 +102,7 @@ def register_grouping(name: str, detect: Callable[[nn.Module], bool] | None = No
     Schemes with a ``detect`` function take part in ``scheme="auto"``; the newest
     registration is tried first, so a user's scheme wins over the built-in ones.
     """
-    def deco(build):
-        GROUPING_SCHEMES[name] = GroupingScheme(name, build, detect)
-        return build
-    return deco
+    return GROUPING_SCHEMES.register(name, detect=detect)
 
 
 def grouping_names() -> list[str]:
@@ -122,7 +122,7 @@ def layer_groups(model: nn.Module, scheme: str | Sequence | Mapping = "auto") ->
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(scheme, str):
         if scheme == "auto":
-            chosen = next(s for s in reversed(list(GROUPING_SCHEMES.values()))
+            chosen = next(s for s in reversed(GROUPING_SCHEMES.entries())
                           if s.detect is not None and s.detect(model))
         elif scheme in GROUPING_SCHEMES:
             chosen = GROUPING_SCHEMES[scheme]

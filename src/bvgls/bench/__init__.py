@@ -1,8 +1,14 @@
-"""Offline transfer benchmark: the ``fmnist-resnet`` source model and the few-shot target tasks.
+"""The offline transfer benchmark (``bvgls bench``) and its quick version (``bvgls demo``).
 
-Importing this module registers the model ``fmnist-resnet`` in ``bvgls.registry.MODELS`` and
-the tasks ``offline:<name>`` in ``bvgls.registry.DATASETS``. The protocol that uses them is
-frozen in ``docs/benchmark.md``; ``bvgls.bench`` runs it.
+- :mod:`.source_model`: the ``fmnist-resnet`` source model; :mod:`.tasks`: the few-shot
+  target tasks. Importing this package registers both (``bvgls.registry.MODELS`` /
+  ``DATASETS``, as ``fmnist-resnet`` and ``offline:<name>``), and nothing more.
+- :mod:`.protocol`: the frozen protocol of ``docs/benchmark.md`` (:data:`BENCH`, :data:`DEMO`);
+  :mod:`.run`: the process pool over (task, strategy) cells, each an lr search (the runner's,
+  shared with ``bvgls compare``) and the final runs; :mod:`.report`: statistics, report, figures.
+
+Their names are served from here on first use (``bvgls.bench.run_benchmark``, ``BENCH``, ...).
+The commands are in :mod:`bvgls.cli.bench`: this package never imports the CLI.
 """
 
 from .tasks import (
@@ -32,13 +38,18 @@ __all__ = [
 ]
 
 
+_LAZY_MODULES = ("bvgls.bench.protocol", "bvgls.bench.run", "bvgls.bench.report")
+
+
 def __getattr__(name: str):
-    # the benchmark runner and report need the runner; loading the registrations above must not
     import importlib
-    if name.startswith("__"):
-        raise AttributeError(name)
-    report = importlib.import_module("bvgls.bench.report")
-    try:
-        return getattr(report, name)
-    except AttributeError:
-        raise AttributeError(f"module 'bvgls.bench' has no attribute {name!r}") from None
+
+    if not name.startswith("__"):
+        for module in _LAZY_MODULES:
+            value = getattr(importlib.import_module(module), name, _NOT_FOUND)
+            if value is not _NOT_FOUND:
+                return value
+    raise AttributeError(f"module 'bvgls.bench' has no attribute {name!r}")
+
+
+_NOT_FOUND = object()

@@ -1,26 +1,10 @@
-"""The offline transfer benchmark (``bvgls bench``) and its quick version (``bvgls demo``).
+"""The benchmark's report: Table A, paired differences of BVG-LS (and BVG-TS) against full
+finetuning and the best fixed partial strategy with 95% confidence intervals (paired by seed;
+each seed is its own draw of the few shots), test error against training length, selection
+frequencies, and figures B (losses, BVG-LS against full finetuning) and C (selection frequency
+per group and epoch) for every task (``report.md``, ``summary.json``, ``figures/``)."""
 
-The protocol is frozen in ``docs/benchmark.md`` and encoded in :data:`BENCH`; :data:`DEMO`
-is a cut-down version for the README's first command. Every task of the suite is exported
-as an ImageFolder and run through the runner's generic path, :func:`bvgls.runner.grid.compare`:
-
-1. **lr search** (``search_seeds``): every strategy on every task at each lr of the grid,
-   trained on the few-shot set carved from the task's pool, scored by the final validation
-   error (mean over the search seeds). If the best lr lies at an end of the grid, the grid
-   is extended by the next value of :data:`LR_LADDER` on that side, until it does not
-   (or the ladder ends; reported).
-2. **final runs** (``seeds``): every strategy at its chosen lr, evaluated every
-   ``eval_every`` epochs (the training-length axis).
-
-The report gives Table A (test error mean ± std over seeds), paired differences of BVG-LS
-(and BVG-TS) against full finetuning and the best fixed partial strategy with 95%
-confidence intervals (paired by seed; each seed is its own draw of the few shots), test
-error against training length, and figures B (losses, BVG-LS against full finetuning) and
-C (selection frequency per group and epoch) for every task.
-
-The commands ``pretrain``, ``export-task``, ``bench`` and ``demo`` are added to the ``bvgls``
-CLI when this module is imported (the CLI imports it as a plugin).
-"""
+from __future__ import annotations
 
 import json
 import math
@@ -28,203 +12,16 @@ import os
 import platform
 import statistics
 import sys
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-from . import tasks  # noqa: F401  (registers fmnist-resnet and the offline:* tasks)
-from .tasks import SPLITS, TASKS, VAL_FRACTION, build_task, export_image_folder
-
-#: learning rates the grid may be extended to (factor ~3 apart)
-LR_LADDER = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
-SUITE = ("fmnist-invert", "fmnist-noise", "digits", "font-letters", "fmnist-pairs")
-STRATEGIES = ("full", "L2-6", "L3-6", "L4-6", "L5-6", "linear", "bvgls", "bvgts")
-PARTIAL = ("L2-6", "L3-6", "L4-6", "L5-6")
-SELECTIVE = ("bvgls", "bvgts")
-
-
-def _is_partial_spec(spec: str) -> bool:
-    import re
-    return re.fullmatch(r"L\d+-\d+", spec) is not None
-
-
-@dataclass(frozen=True)
-class Protocol:
-    """Everything a benchmark run depends on (recorded in ``protocol.json``)."""
-
-    tasks: tuple[str, ...] = SUITE
-    strategies: tuple[str, ...] = STRATEGIES
-    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    search_seeds: tuple[int, ...] = (0, 1)
-    lrs: tuple[float, ...] = (0.01, 0.03, 0.1)
-    extend_grid: bool = True
-    epochs: int = 20
-    batch_size: int = 16
-    eval_every: int = 5
-    schedule: str = "constant"
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    augment: str = "none"
-    model: str = "fmnist-resnet"
-    weights: str = "DEFAULT"
-    val_fraction: float = VAL_FRACTION
-    task_seed: int = 0
-    #: (task, strategy, lr) triples that skip the search and use that lr (the demo uses the bench's choices)
-    fixed_lrs: tuple[tuple[str, str, float], ...] = ()
-
-    def fixed_lr(self, task: str, strategy: str) -> float | None:
-        return next((lr for t, s, lr in self.fixed_lrs if (t, s) == (task, strategy)), None)
-
-    def train_options(self, eval_every: int) -> dict:
-        return {"optimizer": "sgd", "momentum": self.momentum, "nesterov": True, "weight_decay": self.weight_decay,
-                "schedule": self.schedule, "channels_last": True, "num_workers": 0, "eval_every": eval_every,
-                "device": "cpu"}
-
-
-#: the frozen protocol of docs/benchmark.md
-BENCH = Protocol()
-#: ``bvgls demo``: two tasks (input-level and label-level shift), one seed, four strategies, each at the lr
-#: that ``bvgls bench``'s validation search chose for it (docs/benchmark.md), so no search: the demo's
-#: numbers are the bench's seed-0 runs of these cells.
-DEMO = Protocol(tasks=("fmnist-invert", "fmnist-pairs"), strategies=("full", "L3-6", "linear", "bvgls"),
-                seeds=(0,), search_seeds=(), fixed_lrs=(
-                    ("fmnist-invert", "full", 0.003), ("fmnist-invert", "L3-6", 0.003),
-                    ("fmnist-invert", "linear", 0.03), ("fmnist-invert", "bvgls", 0.01),
-                    ("fmnist-pairs", "full", 0.003), ("fmnist-pairs", "L3-6", 0.003),
-                    ("fmnist-pairs", "linear", 0.01), ("fmnist-pairs", "bvgls", 0.003)))
-
-
-# ---------------------------------------------------------------------- running
-@dataclass
-class _Cell:
-    task: str
-    strategy: str
-    data_dir: str
-    out_dir: str
-    protocol: Protocol
-    threads: int = 1
-
-
-def _log_to(path: str) -> Callable[[str], None]:
-    def log(line: str) -> None:
-        with open(path, "a") as f:
-            f.write(line.rstrip() + "\n")
-    return log
-
-
-def _search(cell: _Cell, log: Callable[[str], None]) -> tuple[float, list[float], bool]:
-    """The lr search of one (task, strategy): returns (chosen lr, searched grid, chosen at an edge)."""
-    from ..runner.grid import choose_lrs, collect_results
-    from ..runner.grid import compare as run_grid
-
-    p = cell.protocol
-    fixed = p.fixed_lr(cell.task, cell.strategy)
-    if fixed is not None:
-        return fixed, [fixed], False
-    grid = sorted(p.lrs)
-    if len(grid) == 1:
-        return grid[0], grid, False
-    search_dir = os.path.join(cell.out_dir, "search")
-    while True:  # search runs are evaluated once, at the end
-        run_grid([cell.strategy], {cell.task: cell.data_dir}, p.search_seeds, grid, model=p.model,
-                 out_dir=search_dir, epochs=p.epochs, batch_size=p.batch_size, weights=p.weights,
-                 val_fraction=p.val_fraction, augment=p.augment, train_options=p.train_options(eval_every=p.epochs),
-                 progress=False, log=log)
-        rows = [r for r in collect_results(search_dir) if r["dataset"] == cell.task and r["strategy"] == cell.strategy
-                and r["lr"] in grid]
-        chosen = choose_lrs(rows)[(cell.task, cell.strategy)]
-        step = -1 if chosen == grid[0] else (+1 if chosen == grid[-1] else 0)
-        extra = _next_lr(chosen, step) if step else None
-        if not p.extend_grid or extra is None:
-            return chosen, grid, step != 0
-        log(f"{cell.task} {cell.strategy}: lr {chosen:g} is at the edge of {grid}; adding {extra:g}")
-        grid = sorted(grid + [extra])
-
-
-def _next_lr(lr: float, step: int) -> float | None:
-    i = min(range(len(LR_LADDER)), key=lambda j: abs(math.log(LR_LADDER[j] / lr)))
-    j = i + step
-    return LR_LADDER[j] if 0 <= j < len(LR_LADDER) else None
-
-
-def _run_cell(cell: _Cell) -> dict:
-    """The lr search, then the final runs, of one (task, strategy); runs in a worker process."""
-    import torch
-
-    from ..runner.grid import compare as run_grid
-
-    torch.set_num_threads(cell.threads)
-    p = cell.protocol
-    log = _log_to(os.path.join(cell.out_dir, "logs", f"{cell.task}__{cell.strategy}.log"))
-    start = time.time()
-    lr, grid, edge = _search(cell, log)
-    run_grid([cell.strategy], {cell.task: cell.data_dir}, p.seeds, [lr], model=p.model,
-             out_dir=os.path.join(cell.out_dir, "final"), epochs=p.epochs, batch_size=p.batch_size,
-             weights=p.weights, val_fraction=p.val_fraction, augment=p.augment,
-             train_options=p.train_options(eval_every=p.eval_every), progress=False, log=log)
-    return {"task": cell.task, "strategy": cell.strategy, "lr": lr, "grid": grid, "edge": edge,
-            "fixed": p.fixed_lr(cell.task, cell.strategy) is not None, "wall_s": round(time.time() - start, 1)}
-
-
-def run_benchmark(out_dir: str | os.PathLike, protocol: Protocol = BENCH, *, workers: int = 2, threads: int = 1,
-                  data_root: str | None = None, download: bool = False, log: Callable[[str], Any] = print) -> dict:
-    """Run ``protocol`` into ``out_dir`` (resumable: finished runs are skipped) and write the report.
-
-    ``workers`` processes run (task, strategy) cells in parallel, each with ``threads`` torch
-    threads. ``data_root``/``download``: where Fashion-MNIST is, or may be fetched to, when the
-    Debian package is not installed. Returns the summary that is also written to ``out_dir/summary.json``.
-    """
-    out = Path(out_dir)
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    _check_protocol(out, protocol)
-    start = time.time()
-    data_dirs = {}
-    for name in protocol.tasks:
-        data_dirs[name] = str(export_image_folder(name, out / "data" / name, seed=protocol.task_seed,
-                                                  data_root=data_root, download=download))
-    log(f"exported {len(data_dirs)} task(s) to {out / 'data'} ({time.time() - start:.0f} s)")
-    cells = [_Cell(t, s, data_dirs[t], str(out), protocol, threads) for t in protocol.tasks for s in protocol.strategies]
-    searched = [c for c in cells if protocol.fixed_lr(c.task, c.strategy) is None]
-    plan = f"{len(cells) * len(protocol.seeds)} runs"
-    if searched and len(protocol.lrs) > 1:
-        plan = (f"{len(searched) * len(protocol.search_seeds) * len(protocol.lrs)} lr-search runs (more if a grid "
-                f"is extended) + {plan}")
-    log(f"{len(cells)} (task, strategy) cells: {plan}, {workers} at a time; logs in {out / 'logs'}")
-    results = []
-    if workers <= 1:
-        for cell in cells:
-            results.append(_run_cell(cell))
-            log(_cell_line(results[-1], len(results), len(cells), start))
-    else:
-        import multiprocessing as mp
-
-        with mp.get_context("spawn").Pool(workers) as pool:
-            for res in pool.imap_unordered(_run_cell, cells):
-                results.append(res)
-                log(_cell_line(res, len(results), len(cells), start))
-    wall = time.time() - start
-    summary = write_report(out, protocol, results, wall_s=wall)
-    log(f"total {wall / 60:.1f} min; report: {out / 'report.md'}")
-    return summary
-
-
-def _cell_line(res: dict, done: int, total: int, start: float) -> str:
-    return (f"[{done}/{total}] {res['task']} {res['strategy']}: lr {res['lr']:g} (grid {', '.join(f'{x:g}' for x in res['grid'])}"
-            f"{', EDGE' if res['edge'] else ''}) {res['wall_s']:.0f} s; {(time.time() - start) / 60:.1f} min so far")
-
-
-def _check_protocol(out: Path, protocol: Protocol) -> None:
-    path = out / "protocol.json"
-    current = json.loads(json.dumps(asdict(protocol)))
-    if path.is_file():
-        old = json.loads(path.read_text())
-        if old != current:
-            diff = sorted(k for k in current if old.get(k) != current[k])
-            raise ValueError(f"{out} holds a benchmark with another protocol (differs in {', '.join(diff)}); "
-                             "use a new output directory")
-    path.write_text(json.dumps(current, indent=2) + "\n")
+from ..runner.grid import collect_results, mean_std_text, table_a_lines
+from ..runner.plots import new_figure, plot_losses, plot_selection, save_figure
+from ..runner.rundir import History
+from ..strategies import is_partial_spec
+from .protocol import PARTIAL, SELECTIVE, Protocol
 
 
 # ---------------------------------------------------------------------- statistics
@@ -252,8 +49,6 @@ def paired_ci(diffs: Sequence[float]) -> tuple[float, float, float]:
 # ---------------------------------------------------------------------- report
 def _final_rows(out: Path) -> list[dict]:
     """The reported runs (``final/``), each with ``path``, its run directory."""
-    from ..runner.grid import collect_results
-
     rows = collect_results(str(out / "final"))
     for r in rows:
         r["path"] = str(out / "final" / r["run_dir"])
@@ -266,8 +61,6 @@ def _errors_by_seed(rows, task, strategy) -> dict[int, float]:
 
 def _mean_history(out: Path, rows, task, strategy):
     """The per-epoch records of a cell's final runs averaged over seeds (a History)."""
-    from ..runner.loop import History
-
     hists = [History.load(r["path"]) for r in rows
              if r["dataset"] == task and r["strategy"] == strategy]
     if not hists:
@@ -289,13 +82,6 @@ def _mean_history(out: Path, rows, task, strategy):
         epochs.append(avg)
     return History({**hists[0].config, "seeds": len(hists)}, hists[0].group_names, hists[0].layer_group_names,
                    epochs, True)
-
-
-def _fmt(values: Sequence[float]) -> str:
-    if not values:
-        return "–"
-    return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else \
-        f"{values[0]:.2f}"
 
 
 def _fmt_ci(mean: float, lo: float, hi: float) -> str:
@@ -320,24 +106,9 @@ def write_report(out: str | os.PathLike, protocol: Protocol, cells: Sequence[dic
     lines += [f"Protocol: `{json.dumps(asdict(protocol))}`", ""]
     # ---- Table A
     lines += ["## Table A: test error (%), mean ± std over seeds (best per row in bold)", ""]
-    lines.append("| Task | shift | " + " | ".join(strategies) + " |")
-    lines.append("|---|---|" + "---:|" * len(strategies))
-    means: dict[tuple[str, str], float] = {}
-    for t in tasks:
-        cells_t = {s: list(errors[(t, s)].values()) for s in strategies if errors[(t, s)]}
-        for s, v in cells_t.items():
-            means[(t, s)] = statistics.fmean(v)
-        best = min(means[(t, s)] for s in cells_t)
-        texts = [(f"**{_fmt(cells_t[s])}**" if math.isclose(means[(t, s)], best) else _fmt(cells_t[s]))
-                 if s in cells_t else "–" for s in strategies]
-        lines.append(f"| {t} | {shift[t]} | " + " | ".join(texts) + " |")
-    if len(tasks) > 1:
-        avg = {s: statistics.fmean(means[(t, s)] for t in tasks) for s in strategies
-               if all((t, s) in means for t in tasks)}
-        best = min(avg.values()) if avg else None
-        lines.append("| Average | | " + " | ".join(
-            (f"**{avg[s]:.2f}**" if math.isclose(avg[s], best) else f"{avg[s]:.2f}") if s in avg else "–"
-            for s in strategies) + " |")
+    cells = {(t, s): list(errors[(t, s)].values()) for t in tasks for s in strategies if errors[(t, s)]}
+    means: dict[tuple[str, str], float] = {cell: statistics.fmean(v) for cell, v in cells.items()}
+    lines += table_a_lines(tasks, strategies, cells, header="Task", extra=shift, extra_header="shift")
     lines.append("")
     # ---- learning rates
     if cell_info:
@@ -402,13 +173,12 @@ def _task_manifest(out: Path, task: str) -> dict:
 
 
 def _count_search(out: Path) -> int:
-    from ..runner.grid import collect_results
     return len(collect_results(str(out / "search")))
 
 
 def _difference_section(tasks, strategies, errors, means, summary) -> list[str]:
     partial = [s for s in PARTIAL if s in strategies]
-    fixed = [s for s in strategies if s in ("full", "linear") or s in PARTIAL or _is_partial_spec(s)]  # not adaptive peers
+    fixed = [s for s in strategies if s in ("full", "linear") or s in PARTIAL or is_partial_spec(s)]  # not adaptive peers
     lines = []
     for sel in [s for s in SELECTIVE if s in strategies]:
         lines += [f"## Paired differences: {sel} minus baselines (test error points; negative = {sel} better)", "",
@@ -518,8 +288,6 @@ def _selection_section(out, rows, tasks, summary) -> list[str]:
 def _figures(out: Path, rows, tasks, strategies) -> dict[str, str]:
     """Per task: B (bvgls vs full, mean over seeds) and C (bvgls selection heatmap); and the two
     summary figures over all tasks."""
-    from ..runner.plots import plot_losses, plot_selection
-
     fig_dir = out / "figures"
     fig_dir.mkdir(exist_ok=True)
     written: dict[str, str] = {}
@@ -542,9 +310,7 @@ def _figures(out: Path, rows, tasks, strategies) -> dict[str, str]:
 
 
 def _summary_losses(path: Path, tasks, means) -> str:
-    from ..runner.plots import _figure, _save
-
-    fig = _figure((max(7.0, 3.0 * len(tasks)), 5.4))
+    fig = new_figure((max(7.0, 3.0 * len(tasks)), 5.4))
     axes = fig.subplots(2, len(tasks), squeeze=False)
     for i, t in enumerate(tasks):
         for s, color in (("full", "C1"), ("bvgls", "C0")):
@@ -565,16 +331,14 @@ def _summary_losses(path: Path, tasks, means) -> str:
     axes[0][0].legend(fontsize=8)
     fig.suptitle("(B) loss per epoch: BVG-LS vs full finetuning (mean over seeds, each at its chosen lr)",
                  fontsize=10)
-    return _save(fig, str(path))
+    return save_figure(fig, str(path))
 
 
 def _summary_selection(path: Path, tasks, means) -> str:
     import numpy as np
 
-    from ..runner.plots import _figure, _save
-
     present = [t for t in tasks if means.get((t, "bvgls")) is not None]
-    fig = _figure((max(7.0, 3.0 * len(present) + 1.0), 3.2))
+    fig = new_figure((max(7.0, 3.0 * len(present) + 1.0), 3.2))
     axes = fig.subplots(1, len(present), squeeze=False)[0]
     im = None
     for ax, t in zip(axes, present):
@@ -590,7 +354,7 @@ def _summary_selection(path: Path, tasks, means) -> str:
         fig.colorbar(im, ax=list(axes), label="fraction of steps")
     fig.suptitle("(C) BVG-LS: fraction of each epoch's steps that updated each group (mean over seeds)",
                  fontsize=10)
-    return _save(fig, str(path))
+    return save_figure(fig, str(path))
 
 
 def environment() -> dict:
@@ -618,107 +382,3 @@ def print_table(out: str | os.PathLike) -> str:
     return text[start:end if end > 0 else None].strip()
 
 
-# ---------------------------------------------------------------------- CLI
-def _attach_cli() -> None:
-    try:
-        import typer
-
-        from ..cli import app, user_errors
-    except ImportError:  # the CLI extras are not installed
-        return
-
-    DataRoot = Annotated[str | None, typer.Option("--data-root", help=(
-        "Directory with the Fashion-MNIST .gz files, or where --download puts them (default: the Debian "
-        "package's /usr/share/datasets/fashion-mnist)."))]
-    Download = Annotated[bool, typer.Option("--download", help="Fetch Fashion-MNIST with torchvision if missing.")]
-
-    @app.command("pretrain")
-    def pretrain_cmd(
-        out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the checkpoint (.pt).")],
-        epochs: Annotated[int, typer.Option("--epochs", min=1, help="Epochs over Fashion-MNIST train.")] = 8,
-        seed: Annotated[int, typer.Option("--seed", help="Seeds init, shuffling and augmentation.")] = 0,
-        lr: Annotated[float, typer.Option("--lr", help="Peak lr of the one-cycle schedule.")] = 0.1,
-        batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 128,
-        threads: Annotated[int, typer.Option("--threads", min=1, help=(
-            "torch threads; 1 is fastest on a shared machine."))] = 1,
-        data_root: Annotated[str | None, typer.Option("--data-root", help=(
-            "Directory with the Fashion-MNIST .gz files (default: the Debian package's)."))] = None,
-        download: Annotated[bool, typer.Option("--download", help="Fetch Fashion-MNIST with torchvision if missing.")] = False,
-    ) -> None:
-        """Pretrain the fmnist-resnet source model on the Fashion-MNIST train split (seeded).
-
-        The shipped checkpoint was made with: bvgls pretrain --out fmnist_resnet.pt --epochs 8 --seed 0 --threads 1
-        """
-        from .source_model import pretrain
-
-        with user_errors():
-            meta = pretrain(out, epochs=epochs, seed=seed, lr=lr, batch_size=batch_size, threads=threads,
-                            data_root=data_root, download=download)
-        typer.echo(f"use it with: --model fmnist-resnet --weights {out}   (sha256 {meta['sha256']})")
-
-    @app.command("export-task", no_args_is_help=True)
-    def export_task_cmd(
-        name: Annotated[str, typer.Argument(help=f"Task: {', '.join(TASKS)}.")],
-        out: Annotated[Path, typer.Argument(help="Empty directory to write train/ and test/ class folders to.")],
-        seed: Annotated[int, typer.Option("--seed", help="Task construction seed.")] = 0,
-        data_root: DataRoot = None,
-        download: Download = False,
-    ) -> None:
-        """Write an offline target task as an ImageFolder (train/ = few shots + validation pool, test/).
-
-        Use it with: bvgls compare --model fmnist-resnet --data DIR --val-fraction 0.7143 --augment none ...
-        """
-        with user_errors():
-            task = build_task(name, seed=seed, data_root=data_root, download=download)
-            path = export_image_folder(task, out)
-        sizes = ", ".join(f"{s} {n}" for s, n in task.sizes().items())
-        typer.echo(f"{path}: {task.name} ({task.shift}-level shift), {task.num_classes} classes, {sizes}; "
-                   f"{task.shots} shots per class after --val-fraction {task.val_fraction:.4f}")
-
-    def _run(out: Path, protocol: Protocol, workers: int, data_root: str | None, download: bool) -> None:
-        with user_errors():
-            summary = run_benchmark(out, protocol, workers=workers, data_root=data_root, download=download)
-        typer.echo("")
-        typer.echo(print_table(out))
-        typer.echo("")
-        for key, path in summary["figures"].items():
-            if "all tasks" in key:
-                typer.echo(f"figure {key}: {out / path}")
-        typer.echo(f"full report: {out / 'report.md'} (per-task figures in {out / 'figures'}); "
-                   f"total {summary['wall_s'] / 60:.1f} min")
-
-    @app.command("bench")
-    def bench_cmd(
-        out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (resumable).")] = Path("bench-out"),
-        workers: Annotated[int, typer.Option("--workers", "-j", min=1, help="Runs in parallel (one CPU core each).")] = 2,
-        dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the protocol and the number of runs only.")] = False,
-        data_root: DataRoot = None,
-        download: Download = False,
-    ) -> None:
-        """Run the frozen offline benchmark (docs/benchmark.md): 5 tasks x 8 strategies x 5 seeds, lr searched per strategy.
-
-        Writes report.md (Table A, paired differences with 95% CIs, error against training length, selection
-        frequencies), summary.json and figures/ (B and C per task). 76 min measured on 2 shared CPU cores.
-        """
-        if dry_run:
-            typer.echo(json.dumps(asdict(BENCH), indent=2))
-            cells = len(BENCH.tasks) * len(BENCH.strategies)
-            typer.echo(f"{cells} cells; {cells * len(BENCH.search_seeds) * len(BENCH.lrs)} search runs (+2 per grid "
-                       f"extension) and {cells * len(BENCH.seeds)} final runs")
-            return
-        _run(out, BENCH, workers, data_root, download)
-
-    @app.command("demo")
-    def demo_cmd(
-        out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("bvgls-demo"),
-        workers: Annotated[int, typer.Option("--workers", "-j", min=1, help="Runs in parallel (one CPU core each).")] = 2,
-        data_root: DataRoot = None,
-        download: Download = False,
-    ) -> None:
-        """Quick offline demo (about 2 minutes on 2 CPU cores): BVG-LS vs full, partial (L3-6) and linear finetuning
-        of a Fashion-MNIST-pretrained ResNet on two few-shot tasks, each strategy at the lr the benchmark chose;
-        prints Table A and the figures' paths."""
-        _run(out, DEMO, workers, data_root, download)
-
-
-_attach_cli()

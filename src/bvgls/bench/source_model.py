@@ -16,7 +16,6 @@ download, but only when asked for (``download=True``).
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import os
 import time
@@ -27,13 +26,12 @@ import torch
 from torch import nn
 
 from ..registry import MODELS, ModelInput
+from ..runner.data import FASHION_MNIST_CLASSES, read_fashion_mnist
 
 #: Fashion-MNIST's train-split pixel mean / std (of values in [0, 1]).
 FMNIST_MEAN, FMNIST_STD = (0.2860,), (0.3530,)
 FMNIST_INPUT = ModelInput(size=28, channels=1, mean=FMNIST_MEAN, std=FMNIST_STD)
-FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                  "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-DEBIAN_FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FMNIST_CLASSES = FASHION_MNIST_CLASSES
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets"
 CHECKPOINT_NAME = "fmnist_resnet.pt"
@@ -144,40 +142,6 @@ def build_fmnist_resnet(num_classes: int, weights: str | None = None, *,
     model.load_state_dict(ckpt["state_dict"])
     model.fc = nn.Linear(model.fc.in_features, num_classes)
     return model
-
-
-# ---------------------------------------------------------------------- Fashion-MNIST files
-def _read_idx(path: Path) -> torch.Tensor:
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).reshape(dims)
-
-
-def read_fashion_mnist(split: str, root: str | os.PathLike | None = None, download: bool = False
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fashion-MNIST ``split`` ("train" or "test") as ``(uint8 images N x 28 x 28, int64 labels)``.
-
-    Looks for the idx ``.gz`` files in ``root`` (if given), then in the Debian package's
-    directory; otherwise uses torchvision's ``FashionMNIST`` (downloading into ``root``
-    only if ``download``).
-    """
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    prefix = "train" if split == "train" else "t10k"
-    for directory in ([Path(root), Path(root) / "FashionMNIST" / "raw"] if root else []) + [Path(DEBIAN_FMNIST_DIR)]:
-        images, labels = directory / f"{prefix}-images-idx3-ubyte.gz", directory / f"{prefix}-labels-idx1-ubyte.gz"
-        if images.is_file() and labels.is_file():
-            return _read_idx(images), _read_idx(labels).long()
-    try:
-        from torchvision.datasets import FashionMNIST
-        ds = FashionMNIST(root or "data", train=split == "train", download=download)
-    except RuntimeError as e:
-        raise FileNotFoundError(
-            f"Fashion-MNIST not found in {root or '(no root)'} nor {DEBIAN_FMNIST_DIR}: install the Debian "
-            "package dataset-fashion-mnist, or pass --download with --data-root DIR") from e
-    return ds.data.clone(), ds.targets.clone().long()
 
 
 # ---------------------------------------------------------------------- pretraining

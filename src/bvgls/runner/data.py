@@ -414,11 +414,13 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
+FASHION_MNIST_FILES = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
+                       "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte"}
+
+
 def _fashion_files(directory: Path) -> dict[str, Path] | None:
-    names = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
-             "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte"}
     found = {}
-    for key, stem in names.items():
+    for key, stem in FASHION_MNIST_FILES.items():
         path = next((directory / (stem + ext) for ext in (".gz", "") if (directory / (stem + ext)).is_file()), None)
         if path is None:
             return None
@@ -426,12 +428,38 @@ def _fashion_files(directory: Path) -> dict[str, Path] | None:
     return found
 
 
+def find_fashion_mnist(root: str | os.PathLike | None) -> dict[str, Path] | None:
+    """The four Fashion-MNIST IDX files (``train_x``, ``train_y``, ``test_x``, ``test_y``) in ``root``,
+    ``root/fashion-mnist``, ``root/FashionMNIST/raw`` or the Debian package's directory; None if absent."""
+    candidates = [Path(root), Path(root) / "fashion-mnist", Path(root) / "FashionMNIST" / "raw"] if root else []
+    return next((f for f in (_fashion_files(c) for c in candidates + [Path(DEBIAN_FASHION_MNIST)]) if f), None)
+
+
+def read_fashion_mnist(split: str, root: str | os.PathLike | None = None, download: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fashion-MNIST ``split`` ("train" or "test") as ``(uint8 images N x 28 x 28, int64 labels)``:
+    the IDX files (:func:`find_fashion_mnist`), else torchvision's ``FashionMNIST`` (downloading
+    into ``root`` only if ``download``)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    files = find_fashion_mnist(root)
+    if files is not None:
+        return (torch.from_numpy(read_idx(files[f"{split}_x"]).copy()),
+                torch.from_numpy(read_idx(files[f"{split}_y"]).astype(np.int64)))
+    try:
+        from torchvision.datasets import FashionMNIST
+        ds = FashionMNIST(root or "data", train=split == "train", download=download)
+    except RuntimeError as e:
+        raise FileNotFoundError(
+            f"Fashion-MNIST not found in {root or '(no root)'} nor {DEBIAN_FASHION_MNIST}: install the Debian "
+            "package dataset-fashion-mnist, or pass --download with --data-root DIR") from e
+    return ds.data.clone(), ds.targets.clone().long()
+
+
 @DATASETS.register("fashion-mnist", help="Fashion-MNIST (60k / 10k, 10 classes, 28x28 grey): the Debian "
                                          "package's files if present, else torchvision's under --data-root")
 def _fashion_mnist(root: str, *, download: bool = False, input: ModelInput, augment: str = "light") -> DatasetSplits:
-    candidates = [Path(root), Path(root) / "fashion-mnist", Path(root) / "FashionMNIST" / "raw",
-                  Path(DEBIAN_FASHION_MNIST)]
-    files = next((f for f in (_fashion_files(c) for c in candidates) if f), None)
+    files = find_fashion_mnist(root)
     if files is None:
         from torchvision.datasets import FashionMNIST
 

@@ -8,17 +8,16 @@ disjoint parts of one grid.
 
 Learning rates: with several ``lrs`` every run trains on the training set minus a validation
 split (``val_fraction``, carved from the training set, never the test set); for each dataset
-and strategy the lr with the lowest mean final validation error over seeds is chosen and the
-table reports the test error of the runs at that lr (``refit=True``: of new runs at that lr on
-the full training set). Each strategy gets its own best lr: one that updates one group per
-step may want a different lr than full finetuning.
+and strategy the lr with the lowest mean final validation error over seeds is chosen, and the
+grid is extended past an edge (:mod:`.lrsearch`, the benchmark's search; ``extend_lrs=False``
+to turn it off). The table reports the test error of the runs at the chosen lr
+(``refit=True``: of new runs at that lr on the full training set). Each strategy gets its own
+best lr: one that updates one group per step may want a different lr than full finetuning.
 """
 
 from __future__ import annotations
 
 import csv
-import inspect
-import json
 import math
 import os
 import re
@@ -27,18 +26,18 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
-from ..strategies import make_strategy, parse_strategy
-from .loop import _RESUME_KEYS, finetune, seed_everything
+from ..strategies import StrategySpec, parse_spec
+from . import rundir
+from .config import FinetuneConfig, result_keys
+from .loop import finetune, seed_everything
+from .lrsearch import LrChoice, search_lr
 
 RESULT_COLUMNS = ["dataset", "strategy", "seed", "lr", "test_error", "test_loss", "val_error", "val_loss",
                   "train_loss", "epochs", "wall_s", "phase", "chosen", "run_dir"]
-_FINETUNE_DEFAULTS = {k: p.default for k, p in inspect.signature(finetune).parameters.items()
-                      if p.default is not inspect.Parameter.empty and k in _RESUME_KEYS}
-_COMPARED_KEYS = tuple(k for k in _RESUME_KEYS if k not in ("strategy", "lr", "seed", "val_fraction")) + (
-    "model", "weights")
+#: besides the result options, what a reused run directory must agree on
+RUN_IDENTITY = ("model", "weights", "augment", "dataset", "phase")
 
 
 @dataclass
@@ -50,6 +49,8 @@ class CompareResult:
     table: str
     out_dir: str
     failed: list[str] = field(default_factory=list)
+    #: per (dataset, strategy) with an lr search: what it tried and why it stopped
+    searches: dict[tuple[str, str], LrChoice] = field(default_factory=dict)
 
     @property
     def csv_path(self) -> str:
@@ -70,12 +71,12 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text.replace(":", "__").replace("=", "-")).strip("_") or "_"
 
 
-def _lr_text(lr: float) -> str:
+def lr_text(lr: float) -> str:
     return f"{lr:g}"
 
 
 def run_dir_for(out_dir: str, dataset: str, strategy: str, lr: float, seed: int, refit: bool = False) -> str:
-    return os.path.join(out_dir, "runs", slug(dataset), slug(strategy), f"lr{_lr_text(lr)}",
+    return os.path.join(out_dir, "runs", slug(dataset), slug(strategy), f"lr{lr_text(lr)}",
                         f"seed{seed}{'-refit' if refit else ''}")
 
 
@@ -83,7 +84,7 @@ def run_dir_for(out_dir: str, dataset: str, strategy: str, lr: float, seed: int,
 DatasetSource = Any  # str (name or path) | DatasetSplits | fn(ModelInput) -> DatasetSplits
 
 
-def _dataset_entries(datasets) -> list[tuple[str, DatasetSource]]:
+def dataset_entries(datasets) -> list[tuple[str, DatasetSource]]:
     from .data import dataset_label
 
     if isinstance(datasets, str):
@@ -98,7 +99,7 @@ def _dataset_entries(datasets) -> list[tuple[str, DatasetSource]]:
     return items
 
 
-def _load(source: DatasetSource, input, data_root, download, augment):
+def load_source(source: DatasetSource, input, data_root, download, augment):
     from .data import load_dataset
 
     if isinstance(source, str):
@@ -108,7 +109,7 @@ def _load(source: DatasetSource, input, data_root, download, augment):
     return source
 
 
-def _model_builder(model, weights) -> tuple[str, Callable[[int], nn.Module]]:
+def model_builder(model, weights) -> tuple[str, Callable[[int], nn.Module]]:
     if isinstance(model, str):
         from .models import build_model
         return model, lambda n: build_model(model, n, weights)
@@ -117,26 +118,108 @@ def _model_builder(model, weights) -> tuple[str, Callable[[int], nn.Module]]:
     raise TypeError(f"model must be a model spec string or fn(num_classes) -> nn.Module, got {type(model).__name__}")
 
 
-def check_strategies(strategies: Sequence[str], model: nn.Module) -> None:
-    """Raise ValueError now, not hours into a grid, for specs that do not fit ``model``'s groups."""
+def parse_strategies(strategies: Sequence[str | StrategySpec] | str) -> list[StrategySpec]:
+    """Spec strings (a list or comma-separated) parsed once, duplicates dropped, order kept."""
+    if isinstance(strategies, str):
+        strategies = strategies.split(",")
+    specs = [parse_spec(s if isinstance(s, StrategySpec) else s.strip()) for s in strategies
+             if isinstance(s, StrategySpec) or s.strip()]
+    return list({spec.text: spec for spec in specs}.values())
+
+
+def check_strategies(strategies: Sequence[str | StrategySpec], model: nn.Module) -> list[StrategySpec]:
+    """Parse ``strategies`` and raise ValueError now, not hours into a grid, for specs whose
+    options or group range do not fit ``model``'s groups."""
     from ..grouping import layer_groups
 
-    trainable = [(p, p.requires_grad) for p in model.parameters()]
-    for spec in strategies:
-        parse_strategy(spec)
-        groups = layer_groups(model)
-        opt = torch.optim.SGD(groups.param_groups(), lr=0.1)
+    groups = layer_groups(model)
+    specs = parse_strategies(list(strategies))
+    for spec in specs:
         try:
-            make_strategy(spec, opt, groups).remove()
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"strategy {spec!r} does not fit {type(model).__name__} "
+            spec.check_options()
+            spec.check_fits(len(groups))
+        except ValueError as e:
+            raise ValueError(f"strategy {spec.text!r} does not fit {type(model).__name__} "
                              f"({len(groups)} groups: {', '.join(groups.names)}): {e}") from None
-        finally:
-            for p, flag in trainable:  # partial strategies freeze groups
-                p.requires_grad_(flag)
+    return specs
 
 
 # ---------------------------------------------------------------------- the grid
+class Grid:
+    """One ``compare`` invocation: runs cells, searches lrs, rewrites the reports."""
+
+    def __init__(self, out_dir: str, specs: list[StrategySpec], labels: list[str], seeds: list[int],
+                 cfg: FinetuneConfig, identity: dict[str, Any], build: Callable[[int], nn.Module], *,
+                 keep_going: bool, log: Callable[[str], Any], title: str, total: int):
+        self.out_dir, self.specs, self.labels, self.seeds, self.cfg = out_dir, specs, labels, seeds, cfg
+        self.identity, self.build, self.keep_going, self.log, self.title = identity, build, keep_going, log, title
+        self.failed: list[str] = []
+        self.searches: dict[tuple[str, str], LrChoice] = {}
+        self.done, self.total = 0, total
+
+    def run(self, label: str, splits, spec: StrategySpec, seed: int, lr: float, phase: str,
+            val_fraction: float, refit: bool = False) -> None:
+        """One finetuning run (skipped when finished, resumed when interrupted)."""
+        run_dir = run_dir_for(self.out_dir, label, spec.text, lr, seed, refit=refit)
+        cfg = self.cfg.replace(strategy=spec.text, lr=lr, seed=seed, val_fraction=val_fraction)
+        record = {**self.identity, "dataset": label, "phase": phase, "num_classes": splits.num_classes}
+        check_existing(run_dir, {**cfg.record(), **record})
+        self.done += 1
+        if rundir.is_finished(run_dir):
+            return
+        self.log(f"[{self.done}/{self.total}] {label} {spec.text} lr={lr_text(lr)} seed={seed} ({phase}) -> {run_dir}")
+        seed_everything(seed)
+        net = self.build(splits.num_classes)
+        try:
+            history = finetune(net, splits, spec, settings=cfg, out_dir=run_dir, resume=True, config=record)
+        except Exception as e:  # with keep_going a failed run must not stop the grid
+            if not self.keep_going:
+                raise
+            self.failed.append(f"{run_dir}: {type(e).__name__}: {e}")
+            self.log(f"  FAILED: {type(e).__name__}: {e}")
+            return
+        final = history.final
+        msg = f"  test error {final['test_error']:.2f}%"
+        if final.get("val_error") is not None:
+            msg += f", val error {final['val_error']:.2f}%"
+        self.log(msg + f", {history.wall_s:.0f}s")
+        self.write()
+
+    def write(self) -> CompareResult:
+        return write_reports(self.out_dir, strategies=[s.text for s in self.specs], datasets=self.labels,
+                             title=self.title)
+
+    def search(self, label: str, splits, spec: StrategySpec, lrs: Sequence[float], *, extend: bool) -> LrChoice:
+        """The lr search of one (dataset, strategy) on the validation split."""
+        def run(grid: list[float]) -> None:
+            for seed in self.seeds:
+                for lr in grid:
+                    self.run(label, splits, spec, seed, lr, "search", self.cfg.val_fraction)
+
+        def choose(grid: list[float]) -> tuple[float, set[float]]:
+            rows = [r for r in collect_results(self.out_dir) if r["dataset"] == label
+                    and r["strategy"] == spec.text and r["phase"] == "search" and r["lr"] in grid]
+            diverged = {r["lr"] for r in rows if r["train_loss"] is None}
+            return choose_lrs(rows).get((label, spec.text)), diverged
+
+        choice = search_lr(lrs, run, choose, extend=extend, log=self.log, label=f"{label} {spec.text}")
+        self.searches[(label, spec.text)] = choice
+        return choice
+
+
+def check_existing(run_dir: str, expected: Mapping[str, Any]) -> None:
+    """A run directory left by an earlier invocation must have the same settings."""
+    path = os.path.join(run_dir, rundir.CONFIG_FILE)
+    if not os.path.isfile(path):
+        return
+    old = rundir.read_json(path)
+    keys = [k for k in result_keys() + RUN_IDENTITY if k in expected]
+    changed = [f"{k}: {old.get(k)!r} -> {expected[k]!r}" for k in keys if old.get(k) != expected[k]]
+    if changed:
+        raise ValueError(f"{run_dir!r} holds a run with other settings ({'; '.join(changed)}); "
+                         "use a new --out directory")
+
+
 def compare(
     strategies: Sequence[str] | str,
     datasets: Sequence[DatasetSource] | Mapping[str, DatasetSource] | str,
@@ -145,18 +228,17 @@ def compare(
     *,
     model: str | Callable[[int], nn.Module],
     out_dir: str | os.PathLike,
-    epochs: int,
-    batch_size: int = 128,
+    settings: FinetuneConfig | None = None,
     weights: str | None = "DEFAULT",
-    val_fraction: float = 0.0,
     refit: bool = False,
+    extend_lrs: bool = True,
     data_root: str | None = None,
     download: bool = False,
     augment: str | None = None,
     train_options: Mapping[str, Any] | None = None,
     keep_going: bool = False,
-    progress: bool = True,
     log: Callable[[str], Any] = print,
+    **options: Any,
 ) -> CompareResult:
     """Run every (dataset, strategy, seed, lr) and write ``results.csv`` and ``table.md``.
 
@@ -168,22 +250,48 @@ def compare(
         lrs: base learning rates; more than one needs ``val_fraction`` (see module docstring).
         model: a model spec for :func:`bvgls.runner.models.build_model`, or ``fn(num_classes) -> nn.Module``.
         out_dir: where runs, ``results.csv`` and ``table.md`` go; rerunning skips finished runs.
-        epochs, batch_size: passed to :func:`bvgls.runner.loop.finetune`.
+        settings, **options: the training options (:class:`~bvgls.runner.config.FinetuneConfig`
+            and its field names: ``epochs``, ``batch_size``, ``val_fraction``, ``optimizer``, ...);
+            ``train_options``: the same as a mapping.
         weights: weights for a model spec (``DEFAULT``, ``none``, a file).
-        val_fraction: validation split carved from the training set for choosing the lr.
         refit: after choosing the lr, train again on the full training set at that lr.
+        extend_lrs: extend the lr grid past an edge (see module docstring).
         data_root, download, augment: passed to :func:`bvgls.runner.data.load_dataset`.
-        train_options: more :func:`finetune` arguments (optimizer, momentum, weight_decay,
-            schedule, warmup_epochs, amp, device, channels_last, num_workers, grad_accum, ...).
         keep_going: log a failed run and continue with the others (default: raise).
         log: where progress lines go.
     """
-    if isinstance(strategies, str):
-        strategies = [s for s in strategies.split(",") if s]
-    strategies = list(dict.fromkeys(strategies))
-    seeds = [int(s) for s in seeds]
-    lrs = [float(x) for x in lrs]
-    if not strategies or not seeds or not lrs:
+    options = {**dict(train_options or {}), **options}
+    for reserved in ("lr", "seed", "strategy"):
+        if reserved in options:
+            raise ValueError(f"compare takes {reserved!r} from its own arguments (lrs, seeds, strategies)")
+    cfg = FinetuneConfig(**{**(vars(settings) if settings else {}), "lr": 1.0, **options})
+    specs = parse_strategies(strategies)
+    seeds, lrs = [int(s) for s in seeds], [float(x) for x in lrs]
+    check_grid_arguments(specs, seeds, lrs, cfg.val_fraction, refit)
+    entries = dataset_entries(datasets)
+    model_label, build = model_builder(model, weights)
+    probe = build(2)  # the model's input spec, and its groups for checking the strategies
+    specs = check_strategies(specs, probe)
+    input = probe.bvgls_input if hasattr(probe, "bvgls_input") else None
+    del probe
+    os.makedirs(str(out_dir), exist_ok=True)
+    search = len(lrs) > 1
+    title = (f"# Table A: {model_label}, {cfg.epochs} epochs, batch {cfg.batch_size}, "
+             f"{'lr chosen on a ' + format(cfg.val_fraction, 'g') + ' validation split' if search else 'lr ' + lr_text(lrs[0])}"
+             f"{', refit on the full training set' if refit else ''}")
+    identity = {"model": model_label, "weights": weights if isinstance(model, str) else None, "augment": augment}
+    grid = Grid(str(out_dir), specs, [label for label, _ in entries], seeds, cfg, identity, build,
+                keep_going=keep_going, log=log, title=title, total=len(entries) * len(specs) * len(seeds) * len(lrs))
+    for label, source in entries:
+        splits = load_source(source, input, data_root, download, augment)
+        run_dataset(grid, label, splits, lrs, search=search, refit=refit, extend=extend_lrs)
+    result = grid.write()
+    result.failed, result.searches = grid.failed, grid.searches
+    return result
+
+
+def check_grid_arguments(specs, seeds, lrs, val_fraction, refit) -> None:
+    if not specs or not seeds or not lrs:
         raise ValueError("strategies, seeds and lrs must each have at least one entry")
     if len(set(lrs)) != len(lrs):
         raise ValueError(f"lrs has duplicates: {lrs}")
@@ -192,89 +300,24 @@ def compare(
                          "from the training set, never on the test set")
     if refit and len(lrs) == 1:
         raise ValueError("refit only makes sense with several lrs to choose from")
-    out_dir = str(out_dir)
-    train_options = dict(train_options or {})
-    for reserved in ("epochs", "lr", "batch_size", "seed", "out_dir", "resume", "val_fraction", "config"):
-        if reserved in train_options:
-            raise ValueError(f"train_options may not set {reserved!r}; it is an argument of compare")
-    entries = _dataset_entries(datasets)
-    model_label, build = _model_builder(model, weights)
-    probe = build(2)
-    check_strategies(strategies, probe)
-    input = probe.bvgls_input if hasattr(probe, "bvgls_input") else None
-    del probe
-    os.makedirs(out_dir, exist_ok=True)
-    labels = [label for label, _ in entries]
-    title = (f"# Table A: {model_label}, {epochs} epochs, batch {batch_size}, "
-             f"{'lr chosen on a ' + format(val_fraction, 'g') + ' validation split' if len(lrs) > 1 else 'lr ' + _lr_text(lrs[0])}"
-             f"{', refit on the full training set' if refit else ''}")
-    search = len(lrs) > 1
-    search_val = float(val_fraction) if val_fraction else 0.0
-    failed: list[str] = []
-    total = len(entries) * len(strategies) * len(seeds) * len(lrs)
-    done = 0
-
-    def one_run(label, splits, spec, seed, lr, vf, phase, run_dir):
-        nonlocal done
-        config = {"model": model_label, "weights": weights if isinstance(model, str) else None, "dataset": label,
-                  "phase": phase, "num_classes": splits.num_classes}
-        _check_existing(run_dir, {**_FINETUNE_DEFAULTS, **config, **train_options, "epochs": epochs,
-                                  "batch_size": batch_size, "val_fraction": vf})
-        if os.path.isfile(os.path.join(run_dir, "result.json")):
-            return
-        log(f"[{done + 1}/{total}] {label} {spec} lr={_lr_text(lr)} seed={seed} ({phase}) -> {run_dir}")
-        seed_everything(seed)
-        net = build(splits.num_classes)
-        try:
-            history = finetune(net, splits, spec, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                               val_fraction=vf, out_dir=run_dir, resume=True, progress=progress, config=config,
-                               **train_options)
-        except Exception as e:  # with keep_going a failed run must not stop the grid
-            if not keep_going:
-                raise
-            failed.append(f"{run_dir}: {type(e).__name__}: {e}")
-            log(f"  FAILED: {type(e).__name__}: {e}")
-            return
-        final = history.final
-        msg = f"  test error {final['test_error']:.2f}%"
-        if final.get("val_error") is not None:
-            msg += f", val error {final['val_error']:.2f}%"
-        log(msg + f", {history.wall_s:.0f}s")
-        write_reports(out_dir, strategies=strategies, datasets=labels, title=title)
-
-    for label, source in entries:
-        splits = _load(source, input, data_root, download, augment)
-        for seed in seeds:
-            for spec in strategies:
-                for lr in lrs:
-                    one_run(label, splits, spec, seed, lr, search_val, "search" if search else "final",
-                            run_dir_for(out_dir, label, spec, lr, seed))
-                    done += 1
-        if refit:
-            chosen = choose_lrs(collect_results(out_dir))
-            for seed in seeds:
-                for spec in strategies:
-                    lr = chosen.get((label, spec))
-                    if lr is not None:
-                        one_run(label, splits, spec, seed, lr, 0.0, "refit",
-                                run_dir_for(out_dir, label, spec, lr, seed, refit=True))
-    result = write_reports(out_dir, strategies=strategies, datasets=labels, title=title)
-    result.failed = failed
-    return result
 
 
-def _check_existing(run_dir: str, expected: Mapping[str, Any]) -> None:
-    """A run directory left by an earlier invocation must have the same settings."""
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(path):
+def run_dataset(grid: Grid, label: str, splits, lrs: list[float], *, search: bool, refit: bool, extend: bool) -> None:
+    """Every strategy on one dataset: at the single lr, or searched (then refit if asked)."""
+    if not search:
+        for seed in grid.seeds:
+            for spec in grid.specs:
+                grid.run(label, splits, spec, seed, lrs[0], "final", grid.cfg.val_fraction)
         return
-    with open(path) as f:
-        old = json.load(f)
-    keys = [k for k in _COMPARED_KEYS + ("dataset", "phase", "val_fraction") if k in expected]
-    changed = [f"{k}: {old.get(k)!r} -> {expected[k]!r}" for k in keys if old.get(k) != expected[k]]
-    if changed:
-        raise ValueError(f"{run_dir!r} holds a run with other settings ({'; '.join(changed)}); "
-                         "use a new --out directory")
+    for spec in grid.specs:
+        grid.search(label, splits, spec, lrs, extend=extend)
+    if refit:
+        chosen = choose_lrs(collect_results(grid.out_dir))
+        for seed in grid.seeds:
+            for spec in grid.specs:
+                lr = chosen.get((label, spec.text))
+                if lr is not None:
+                    grid.run(label, splits, spec, seed, lr, "refit", 0.0, refit=True)
 
 
 # ---------------------------------------------------------------------- reports
@@ -285,8 +328,7 @@ def collect_results(out_dir: str) -> list[dict]:
     for dirpath, _, files in sorted(os.walk(root)):
         if "result.json" not in files:
             continue
-        with open(os.path.join(dirpath, "result.json")) as f:
-            result = json.load(f)
+        result = rundir.read_json(os.path.join(dirpath, "result.json"))
         cfg, final = result["config"], result["final"]
         rows.append({
             "dataset": cfg.get("dataset", "?"), "strategy": cfg["strategy"], "seed": int(cfg["seed"]),
@@ -313,7 +355,7 @@ def choose_lrs(rows: Sequence[dict]) -> dict[tuple[str, str], float]:
             single.setdefault((r["dataset"], r["strategy"]), set()).add(r["lr"])
     for cell, lrs in single.items():
         if len(lrs) > 1:  # choosing among them by test error would tune on the test set
-            raise ValueError(f"{cell[0]} / {cell[1]} has runs at several lrs ({', '.join(map(_lr_text, sorted(lrs)))}) "
+            raise ValueError(f"{cell[0]} / {cell[1]} has runs at several lrs ({', '.join(map(lr_text, sorted(lrs)))}) "
                              "without a validation search; put them in separate --out directories or use "
                              "--lrs with --val-fraction")
         chosen[cell] = next(iter(lrs))
@@ -346,6 +388,43 @@ def _ordered(values: Sequence[str], preferred: Sequence[str]) -> list[str]:
     return seen + sorted(v for v in dict.fromkeys(values) if v not in seen)
 
 
+def mean_std_text(values: Sequence[float]) -> str:
+    """``mean ± std`` (two decimals; the mean alone for one value, ``–`` for none)."""
+    if not values:
+        return "–"
+    mean = statistics.fmean(values)
+    return f"{mean:.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{mean:.2f}"
+
+
+def table_a_lines(row_names: Sequence[str], columns: Sequence[str], cells: Mapping[tuple[str, str], list[float]],
+                  *, header: str = "Dataset", extra: Mapping[str, str] | None = None,
+                  extra_header: str = "") -> list[str]:
+    """The paper's Table A as markdown lines: mean ± std per (row, column), the best (lowest)
+    mean of each row in bold, and with several rows an average row over the columns that have
+    every row. ``extra``: one more text column after the row name (e.g. the kind of shift)."""
+    lead = f"| {header} | " + (f"{extra_header} | " if extra is not None else "")
+    lines = [lead + " | ".join(columns) + " |", "|---|" + ("---|" if extra is not None else "") + "---:|" * len(columns)]
+
+    def row(name: str, means: Mapping[str, float], texts: Mapping[str, str], extra_text: str | None) -> str:
+        best = min(means.values()) if means else None
+        cols = [f"**{texts[c]}**" if c in means and math.isclose(means[c], best) else texts.get(c, "–")
+                for c in columns]
+        lead_cells = f"| {name} | " + ("" if extra_text is None else f"{extra_text} | " if extra_text else "| ")
+        return lead_cells + " | ".join(cols) + " |"
+
+    per_column: dict[str, list[float]] = {c: [] for c in columns}
+    for name in row_names:
+        means = {c: statistics.fmean(cells[(name, c)]) for c in columns if cells.get((name, c))}
+        for c, m in means.items():
+            per_column[c].append(m)
+        lines.append(row(name, means, {c: mean_std_text(cells[(name, c)]) for c in means},
+                         None if extra is None else extra.get(name, "")))
+    if len(row_names) > 1:
+        avg = {c: statistics.fmean(v) for c, v in per_column.items() if len(v) == len(row_names)}
+        lines.append(row("Average", avg, {c: f"{m:.2f}" for c, m in avg.items()}, None if extra is None else ""))
+    return lines
+
+
 def format_table(rows: Sequence[dict], chosen: Mapping[tuple[str, str], float], *,
                  strategies: Sequence[str] = (), datasets: Sequence[str] = (), title: str = "") -> str:
     """The paper's Table A as markdown: test error (%) mean ± std over seeds, datasets x strategies,
@@ -357,64 +436,42 @@ def format_table(rows: Sequence[dict], chosen: Mapping[tuple[str, str], float], 
     cell: dict[tuple[str, str], list[float]] = {}
     for r in reported:
         cell.setdefault((r["dataset"], r["strategy"]), []).append(float(r["test_error"]))
-
-    def fmt(values: list[float]) -> str:
-        mean = statistics.fmean(values)
-        return f"{mean:.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{mean:.2f}"
-
-    def row_cells(means: dict[str, float], texts: dict[str, str]) -> list[str]:
-        best = min(means.values()) if means else None
-        return [f"**{texts[s]}**" if s in means and math.isclose(means[s], best) else texts.get(s, "–")
-                for s in strategy_cols]
-
-    lines = []
-    if title:
-        lines += [title, ""]
-    lines.append("Test error (%), mean ± std over seeds; lower is better; best per row in **bold**.")
+    lines = [title, ""] if title else []
+    lines += ["Test error (%), mean ± std over seeds; lower is better; best per row in **bold**.", ""]
+    lines += table_a_lines(dataset_rows, strategy_cols, cell)
     lines.append("")
-    lines.append("| Dataset | " + " | ".join(strategy_cols) + " |")
-    lines.append("|---|" + "---:|" * len(strategy_cols))
-    per_strategy: dict[str, list[float]] = {s: [] for s in strategy_cols}
-    seeds_used = set()
-    for d in dataset_rows:
-        means = {s: statistics.fmean(cell[(d, s)]) for s in strategy_cols if (d, s) in cell}
-        texts = {s: fmt(cell[(d, s)]) for s in means}
-        for s, m in means.items():
-            per_strategy[s].append(m)
-            seeds_used.add(len(cell[(d, s)]))
-        lines.append(f"| {d} | " + " | ".join(row_cells(means, texts)) + " |")
-    if len(dataset_rows) > 1:
-        avg = {s: statistics.fmean(v) for s, v in per_strategy.items() if len(v) == len(dataset_rows)}
-        lines.append("| Average | " + " | ".join(row_cells(avg, {s: f"{m:.2f}" for s, m in avg.items()})) + " |")
-    lines.append("")
+    seeds_used = {len(v) for v in cell.values()}
     if seeds_used:
         lines.append(f"Seeds per cell: {', '.join(str(n) for n in sorted(seeds_used))}. "
                      "Each cell's runs are listed in results.csv (rows with chosen=True).")
-    grid = _lr_grid(rows)
     lines.append("")
-    if grid:
-        lines.append("Learning rate chosen per strategy on the validation split (lowest mean final validation "
-                     "error); _edge_ = at the end of the searched grid, so a better lr may lie outside it.")
-        lines.append("")
-        lines.append("| Dataset | " + " | ".join(strategy_cols) + " |")
-        lines.append("|---|" + "---:|" * len(strategy_cols))
-        for d in dataset_rows:
-            texts = []
-            for s in strategy_cols:
-                lr, lrs_tried = chosen.get((d, s)), grid.get((d, s), [])
-                if lr is None:
-                    texts.append("–")
-                    continue
-                edge = len(lrs_tried) > 1 and lr in (lrs_tried[0], lrs_tried[-1])
-                texts.append(f"{_lr_text(lr)}{' _edge_' if edge else ''}")
-            lines.append(f"| {d} | " + " | ".join(texts) + " |")
-        tried = sorted({lr for v in grid.values() for lr in v})
-        lines.append("")
-        lines.append(f"Grid: {', '.join(_lr_text(x) for x in tried)}.")
-    else:
-        lrs = sorted({lr for (d, s), lr in chosen.items()})
-        lines.append(f"Learning rate: {', '.join(_lr_text(x) for x in lrs)} (no search).")
+    lines += lr_lines(rows, chosen, dataset_rows, strategy_cols)
     return "\n".join(lines) + "\n"
+
+
+def lr_lines(rows: Sequence[dict], chosen: Mapping[tuple[str, str], float], dataset_rows: Sequence[str],
+             strategy_cols: Sequence[str]) -> list[str]:
+    """The lr each strategy used per dataset; ``_edge_`` where it is at an end of the searched grid."""
+    grid = _lr_grid(rows)
+    if not grid:
+        lrs = sorted({lr for (d, s), lr in chosen.items()})
+        return [f"Learning rate: {', '.join(lr_text(x) for x in lrs)} (no search)."]
+    lines = ["Learning rate chosen per strategy on the validation split (lowest mean final validation "
+             "error); _edge_ = at the end of the searched grid, so a better lr may lie outside it.", ""]
+    lines.append("| Dataset | " + " | ".join(strategy_cols) + " |")
+    lines.append("|---|" + "---:|" * len(strategy_cols))
+    for d in dataset_rows:
+        texts = []
+        for s in strategy_cols:
+            lr, lrs_tried = chosen.get((d, s)), grid.get((d, s), [])
+            if lr is None:
+                texts.append("–")
+                continue
+            edge = len(lrs_tried) > 1 and lr in (lrs_tried[0], lrs_tried[-1])
+            texts.append(f"{lr_text(lr)}{' _edge_' if edge else ''}")
+        lines.append(f"| {d} | " + " | ".join(texts) + " |")
+    tried = sorted({lr for v in grid.values() for lr in v})
+    return lines + ["", f"Grid: {', '.join(lr_text(x) for x in tried)}."]
 
 
 def write_reports(out_dir: str | os.PathLike, *, strategies: Sequence[str] = (),
@@ -434,13 +491,8 @@ def write_reports(out_dir: str | os.PathLike, *, strategies: Sequence[str] = (),
             for r in rows:
                 writer.writerow({k: ("" if r[k] is None else r[k]) for k in RESULT_COLUMNS})
 
-    from .loop import _atomic_write_bytes
-    _atomic_write_bytes(os.path.join(out_dir, "results.csv"), write_csv)
-
-    def write_md(tmp):
-        with open(tmp, "w") as f:
-            f.write(table)
-    _atomic_write_bytes(os.path.join(out_dir, "table.md"), write_md)
+    rundir.atomic_write(os.path.join(out_dir, "results.csv"), write_csv)
+    rundir.write_text(os.path.join(out_dir, "table.md"), table)
     return CompareResult(rows, chosen, table, out_dir)
 
 

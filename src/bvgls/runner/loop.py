@@ -7,12 +7,14 @@ Example::
     history.final["test_error"]
 
 Every epoch records train loss, test (and validation) loss and error, wall time, lr, the
-fraction of steps in which each group was updated and, for strategies with ``.ratios``
-(BVG-LS, BVG-TS), the mean bias-variance ratio of each group. With ``out_dir`` the loop
-writes ``config.json``, ``metrics.jsonl`` (one line per epoch), an atomic ``checkpoint.pt``
-after every epoch and ``result.json`` when done; ``resume=True`` continues from the
-checkpoint and, on CPU, reproduces an uninterrupted run exactly.
+fraction of steps in which each group was updated and, for strategies with ratios (BVG-LS,
+BVG-TS), the mean bias-variance ratio of each group (:mod:`.tracker`). With ``out_dir`` the
+loop writes a run directory (:mod:`.rundir`); ``resume=True`` continues from its checkpoint
+and, on CPU, reproduces an uninterrupted run exactly.
 
+The pieces: :func:`setup` (data, model, optimizer, strategy, schedule, resume),
+:func:`train_one_epoch`, :func:`evaluate_epoch`, :func:`epoch_record`, :func:`save_epoch`
+and :func:`finish`. Options are the fields of :class:`~.config.FinetuneConfig`.
 Only torch is needed at import time (tqdm and tensorboard are imported when used).
 """
 
@@ -34,138 +36,14 @@ from torch.utils.data import DataLoader
 
 from ..base import GroupStrategy
 from ..grouping import LayerGroups, layer_groups
-from ..strategies import make_strategy
+from ..strategies import StrategySpec, make_strategy
+from . import rundir
+from .callbacks import Callback, TensorBoardLogger, TrainState, as_callback
+from .config import FinetuneConfig, result_keys
+from .rundir import History
+from .tracker import SelectionTracker
 
-CHECKPOINT_FORMAT = "bvgls-checkpoint-v1"
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("cosine", "constant")
-AMP_MODES = (None, "bf16", "fp16")
-# settings that must not change between an interrupted run and its resumption
-_RESUME_KEYS = ("strategy", "epochs", "lr", "batch_size", "optimizer", "momentum", "nesterov", "weight_decay",
-                "schedule", "warmup_epochs", "grad_accum", "amp", "seed", "val_fraction", "label_smoothing",
-                "steps_per_epoch", "channels_last")
-
-
-# ---------------------------------------------------------------------- history
-@dataclass
-class History:
-    """What a run recorded: its resolved config, its groups and one dict per finished epoch.
-
-    Epoch dicts have ``epoch`` (1-based), ``steps``, ``lr``, ``train_loss``, ``test_loss``,
-    ``test_error`` (percent), ``val_loss``/``val_error`` (None without a validation split),
-    ``train_s``, ``eval_s``, ``wall_s``, ``selection_frequency`` (per strategy group),
-    ``mean_bvr`` (per strategy group: mean over the epoch's steps, leaving out steps where the
-    group's variance was still clamped to eps (its first step), None where not defined),
-    ``mean_scale`` (per strategy group, the mean learning-rate multiplier; differs from the
-    selection frequency for graded strategies such as llrd) and, when the strategy's groups
-    are not the layer groups (BVG-TS), ``layer_selection_frequency``.
-    """
-
-    config: dict = field(default_factory=dict)
-    group_names: list[str] = field(default_factory=list)
-    layer_group_names: list[str] = field(default_factory=list)
-    epochs: list[dict] = field(default_factory=list)
-    finished: bool = False
-
-    @property
-    def final(self) -> dict:
-        """The last epoch's record (empty before the first epoch)."""
-        return self.epochs[-1] if self.epochs else {}
-
-    @property
-    def wall_s(self) -> float:
-        return float(sum(r["wall_s"] for r in self.epochs))
-
-    def column(self, key: str) -> list:
-        return [r.get(key) for r in self.epochs]
-
-    def to_dict(self) -> dict:
-        return {"config": self.config, "group_names": self.group_names, "layer_group_names": self.layer_group_names,
-                "epochs": self.epochs, "finished": self.finished}
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> History:
-        return cls(dict(d.get("config", {})), list(d.get("group_names", [])), list(d.get("layer_group_names", [])),
-                   [dict(r) for r in d.get("epochs", [])], bool(d.get("finished", False)))
-
-    @classmethod
-    def load(cls, run_dir: str | os.PathLike) -> History:
-        """Read a run directory's ``config.json`` and ``metrics.jsonl``."""
-        run_dir = str(run_dir)
-        meta_path = os.path.join(run_dir, "history.json")
-        if not os.path.isfile(meta_path):
-            raise FileNotFoundError(f"{run_dir!r} is not a bvgls run directory (no history.json)")
-        with open(meta_path) as f:
-            meta = json.load(f)
-        epochs = []
-        metrics = os.path.join(run_dir, "metrics.jsonl")
-        if os.path.isfile(metrics):
-            with open(metrics) as f:
-                epochs = [json.loads(line) for line in f if line.strip()]
-        meta["epochs"] = epochs
-        return cls.from_dict(meta)
-
-
-# ---------------------------------------------------------------------- callbacks
-@dataclass
-class TrainState:
-    """What callbacks see: the live objects of the run."""
-
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    strategy: GroupStrategy
-    history: History
-    epoch: int = 0
-    global_step: int = 0
-    out_dir: str | None = None
-
-
-class Callback:
-    """Hooks into :func:`finetune`; override what you need. A plain callable passed in
-    ``callbacks`` is called as ``fn(record)`` at the end of every epoch."""
-
-    def on_train_start(self, state: TrainState) -> None: ...
-
-    def on_step_end(self, state: TrainState, loss: torch.Tensor) -> None: ...
-
-    def on_epoch_end(self, state: TrainState, record: dict) -> None: ...
-
-    def on_train_end(self, state: TrainState) -> None: ...
-
-
-class _FunctionCallback(Callback):
-    def __init__(self, fn: Callable[[dict], Any]):
-        self.fn = fn
-
-    def on_epoch_end(self, state, record):
-        self.fn(record)
-
-
-class TensorBoardLogger(Callback):
-    """Epoch metrics, selection frequency and mean BVR per group to TensorBoard."""
-
-    def __init__(self, log_dir: str):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise ImportError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-        self.writer = SummaryWriter(log_dir)
-
-    def on_epoch_end(self, state, record):
-        step = record["epoch"]
-        for key in ("train_loss", "test_loss", "test_error", "val_loss", "val_error", "lr"):
-            if record.get(key) is not None:
-                self.writer.add_scalar(key, record[key], step)
-        names = state.history.group_names
-        for name, freq in zip(names, record["selection_frequency"]):
-            self.writer.add_scalar(f"selection/{name}", freq, step)
-        for name, bvr in zip(names, record.get("mean_bvr") or []):
-            if bvr is not None:
-                self.writer.add_scalar(f"bvr/{name}", bvr, step)
-        self.writer.flush()
-
-    def on_train_end(self, state):
-        self.writer.close()
+__all__ = ["Callback", "History", "TrainState", "evaluate", "finetune", "resolve_device", "seed_everything"]
 
 
 # ---------------------------------------------------------------------- helpers
@@ -197,49 +75,11 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch) % 2**63
 
 
-def _rng_state() -> dict:
-    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    try:
-        import numpy as np
-        kind, keys, pos, has_gauss, gauss = np.random.get_state()
-        state["numpy"] = (kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(gauss))
-    except ImportError:
-        pass
-    return state
-
-
-def _set_rng_state(state: Mapping) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "numpy" in state:
-        import numpy as np
-        kind, keys, pos, has_gauss, gauss = state["numpy"]
-        np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
-
-
-def _atomic_write_bytes(path: str, write: Callable[[str], None]) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def _write_json(path: str, obj: Any) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-    _atomic_write_bytes(path, write)
-
-
-def _finite(x: float) -> float | None:
+def finite_or_none(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
-def _split_data(data: Any) -> dict[str, Any]:
+def split_data(data: Any) -> dict[str, Any]:
     """``DatasetSplits`` | (train, test) | (train, val, test) | {"train", "test", "val"?} -> dict."""
     if hasattr(data, "train") and hasattr(data, "test"):
         out = {"train": data.train, "test": data.test}
@@ -255,18 +95,16 @@ def _split_data(data: Any) -> dict[str, Any]:
     raise TypeError("data must be a DatasetSplits, (train, test), (train, val, test) or a dict of datasets/loaders")
 
 
-def _make_optimizer(optimizer, param_groups, lr, momentum, nesterov, weight_decay) -> torch.optim.Optimizer:
-    if callable(optimizer) and not isinstance(optimizer, str):
-        return optimizer(param_groups, lr)
-    if optimizer == "sgd":
-        return torch.optim.SGD(param_groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0,
-                               weight_decay=weight_decay)
-    if optimizer == "adamw":
-        return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {optimizer!r}; known: {', '.join(OPTIMIZERS)} (or a callable)")
+def make_optimizer(cfg: FinetuneConfig, param_groups) -> torch.optim.Optimizer:
+    if callable(cfg.optimizer) and not isinstance(cfg.optimizer, str):
+        return cfg.optimizer(param_groups, cfg.lr)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum,
+                               nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _lr_lambda(schedule: str, total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+def lr_factor(schedule: str, total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
@@ -277,13 +115,20 @@ def _lr_lambda(schedule: str, total_steps: int, warmup_steps: int) -> Callable[[
     return factor
 
 
-def _selection_text(strategy: GroupStrategy) -> str:
+def selection_text(strategy: GroupStrategy) -> str:
     sel = strategy.selected
     if len(sel) == strategy.num_groups:
         return "all"
     if len(sel) > 2:
         return f"{len(sel)}/{strategy.num_groups}"
     return ",".join(strategy.group_names[i] for i in sel) or "-"
+
+
+def to_device(x, y, device, channels_last):
+    x = x.to(device, non_blocking=True)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y.to(device, non_blocking=True)
 
 
 @torch.no_grad()
@@ -295,7 +140,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: torch.dt
     wrong = torch.zeros((), dtype=torch.long, device=device)
     n = 0
     for x, y in loader:
-        x, y = _to_device(x, y, device, channels_last)
+        x, y = to_device(x, y, device, channels_last)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             out = model(x)
         loss_sum += nn.functional.cross_entropy(out.float(), y, reduction="sum").double()
@@ -307,7 +152,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: torch.dt
     return total / n, 100.0 * errors / n
 
 
-def _nhwc_crash_hazard(model: nn.Module) -> str | None:
+def nhwc_crash_hazard(model: nn.Module) -> str | None:
     """The first 1x1 strided conv with 4-15 input channels (segfaults in NHWC backward on CPU, torch 2.14)."""
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Conv2d) and mod.kernel_size == (1, 1) and max(mod.stride) > 1 \
@@ -316,55 +161,357 @@ def _nhwc_crash_hazard(model: nn.Module) -> str | None:
     return None
 
 
-def _to_device(x, y, device, channels_last):
-    x = x.to(device, non_blocking=True)
-    if channels_last and x.dim() == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x, y.to(device, non_blocking=True)
+# ---------------------------------------------------------------------- the run
+@dataclass
+class Run:
+    """The live objects of one finetuning run (built by :func:`setup`)."""
+
+    cfg: FinetuneConfig
+    model: nn.Module
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+    train_loader: Any
+    eval_loaders: dict[str, Any]
+    shuffle_gen: torch.Generator
+    opt_steps: int
+    batches_per_epoch: int
+    groups: LayerGroups
+    optimizer: torch.optim.Optimizer
+    strategy: GroupStrategy
+    scheduler: Any
+    scaler: Any
+    criterion: nn.Module
+    history: History
+    out_dir: str | None
+    tracker: SelectionTracker | None = None
+    state: TrainState | None = None
+    callbacks: list[Callback] = field(default_factory=list)
+    start_epoch: int = 0
+    global_step: int = 0
+
+    @property
+    def checkpoint_path(self) -> str | None:
+        return os.path.join(self.out_dir, rundir.CHECKPOINT_FILE) if self.out_dir else None
 
 
-# ---------------------------------------------------------------------- the loop
+def make_loaders(data: Any, cfg: FinetuneConfig, device: torch.device):
+    """Train and evaluation loaders (carving the validation split if asked), the shuffling
+    generator, optimizer steps per epoch and batches per epoch."""
+    splits = split_data(data)
+    if cfg.val_fraction:
+        if "val" in splits:
+            raise ValueError("data already has a validation set; pass val_fraction=0")
+        if isinstance(splits["train"], DataLoader):
+            raise ValueError("val_fraction needs datasets, not DataLoaders (carve the split yourself)")
+        from ..registry import DatasetSplits
+        from .data import validation_split
+        if not isinstance(data, DatasetSplits):
+            data = DatasetSplits(splits["train"], splits["test"], 0)
+        splits["train"], splits["val"] = validation_split(data, cfg.val_fraction, cfg.seed)
+    workers = cfg.num_workers
+    if workers is None:
+        workers = 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
+    shuffle_gen = torch.Generator()
+
+    def loader(ds, train: bool):
+        if isinstance(ds, DataLoader):
+            return ds
+        return DataLoader(ds, batch_size=cfg.batch_size, shuffle=train, generator=shuffle_gen if train else None,
+                          num_workers=workers, pin_memory=device.type == "cuda", drop_last=False)
+
+    train_loader = loader(splits["train"], True)
+    eval_loaders = {k: loader(splits[k], False) for k in ("val", "test") if k in splits}
+    batches = len(train_loader)
+    if batches == 0:
+        raise ValueError("the training set is empty")
+    opt_steps = math.ceil(batches / cfg.grad_accum)
+    if cfg.steps_per_epoch is not None:
+        opt_steps = min(opt_steps, int(cfg.steps_per_epoch))
+    return train_loader, eval_loaders, shuffle_gen, opt_steps, min(batches, opt_steps * cfg.grad_accum)
+
+
+def prepare_model(model: nn.Module, cfg: FinetuneConfig, device: torch.device) -> bool:
+    """Move ``model`` to ``device`` (NHWC if asked and safe); returns whether channels_last is on."""
+    model.to(device)
+    channels_last = cfg.channels_last
+    hazard = nhwc_crash_hazard(model) if channels_last and device.type == "cpu" else None
+    if hazard:
+        warnings.warn(f"channels_last disabled: on CPU, oneDNN's weight gradient of 1x1 strided convolutions with "
+                      f"fewer than 16 input channels ({hazard}) can crash the process (uxlfoundation/oneDNN#6035)",
+                      stacklevel=3)
+        channels_last = False
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return channels_last
+
+
+def attach_strategy(model, groups, strategy, cfg: FinetuneConfig):
+    """Layer groups, optimizer and strategy for ``model``."""
+    if groups is None or isinstance(groups, (str, Sequence, Mapping)) and not isinstance(groups, LayerGroups):
+        groups = layer_groups(model, "auto" if groups is None else groups)
+    opt = make_optimizer(cfg, groups.param_groups())
+    if isinstance(strategy, (str, StrategySpec)):
+        strat = make_strategy(strategy, opt, groups)
+    else:
+        strat = strategy(opt, groups)
+    if not isinstance(strat, GroupStrategy):
+        raise TypeError(f"strategy builder returned a {type(strat).__name__}, not a GroupStrategy")
+    return groups, opt, strat
+
+
+def setup(model, data, strategy, groups, cfg: FinetuneConfig, out_dir: str | None, record: dict) -> Run:
+    """Everything before the first epoch, except resuming (:func:`restore_or_seed`)."""
+    device = resolve_device(cfg.device)
+    if cfg.amp == "fp16" and device.type == "cpu":
+        raise ValueError("amp='fp16' needs a GPU; on CPU use amp='bf16' or none")
+    record = {**record, "device": str(device)}
+    train_loader, eval_loaders, shuffle_gen, opt_steps, batches_per_epoch = make_loaders(data, cfg, device)
+    channels_last = prepare_model(model, cfg, device)
+    groups, opt, strat = attach_strategy(model, groups, strategy, cfg)
+    total_steps = opt_steps * cfg.epochs
+    warmup_steps = int(round(cfg.warmup_epochs * opt_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg.schedule, total_steps, warmup_steps))
+    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
+    history = History(record, list(strat.group_names), list(groups.names))
+    return Run(cfg, model, device, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp), channels_last,
+               train_loader, eval_loaders, shuffle_gen, opt_steps, batches_per_epoch, groups, opt, strat, scheduler,
+               scaler, nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), history, out_dir)
+
+
+def check_resumable(old: Mapping[str, Any], new: Mapping[str, Any], run_dir: str) -> None:
+    """The result-changing settings of a run and its resumption must match."""
+    changed = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in result_keys() if old.get(k) != new[k]]
+    if changed:
+        raise ValueError(f"cannot resume {run_dir!r} with different settings ({'; '.join(changed)})")
+
+
+def restore_or_seed(run: Run, resume: bool) -> None:
+    """Load the checkpoint when resuming one, else seed everything; then write the run's metadata."""
+    ckpt_path = run.checkpoint_path
+    if resume and os.path.isfile(ckpt_path):
+        ckpt = rundir.load_checkpoint(ckpt_path)
+        check_resumable(ckpt["config"], run.history.config, run.out_dir)
+        run.model.load_state_dict(ckpt["model"])
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        run.strategy.load_state_dict(ckpt["strategy"])
+        run.scheduler.load_state_dict(ckpt["scheduler"])
+        if run.scaler is not None and ckpt.get("scaler"):
+            run.scaler.load_state_dict(ckpt["scaler"])
+        rundir.set_rng_state(ckpt["rng"])
+        config = {**run.history.config, "resumed_from_epoch": ckpt["epoch"]}
+        run.history = History.from_dict(ckpt["history"])
+        run.history.config = config
+        run.start_epoch, run.global_step = int(ckpt["epoch"]), int(ckpt["global_step"])
+    else:
+        seed_everything(run.cfg.seed)
+    if run.out_dir:
+        os.makedirs(run.out_dir, exist_ok=True)
+        rundir.write_json(os.path.join(run.out_dir, rundir.CONFIG_FILE), run.history.config)
+        rundir.write_history(run.out_dir, run.history)
+
+
+def progress_bar_factory(enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm
+
+
+# ---------------------------------------------------------------------- one epoch
+@dataclass
+class EpochTraining:
+    loss_sum: torch.Tensor
+    seen: int
+    step_lr: float
+    seconds: float
+
+
+def optimizer_step(run: Run) -> None:
+    """One strategy step (through the GradScaler under fp16: it unscales first)."""
+    if run.scaler is not None:
+        run.scaler.step(run.optimizer)  # runs the strategy's hooks on unscaled gradients
+        run.scaler.update()
+    else:
+        run.strategy.step()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+def train_one_epoch(run: Run, epoch: int, bar=None) -> EpochTraining:
+    """One pass over the training loader (at most ``opt_steps`` optimizer steps)."""
+    cfg, model = run.cfg, run.model
+    run.strategy.on_epoch_start(epoch)
+    model.train()
+    run.shuffle_gen.manual_seed(epoch_seed(cfg.seed, epoch))
+    loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
+    seen, last_shown, step_lr = 0, 0.0, run.optimizer.param_groups[0]["lr"]
+    t0 = time.perf_counter()
+    for i, (x, y) in enumerate(run.train_loader):
+        if i >= run.batches_per_epoch:
+            break
+        x, y = to_device(x, y, run.device, run.channels_last)
+        window_start = i - i % cfg.grad_accum
+        window = min(cfg.grad_accum, run.batches_per_epoch - window_start)
+        with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+            out = model(x)
+            loss = run.criterion(out.float(), y)
+        scaled = loss / window
+        (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
+        loss_sum += loss.detach().double() * y.numel()
+        seen += y.numel()
+        if i + 1 - window_start < window:
+            continue
+        optimizer_step(run)
+        step_lr = run.optimizer.param_groups[0]["lr"]
+        run.scheduler.step()
+        run.global_step += 1
+        run.state.global_step = run.global_step
+        for cb in run.callbacks:
+            cb.on_step_end(run.state, loss.detach())
+        if bar is not None:
+            bar.update(1)
+            now = time.perf_counter()
+            if now - last_shown > 0.5:  # loss.item() syncs: only when the bar is redrawn
+                bar.set_postfix(loss=f"{loss.item():.4f}", sel=selection_text(run.strategy), refresh=False)
+                last_shown = now
+    return EpochTraining(loss_sum, seen, float(step_lr), time.perf_counter() - t0)
+
+
+def evaluate_epoch(run: Run, epoch: int) -> tuple[dict[str, tuple[float, float] | None], float]:
+    """Validation and test loss/error when this epoch is evaluated; and the seconds it took."""
+    t1 = time.perf_counter()
+    evals: dict[str, tuple[float, float] | None] = {"val": None, "test": None}
+    if (epoch + 1) % run.cfg.eval_every == 0 or epoch + 1 == run.cfg.epochs:
+        for name, loader in run.eval_loaders.items():
+            evals[name] = evaluate(run.model, loader, run.device, run.amp_dtype, run.channels_last)
+    return evals, time.perf_counter() - t1
+
+
+def epoch_record(run: Run, epoch: int, trained: EpochTraining, evals: Mapping, eval_s: float) -> dict[str, Any]:
+    """The epoch's line of ``metrics.jsonl`` (see :class:`History`)."""
+    stats = run.tracker.take("epoch")
+    freq = stats["frequency"]
+    train_s = trained.seconds
+    record: dict[str, Any] = {
+        "epoch": epoch + 1, "steps": run.global_step, "lr": trained.step_lr,
+        "train_loss": finite_or_none(trained.loss_sum.item() / max(trained.seen, 1)),
+        "test_loss": finite_or_none(evals["test"][0]) if evals["test"] else None,
+        "test_error": evals["test"][1] if evals["test"] else None,
+        "val_loss": finite_or_none(evals["val"][0]) if evals["val"] else None,
+        "val_error": evals["val"][1] if evals["val"] else None,
+        "train_s": round(train_s, 3), "eval_s": round(eval_s, 3), "wall_s": round(train_s + eval_s, 3),
+        "selection_frequency": freq,
+        "mean_bvr": [finite_or_none(v) for v in stats["bvr"]] if run.tracker.has_ratios else None,
+        "mean_scale": stats["scale"],
+    }
+    if run.strategy.group_names != run.groups.names:  # per-tensor strategies (BVG-TS): also per layer group
+        record["layer_selection_frequency"] = layer_frequency(run, freq)
+    return record
+
+
+def layer_frequency(run: Run, freq: Sequence[float]) -> list[float]:
+    """Strategy-group frequencies averaged over the layer group each strategy group lies in."""
+    layer_of_param = {id(p): li for li, (_, ps) in enumerate(run.groups.named_param_lists()) for p in ps}
+    strat_to_layer = [layer_of_param.get(id(ps[0])) if ps else None for ps in run.strategy.group_params]
+    out = []
+    for li in range(len(run.groups)):
+        members = [f for f, lj in zip(freq, strat_to_layer) if lj == li]
+        out.append(sum(members) / len(members) if members else 0.0)
+    return out
+
+
+def epoch_summary(record: Mapping[str, Any], epochs: int) -> str:
+    parts = [f"train loss {record['train_loss']:.4f}"]
+    for split in ("val", "test"):
+        if record[f"{split}_error"] is not None:
+            parts.append(f"{split} loss {record[f'{split}_loss']:.4f}, {split} error {record[f'{split}_error']:.2f}%")
+    return f"epoch {record['epoch']}/{epochs}: {'; '.join(parts)} ({record['wall_s']:.1f} s)"
+
+
+def save_epoch(run: Run, epoch: int) -> None:
+    """Metrics and an atomic checkpoint after an epoch."""
+    if run.out_dir:
+        rundir.write_metrics(run.out_dir, run.history)
+        rundir.save_checkpoint(run.checkpoint_path, model=run.model, optimizer=run.optimizer, strategy=run.strategy,
+                               scheduler=run.scheduler, scaler=run.scaler, epoch=epoch + 1,
+                               global_step=run.global_step, history=run.history)
+
+
+def finish(run: Run, *, save_model: bool, keep_checkpoint: bool) -> None:
+    """Mark the run finished (all epochs done) and write its result files."""
+    run.history.finished = len(run.history.epochs) == run.cfg.epochs
+    if run.out_dir and run.history.finished:
+        if save_model:
+            rundir.save_model(run.model, os.path.join(run.out_dir, "model.pt"))
+        rundir.write_history(run.out_dir, run.history)
+        rundir.write_result(run.out_dir, run.history)
+        if not keep_checkpoint and os.path.isfile(run.checkpoint_path):
+            os.remove(run.checkpoint_path)
+
+
+def run_epochs(run: Run, stop_after: int | None, bar_factory) -> None:
+    epochs = run.cfg.epochs
+    for epochs_run, epoch in enumerate(range(run.start_epoch, epochs)):
+        if stop_after is not None and epochs_run >= stop_after:
+            break
+        run.state.epoch = epoch
+        bar = bar_factory(total=run.opt_steps, desc=f"epoch {epoch + 1}/{epochs}", unit="step", leave=True,
+                          dynamic_ncols=True) if bar_factory else None
+        trained = train_one_epoch(run, epoch, bar)
+        if bar is not None:
+            bar.close()
+        evals, eval_s = evaluate_epoch(run, epoch)
+        record = epoch_record(run, epoch, trained, evals, eval_s)
+        run.history.epochs.append(record)
+        if bar is not None:
+            bar.write(epoch_summary(record, epochs))
+        save_epoch(run, epoch)
+        for cb in run.callbacks:
+            cb.on_epoch_end(run.state, record)
+
+
+# ---------------------------------------------------------------------- the entry point
+def resolve_config(settings: FinetuneConfig | None, strategy, options: Mapping[str, Any]) -> FinetuneConfig:
+    """``settings`` with ``options`` (config field names) applied; the strategy spec recorded."""
+    if isinstance(strategy, (str, StrategySpec)):
+        label = strategy if isinstance(strategy, str) else strategy.text
+    else:
+        label = getattr(strategy, "__name__", repr(strategy))
+    known = set(FinetuneConfig.__dataclass_fields__)
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"finetune() got unknown option(s) {', '.join(unknown)}; options: {', '.join(sorted(known))}")
+    if settings is None:
+        return FinetuneConfig(**{**options, "strategy": label})
+    return settings.replace(**{**options, "strategy": label})
+
+
 def finetune(
     model: nn.Module,
     data: Any,
     strategy: str | Callable[..., GroupStrategy] = "bvgls",
     groups: LayerGroups | str | Sequence | None = None,
+    settings: FinetuneConfig | None = None,
     *,
-    epochs: int,
-    lr: float,
-    batch_size: int = 128,
-    optimizer: str | Callable[[list, float], torch.optim.Optimizer] = "sgd",
-    momentum: float = 0.9,
-    nesterov: bool = True,
-    weight_decay: float = 5e-4,
-    schedule: str = "cosine",
-    warmup_epochs: float = 0.0,
-    grad_accum: int = 1,
-    amp: str | None = None,
-    device: str | torch.device | None = None,
-    seed: int = 0,
     out_dir: str | os.PathLike | None = None,
     resume: bool = False,
-    channels_last: bool = False,
-    val_fraction: float = 0.0,
-    num_workers: int | None = None,
-    label_smoothing: float = 0.0,
-    eval_every: int = 1,
-    steps_per_epoch: int | None = None,
     stop_after: int | None = None,
     keep_checkpoint: bool = False,
     save_model: bool = False,
-    progress: bool = True,
     callbacks: Sequence[Callback | Callable[[dict], Any]] = (),
     tensorboard: bool = False,
     config: Mapping[str, Any] | None = None,
+    **options: Any,
 ) -> History:
     """Finetune ``model`` with a layer-selection ``strategy``; returns the :class:`History`.
 
     Args:
-        model: the network (e.g. from :func:`bvgls.runner.models.build_model`); moved to ``device``.
-            Partial/linear strategies set ``requires_grad=False`` on frozen groups during the
-            run; the flags are restored afterwards.
+        model: the network (e.g. from :func:`bvgls.runner.models.build_model`); moved to the
+            device. Partial/linear strategies set ``requires_grad=False`` on frozen groups during
+            the run; the flags are restored afterwards.
         data: a ``DatasetSplits``, ``(train, test)``, ``(train, val, test)`` or a dict with
             ``train``/``test`` (``val`` optional) holding datasets or DataLoaders. Datasets give
             exact resumption (shuffling is seeded per epoch); DataLoaders are used as given.
@@ -372,340 +519,53 @@ def finetune(
             registered name) or ``fn(optimizer, groups) -> GroupStrategy``.
         groups: :class:`LayerGroups`, a grouping scheme name, or patterns; default
             ``layer_groups(model)``.
-        epochs, lr, batch_size: as in the paper (50, 0.01 for WRN-50-2, 128).
-        optimizer: ``"sgd"`` (momentum, Nesterov, weight decay as given; the paper's),
-            ``"adamw"``, or ``fn(param_groups, lr) -> Optimizer``.
-        schedule: ``"cosine"`` (to 0 over the run) or ``"constant"``, per step, after a
-            linear warmup of ``warmup_epochs``.
-        grad_accum: micro-batches per optimizer step (the strategy sees the summed gradient).
-        amp: ``None``, ``"bf16"`` (autocast) or ``"fp16"`` (autocast + GradScaler; GPU only).
-        device: ``"auto"``/None (cuda > mps > cpu), or any torch device.
-        seed: seeds python/numpy/torch at the start and the shuffling of every epoch.
+        settings: a :class:`~bvgls.runner.config.FinetuneConfig`; ``**options`` (its field names:
+            ``epochs``, ``lr``, ``batch_size``, ``optimizer``, ``momentum``, ``schedule``, ``amp``,
+            ``device``, ``seed``, ``val_fraction``, ...) override it or stand in for it.
         out_dir: run directory for config, metrics, checkpoint and result; None: nothing written.
         resume: continue from ``out_dir/checkpoint.pt`` if there is one (the settings must match).
-        channels_last: NHWC memory format (faster convolutions on CPU and tensor cores);
-            on CPU, denormals are flushed to zero during the run for speed.
-        val_fraction: carve this fraction out of the training set (stratified, by ``seed``) and
-            evaluate on it every epoch; the test set is never used for it.
-        num_workers: DataLoader workers; None: 0 on CPU, min(8, cpu count) on accelerators.
-        label_smoothing: of the training loss (evaluation losses are plain cross-entropy).
-        eval_every: evaluate every this many epochs (and always after the last one).
-        steps_per_epoch: cap on optimizer steps per epoch (smoke tests); None: a full pass.
         stop_after: return after this many epochs *in this call* (time-limited jobs; resume later).
         keep_checkpoint: keep ``checkpoint.pt`` after the run finished (default: deleted).
         save_model: write the finetuned weights to ``out_dir/model.pt`` (loadable as a model spec).
-        progress: tqdm bar per epoch showing steps, loss and the selected group.
         callbacks: :class:`Callback` objects, or ``fn(record)`` called after every epoch.
         tensorboard: log to ``out_dir/tensorboard`` (needs the tensorboard package).
         config: extra entries recorded in ``config.json`` (e.g. model and dataset names).
     """
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
-    if batch_size < 1 or grad_accum < 1 or eval_every < 1:
-        raise ValueError("batch_size, grad_accum and eval_every must be >= 1")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
-    if amp not in AMP_MODES:
-        raise ValueError(f"unknown amp mode {amp!r}; known: none, bf16, fp16")
+    cfg = resolve_config(settings, strategy, options)
     if resume and out_dir is None:
         raise ValueError("resume=True needs out_dir (the run directory to resume)")
-    device = resolve_device(device)
-    if amp == "fp16" and device.type == "cpu":
-        raise ValueError("amp='fp16' needs a GPU; on CPU use amp='bf16' or none")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    if tensorboard and not out_dir:
+        raise ValueError("tensorboard=True needs out_dir")
     out_dir = None if out_dir is None else str(out_dir)
-
-    # a finished run is not run again
-    if resume and os.path.isfile(os.path.join(out_dir, "result.json")):
+    if resume and rundir.is_finished(out_dir):  # a finished run is not run again
         return History.load(out_dir)
-
-    strategy_label = strategy if isinstance(strategy, str) else getattr(strategy, "__name__", repr(strategy))
-    settings = dict(strategy=strategy_label, epochs=epochs, lr=lr, batch_size=batch_size,
-                    optimizer=optimizer if isinstance(optimizer, str) else repr(optimizer), momentum=momentum,
-                    nesterov=nesterov, weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs,
-                    grad_accum=grad_accum, amp=amp, seed=seed, val_fraction=val_fraction,
-                    label_smoothing=label_smoothing, steps_per_epoch=steps_per_epoch, channels_last=channels_last,
-                    eval_every=eval_every, device=str(device))
     # plain JSON types only: the config goes into config.json and into weights_only checkpoints
-    full_config = json.loads(json.dumps({**dict(config or {}), **settings, "torch": str(torch.__version__)},
-                                        default=str))
-
-    # ---- data
-    splits = _split_data(data)
-    if val_fraction:
-        if "val" in splits:
-            raise ValueError("data already has a validation set; pass val_fraction=0")
-        if isinstance(splits["train"], DataLoader):
-            raise ValueError("val_fraction needs datasets, not DataLoaders (carve the split yourself)")
-        from .data import validation_split
-        from ..registry import DatasetSplits
-        if not isinstance(data, DatasetSplits):
-            data = DatasetSplits(splits["train"], splits["test"], 0)
-        splits["train"], splits["val"] = validation_split(data, val_fraction, seed)
-    if num_workers is None:
-        num_workers = 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
-    pin = device.type == "cuda"
-    shuffle_gen = torch.Generator()
-
-    def loader(ds, train: bool):
-        if isinstance(ds, DataLoader):
-            return ds
-        return DataLoader(ds, batch_size=batch_size, shuffle=train, generator=shuffle_gen if train else None,
-                          num_workers=num_workers, pin_memory=pin, drop_last=False)
-
-    train_loader = loader(splits["train"], True)
-    eval_loaders = {k: loader(splits[k], False) for k in ("val", "test") if k in splits}
-    batches = len(train_loader)
-    if batches == 0:
-        raise ValueError("the training set is empty")
-    opt_steps = math.ceil(batches / grad_accum)
-    if steps_per_epoch is not None:
-        opt_steps = min(opt_steps, int(steps_per_epoch))
-    batches_per_epoch = min(batches, opt_steps * grad_accum)
-
-    # ---- model, optimizer, strategy, schedule
-    model.to(device)
-    hazard = _nhwc_crash_hazard(model) if channels_last and device.type == "cpu" else None
-    if hazard:
-        warnings.warn(f"channels_last disabled: on CPU, oneDNN's weight gradient of 1x1 strided convolutions with "
-                      f"fewer than 16 input channels ({hazard}) can crash the process (uxlfoundation/oneDNN#6035)",
-                      stacklevel=2)
-        channels_last = False
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    trainable_before = {id(p): p.requires_grad for p in model.parameters()}
-    if groups is None or isinstance(groups, (str, Sequence, Mapping)) and not isinstance(groups, LayerGroups):
-        groups = layer_groups(model, "auto" if groups is None else groups)
-    opt = _make_optimizer(optimizer, groups.param_groups(), lr, momentum, nesterov, weight_decay)
-    strat = make_strategy(strategy, opt, groups) if isinstance(strategy, str) else strategy(opt, groups)
-    if not isinstance(strat, GroupStrategy):
-        raise TypeError(f"strategy builder returned a {type(strat).__name__}, not a GroupStrategy")
-    total_steps = opt_steps * epochs
-    warmup_steps = int(round(warmup_epochs * opt_steps))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(schedule, total_steps, warmup_steps))
-    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
-    criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-
-    # strategy groups -> layer groups (they differ for per-tensor strategies such as BVG-TS)
-    layer_of_param = {id(p): li for li, (_, ps) in enumerate(groups.named_param_lists()) for p in ps}
-    strat_to_layer = [layer_of_param.get(id(ps[0])) if ps else None for ps in strat.group_params]
-    per_layer = strat.group_names != groups.names
-    history = History(full_config, list(strat.group_names), list(groups.names))
-    ratios = getattr(strat, "ratios", None)
-    has_ratios = isinstance(ratios, torch.Tensor) and ratios.numel() == strat.num_groups
-    clamped_variance = has_ratios and isinstance(getattr(strat, "variance", None), torch.Tensor) \
-        and isinstance(getattr(strat, "eps", None), float)
-
-    # ---- resume or start
-    start_epoch, global_step = 0, 0
-    ckpt_path = os.path.join(out_dir, "checkpoint.pt") if out_dir else None
-    if resume and os.path.isfile(ckpt_path):
-        ckpt = _load_checkpoint(ckpt_path)
-        old = ckpt["config"]
-        changed = [f"{k}: {old.get(k)!r} -> {settings[k]!r}" for k in _RESUME_KEYS if old.get(k) != settings[k]]
-        if changed:
-            raise ValueError(f"cannot resume {out_dir!r} with different settings ({'; '.join(changed)})")
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        strat.load_state_dict(ckpt["strategy"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        _set_rng_state(ckpt["rng"])
-        history = History.from_dict(ckpt["history"])
-        history.config = {**full_config, "resumed_from_epoch": ckpt["epoch"]}
-        start_epoch, global_step = int(ckpt["epoch"]), int(ckpt["global_step"])
-    else:
-        seed_everything(seed)
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        _write_json(os.path.join(out_dir, "config.json"), history.config)
-        _write_json(os.path.join(out_dir, "history.json"),
-                    {k: v for k, v in history.to_dict().items() if k != "epochs"})
-
-    cbs: list[Callback] = [c if isinstance(c, Callback) else _FunctionCallback(c) for c in callbacks]
-    if tensorboard:
-        if not out_dir:
-            raise ValueError("tensorboard=True needs out_dir")
-        cbs.append(TensorBoardLogger(os.path.join(out_dir, "tensorboard")))
-    state = TrainState(model, opt, strat, history, start_epoch, global_step, out_dir)
-    for cb in cbs:
-        cb.on_train_start(state)
-
-    bar_factory = None
-    if progress:
-        try:
-            from tqdm.auto import tqdm as bar_factory
-        except ImportError:
-            bar_factory = None
-
-    flush_denormal = device.type == "cpu" and torch.set_flush_denormal(True)
-    epochs_run = 0
+    record = json.loads(json.dumps({**dict(config or {}), **cfg.record(), "torch": str(torch.__version__)},
+                                   default=str))
+    trainable_before = {id(p): p.requires_grad for p in model.parameters()}  # strategies may freeze groups
+    run = setup(model, data, strategy, groups, cfg, out_dir, record)
+    flush_denormal = False
     try:
-        for epoch in range(start_epoch, epochs):
-            if stop_after is not None and epochs_run >= stop_after:
-                break
-            state.epoch = epoch
-            strat.on_epoch_start(epoch)
-            model.train()
-            shuffle_gen.manual_seed(epoch_seed(seed, epoch))
-            counts_before, steps_before = list(strat.counts), strat.num_steps
-            scale_sums_before = list(getattr(strat, "scale_sums", []))
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            seen = 0
-            if has_ratios:
-                bvr_sum = torch.zeros(strat.num_groups, dtype=torch.float64, device=device)
-                bvr_n = torch.zeros(strat.num_groups, dtype=torch.float64, device=device)
-            bar = bar_factory(total=opt_steps, desc=f"epoch {epoch + 1}/{epochs}", unit="step", leave=True,
-                              dynamic_ncols=True) if bar_factory else None
-            last_shown, step_lr = 0.0, opt.param_groups[0]["lr"]
-            t0 = time.perf_counter()
-            for i, (x, y) in enumerate(train_loader):
-                if i >= batches_per_epoch:
-                    break
-                x, y = _to_device(x, y, device, channels_last)
-                window_start = i - i % grad_accum
-                window = min(grad_accum, batches_per_epoch - window_start)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    out = model(x)
-                    loss = criterion(out.float(), y)
-                scaled = loss / window
-                (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                loss_sum += loss.detach().double() * y.numel()
-                seen += y.numel()
-                if i + 1 - window_start < window:
-                    continue
-                stepped_before = strat.num_steps
-                if scaler is not None:
-                    scaler.step(opt)  # runs the strategy's hooks on unscaled gradients
-                    scaler.update()
-                else:
-                    strat.step()
-                if has_ratios and strat.num_steps > stepped_before:
-                    ratios = strat.ratios.to(torch.float64)
-                    valid = ~torch.isnan(ratios)
-                    if clamped_variance:  # a group's first step has variance 0: BVR = bias / eps, no signal
-                        valid &= strat.variance > strat.eps
-                    bvr_sum += torch.where(valid, ratios, 0.0)
-                    bvr_n += valid
-                opt.zero_grad(set_to_none=True)
-                step_lr = opt.param_groups[0]["lr"]
-                scheduler.step()
-                global_step += 1
-                state.global_step = global_step
-                for cb in cbs:
-                    cb.on_step_end(state, loss.detach())
-                if bar is not None:
-                    bar.update(1)
-                    now = time.perf_counter()
-                    if now - last_shown > 0.5:  # loss.item() syncs: only when the bar is redrawn
-                        bar.set_postfix(loss=f"{loss.item():.4f}", sel=_selection_text(strat), refresh=False)
-                        last_shown = now
-            train_s = time.perf_counter() - t0
-            if bar is not None:
-                bar.close()
-
-            t1 = time.perf_counter()
-            evals: dict[str, tuple[float, float] | None] = {"val": None, "test": None}
-            if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
-                for name, ld in eval_loaders.items():
-                    evals[name] = evaluate(model, ld, device, amp_dtype, channels_last)
-            eval_s = time.perf_counter() - t1
-
-            steps = strat.num_steps - steps_before
-            freq = [(c - c0) / steps if steps else 0.0 for c, c0 in zip(strat.counts, counts_before)]
-            record: dict[str, Any] = {
-                "epoch": epoch + 1, "steps": global_step, "lr": float(step_lr),
-                "train_loss": _finite(loss_sum.item() / max(seen, 1)),
-                "test_loss": _finite(evals["test"][0]) if evals["test"] else None,
-                "test_error": evals["test"][1] if evals["test"] else None,
-                "val_loss": _finite(evals["val"][0]) if evals["val"] else None,
-                "val_error": evals["val"][1] if evals["val"] else None,
-                "train_s": round(train_s, 3), "eval_s": round(eval_s, 3), "wall_s": round(train_s + eval_s, 3),
-                "selection_frequency": freq,
-                "mean_bvr": [_finite(v) for v in (bvr_sum / bvr_n).tolist()] if has_ratios else None,
-            }
-            if len(scale_sums_before) == strat.num_groups:  # graded strategies (llrd, auto-rgn): mean lr multiplier
-                record["mean_scale"] = [(a - b) / steps if steps else 0.0
-                                        for a, b in zip(strat.scale_sums, scale_sums_before)]
-            if per_layer:
-                layer_freq = []
-                for li in range(len(groups)):
-                    members = [f for f, lj in zip(freq, strat_to_layer) if lj == li]
-                    layer_freq.append(sum(members) / len(members) if members else 0.0)
-                record["layer_selection_frequency"] = layer_freq
-            history.epochs.append(record)
-            epochs_run += 1
-            if bar is not None:
-                parts = [f"train loss {record['train_loss']:.4f}"]
-                for split in ("val", "test"):
-                    if record[f"{split}_error"] is not None:
-                        parts.append(f"{split} loss {record[f'{split}_loss']:.4f}, "
-                                     f"{split} error {record[f'{split}_error']:.2f}%")
-                bar.write(f"epoch {epoch + 1}/{epochs}: {'; '.join(parts)} ({record['wall_s']:.1f} s)")
-            if out_dir:
-                _write_metrics(out_dir, history)
-                _save_checkpoint(ckpt_path, model, opt, strat, scheduler, scaler, epoch + 1, global_step, history)
-            for cb in cbs:
-                cb.on_epoch_end(state, record)
-
-        history.finished = len(history.epochs) == epochs
-        if out_dir and history.finished:
-            if save_model:
-                _save_model(model, os.path.join(out_dir, "model.pt"))
-            _write_json(os.path.join(out_dir, "history.json"),
-                        {k: v for k, v in history.to_dict().items() if k != "epochs"})
-            _write_json(os.path.join(out_dir, "result.json"),
-                        {"finished": True, "final": history.final, "wall_s": history.wall_s,
-                         "config": history.config})
-            if not keep_checkpoint and os.path.isfile(ckpt_path):
-                os.remove(ckpt_path)
-        for cb in cbs:
-            cb.on_train_end(state)
+        restore_or_seed(run, resume)
+        run.tracker = SelectionTracker(run.strategy)
+        run.callbacks = [as_callback(c) for c in callbacks]
+        if tensorboard:
+            run.callbacks.append(TensorBoardLogger(os.path.join(out_dir, "tensorboard")))
+        run.state = TrainState(model, run.optimizer, run.strategy, run.history, run.start_epoch, run.global_step,
+                               out_dir)
+        for cb in run.callbacks:
+            cb.on_train_start(run.state)
+        flush_denormal = run.device.type == "cpu" and torch.set_flush_denormal(True)
+        run_epochs(run, stop_after, progress_bar_factory(cfg.progress))
+        finish(run, save_model=save_model, keep_checkpoint=keep_checkpoint)
+        for cb in run.callbacks:
+            cb.on_train_end(run.state)
     finally:
-        strat.remove()
+        if run.tracker is not None:
+            run.tracker.close()
+        run.strategy.remove()
         for p in model.parameters():
             p.requires_grad_(trainable_before.get(id(p), True))
         if flush_denormal:
             torch.set_flush_denormal(False)
-    return history
-
-
-# ---------------------------------------------------------------------- files
-def _write_metrics(out_dir: str, history: History) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            for rec in history.epochs:
-                f.write(json.dumps(rec) + "\n")
-    _atomic_write_bytes(os.path.join(out_dir, "metrics.jsonl"), write)
-
-
-def _save_checkpoint(path, model, opt, strat, scheduler, scaler, epoch, global_step, history) -> None:
-    payload = {
-        "format": CHECKPOINT_FORMAT, "epoch": epoch, "global_step": global_step,
-        "model": model.state_dict(), "optimizer": opt.state_dict(), "strategy": strat.state_dict(),
-        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
-        "rng": _rng_state(), "history": history.to_dict(), "config": history.config,
-    }
-    _atomic_write_bytes(path, lambda tmp: torch.save(payload, tmp))
-
-
-def _load_checkpoint(path: str) -> dict:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - a third-party strategy state with python objects; we wrote this file
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path!r} is not a bvgls checkpoint")
-    return ckpt
-
-
-def _save_model(model: nn.Module, path: str) -> None:
-    if hasattr(model, "bvgls_spec"):
-        from .models import save_model_file
-        save_model_file(model, path)
-    else:
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        _atomic_write_bytes(path, lambda tmp: torch.save(state, tmp))
+    return run.history

@@ -17,14 +17,14 @@ import math
 import os
 from collections.abc import Sequence
 
-from .loop import History
+from .rundir import History
 
 DPI = 100
 LOSS_FIGSIZE = (13.5, 4.0)  # inches; PNGs are LOSS_FIGSIZE * DPI pixels
 SELECTION_WIDTH = 10.0
 
 
-def _figure(size):
+def new_figure(size):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -33,7 +33,7 @@ def _figure(size):
     return fig
 
 
-def _save(fig, path: str) -> str:
+def save_figure(fig, path: str) -> str:
     tmp = f"{path}.tmp{os.getpid()}.png"
     fig.savefig(tmp, dpi=DPI)
     os.replace(tmp, path)
@@ -51,7 +51,7 @@ def run_label(history: History) -> str:
 
 def plot_losses(runs: Sequence[tuple[str, History]], path: str, title: str = "") -> str:
     """(B): train loss, test loss (validation dashed) and test error per epoch for each run."""
-    fig = _figure(LOSS_FIGSIZE)
+    fig = new_figure(LOSS_FIGSIZE)
     axes = fig.subplots(1, 3)
     panels = [("train_loss", "train loss"), ("test_loss", "test loss"), ("test_error", "test error (%)")]
     colors = [f"C{i % 10}" for i in range(len(runs))]
@@ -73,7 +73,7 @@ def plot_losses(runs: Sequence[tuple[str, History]], path: str, title: str = "")
     axes[1].legend(fontsize=8, loc="best")
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _selection_matrix(history: History) -> tuple[list[str], list[list[float]], str]:
@@ -101,7 +101,7 @@ def plot_selection(history: History, path: str, title: str = "") -> str:
 
     names, matrix, what = _selection_matrix(history)
     data = np.array(matrix, dtype=float) if matrix else np.zeros((0, 0))
-    fig = _figure(selection_figsize(len(names)))
+    fig = new_figure(selection_figsize(len(names)))
     ax = fig.subplots()
     epochs = [r["epoch"] for r in history.epochs]
     if data.size:
@@ -122,14 +122,14 @@ def plot_selection(history: History, path: str, title: str = "") -> str:
         step = max(1, math.ceil(len(epochs) / 25))
         ax.set_xticks(epochs[::step])
     ax.set_title(title or f"selection frequency ({what})", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_bvr(history: History, path: str, title: str = "") -> str | None:
     """Mean bias-variance ratio per group and epoch (log scale); None if the run has none."""
     if not history.epochs or history.epochs[0].get("mean_bvr") is None or len(history.group_names) > 40:
         return None
-    fig = _figure(LOSS_FIGSIZE)
+    fig = new_figure(LOSS_FIGSIZE)
     ax = fig.subplots()
     epochs = [r["epoch"] for r in history.epochs]
     for g, name in enumerate(history.group_names):
@@ -144,7 +144,7 @@ def plot_bvr(history: History, path: str, title: str = "") -> str | None:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, ncol=2 if len(history.group_names) > 8 else 1)
     ax.set_title(title or "bias-variance ratio per group")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_run(run_dir: str) -> list[str]:

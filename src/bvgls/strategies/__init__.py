@@ -1,179 +1,207 @@
-"""The paper's baselines and the strategy registry (name -> builder).
+"""The strategy registry and spec strings (name -> builder).
 
 Every strategy is a :class:`~bvgls.base.GroupStrategy`, so a training loop treats
 them alike: ``make_strategy("L3-6", optimizer, groups)``, then ``.step()`` after
 backward. Spec strings: ``full``, ``linear``, ``L<a>-<b>`` (groups a..b trainable,
-1-indexed, inclusive), ``bvgls``, ``bvgts``, ``bvgls-skip``, and options after
-colons: ``bvgls:k=2:alpha=0.95``.
+1-indexed, inclusive), ``bvgls``, ``bvgts``, ``bvgls-skip``, any registered name, and
+options after colons: ``bvgls:k=2:alpha=0.95``.
+
+Options are checked the same way for every strategy, from the builder's signature: a
+boolean option takes true/false/yes/no/1/0 (any case), an int or float option a number of
+that type, and an option the builder does not have is refused, naming the ones it has.
 """
 
 from __future__ import annotations
 
 import ast
+import inspect
 import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from ..base import GroupsSpec, GroupStrategy, _as_named_lists
-from ..selector import BVGLS, BVGTS
+from ..base import GroupsSpec, GroupStrategy
+from ..registry import Entry, Registry
+
+PARTIAL_SPEC = re.compile(r"L(\d+)-(\d+)")
+PARTIAL_FORM = "L<a>-<b>"
+_TRUE, _FALSE = ("true", "yes", "1"), ("false", "no", "0")
 
 
-class FixedGroups(GroupStrategy):
-    """Update the same groups in every step: full, partial ("L3-6") and linear probing.
-
-    Args:
-        trained: 0-based indices of the groups to train.
-        freeze: set ``requires_grad=False`` on every other group's parameters, so
-            backward skips them (what partial finetuning means in practice). With
-            ``freeze=False`` they still get gradients but learning rate 0.
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer, trained: Sequence[int], groups: GroupsSpec = None, *,
-                 freeze: bool = True, label: str | None = None):
-        super().__init__(optimizer, groups)
-        trained = sorted(set(int(i) for i in trained))
-        bad = [i for i in trained if not 0 <= i < self.num_groups]
-        if bad or not trained:
-            raise ValueError(f"trained groups {[i + 1 for i in trained]} are not within 1..{self.num_groups} "
-                             f"(groups: {', '.join(self.group_names)})")
-        self.trained = trained
-        self.label = label or f"groups {[i + 1 for i in trained]}"
-        self.freeze = freeze
-        if freeze:
-            for i, params in enumerate(self.group_params):
-                if i not in trained:
-                    for p in params:
-                        p.requires_grad_(False)
-                        p.grad = None
-        self._scales = [1.0 if i in trained else 0.0 for i in range(self.num_groups)]
-
-    def _plan(self):
-        return self._scales
-
-    def __repr__(self) -> str:
-        return f"FixedGroups({self.label}, trained={[self.group_names[i] for i in self.trained]})"
+def is_partial_spec(name: str) -> bool:
+    """``L<a>-<b>``: partial finetuning of groups a..b."""
+    return PARTIAL_SPEC.fullmatch(name) is not None
 
 
-def full_finetuning(optimizer, groups=None) -> FixedGroups:
-    """Every group, every step."""
-    n = _count_groups(optimizer, groups)
-    return FixedGroups(optimizer, range(n), groups, freeze=False, label="full")
-
-
-def partial_finetuning(optimizer, first: int, last: int | None = None, groups=None, *, freeze: bool = True) -> FixedGroups:
-    """Groups ``first..last`` (1-indexed, inclusive; ``last`` defaults to the last group)."""
-    n = _count_groups(optimizer, groups)
-    last = n if last is None else last
-    if not 1 <= first <= last <= n:
-        raise ValueError(f"partial finetuning L{first}-{last} needs 1 <= first <= last <= {n} "
-                         f"(this model has {n} groups)")
-    return FixedGroups(optimizer, range(first - 1, last), groups, freeze=freeze, label=f"L{first}-{last}")
-
-
-def linear_probing(optimizer, groups=None, *, freeze: bool = True) -> FixedGroups:
-    """The last group (the head) only."""
-    n = _count_groups(optimizer, groups)
-    return FixedGroups(optimizer, [n - 1], groups, freeze=freeze, label="linear")
-
-
-def _count_groups(optimizer, groups) -> int:
-    return len(optimizer.param_groups) if groups is None else len(_as_named_lists(groups))
-
-
-# ---------------------------------------------------------------------- registry
 @dataclass
-class StrategyEntry:
-    name: str
-    build: Callable[..., GroupStrategy]  # build(optimizer, groups, **options)
-    help: str
-    needs_all_gradients: bool = False
+class StrategyEntry(Entry):
+    """A registered strategy builder ``build(optimizer, groups, **options) -> GroupStrategy``."""
+
+    declared_needs_all_gradients: bool | None = None  # for builders without a return annotation
+
+    @property
+    def strategy_class(self) -> type | None:
+        """The class the builder returns, from its return annotation (None if not annotated)."""
+        try:
+            hint = typing.get_type_hints(self.build).get("return")
+        except Exception:  # noqa: BLE001 - an unresolvable annotation is no annotation
+            return None
+        return hint if isinstance(hint, type) and issubclass(hint, GroupStrategy) else None
+
+    @property
+    def needs_all_gradients(self) -> bool:
+        """Whether the strategy reads every group's gradient (so no group may be frozen):
+        the class attribute of what the builder returns."""
+        cls = self.strategy_class
+        if cls is not None:
+            return bool(cls.needs_all_gradients)
+        return bool(self.declared_needs_all_gradients)
 
 
-STRATEGIES: dict[str, StrategyEntry] = {}
-_PARTIAL = re.compile(r"L(\d+)-(\d+)")
+STRATEGIES: Registry = Registry("strategy", entry_type=StrategyEntry, title="strategies (--strategy)",
+                                forms={PARTIAL_FORM: "partial finetuning: groups a..b (1-indexed)"})
 
 
-def register_strategy(name: str, help: str = "", needs_all_gradients: bool = False):
-    """Decorator: register ``build(optimizer, groups, **options) -> GroupStrategy`` under ``name``."""
-    def deco(build):
-        STRATEGIES[name] = StrategyEntry(name, build, help or (build.__doc__ or "").strip().split("\n")[0],
-                                         needs_all_gradients)
-        return build
-    return deco
+def register_strategy(name: str, help: str = "", needs_all_gradients: bool | None = None):
+    """Decorator: register ``build(optimizer, groups, **options) -> GroupStrategy`` under ``name``.
+
+    Annotate the builder's return type (``-> MyStrategy``): ``needs_all_gradients`` is then read
+    from the class; the argument is for builders without an annotation."""
+    return STRATEGIES.register(name, help=help, declared_needs_all_gradients=needs_all_gradients)
 
 
 def strategy_names() -> list[str]:
-    return sorted(STRATEGIES) + ["L<a>-<b>"]
+    return STRATEGIES.names() + [PARTIAL_FORM]
 
 
-def parse_strategy(spec: str) -> tuple[str, dict]:
-    """``"bvgls:k=2:alpha=0.95"`` -> ``("bvgls", {"k": 2, "alpha": 0.95})``."""
+# ---------------------------------------------------------------------- spec strings
+@dataclass
+class StrategySpec:
+    """A parsed spec string: the registered ``name`` (or ``L<a>-<b>``) and typed options."""
+
+    text: str
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def partial_range(self) -> tuple[int, int] | None:
+        m = PARTIAL_SPEC.fullmatch(self.name)
+        return (int(m.group(1)), int(m.group(2))) if m else None
+
+    @property
+    def needs_all_gradients(self) -> bool:
+        return self.partial_range is None and STRATEGIES[self.name].needs_all_gradients
+
+    def builder(self) -> Callable[..., GroupStrategy]:
+        if self.partial_range is not None:
+            from .baselines import partial_finetuning
+            first, last = self.partial_range
+            return lambda optimizer, groups=None, **options: partial_finetuning(optimizer, first, last, groups,
+                                                                                **options)
+        return STRATEGIES.get(self.name)
+
+    def check_fits(self, num_groups: int) -> None:
+        """Raise ValueError if a partial range does not fit a model with ``num_groups`` groups."""
+        if self.partial_range is not None:
+            first, last = self.partial_range
+            if not 1 <= first <= last <= num_groups:
+                raise ValueError(f"partial finetuning L{first}-{last} needs 1 <= first <= last <= {num_groups} "
+                                 f"(this model has {num_groups} groups)")
+
+    def check_options(self) -> None:
+        """Raise ValueError for options the builder does not take, naming the ones it does."""
+        unknown = sorted(set(self.options) - set(option_types(self)))
+        if unknown:
+            raise ValueError(f"strategy {self.text!r}: unexpected keyword option(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(option_types(self)) or 'none'}")
+
+    def build(self, optimizer: torch.optim.Optimizer, groups: GroupsSpec = None) -> GroupStrategy:
+        self.check_options()
+        return self.builder()(optimizer, groups, **self.options)
+
+
+def option_types(spec: StrategySpec) -> dict[str, type | None]:
+    """The options a strategy's builder takes, with the type each must have (from its default:
+    bool, int, float, str; None when the default is None)."""
+    if spec.partial_range is not None:
+        return {"freeze": bool}
+    params = list(inspect.signature(STRATEGIES.get(spec.name)).parameters.values())[1:]  # after the optimizer
+    return {p.name: (type(p.default) if p.default is not None else None) for p in params
+            if p.name != "groups" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            and p.default is not inspect.Parameter.empty}
+
+
+def convert_option(spec_text: str, key: str, value: str, kind: type | None) -> Any:
+    """``value`` as the type the option takes; ValueError naming the option otherwise."""
+    def bad(what: str) -> ValueError:
+        return ValueError(f"strategy {spec_text!r}: {key} must be {what}, got {value!r}")
+
+    if kind is bool:
+        low = value.strip().lower()
+        if low in _TRUE or low in _FALSE:
+            return low in _TRUE
+        raise bad("True or False (true/false, yes/no, 1/0)")
+    if kind is int:
+        try:
+            return int(value)
+        except ValueError:
+            raise bad("an integer") from None
+    if kind is float:
+        try:
+            return float(value)
+        except ValueError:
+            raise bad("a number") from None
+    try:  # str or unknown type: a Python literal (e.g. refresh=5) or the text itself
+        parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return value
+    return parsed if kind is None or isinstance(parsed, (int, float)) and not isinstance(parsed, bool) else value
+
+
+def parse_spec(spec: str | StrategySpec) -> StrategySpec:
+    """``"bvgls:k=2:alpha=0.95"`` -> ``StrategySpec("bvgls", {"k": 2, "alpha": 0.95})``; options the
+    builder declares are converted to its types (see the module docstring)."""
+    if isinstance(spec, StrategySpec):
+        return spec
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"a strategy spec must be a non-empty string, got {spec!r}")
-    name, *opts = spec.strip().split(":")
-    options = {}
+    text = spec.strip()
+    name, *opts = text.split(":")
+    if name not in STRATEGIES and not is_partial_spec(name):
+        raise ValueError(f"unknown strategy {name!r}; known: {', '.join(strategy_names())}")
+    parsed = StrategySpec(text, name)
+    types = option_types(parsed)
     for opt in opts:
         key, sep, value = opt.partition("=")
         if not sep or not key:
             raise ValueError(f"strategy option {opt!r} in {spec!r} is not key=value")
-        try:
-            options[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            options[key] = value
-    if name not in STRATEGIES and not _PARTIAL.fullmatch(name):
-        raise ValueError(f"unknown strategy {name!r}; known: {', '.join(strategy_names())}")
-    return name, options
+        parsed.options[key] = convert_option(text, key, value, types.get(key))
+    return parsed
+
+
+def parse_strategy(spec: str) -> tuple[str, dict]:
+    """``"bvgls:k=2:alpha=0.95"`` -> ``("bvgls", {"k": 2, "alpha": 0.95})``."""
+    parsed = parse_spec(spec)
+    return parsed.name, parsed.options
 
 
 def strategy_needs_all_gradients(spec: str) -> bool:
-    name, _ = parse_strategy(spec)
-    return name in STRATEGIES and STRATEGIES[name].needs_all_gradients
+    return parse_spec(spec).needs_all_gradients
 
 
-def make_strategy(spec: str, optimizer: torch.optim.Optimizer, groups: GroupsSpec = None) -> GroupStrategy:
+def make_strategy(spec: str | StrategySpec, optimizer: torch.optim.Optimizer, groups: GroupsSpec = None) -> GroupStrategy:
     """Build a strategy from its spec string (see the module docstring)."""
-    name, options = parse_strategy(spec)
-    m = _PARTIAL.fullmatch(name)
-    try:
-        if m:
-            return partial_finetuning(optimizer, int(m.group(1)), int(m.group(2)), groups, **options)
-        return STRATEGIES[name].build(optimizer, groups, **options)
-    except TypeError as e:
-        if "unexpected keyword" in str(e):
-            raise ValueError(f"strategy {spec!r}: {e}") from None
-        raise
+    return parse_spec(spec).build(optimizer, groups)
 
 
-@register_strategy("full")
-def _full(optimizer, groups=None):
-    """Full finetuning: every group, every step."""
-    return full_finetuning(optimizer, groups)
-
-
-@register_strategy("linear")
-def _linear(optimizer, groups=None, freeze=True):
-    """Linear probing: only the last group (head)."""
-    return linear_probing(optimizer, groups, freeze=freeze)
-
-
-@register_strategy("bvgls", needs_all_gradients=True)
-def _bvgls(optimizer, groups=None, k=1, alpha=0.9):
-    """BVG-LS: the k groups with the largest gradient bias-variance ratio (paper: k=1)."""
-    return BVGLS(optimizer, k=k, alpha=alpha, groups=groups)
-
-
-@register_strategy("bvgls-skip", needs_all_gradients=True)
-def _bvgls_skip(optimizer, groups=None, k=1, alpha=0.9):
-    """BVG-LS variant: unselected groups skip the optimizer step entirely (no momentum update)."""
-    return BVGLS(optimizer, k=k, alpha=alpha, groups=groups, skip_unselected=True)
-
-
-@register_strategy("bvgts", needs_all_gradients=True)
-def _bvgts(optimizer, groups=None, fraction=0.5, alpha=0.9):
-    """BVG-TS: the fraction of parameter tensors with the largest ratio."""
-    return BVGTS(optimizer, fraction=fraction, alpha=alpha, groups=groups)
-
-
+from .baselines import FixedGroups, full_finetuning, linear_probing, partial_finetuning  # noqa: E402
 from . import peers  # noqa: E402,F401  (registers auto-rgn, lisa, bcd-cyclic, gradual-unfreeze, llrd)
+
+__all__ = [
+    "STRATEGIES", "FixedGroups", "StrategyEntry", "StrategySpec", "full_finetuning", "is_partial_spec",
+    "linear_probing", "make_strategy", "parse_spec", "parse_strategy", "partial_finetuning", "register_strategy",
+    "strategy_names", "strategy_needs_all_gradients",
+]

@@ -1,0 +1,157 @@
+"""Every training option, declared once.
+
+:class:`FinetuneConfig` holds the options of one finetuning run. Each field's metadata
+says how the option is shown on the command line (flags, help, panel, bounds, choices) and
+what kind of option it is:
+
+- ``result``: changes the numbers a run produces; recorded in ``config.json``, must match
+  when a run is resumed, and when ``bvgls compare`` reuses a run directory;
+- ``recorded``: recorded, but free to differ (device, evaluation cadence);
+- ``runtime``: neither (workers, progress bar).
+
+The CLI (``bvgls finetune``, ``bvgls compare``) builds its options from these fields, the
+loop validates and records them, the resume check and the grid's reuse check read
+:func:`result_keys`, and the benchmark protocol passes its same-named fields through
+(:meth:`FinetuneConfig.from_fields`). Adding an option is one field here (plus using it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "constant")
+AMP_MODES = ("none", "bf16", "fp16")
+AUGMENTS = ("default", "paper", "light", "none")
+
+MODEL_AND_DATA, TRAINING, SPEED, OUTPUT = "Model and data", "Training", "Speed", "Output"
+RESULT, RECORDED, RUNTIME = "result", "recorded", "runtime"
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, flags: tuple[str, ...] | None = None,
+           kind: str = RESULT, panel: str = TRAINING, cli: bool = True, cli_default: Any = dataclasses.MISSING,
+           min: float | None = None, max: float | None = None, choices: tuple[str, ...] | None = None):
+    """A config field with its CLI and bookkeeping metadata. ``cli=False``: the commands declare
+    it themselves (e.g. ``--lr`` in finetune, ``--lrs`` in compare). ``cli_default``: the CLI's
+    default for a field the Python API requires."""
+    meta = {"help": help, "flags": flags, "kind": kind, "panel": panel, "cli": cli, "cli_default": cli_default,
+            "min": min, "max": max, "choices": choices}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(kw_only=True)
+class FinetuneConfig:
+    """The options of one finetuning run (see the module docstring for the field kinds)."""
+
+    epochs: int = option(help="Epochs (paper: 50).", flags=("--epochs", "-e"), min=1, cli_default=50)
+    lr: float = option(help="Base learning rate.", cli=False)
+    strategy: str = option("bvgls", "Strategy spec.", cli=False)
+    batch_size: int = option(128, "Examples per step (paper: 128).", flags=("--batch-size", "-b"), min=1)
+    optimizer: str | Callable = option("sgd", "sgd: momentum + Nesterov, as in the paper; or adamw.",
+                                       choices=OPTIMIZERS)
+    momentum: float = option(0.9, "SGD momentum.")
+    nesterov: bool = option(True, "Nesterov momentum (SGD).", cli=False)
+    weight_decay: float = option(5e-4, "Weight decay (paper: 5e-4).")
+    schedule: str = option("cosine", "Learning-rate schedule, per step.", choices=SCHEDULES)
+    warmup_epochs: float = option(0.0, "Linear warmup length in epochs.", min=0.0)
+    grad_accum: int = option(1, "Micro-batches per optimizer step.", min=1)
+    label_smoothing: float = option(0.0, "Label smoothing of the training loss.", min=0.0, max=1.0)
+    steps_per_epoch: int | None = option(None, "Cap on steps per epoch (smoke tests).", min=1)
+    seed: int = option(0, "Seeds init of the head, shuffling, augmentation.", cli=False)
+    val_fraction: float = option(0.0, "Hold out this fraction of the training set as a validation split "
+                                      "(reported every epoch; compare chooses the lr on it, never on the test set).",
+                                 min=0.0, max=0.9)
+    amp: str | None = option(None, "Mixed precision: bf16 or fp16 (GPU).", panel=SPEED, choices=AMP_MODES)
+    channels_last: bool = option(False, "NHWC memory format (faster convolutions on CPU and GPUs).",
+                                 flags=("--channels-last/--no-channels-last",), panel=SPEED)
+    device: str = option("auto", "auto (cuda > mps > cpu), cpu, cuda:1, ...", kind=RECORDED, panel=SPEED)
+    eval_every: int = option(1, "Evaluate every this many epochs (and after the last).", kind=RECORDED, cli=False)
+    num_workers: int | None = option(None, "DataLoader workers; default 0 on CPU, up to 8 on a GPU.",
+                                     flags=("--workers",), kind=RUNTIME, panel=SPEED, min=0)
+    progress: bool = option(True, "A progress bar per epoch.", flags=("--progress/--no-progress",), kind=RUNTIME,
+                            panel=OUTPUT)
+
+    def __post_init__(self):
+        if self.amp == "none":
+            self.amp = None
+        if self.device is None:
+            self.device = "auto"
+        self.validate()
+
+    def validate(self) -> None:
+        """One ValueError naming the first bad option."""
+        if not isinstance(self.epochs, int) or self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.batch_size < 1 or self.grad_accum < 1 or self.eval_every < 1:
+            raise ValueError("batch_size, grad_accum and eval_every must be >= 1")
+        for name in ("schedule", "amp"):
+            choices = self.field_meta(name)["choices"]
+            value = getattr(self, name)
+            if value is not None and value not in choices:
+                raise ValueError(f"unknown {name} {value!r}; known: {', '.join(choices)}")
+        if isinstance(self.optimizer, str) and self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; known: {', '.join(OPTIMIZERS)} (or a callable)")
+
+    # ------------------------------------------------------------------ metadata
+    @classmethod
+    def field_meta(cls, name: str) -> Mapping[str, Any]:
+        return {f.name: f.metadata for f in dataclasses.fields(cls)}[name]
+
+    @classmethod
+    def from_fields(cls, source: Any, **overrides) -> FinetuneConfig:
+        """A config from the same-named attributes of ``source`` (e.g. a benchmark protocol)
+        or keys of a mapping, then ``overrides``."""
+        get = source.get if isinstance(source, Mapping) else (lambda k, d: getattr(source, k, d))
+        values = {f.name: get(f.name, _MISSING) for f in dataclasses.fields(cls)}
+        return cls(**{**{k: v for k, v in values.items() if v is not _MISSING}, **overrides})
+
+    def replace(self, **changes) -> FinetuneConfig:
+        return dataclasses.replace(self, **changes)
+
+    def record(self) -> dict[str, Any]:
+        """The ``result`` and ``recorded`` options as plain JSON values (for ``config.json``)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.metadata["kind"] != RUNTIME:
+                value = getattr(self, f.name)
+                out[f.name] = value if value is None or isinstance(value, (str, int, float, bool)) else \
+                    getattr(value, "__name__", repr(value))
+        return out
+
+
+_MISSING = object()
+
+
+def result_keys(cls: type = FinetuneConfig) -> tuple[str, ...]:
+    """The options that change results: they must match on resume and when a run is reused."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("kind") == RESULT)
+
+
+def cli_fields(cls: type) -> list[dataclasses.Field]:
+    """The fields the shared CLI options are generated from."""
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("cli")]
+
+
+@dataclass(kw_only=True)
+class DataOptions:
+    """How the model and datasets are loaded (shared by ``finetune`` and ``compare``)."""
+
+    weights: str = option("DEFAULT", "DEFAULT (the model's pretrained weights; none exist for tiny-*), a torchvision "
+                                     "weights name, none (random init), or a state-dict file.", panel=MODEL_AND_DATA)
+    data_root: str = option("data", "Where registered datasets are stored / downloaded to.", kind=RUNTIME,
+                            panel=MODEL_AND_DATA)
+    download: bool = option(False, "Download a missing registered dataset (needs internet).", kind=RUNTIME,
+                            panel=MODEL_AND_DATA)
+    augment: str = option("default", "Training augmentation: paper (RandomResizedCrop + flip), light, none; "
+                                     "default: the dataset's own.", panel=MODEL_AND_DATA, choices=AUGMENTS)
+
+    @property
+    def augment_override(self) -> str | None:
+        """The augmentation to ask the dataset for (None: its own)."""
+        return None if self.augment == "default" else self.augment

@@ -1,0 +1,67 @@
+"""The one learning-rate search, shared by ``bvgls compare`` and ``bvgls bench``.
+
+Each (dataset, strategy) gets its own lr: the one with the lowest mean final validation
+error over seeds. Strategies that update each group only part of the time need not share
+full finetuning's best lr, so when the choice lies at an end of the grid that was tried,
+the grid is extended by the next value of :data:`LR_LADDER` beyond it, until the choice is
+interior, a run at the new lr diverges (non-finite training loss), or the ladder ends.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+#: learning rates a grid may be extended to (factor ~3 apart)
+LR_LADDER = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+
+
+def next_lr(lr: float, step: int, ladder: Sequence[float] = LR_LADDER) -> float | None:
+    """The ladder value ``step`` (+1 / -1) places from the one nearest to ``lr``, if it lies
+    beyond ``lr`` on that side; None at the end of the ladder."""
+    i = min(range(len(ladder)), key=lambda j: abs(math.log(ladder[j] / lr)))
+    j = i + step
+    while 0 <= j < len(ladder) and (ladder[j] - lr) * step <= 0:  # off-ladder lr: go on until beyond it
+        j += step
+    return ladder[j] if 0 <= j < len(ladder) else None
+
+
+@dataclass
+class LrChoice:
+    """The outcome of a search: the chosen lr, every lr tried, whether the choice still sits at
+    an end of them (``edge``), and why the search stopped."""
+
+    lr: float
+    grid: list[float]
+    edge: bool
+    stopped: str  # "interior", "single lr", "not extended", "ladder end", "diverged"
+
+
+def search_lr(lrs: Sequence[float], run: Callable[[list[float]], None],
+              choose: Callable[[list[float]], tuple[float | None, set[float]]], *, extend: bool = True,
+              log: Callable[[str], object] = lambda s: None, label: str = "") -> LrChoice:
+    """Run ``lrs`` (``run(lrs)`` trains every seed at each), choose (``choose(grid)`` -> the best
+    lr and the set of lrs whose runs diverged), and extend past an edge while ``extend``."""
+    grid = sorted(float(x) for x in lrs)
+    run(grid)
+    if len(grid) == 1:
+        return LrChoice(grid[0], grid, False, "single lr")
+    added = None
+    while True:
+        chosen, diverged = choose(grid)
+        if chosen is None:  # every run failed (keep_going): nothing to choose from
+            return LrChoice(math.nan, grid, False, "no finished runs")
+        step = -1 if chosen == grid[0] else (+1 if chosen == grid[-1] else 0)
+        if not step:
+            return LrChoice(chosen, grid, False, "interior")
+        if not extend:
+            return LrChoice(chosen, grid, True, "not extended")
+        if added is not None and added in diverged:
+            return LrChoice(chosen, grid, True, "diverged")
+        added = next_lr(chosen, step)
+        if added is None:
+            return LrChoice(chosen, grid, True, "ladder end")
+        log(f"{label}: lr {chosen:g} is at the edge of {grid}; adding {added:g}")
+        grid = sorted(grid + [added])
+        run([added])

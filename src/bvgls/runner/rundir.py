@@ -1,0 +1,188 @@
+"""A run directory on disk: its :class:`History`, atomic writes, checkpoints and RNG state.
+
+Layout written by :func:`bvgls.finetune` with ``out_dir``: ``config.json`` (the resolved
+settings), ``history.json`` (config and group names), ``metrics.jsonl`` (one line per
+epoch), ``checkpoint.pt`` (atomic, after every epoch), ``model.pt`` and ``result.json``
+(when finished). The grid (``bvgls compare``) and the benchmark read runs through the
+public names here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+CHECKPOINT_FORMAT = "bvgls-checkpoint-v1"
+CHECKPOINT_FILE = "checkpoint.pt"
+RESULT_FILE = "result.json"
+CONFIG_FILE = "config.json"
+
+
+@dataclass
+class History:
+    """What a run recorded: its resolved config, its groups and one dict per finished epoch.
+
+    Epoch dicts have ``epoch`` (1-based), ``steps``, ``lr``, ``train_loss``, ``test_loss``,
+    ``test_error`` (percent), ``val_loss``/``val_error`` (None without a validation split),
+    ``train_s``, ``eval_s``, ``wall_s``, ``selection_frequency`` (per strategy group),
+    ``mean_bvr`` (per strategy group: mean over the epoch's steps, leaving out steps where the
+    group's variance was still clamped to eps (its first step), None where not defined),
+    ``mean_scale`` (per strategy group, the mean learning-rate multiplier; differs from the
+    selection frequency for graded strategies such as llrd) and, when the strategy's groups
+    are not the layer groups (BVG-TS), ``layer_selection_frequency``.
+    """
+
+    config: dict = field(default_factory=dict)
+    group_names: list[str] = field(default_factory=list)
+    layer_group_names: list[str] = field(default_factory=list)
+    epochs: list[dict] = field(default_factory=list)
+    finished: bool = False
+
+    @property
+    def final(self) -> dict:
+        """The last epoch's record (empty before the first epoch)."""
+        return self.epochs[-1] if self.epochs else {}
+
+    @property
+    def wall_s(self) -> float:
+        return float(sum(r["wall_s"] for r in self.epochs))
+
+    def column(self, key: str) -> list:
+        return [r.get(key) for r in self.epochs]
+
+    def to_dict(self) -> dict:
+        return {"config": self.config, "group_names": self.group_names, "layer_group_names": self.layer_group_names,
+                "epochs": self.epochs, "finished": self.finished}
+
+    def meta(self) -> dict:
+        """Everything but the epochs (``history.json``)."""
+        return {k: v for k, v in self.to_dict().items() if k != "epochs"}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> History:
+        return cls(dict(d.get("config", {})), list(d.get("group_names", [])), list(d.get("layer_group_names", [])),
+                   [dict(r) for r in d.get("epochs", [])], bool(d.get("finished", False)))
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike) -> History:
+        """Read a run directory's ``history.json`` and ``metrics.jsonl``."""
+        run_dir = str(run_dir)
+        meta_path = os.path.join(run_dir, "history.json")
+        if not os.path.isfile(meta_path):
+            raise FileNotFoundError(f"{run_dir!r} is not a bvgls run directory (no history.json)")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        epochs = []
+        metrics = os.path.join(run_dir, "metrics.jsonl")
+        if os.path.isfile(metrics):
+            with open(metrics) as f:
+                epochs = [json.loads(line) for line in f if line.strip()]
+        meta["epochs"] = epochs
+        return cls.from_dict(meta)
+
+
+# ---------------------------------------------------------------------- atomic files
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` to a temporary name, then rename over ``path`` (readers never see half a file)."""
+    path = str(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_metrics(out_dir: str, history: History) -> None:
+    write_text(os.path.join(out_dir, "metrics.jsonl"), "".join(json.dumps(rec) + "\n" for rec in history.epochs))
+
+
+def write_history(out_dir: str, history: History) -> None:
+    write_json(os.path.join(out_dir, "history.json"), history.meta())
+
+
+def write_result(out_dir: str, history: History) -> None:
+    write_json(os.path.join(out_dir, RESULT_FILE), {"finished": True, "final": history.final,
+                                                    "wall_s": history.wall_s, "config": history.config})
+
+
+def is_finished(run_dir: str | os.PathLike) -> bool:
+    return os.path.isfile(os.path.join(str(run_dir), RESULT_FILE))
+
+
+# ---------------------------------------------------------------------- RNG state
+def rng_state() -> dict:
+    """Python, torch (and cuda, numpy when present) generator states, for exact resumption."""
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        state["numpy"] = (kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(gauss))
+    except ImportError:
+        pass
+    return state
+
+
+def set_rng_state(state: Mapping) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
+
+
+# ---------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: str, *, model, optimizer, strategy, scheduler, scaler, epoch: int, global_step: int,
+                    history: History) -> None:
+    payload = {
+        "format": CHECKPOINT_FORMAT, "epoch": epoch, "global_step": global_step,
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "strategy": strategy.state_dict(),
+        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": rng_state(), "history": history.to_dict(), "config": history.config,
+    }
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_checkpoint(path: str) -> dict:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a third-party strategy state with python objects; we wrote this file
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path!r} is not a bvgls checkpoint")
+    return ckpt
+
+
+def save_model(model: nn.Module, path: str) -> None:
+    """``model.pt``: a bvgls model file when the model was built from a spec, else its state dict."""
+    if hasattr(model, "bvgls_spec"):
+        from .models import save_model_file
+        save_model_file(model, path)
+    else:
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
