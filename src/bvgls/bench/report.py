@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..runner.grid import collect_results, mean_std_text, table_a_lines
+from ..runner.grid import collect_results, table_a_lines, text_grid_lines
 from ..runner.plots import new_figure, plot_losses, plot_selection, save_figure
 from ..runner.rundir import History
 from ..strategies import is_partial_spec
@@ -115,20 +115,7 @@ def write_report(out: str | os.PathLike, protocol: Protocol, cells: Sequence[dic
         lines += ["Learning rate per task and strategy: the one with the lowest mean final validation error over the "
                   "search seeds, searched grid in brackets, **EDGE** = still at an end of the grid; (fixed) = given "
                   "by the protocol.", ""]
-        lines.append("| Task | " + " | ".join(strategies) + " |")
-        lines.append("|---|" + "---:|" * len(strategies))
-        for t in tasks:
-            texts = []
-            for s in strategies:
-                c = cell_info.get((t, s))
-                if c is None:
-                    texts.append("–")
-                elif c.get("fixed"):
-                    texts.append(f"{c['lr']:g} (fixed)")
-                else:
-                    texts.append(f"{c['lr']:g} [{'-'.join(f'{x:g}' for x in c['grid'])}]"
-                                 + (" **EDGE**" if c["edge"] else ""))
-            lines.append(f"| {t} | " + " | ".join(texts) + " |")
+        lines += text_grid_lines(tasks, strategies, lambda t, s: lr_cell_text(cell_info.get((t, s))), header="Task")
         lines.append("")
     # ---- paired differences
     summary: dict[str, Any] = {"protocol": asdict(protocol), "tasks": tasks, "strategies": strategies,
@@ -165,6 +152,15 @@ def write_report(out: str | os.PathLike, protocol: Protocol, cells: Sequence[dic
     (out / "report.md").write_text(text)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
+
+
+def lr_cell_text(cell: dict | None) -> str:
+    """A cell's lr with its searched grid (or ``(fixed)``) and ``**EDGE**`` if still at an end."""
+    if cell is None:
+        return "–"
+    if cell.get("fixed"):
+        return f"{cell['lr']:g} (fixed)"
+    return f"{cell['lr']:g} [{'-'.join(f'{x:g}' for x in cell['grid'])}]" + (" **EDGE**" if cell["edge"] else "")
 
 
 def _task_manifest(out: Path, task: str) -> dict:

@@ -107,23 +107,13 @@ def user_errors():
         raise typer.Exit(2) from None
 
 
-def floats(text: str, what: str) -> list[float]:
-    """Comma-separated numbers (``--lrs``)."""
+def numbers(text: str, what: str, kind: type = float) -> list:
+    """Comma-separated numbers of ``kind`` (``--lrs``: float, ``--seeds``: int)."""
     try:
-        values = [float(x) for x in text.split(",") if x.strip()]
+        values = [kind(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise CLIError(f"{what} must be comma-separated numbers, got {text!r}") from None
-    if not values:
-        raise CLIError(f"{what} is empty")
-    return values
-
-
-def ints(text: str, what: str) -> list[int]:
-    """Comma-separated integers (``--seeds``)."""
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise CLIError(f"{what} must be comma-separated integers, got {text!r}") from None
+        noun = "integers" if kind is int else "numbers"
+        raise CLIError(f"{what} must be comma-separated {noun}, got {text!r}") from None
     if not values:
         raise CLIError(f"{what} is empty")
     return values

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from ..runner.config import MODEL_AND_DATA, OUTPUT, TRAINING, DataOptions, FinetuneConfig
-from . import CLIError, app, check_tensorboard, console, floats, ints, user_errors
+from . import CLIError, app, check_tensorboard, console, numbers, user_errors
 from .options import command, param, split_values
 
 MODEL_HELP = ("Registered name (see `bvgls list`), timm:<name>, or a model file (a bvgls model.pt or a pickled "
@@ -168,7 +168,7 @@ def compare(**values: Any) -> None:
         options = split_values(values, FinetuneConfig)
         data_options = DataOptions(**split_values(values, DataOptions))
         result = run_grid(
-            values["strategies"], values["data"], ints(values["seeds"], "--seeds"), floats(values["lrs"], "--lrs"),
+            values["strategies"], values["data"], numbers(values["seeds"], "--seeds", int), numbers(values["lrs"], "--lrs"),
             model=values["model"], out_dir=values["out"], weights=data_options.weights, refit=values["refit"],
             extend_lrs=values["extend_lrs"], data_root=data_options.data_root, download=data_options.download,
             augment=data_options.augment_override, keep_going=values["keep_going"],

@@ -26,7 +26,7 @@ from ..strategies import make_strategy
 #: a spec string ("bvgls", "bvgls:k=2", "L3-6", ...) or ``factory(optimizer, groups=...) -> GroupStrategy``
 StrategySpec = Any
 
-__all__ = ["SelectionTracker", "build_strategy", "model_groups", "unwrap_optimizer"]
+__all__ = ["SelectionTracker", "build_strategy", "detach", "init_attachment", "model_groups", "unwrap_optimizer"]
 
 
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
@@ -100,6 +100,19 @@ def build_strategy(strategy: StrategySpec, optimizer: Any, model: nn.Module | No
         return built
     raise TypeError(f"strategy must be a spec string like 'bvgls' or a factory(optimizer, groups=...), "
                     f"got {type(strategy).__name__}")
+
+
+def init_attachment(callback: Any, strategy: StrategySpec, groups: Any, log_prefix: str,
+                    verify_selection_every: int) -> None:
+    """The attributes both framework callbacks hold: what to attach, how to log, and (once
+    attached) ``.strategy``, ``.tracker`` and ``.mode``."""
+    callback.spec = strategy
+    callback.groups = groups
+    callback.log_prefix = log_prefix
+    callback.verify_selection_every = verify_selection_every
+    callback.strategy = None
+    callback.tracker = None
+    callback.mode = None
 
 
 def detach(strategy: GroupStrategy | None, tracker: SelectionTracker | None) -> None:

@@ -33,8 +33,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .. import distributed
-from ..base import GroupStrategy
-from . import SelectionTracker, StrategySpec, build_strategy, detach
+from . import SelectionTracker, StrategySpec, build_strategy, detach, init_attachment
 
 __all__ = ["BVGLSCallback", "attach"]
 
@@ -64,14 +63,8 @@ class BVGLSCallback(TrainerCallback):
 
     def __init__(self, strategy: StrategySpec = "bvgls", groups: Any = None, *, log_prefix: str = "bvgls/",
                  verify_selection_every: int = 0, save_state: bool = True):
-        self.spec = strategy
-        self.groups = groups
-        self.log_prefix = log_prefix
-        self.verify_selection_every = verify_selection_every
+        init_attachment(self, strategy, groups, log_prefix, verify_selection_every)
         self.save_state = save_state
-        self.strategy: GroupStrategy | None = None
-        self.tracker: SelectionTracker | None = None
-        self.mode: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):

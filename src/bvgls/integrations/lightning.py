@@ -25,8 +25,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from .. import distributed
-from ..base import GroupStrategy
-from . import SelectionTracker, StrategySpec, build_strategy, detach, unwrap_optimizer
+from . import SelectionTracker, StrategySpec, build_strategy, detach, init_attachment, unwrap_optimizer
 
 __all__ = ["BVGLSCallback"]
 
@@ -54,15 +53,9 @@ class BVGLSCallback(Callback):
                  log_every_n_steps: int | None = None, log_prefix: str = "bvgls/", verify_selection_every: int = 0):
         if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 0):
             raise ValueError(f"log_every_n_steps must be a non-negative int or None, got {log_every_n_steps!r}")
-        self.spec = strategy
-        self.groups = groups
+        init_attachment(self, strategy, groups, log_prefix, verify_selection_every)
         self.optimizer_index = optimizer_index
         self.log_every_n_steps = log_every_n_steps
-        self.log_prefix = log_prefix
-        self.verify_selection_every = verify_selection_every
-        self.strategy: GroupStrategy | None = None
-        self.tracker: SelectionTracker | None = None
-        self.mode: str | None = None
         self._restored_state: dict | None = None
 
     # ------------------------------------------------------------------ lifecycle

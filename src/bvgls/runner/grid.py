@@ -396,6 +396,13 @@ def mean_std_text(values: Sequence[float]) -> str:
     return f"{mean:.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{mean:.2f}"
 
 
+def text_grid_lines(row_names: Sequence[str], columns: Sequence[str], text: Callable[[str, str], str], *,
+                    header: str = "Dataset") -> list[str]:
+    """A markdown table with one text per (row, column), e.g. the lr each strategy used."""
+    lines = ["| " + header + " | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    return lines + [f"| {r} | " + " | ".join(text(r, c) for c in columns) + " |" for r in row_names]
+
+
 def table_a_lines(row_names: Sequence[str], columns: Sequence[str], cells: Mapping[tuple[str, str], list[float]],
                   *, header: str = "Dataset", extra: Mapping[str, str] | None = None,
                   extra_header: str = "") -> list[str]:
@@ -458,18 +465,14 @@ def lr_lines(rows: Sequence[dict], chosen: Mapping[tuple[str, str], float], data
         return [f"Learning rate: {', '.join(lr_text(x) for x in lrs)} (no search)."]
     lines = ["Learning rate chosen per strategy on the validation split (lowest mean final validation "
              "error); _edge_ = at the end of the searched grid, so a better lr may lie outside it.", ""]
-    lines.append("| Dataset | " + " | ".join(strategy_cols) + " |")
-    lines.append("|---|" + "---:|" * len(strategy_cols))
-    for d in dataset_rows:
-        texts = []
-        for s in strategy_cols:
-            lr, lrs_tried = chosen.get((d, s)), grid.get((d, s), [])
-            if lr is None:
-                texts.append("–")
-                continue
-            edge = len(lrs_tried) > 1 and lr in (lrs_tried[0], lrs_tried[-1])
-            texts.append(f"{lr_text(lr)}{' _edge_' if edge else ''}")
-        lines.append(f"| {d} | " + " | ".join(texts) + " |")
+    def text(d: str, s: str) -> str:
+        lr, lrs_tried = chosen.get((d, s)), grid.get((d, s), [])
+        if lr is None:
+            return "–"
+        edge = len(lrs_tried) > 1 and lr in (lrs_tried[0], lrs_tried[-1])
+        return f"{lr_text(lr)}{' _edge_' if edge else ''}"
+
+    lines += text_grid_lines(dataset_rows, strategy_cols, text)
     tried = sorted({lr for v in grid.values() for lr in v})
     return lines + ["", f"Grid: {', '.join(lr_text(x) for x in tried)}."]
 

@@ -18,13 +18,13 @@ LR_LADDER = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 
 
 def next_lr(lr: float, step: int, ladder: Sequence[float] = LR_LADDER) -> float | None:
-    """The ladder value ``step`` (+1 / -1) places from the one nearest to ``lr``, if it lies
-    beyond ``lr`` on that side; None at the end of the ladder."""
-    i = min(range(len(ladder)), key=lambda j: abs(math.log(ladder[j] / lr)))
-    j = i + step
-    while 0 <= j < len(ladder) and (ladder[j] - lr) * step <= 0:  # off-ladder lr: go on until beyond it
-        j += step
-    return ladder[j] if 0 <= j < len(ladder) else None
+    """The first ladder value beyond ``lr`` in direction ``step`` (+1 up, -1 down); None past the
+    end of the ladder. (Values within a relative 1e-6 of ``lr`` count as ``lr`` itself.)"""
+    if step > 0:
+        beyond = [x for x in ladder if x > lr * (1 + 1e-6)]
+        return min(beyond) if beyond else None
+    beyond = [x for x in ladder if x < lr * (1 - 1e-6)]
+    return max(beyond) if beyond else None
 
 
 @dataclass
