@@ -213,7 +213,8 @@ def check_existing(run_dir: str, expected: Mapping[str, Any]) -> None:
     if not os.path.isfile(path):
         return
     old = rundir.read_json(path)
-    keys = [k for k in result_keys() + RUN_IDENTITY if k in expected]
+    # a key the old run did not record (made by an earlier version) cannot be compared
+    keys = [k for k in result_keys() + RUN_IDENTITY if k in expected and k in old]
     changed = [f"{k}: {old.get(k)!r} -> {expected[k]!r}" for k in keys if old.get(k) != expected[k]]
     if changed:
         raise ValueError(f"{run_dir!r} holds a run with other settings ({'; '.join(changed)}); "
