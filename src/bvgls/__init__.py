@@ -16,6 +16,7 @@ from .strategies import (
 )
 from .train import History, finetune
 from . import peers  # noqa: F401  (registers auto-rgn, lisa, bcd-cyclic, gradual-unfreeze, llrd)
+from . import auto_snr  # noqa: F401  (registers auto-snr)
 
 __version__ = "0.1.0"
 
