@@ -199,6 +199,7 @@ def make_strategy(spec: str | StrategySpec, optimizer: torch.optim.Optimizer, gr
 
 from .baselines import FixedGroups, full_finetuning, linear_probing, partial_finetuning  # noqa: E402
 from . import peers  # noqa: E402,F401  (registers auto-rgn, lisa, bcd-cyclic, gradual-unfreeze, llrd)
+from . import auto_snr  # noqa: E402,F401  (registers auto-snr)
 
 __all__ = [
     "STRATEGIES", "FixedGroups", "StrategyEntry", "StrategySpec", "full_finetuning", "is_partial_spec",
