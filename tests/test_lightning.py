@@ -1,6 +1,5 @@
 """PyTorch Lightning: the BVGLS callback on a tiny LightningModule, a few CPU steps."""
 
-
 import pytest
 import torch
 from torch import nn
@@ -10,8 +9,8 @@ L = pytest.importorskip("lightning")
 import bvgls  # noqa: E402
 from bvgls.integrations.lightning import BVGLSCallback  # noqa: E402
 from bvgls.reference import NaiveBVR  # noqa: E402
-from tolerances import assert_selected_on_the_stepped_gradients  # noqa: E402
 from lightning.pytorch.loggers import Logger  # noqa: E402
+from tolerances import assert_selected_on_the_stepped_gradients  # noqa: E402
 
 STEPS = 6
 
