@@ -25,6 +25,7 @@ from collections import OrderedDict
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  before init_process_group: see main()
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
@@ -97,9 +98,23 @@ def evaluate(model, test) -> float:
 
 
 def main():
+    """Clean shutdown: torch.distributed.nn.functional binds ``group.WORLD`` into its default
+    arguments when first imported, which torch does lazily (via torch._dynamo) on the first
+    optimizer. Imported after init_process_group it keeps the default gloo group alive past
+    destroy_process_group, and its threads abort the process at exit ("terminate called without an
+    active exception"). Importing it first (above) binds None instead; the barrier keeps every rank
+    connected until all are done."""
     args = parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
+    try:
+        finetune(args)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def finetune(args):
     rank, world = dist.get_rank(), dist.get_world_size()
 
     model = pretrain_source_model(args)
@@ -153,7 +168,6 @@ def main():
         if rank == 0:
             print(f"all {world} ranks selected the same groups in all {strategy.num_steps} steps "
                   f"(checked every {args.verify_every})")
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -4,5 +4,5 @@
 # Extra arguments go to `bvgls demo` (e.g. --out DIR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh cli
 exec ${PYTHON:-python3} -m bvgls demo "$@"

@@ -1,11 +1,20 @@
 #!/usr/bin/env bash
-# Idempotent set-up for a fresh machine: system data packages, PyTorch, and bvgls with its extras.
-# Usage: bash scripts/setup.sh            (safe to run again; does nothing that is already done)
+# Idempotent set-up for a fresh machine, per command: system data packages, PyTorch, and bvgls with
+# the extras that command needs.
+# Usage: bash scripts/setup.sh [cli|test]   (default cli: the main job, `bvgls demo`; test: the test suite)
+# Safe to run again: every step checks first and does nothing that is already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
-# Offline data used by the benchmark and demo (Debian packages): Fashion-MNIST and fonts.
+# what each extra set installs, and the modules that show it is installed
+case "${1:-cli}" in
+  cli)  extras="cli";  modules="bvgls, torchvision, typer, rich, tqdm, matplotlib, sklearn" ;;
+  test) extras="test"; modules="bvgls, torchvision, typer, rich, tqdm, matplotlib, sklearn, pytest, timm, transformers, accelerate, lightning, tensorboard, schedulefree, prodigyopt" ;;
+  *) echo "setup: error: unknown extra set '$1' (expected cli or test)" >&2; exit 2 ;;
+esac
+
+# Offline data used by the benchmark, the demo and the tests (Debian packages): Fashion-MNIST and fonts.
 need=()
 [ -d /usr/share/datasets/fashion-mnist ] || need+=(dataset-fashion-mnist)
 for pkg in fonts-dejavu-core fonts-liberation fonts-freefont-ttf; do
@@ -26,10 +35,16 @@ if ! $PY -c "import torch, torchvision, sys; sys.exit(not (torch.__version__.sta
   $PY -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 fi
 
-# bvgls itself, editable, with the extras the tests and the CLI use.
-if ! $PY -c "import bvgls, typer, matplotlib, sklearn, timm, transformers, lightning, pytest" 2>/dev/null \
-   || [ pyproject.toml -nt .setup-done ]; then
-  echo "setup: installing bvgls and its extras"
-  $PY -m pip install -q -e ".[dev,hf,lightning,tensorboard]"
-  touch .setup-done
+# bvgls itself, editable, with this command's extras; one marker per extra set, so installing the
+# test extras does not count as having installed the CLI's and a changed pyproject.toml reinstalls.
+marker=".setup-done-$extras"
+if ! $PY -c "import $modules" 2>/dev/null || [ ! -f "$marker" ] || [ pyproject.toml -nt "$marker" ]; then
+  echo "setup: installing bvgls[$extras]"
+  $PY -m pip install -q -e ".[$extras]"
+  touch "$marker"
+fi
+
+# ImageNet-pretrained weights and the image tasks built from them (added by the pretrained set-up).
+if [ -f scripts/setup_pretrained.sh ]; then
+  bash scripts/setup_pretrained.sh
 fi

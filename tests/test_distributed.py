@@ -14,11 +14,13 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  before init_process_group, or the gloo group outlives destroy (see the example)
 import torch.multiprocessing as mp
 from torch import nn
 
 import bvgls
 from bvgls import distributed as bdist
+from tolerances import assert_ratios_match, clear_top_k
 
 WORLD = 2
 STEPS = 6
@@ -119,6 +121,7 @@ def _worker(rank, store_path, out_dir):
             result["fsdp1_rejected"] = "FSDP1" in str(e)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -142,6 +145,12 @@ def max_rel_diff(a, b):
     return worst
 
 
+def clear_bias_winner(step1_ratios):
+    """Step 1's top group when it leads by more than float32 noise in the bias (ratios = bias / eps)."""
+    top, second = sorted(range(len(step1_ratios)), key=lambda i: -step1_ratios[i])[:2]
+    return [top] if step1_ratios[top] > step1_ratios[second] * (1 + 1e-5) else None
+
+
 def flat(nested):
     if isinstance(nested, list):
         return [v for item in nested for v in flat(item)]
@@ -154,10 +163,16 @@ def test_ranks_agree_and_match_single_process(runs, mode):
     assert [r[mode]["mode"] for r in ranks] == [mode] * WORLD
     ref_selected = [s["selected"] for s in reference["steps"]]
     assert len(set(map(tuple, ref_selected))) > 1, "the reference run should switch groups to make this a test"
+    # the ranks sum their gradients in another order than one process: selections can be compared
+    # exactly only because no step of this data is a near-tie (step 1: variance 0, ratio = bias / eps)
+    assert clear_bias_winner(reference["steps"][0]["ratios"]) == ref_selected[0]
+    assert all(clear_top_k(s["ratios"]) == s["selected"] for s in reference["steps"][1:])
     for r in ranks:
         assert [s["selected"] for s in r[mode]["steps"]] == ref_selected
-        for got, want in zip(r[mode]["steps"], reference["steps"]):
-            assert max_rel_diff(got["ratios"], want["ratios"]) < REL_TOL
+        first, *later = zip(r[mode]["steps"], reference["steps"])
+        assert max_rel_diff(first[0]["ratios"], first[1]["ratios"]) < REL_TOL
+        for t, (got, want) in enumerate(later, start=2):
+            assert_ratios_match(got["ratios"], want["ratios"], f"{mode} step {t}")
         # the models trained alike too
         for got, want in zip(r[mode]["params"], reference["params"]):
             assert torch.allclose(torch.tensor(got), torch.tensor(want), rtol=1e-4, atol=1e-6)
@@ -184,17 +199,27 @@ def test_fsdp_state_dict_roundtrip_and_fsdp1_rejected(runs):
     assert all(r["fsdp1_rejected"] for r in ranks)
 
 
-def test_example_script_under_torchrun():
-    pytest.importorskip("sklearn")
+EXAMPLE_RUNS = 3  # per mode; the abort at exit it guards against came in about half the runs
+
+
+def start_example(*args):
     script = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "ddp_finetune.py")
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          script, "--fsdp", "--epochs", "1", "--pretrain-epochs", "1"],
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "2 processes, fsdp, strategy bvgls; extra communication: one all-reduce of 8 float64 = 64 bytes" \
-        in out.stdout
-    assert "epoch 1: train loss" in out.stdout
-    assert "all 2 ranks selected the same groups in all 10 steps" in out.stdout
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             script, "--epochs", "1", "--pretrain-epochs", "1", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_example_script_under_torchrun_runs_and_exits_cleanly():
+    pytest.importorskip("sklearn")
+    for run in range(EXAMPLE_RUNS):
+        procs = {"ddp": start_example(), "fsdp": start_example("--fsdp")}  # two at a time: start-up dominates
+        for mode, proc in procs.items():
+            out, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0 and "terminate called" not in err, (mode, run, err[-3000:])
+            extra = "one all-reduce of 8 float64 = 64 bytes" if mode == "fsdp" else "none beyond the data-parallel"
+            assert f"2 processes, {mode}, strategy bvgls; extra communication: {extra}" in out
+            assert "epoch 1: train loss" in out
+            assert "all 2 ranks selected the same groups in all 10 steps" in out
 
 
 def test_setup_outside_distributed_is_a_no_op():

@@ -9,6 +9,7 @@ from torch import nn
 
 import bvgls
 from bvgls.reference import NaiveBVR
+from tolerances import assert_ratios_match, clear_top_k, largest_bias
 
 
 def small_cnn(channels_last=False):
@@ -77,15 +78,21 @@ def test_matches_naive_implementation_for_20_steps(channels_last):
     model = small_cnn(channels_last)
     groups, opt, sel = make(model, lr=0.05, momentum=0.9)
     naive = NaiveBVR([ps for _, ps in groups.named_param_lists()])
+    compared = 0
     for step in range(20):
         opt.zero_grad()
         backward(model, step, channels_last)
         ref = naive.update()
         sel.step()
-        if step > 0:  # step 1: ours uses the exact variance 0, the naive one rounding noise
-            ours = sel.ratios.tolist()
-            assert max(abs(o - r) / abs(r) for o, r in zip(ours, ref)) <= 1e-4
-            assert sel.selected == sorted(range(len(ref)), key=lambda i: -ref[i])[:1]
+        if step == 0:  # step 1: ours uses the exact variance 0, the naive one rounding noise
+            assert sel.selected == largest_bias([[p.grad for p in ps] for ps in sel.group_params])
+            continue
+        assert_ratios_match(sel.ratios.tolist(), ref, f"step {step + 1}")
+        expected = clear_top_k(ref)
+        if expected is not None:  # a near-tie is decided by rounding, in either implementation
+            assert sel.selected == expected
+            compared += 1
+    assert compared >= 15
 
 
 def test_matches_naive_on_large_tensors_that_are_chunked():
@@ -163,7 +170,7 @@ def test_gradient_accumulation_takes_statistics_once_on_the_summed_gradient():
         ref = naive.update()
         sel.step()
     assert sel.num_steps == 3
-    assert sel.ratios.tolist() == pytest.approx(ref, rel=1e-4)
+    assert_ratios_match(sel.ratios.tolist(), ref)
 
 
 def test_grad_scaler_skipped_step_does_not_touch_statistics():
@@ -198,7 +205,7 @@ def test_grad_scaler_skipped_step_does_not_touch_statistics():
     ref = naive.update()
     scaler.step(opt)
     assert sel.num_steps == 2
-    assert sel.ratios.tolist() == pytest.approx(ref, rel=1e-4)
+    assert_ratios_match(sel.ratios.tolist(), ref)
 
 
 def test_none_grads_are_skipped_and_gradless_groups_never_selected():
@@ -214,7 +221,10 @@ def test_none_grads_are_skipped_and_gradless_groups_never_selected():
         ref = naive.update()
         sel.step()
         assert math.isnan(sel.ratios[2].item()) and 2 not in sel.selected
-        assert sel.ratios[:2].tolist() == pytest.approx(ref[:2], rel=1e-5)
+        if step == 0:  # variance exactly 0, clamped; the naive v_hat - m_hat^2 is rounding noise here
+            assert sel.variance[:2].tolist() == [1e-10, 1e-10]
+        else:
+            assert_ratios_match(sel.ratios[:2].tolist(), ref[:2], f"step {step + 1}")
     assert sel.counts[2] == 0
 
 
