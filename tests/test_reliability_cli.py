@@ -19,7 +19,8 @@ import pytest
 import torch
 from conftest import write_image_folder
 
-TINY = ("--model", "tiny-cnn", "--weights", "none", "--batch-size", "8", "--lr", "0.05", "--no-progress")
+MODEL = ("--model", "tiny-cnn", "--weights", "none", "--batch-size", "8")
+TINY = (*MODEL, "--lr", "0.05", "--no-progress")
 READ_ONLY = "/sys/bvgls-reliability-test/out"  # mkdir there fails, even for root
 MARKER_NAME = "unpickled-marker"
 
@@ -106,7 +107,7 @@ def compare_dir(colors, tmp_path_factory):
     """A finished one-cell compare grid (full, lr 0.05, --augment none); tests copy it."""
     out = tmp_path_factory.mktemp("cmp") / "out"
     res = bvgls("compare", "--data", colors, "--out", out, "--strategies", "full", "--seeds", "0", "--lrs", "0.05",
-                "--epochs", "1", "--augment", "none", *TINY[:6], "--no-progress")
+                "--epochs", "1", "--augment", "none", *MODEL, "--no-progress")
     assert res.returncode == 0, res.stdout + res.stderr
     return out
 
@@ -251,7 +252,7 @@ def test_stray_single_lr_run_is_named(compare_dir, colors, tmp_path):
     # and the refusal comes before training a run that could never be reported
     out = copy_run(compare_dir, tmp_path / "out")
     res = bvgls("compare", "--data", colors, "--out", out, "--strategies", "full", "--seeds", "0", "--lrs", "0.1",
-                "--epochs", "1", "--augment", "none", *TINY[:6], "--no-progress")
+                "--epochs", "1", "--augment", "none", *MODEL, "--no-progress")
     assert_one_line_error(res, os.path.join("runs", "colors", "full", "lr0.05"))
     assert not (out / "runs" / "colors" / "full" / "lr0.1").exists()
 
@@ -261,7 +262,7 @@ def test_strategy_list_whitespace_is_stripped(colors, tmp_path):
     # issue 10 item 10: --strategies "full, bvgls" recorded " bvgls" with a leading space
     out = tmp_path / "out"
     res = bvgls("compare", "--data", colors, "--out", out, "--strategies", "full, bvgls", "--seeds", "0",
-                "--lrs", "0.05", "--epochs", "1", *TINY[:6], "--no-progress")
+                "--lrs", "0.05", "--epochs", "1", *MODEL, "--no-progress")
     assert res.returncode == 0, res.stdout + res.stderr
     assert sorted(r["strategy"] for r in read_csv(out / "results.csv")) == ["bvgls", "full"]
     config = json.loads((out / "runs" / "colors" / "bvgls" / "lr0.05" / "seed0" / "config.json").read_text())
@@ -280,7 +281,7 @@ def test_strategy_list_whitespace_is_stripped(colors, tmp_path):
 def test_non_finite_setting_is_rejected_up_front(command, option, value, colors, tmp_path):
     # issue 10 item 5: reject --lr inf, --momentum nan and the like before anything runs
     out = tmp_path / "out"
-    args = [a for a in TINY if a not in ("--lr", "0.05")]
+    args = (*MODEL, "--no-progress")
     if command == "finetune":
         res = bvgls("finetune", "--data", colors, "--epochs", "1", "--out", out, *args, option, value)
     else:
@@ -295,7 +296,7 @@ def test_diverged_finetune_is_reported(colors, tmp_path):
     # issue 10 item 5: --lr 1e30 trains to NaN; finetune crashed at the end formatting None
     run = tmp_path / "run"
     res = bvgls("finetune", "--data", colors, "--epochs", "1", "--out", run, "--strategy", "full",
-                *[a for a in TINY if a not in ("--lr", "0.05")], "--lr", "1e30")
+                *MODEL, "--no-progress", "--lr", "1e30")
     output = res.stdout + res.stderr
     assert "Traceback" not in output, output[-3000:]
     assert "diverged" in output.lower(), output
@@ -307,7 +308,7 @@ def test_diverged_compare_run_is_marked(colors, tmp_path):
     # issue 10 item 5: in compare a NaN model got a plausible test error in table.md
     out = tmp_path / "out"
     res = bvgls("compare", "--data", colors, "--out", out, "--strategies", "full", "--seeds", "0", "--lrs", "1e30",
-                "--epochs", "1", *TINY[:6], "--no-progress")
+                "--epochs", "1", *MODEL, "--no-progress")
     output = res.stdout + res.stderr
     assert "Traceback" not in output, output[-3000:]
     rows = read_csv(out / "results.csv")
@@ -321,7 +322,7 @@ def test_compare_rerun_with_other_augment(compare_dir, colors, tmp_path):
     # issue 10 item 7: --augment is not checked on a rerun: seeds with different augmentation were averaged
     out = copy_run(compare_dir, tmp_path / "out")
     res = bvgls("compare", "--data", colors, "--out", out, "--strategies", "full", "--seeds", "0", "--lrs", "0.05",
-                "--epochs", "1", "--augment", "light", *TINY[:6], "--no-progress")
+                "--epochs", "1", "--augment", "light", *MODEL, "--no-progress")
     if res.returncode != 0:  # refused ...
         assert_one_line_error(res, "augment")
     else:  # ... or kept apart: the light run is trained, not the none run reused
@@ -334,7 +335,7 @@ def test_compare_lrs_beyond_six_digits_do_not_share_a_run(colors, tmp_path):
     # issue 10 item 7: lrs that differ beyond 6 significant digits shared one run directory
     out = tmp_path / "out"
     res = bvgls("compare", "--data", colors, "--out", out, "--strategies", "full", "--seeds", "0",
-                "--lrs", "0.0123456,0.01234561", "--val-fraction", "0.34", "--epochs", "1", *TINY[:6], "--no-progress")
+                "--lrs", "0.0123456,0.01234561", "--val-fraction", "0.34", "--epochs", "1", *MODEL, "--no-progress")
     assert res.returncode == 0, res.stdout + res.stderr
     assert sorted(float(r["lr"]) for r in read_csv(out / "results.csv")) == [0.0123456, 0.01234561]
     assert len(os.listdir(out / "runs" / "colors" / "full")) == 2

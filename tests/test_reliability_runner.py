@@ -202,8 +202,8 @@ def test_one_class_data_is_refused_by_finetune(tmp_path):
     x = torch.randn(8, 3, 16, 16)
     one = TensorDataset(x, torch.zeros(8, dtype=torch.long))
     with pytest.raises(ValueError, match="class"):
-        bvgls.finetune(tiny_model(), DatasetSplits(one, one, 1), "full", epochs=1, lr=0.05, batch_size=8, progress=False,
-                       out_dir=tmp_path / "run")
+        bvgls.finetune(tiny_model(), DatasetSplits(one, one, 1), "full", epochs=1, lr=0.05, batch_size=8,
+                       progress=False, out_dir=tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 
