@@ -168,6 +168,8 @@ def _torchvision_builder(arch: str, size: int = 224):
     return build
 
 
+torchvision_builder = _torchvision_builder  # public: bvgls.pretrained.register registers more families
+
 for _arch in ("resnet18", "resnet50", "wide_resnet50_2", "vit_b_16"):
     MODELS.register(_arch)(_torchvision_builder(_arch))
 

@@ -76,6 +76,6 @@ class ModelInput:
 
 
 #: name -> build(num_classes: int, weights: str | None = None) -> nn.Module (with .bvgls_input)
-MODELS: Registry = Registry("model", lazy_modules=("bvgls.offline",))
+MODELS: Registry = Registry("model", lazy_modules=("bvgls.offline", "bvgls.pretrained.register"))
 #: name -> build(root: str, *, download: bool, input: ModelInput) -> DatasetSplits
-DATASETS: Registry = Registry("dataset", lazy_modules=("bvgls.offline",))
+DATASETS: Registry = Registry("dataset", lazy_modules=("bvgls.offline", "bvgls.pretrained.register"))
