@@ -12,8 +12,8 @@ Nothing heavy is imported until a builder runs.
 from __future__ import annotations
 
 from ..models import ModelError, torchvision_builder
-from ..registry import MODELS
-BUILD_HINT = "bash scripts/setup_pretrained.sh"
+from ..registry import DATASETS, MODELS, DatasetSplits, ModelInput
+from .tasks import BUILD_HINT, TASK_SPECS
 
 TORCHVISION_FAMILIES = ("mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small", "efficientnet_b0",
                         "efficientnet_v2_s", "convnext_tiny", "regnet_y_400mf", "densenet121", "swin_t",
@@ -61,3 +61,16 @@ def _efficientnet_lite0(num_classes: int, weights: str | None = None):
         raise ModelError(f"the EfficientNet-Lite0 ImageNet weights are not set up ({path} is missing); "
                          f"run: {BUILD_HINT} (or pass --weights none)")
     return timm_efficientnet_lite0(num_classes, path)
+
+
+def _task_builder(name: str):
+    def build(root: str, *, download: bool = False, input: ModelInput, augment: str = "light") -> DatasetSplits:
+        from .tasks import load_task
+
+        return load_task(name, root=root, input=input, augment=augment)
+    build.__doc__ = TASK_SPECS[name].help
+    return build
+
+
+for _name in TASK_SPECS:
+    DATASETS.register(_name)(_task_builder(_name))
