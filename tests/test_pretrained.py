@@ -197,6 +197,15 @@ def test_a_class_too_small_for_the_split_is_an_error(tmp_path, fake_clipart):
         tasks.build_task("clipart-fine", tmp_path / "x", source_root=fake_clipart, log=lambda s: None)
 
 
+def test_build_task_never_overwrites_a_folder_it_did_not_write(tmp_path, fake_clipart):
+    precious = tmp_path / "home"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="is not a bvgls task folder"):
+        tasks.build_task("clipart-fine", precious, source_root=fake_clipart, log=lambda s: None)
+    assert (precious / "notes.txt").read_text() == "keep me"
+
+
 def _fake_emoji_tree(root: Path) -> None:
     spec = tasks.TASK_SPECS["emoji-sub"]
     meta, chars, icons = [], {}, {}

@@ -323,6 +323,7 @@ def build_task(name: str, out_dir: str | os.PathLike | None = None, seed: int = 
     if manifest_path.is_file() and json.loads(manifest_path.read_text()).get("key") == key:
         log(f"{name}: present at {out}")
         return out
+    _check_replaceable(out)
     root = Path(source_root) if source_root is not None else ensure_sources(spec.source, log)
     skipped: list[str] = []
     if spec.source == "emoji":
@@ -333,20 +334,38 @@ def build_task(name: str, out_dir: str | os.PathLike | None = None, seed: int = 
         items, render = clipart_items(root, spec, skipped), render_clipart
         inputs, vendors = {}, {"train": "openclipart", "val": "openclipart", "test": "openclipart"}
     splits = draw_splits(items, spec, seed)
-    manifest = _write_images(splits, out, render, vendors)
+    staging = out.with_name(f".{out.name}.partial")  # an interrupted build leaves only this behind
+    manifest = _write_images(splits, staging, render, vendors)
     manifest.update(key=key, task=name, format=TASK_FORMAT, seed=seed, resolution=RESOLUTION,
                     classes=list(spec.classes), sources=_sources_record(spec, root), inputs=inputs,
                     skipped=skipped, available={label: len(v) for label, v in items.items()})
-    manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    (staging / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(staging, out)
     counts = manifest["counts"]
     log(f"{name}: built {out} ({len(spec.classes)} classes; "
         + ", ".join(f"{s} {sum(c[s] for c in counts.values())}" for s in ("train", "val", "test")) + ")")
     return out
 
 
+def _check_replaceable(out: Path) -> None:
+    """Refuse to overwrite a folder that is neither empty nor an earlier build of a task."""
+    manifest = out / "manifest.json"
+    if out.is_dir() and any(out.iterdir()):
+        try:
+            ours = json.loads(manifest.read_text()).get("format") == TASK_FORMAT
+        except (OSError, ValueError):
+            ours = False
+        if not ours:
+            raise ValueError(f"{out} exists and is not a bvgls task folder; pass a new or empty output folder")
+    elif out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a folder")
+
+
 def _write_images(splits: dict[str, dict[str, list[Item]]], out: Path, render: Callable,
                   vendors: dict[str, str]) -> dict:
-    """Render every split into ``out`` (replacing an older build); the manifest's image records."""
+    """Render every split into a fresh ``out``; the manifest's image records."""
     if out.exists():
         shutil.rmtree(out)
     records, counts = [], {}
