@@ -79,8 +79,8 @@ def setup_mobilenet_v2(log: Log = print) -> Path:
 def setup_efficientnet_lite0(log: Log = print) -> Path:
     """Convert Google's EfficientNet-Lite0 to timm's layout into the hub cache (idempotent); its path."""
     target = efficientnet_lite0_path()
-    if target.is_file():
-        log(f"efficientnet_lite0 ImageNet weights: present at {target}")
+    if target.is_file() and converted_from(target) == LITE0_SHA256:
+        log(f"efficientnet_lite0 ImageNet weights: present at {target} (converted from the pinned file)")
         return target
     import torch
     from safetensors.torch import save_file
@@ -95,6 +95,17 @@ def setup_efficientnet_lite0(log: Log = print) -> Path:
     os.replace(tmp, target)
     log(f"efficientnet_lite0 ImageNet weights: converted to {target} (source SHA-256 verified, strict load)")
     return target
+
+
+def converted_from(path: Path) -> str | None:
+    """The source SHA-256 a converted safetensors file records, or None if it is unreadable."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("source_sha256")
+    except Exception:  # noqa: BLE001 - any unreadable file is simply converted again
+        return None
 
 
 def check_strict_load(path: Path, model) -> None:
