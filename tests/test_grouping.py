@@ -66,7 +66,7 @@ def test_generic_module_groups_by_top_level_children_through_wrappers():
     model.scale = nn.Parameter(torch.ones(1))  # a parameter held by the root itself
     groups = bvgls.layer_groups(model)
     assert groups.scheme == "generic"
-    assert groups.names == ["root.params", "body"]
+    assert groups.names == ["root.params", "body.0", "body.2", "body.3"]  # body dominates: split into its layers
     inner = Net()
     groups = bvgls.layer_groups(inner)  # single-child wrapper: descend into body
     assert groups.names == ["body.0", "body.2", "body.3"]

@@ -182,7 +182,33 @@ def _by_rules(model: nn.Module, order: list[str], rule: Callable[[str], str]) ->
 @register_grouping("generic", detect=lambda m: True)
 def _generic(model: nn.Module) -> dict[str, NamedParams]:
     """Top-level children in registration order, descending through single-child
-    wrappers; parameters held directly by a module come first, as "<name>.params"."""
+    wrappers; parameters held directly by a module come first, as "<name>.params".
+    Where that gives fewer than 3 groups and one child is a ``Sequential``/``ModuleList``
+    holding most of the parameters (e.g. ``features`` + ``classifier``), that child is
+    split into its own children, so selection has stages to choose from."""
+    prefix, module = _unwrap_single_children(model)
+    groups = _children_groups(module, prefix)
+    if len(groups) < 3:
+        total = sum(p.numel() for p in model.parameters())
+        for name, child in module.named_children():
+            held = sum(p.numel() for p in child.parameters())
+            if isinstance(child, (nn.Sequential, nn.ModuleList)) and 2 * held > total:
+                inner = _children_groups(child, f"{prefix}{name}.")
+                if len(inner) >= 2:
+                    groups = _splice(groups, prefix + name, inner)
+                break
+    return groups
+
+
+def _splice(groups: dict[str, NamedParams], key: str, inner: dict[str, NamedParams]) -> dict[str, NamedParams]:
+    """``groups`` with the group ``key`` replaced, in place, by the groups ``inner``."""
+    out: dict[str, NamedParams] = {}
+    for name, items in groups.items():
+        out.update(inner if name == key else {name: items})
+    return out
+
+
+def _unwrap_single_children(model: nn.Module) -> tuple[str, nn.Module]:
     prefix, module = "", model
     while True:
         children = [(n, c) for n, c in module.named_children() if any(True for _ in c.parameters())]
@@ -190,13 +216,19 @@ def _generic(model: nn.Module) -> dict[str, NamedParams]:
             name, module = children[0]
             prefix += name + "."
             continue
-        break
+        return prefix, module
+
+
+def _children_groups(module: nn.Module, prefix: str) -> dict[str, NamedParams]:
+    """``{prefix + child: its parameters}``, the module's own parameters first."""
     groups: dict[str, NamedParams] = {}
     own = [(prefix + n, p) for n, p in module.named_parameters(recurse=False)]
     if own:
         groups[(prefix or "root.") + "params"] = own
     for name, child in module.named_children():
-        groups[prefix + name] = [(f"{prefix}{name}.{n}", p) for n, p in child.named_parameters()]
+        items = [(f"{prefix}{name}.{n}", p) for n, p in child.named_parameters()]
+        if items:
+            groups[prefix + name] = items
     return groups
 
 
@@ -204,6 +236,171 @@ def _generic(model: nn.Module) -> dict[str, NamedParams]:
 def _per_tensor(model: nn.Module) -> dict[str, NamedParams]:
     """One group per parameter tensor (what BVG-TS selects from)."""
     return {n: [(n, p)] for n, p in model.named_parameters()}
+
+
+# ---------------------------------------------------------------------- torchvision families
+# Stage groups as the paper groups ResNets: stem, one group per stage (a change of resolution
+# or width; a downsampling layer goes with the stage it starts), the final 1x1 conv where the
+# family has one, and the head (with the final norm where there is one). Detected by class
+# name (torchvision's, or a subclass) plus the attributes the rule uses.
+def _has_class(model: nn.Module, *names: str) -> bool:
+    return any(cls.__name__ in names for cls in type(model).__mro__)
+
+
+def _child_index_rule(container: str, label: Callable[[int], str], other: Callable[[str], str]):
+    """rule(name): ``label(i)`` for parameters under ``container.<i>.``, else ``other(name)``."""
+    head = container + "."
+
+    def rule(name: str) -> str:
+        if name.startswith(head):
+            return label(int(name[len(head):].split(".", 1)[0]))
+        return other(name)
+    return rule
+
+
+def _head_rule(name: str) -> str:
+    return "head"
+
+
+def _out_channels(block: nn.Module) -> int | None:
+    convs = [m for m in block.modules() if isinstance(m, nn.Conv2d)]
+    return convs[-1].out_channels if convs else None
+
+
+def _is_mobilenet(model: nn.Module) -> bool:
+    return _has_class(model, "MobileNetV2", "MobileNetV3") and isinstance(getattr(model, "features", None),
+                                                                         nn.Sequential) and hasattr(model, "classifier")
+
+
+@register_grouping("mobilenet", detect=_is_mobilenet)
+def _mobilenet(model: nn.Module) -> dict[str, NamedParams]:
+    """torchvision MobileNetV2/V3: stem, one stage per run of blocks of one output width, final conv, head."""
+    n = len(model.features)
+    labels, stage, width = {0: "stem", n - 1: "final"}, 0, None
+    for i in range(1, n - 1):
+        out = _out_channels(model.features[i])
+        if out != width:
+            stage, width = stage + 1, out
+        labels[i] = f"stage{stage}"
+    order = ["stem"] + [f"stage{k}" for k in range(1, stage + 1)] + ["final", "head"]
+    return _by_rules(model, order, _child_index_rule("features", labels.__getitem__, _head_rule))
+
+
+def _is_efficientnet(model: nn.Module) -> bool:
+    return _has_class(model, "EfficientNet") and isinstance(getattr(model, "features", None), nn.Sequential)
+
+
+@register_grouping("efficientnet", detect=_is_efficientnet)
+def _efficientnet(model: nn.Module) -> dict[str, NamedParams]:
+    """torchvision EfficientNet B0-B7 / V2: stem, each stage (``features[1..-2]``), final conv, head."""
+    n = len(model.features)
+
+    def label(i: int) -> str:
+        return "stem" if i == 0 else "final" if i == n - 1 else f"stage{i}"
+    return _by_rules(model, ["stem"] + [f"stage{i}" for i in range(1, n - 1)] + ["final", "head"],
+                     _child_index_rule("features", label, _head_rule))
+
+
+def _is_downsampled_stages(model: nn.Module) -> bool:
+    return _has_class(model, "ConvNeXt", "SwinTransformer") and isinstance(getattr(model, "features", None),
+                                                                            nn.Sequential)
+
+
+@register_grouping("convnext-swin", detect=_is_downsampled_stages)
+def _downsampled_stages(model: nn.Module) -> dict[str, NamedParams]:
+    """torchvision ConvNeXt / Swin: stem (patch embedding), 4 stages (each with the downsampling
+    or patch merging before it), head (final norm + classifier)."""
+    n = len(model.features)
+
+    def label(i: int) -> str:
+        return "stem" if i == 0 else f"stage{i // 2 + 1}"
+    return _by_rules(model, ["stem"] + [f"stage{k}" for k in range(1, n // 2 + 1)] + ["head"],
+                     _child_index_rule("features", label, _head_rule))
+
+
+def _is_densenet(model: nn.Module) -> bool:
+    return _has_class(model, "DenseNet") and hasattr(getattr(model, "features", None), "denseblock1")
+
+
+@register_grouping("densenet", detect=_is_densenet)
+def _densenet(model: nn.Module) -> dict[str, NamedParams]:
+    """torchvision DenseNet: stem (conv0 + norm0), 4 stages (dense block, with the transition
+    before it), head (norm5 + classifier)."""
+    rx = re.compile(r"features\.(denseblock|transition)(\d+)\.")
+
+    def rule(name: str) -> str:
+        m = rx.match(name)
+        if m:
+            return f"stage{int(m.group(2)) + (m.group(1) == 'transition')}"
+        return "stem" if re.match(r"features\.(conv|norm)0\.", name) else "head"
+    blocks = sum(1 for n, _ in model.features.named_children() if n.startswith("denseblock"))
+    return _by_rules(model, ["stem"] + [f"stage{k}" for k in range(1, blocks + 1)] + ["head"], rule)
+
+
+def _is_regnet(model: nn.Module) -> bool:
+    return _has_class(model, "RegNet") and all(hasattr(model, a) for a in ("stem", "trunk_output", "fc"))
+
+
+@register_grouping("regnet", detect=_is_regnet)
+def _regnet(model: nn.Module) -> dict[str, NamedParams]:
+    """torchvision RegNet: stem, each trunk block (stage), head (fc)."""
+    names = [n for n, _ in model.trunk_output.named_children()]
+
+    def rule(name: str) -> str:
+        top, _, rest = name.partition(".")
+        if top == "trunk_output":
+            return f"stage{names.index(rest.split('.', 1)[0]) + 1}"
+        return "stem" if top == "stem" else "head"
+    return _by_rules(model, ["stem"] + [f"stage{k}" for k in range(1, len(names) + 1)] + ["head"], rule)
+
+
+def _is_maxvit(model: nn.Module) -> bool:
+    return _has_class(model, "MaxVit") and isinstance(getattr(model, "blocks", None), nn.ModuleList) \
+        and hasattr(model, "stem")
+
+
+@register_grouping("maxvit", detect=_is_maxvit)
+def _maxvit(model: nn.Module) -> dict[str, NamedParams]:
+    """torchvision MaxViT: stem, each stage (``blocks[i]``), head (classifier with its norm)."""
+    n = len(model.blocks)
+    rule = _child_index_rule("blocks", lambda i: f"stage{i + 1}",
+                             lambda name: "stem" if name.startswith("stem.") else "head")
+    return _by_rules(model, ["stem"] + [f"stage{k}" for k in range(1, n + 1)] + ["head"], rule)
+
+
+# ---------------------------------------------------------------------- timm models
+# timm declares each architecture's stages itself (``group_matcher``); ``coarse=True`` gives
+# stem, one group per stage, head, which is what layer selection needs.
+def _is_timm_model(model: nn.Module) -> bool:
+    return type(model).__module__.startswith("timm.") and callable(getattr(model, "group_matcher", None))
+
+
+def _timm_group_label(names: list[str]) -> str:
+    """A group's label: its parameters' distinct module paths up to the first index (``blocks.3``)."""
+    keys: list[str] = []
+    for name in names:
+        parts = name.split(".")
+        cut = next((k + 1 for k, part in enumerate(parts[:-1]) if part.isdigit()), 1)
+        key = ".".join(parts[:cut])
+        if key not in keys:
+            keys.append(key)
+    return "+".join(keys)
+
+
+@register_grouping("timm", detect=_is_timm_model)
+def _timm(model: nn.Module) -> dict[str, NamedParams]:
+    """timm models: the architecture's own ``group_matcher(coarse=True)`` stages, in order."""
+    from timm.models import group_parameters
+
+    by_id = group_parameters(model, model.group_matcher(coarse=True))
+    params = dict(model.named_parameters())
+    groups: dict[str, NamedParams] = {}
+    for k, gid in enumerate(sorted(by_id)):
+        names = list(by_id[gid])
+        label = "stem" if k == 0 else _timm_group_label(names)
+        groups[label if label not in groups else f"{label}#{k}"] = [(n, params[n]) for n in names]
+    return groups
+
 
 
 def _is_resnet(model: nn.Module) -> bool:

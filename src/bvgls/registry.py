@@ -118,8 +118,8 @@ class ModelInput:
 
 
 #: name -> build(num_classes: int, weights: str | None = None) -> nn.Module (with .bvgls_input)
-MODELS: Registry = Registry("model", lazy_modules=("bvgls.bench",), title="models (--model)", forms={
+MODELS: Registry = Registry("model", lazy_modules=("bvgls.bench", "bvgls.pretrained.register"), title="models (--model)", forms={
     "timm:<name>": "any timm model (needs timm)", "<model file>": "bvgls model.pt or a pickled nn.Module"})
 #: name -> build(root: str, *, download: bool, input: ModelInput) -> DatasetSplits
-DATASETS: Registry = Registry("dataset", lazy_modules=("bvgls.bench",), title="datasets (--data)", forms={
+DATASETS: Registry = Registry("dataset", lazy_modules=("bvgls.bench", "bvgls.pretrained.register"), title="datasets (--data)", forms={
     "<directory>": "ImageFolder root with train/ and test/ (or val/)"})

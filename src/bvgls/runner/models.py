@@ -134,7 +134,7 @@ def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
 
 
 # ---------------------------------------------------------------------- torchvision
-def _torchvision_builder(arch: str, size: int = 224):
+def torchvision_builder(arch: str, size: int = 224):
     def build(num_classes: int, weights: str | None = None) -> nn.Module:
         try:
             import torchvision
@@ -168,8 +168,10 @@ def _torchvision_builder(arch: str, size: int = 224):
     return build
 
 
+
+
 for _arch in ("resnet18", "resnet50", "wide_resnet50_2", "vit_b_16"):
-    MODELS.register(_arch)(_torchvision_builder(_arch))
+    MODELS.register(_arch)(torchvision_builder(_arch))
 
 
 # ---------------------------------------------------------------------- timm
