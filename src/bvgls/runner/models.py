@@ -168,8 +168,6 @@ def torchvision_builder(arch: str, size: int = 224):
     return build
 
 
-
-
 for _arch in ("resnet18", "resnet50", "wide_resnet50_2", "vit_b_16"):
     MODELS.register(_arch)(torchvision_builder(_arch))
 
