@@ -485,7 +485,7 @@ class GroupStrategy(metaclass=_AttachAfterInit):
     # ------------------------------------------------------------------ state
     def _options(self) -> dict[str, Any]:
         """The constructor options a checkpoint must agree with."""
-        return {"skip_unselected": self.skip_unselected, "lean": self.lean}
+        return {"skip_unselected": self.skip_unselected}
 
     def state_dict(self) -> dict[str, Any]:
         """The strategy's own state (save the optimizer's ``state_dict`` beside it): a

@@ -95,6 +95,9 @@ class _PeerStrategy(GroupStrategy):
         if not self.nonempty_groups:
             raise ValueError(f"{type(self).__name__}: every group is empty (groups: {self.group_names})")
 
+    def _options(self) -> dict[str, Any]:
+        return {**super()._options(), "freeze": self.lean}
+
     def _binary(self, active: Iterable[int]) -> list[float]:
         scales = [0.0] * self.num_groups
         for i in active:

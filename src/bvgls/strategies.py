@@ -159,9 +159,10 @@ def _linear(optimizer, groups=None, freeze=True):
 
 
 @register_strategy("bvgls", needs_all_gradients=True)
-def _bvgls(optimizer, groups=None, k=1, alpha=0.9):
-    """BVG-LS: the k groups with the largest gradient bias-variance ratio (paper: k=1)."""
-    return BVGLS(optimizer, k=k, alpha=alpha, groups=groups)
+def _bvgls(optimizer, groups=None, k=1, alpha=0.9, probe=1, static=None):
+    """BVG-LS: the k groups with the largest gradient bias-variance ratio (paper: k=1); probe=P: statistics
+    every P-th step, unselected groups frozen in between; static=N: keep the k most selected after N steps."""
+    return BVGLS(optimizer, k=k, alpha=alpha, groups=groups, probe=probe, static=static)
 
 
 @register_strategy("bvgls-skip", needs_all_gradients=True)
