@@ -336,7 +336,8 @@ class GroupStrategy(metaclass=_AttachAfterInit):
 
     def _set_step_rates(self, per_tensor: Sequence[float]) -> None:
         """Scale each param group's lr for this step (in place, or split where multipliers differ)."""
-        left_out = [(s == 0.0 and self.skip_unselected) or i in self._frozen for i, s in enumerate(per_tensor)]
+        skip = self.skip_unselected or self.lean  # lean: an unselected group is not updated at all
+        left_out = [(s == 0.0 and skip) or i in self._frozen for i, s in enumerate(per_tensor)]
         if all(s == 1.0 for s in per_tensor) and not any(left_out):
             return  # every tensor steps with its own lr: nothing to change
         change = _StepChange(self.optimizer.param_groups)

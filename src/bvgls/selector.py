@@ -20,7 +20,10 @@ selected. On the ``P - 1`` steps after a probe the statistics are **not** touche
 (they are an EMA over probe steps only, so with ``P > 1`` one EMA step spans ``P``
 optimizer steps), the selection of the last probe is kept, and every other group is
 frozen for real (``requires_grad=False``: no gradient, no optimizer update, no
-optimizer state). ``probe=1`` (default) is the paper's method, unchanged. A step
+optimizer state). Unselected groups skip the optimizer step on probe steps too (no
+learning-rate-0 step: no momentum, moment or weight-decay update, and no optimizer
+state for a group before it is first selected). ``probe=1`` (default) is the paper's
+method, unchanged. A step
 skipped for a non-finite gradient (here or by ``GradScaler``) is not counted, so the
 schedule is not advanced: the same step (probe or not) runs again. With gradient
 accumulation a probe covers the whole accumulated optimizer step, since freezing
