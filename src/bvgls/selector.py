@@ -121,6 +121,7 @@ class BVGLS(GroupStrategy):
         self.probe_selection: list[int] = []   # top-k of the last probe step
         self.probe_counts = [0] * self.num_groups  # selections on probe steps
         self.static_groups: list[int] | None = None  # the groups kept after ``static`` steps
+        self.probed = False  # did the last counted step update the statistics (``ratios`` are its own)?
 
     @staticmethod
     def _check_k(k, nonempty):
@@ -247,13 +248,17 @@ class BVGLS(GroupStrategy):
     def _plan_step(self):
         if not self.is_probe_step():
             kept = self.static_groups if self.static_groups is not None else self.probe_selection
-            return self._binary(kept) if self._gradients_finite() else None
+            if not self._gradients_finite():
+                return None
+            self.probed = False
+            return self._binary(kept)
         ok = self._fold_statistics()
         kk = self._num_to_select(self._num_present)
         top = torch.topk(self.ratios.nan_to_num(nan=-math.inf), kk).indices if kk > 0 else ok.new_zeros(0)
         flag, *chosen = torch.cat([ok.view(1).long(), top.long()]).tolist()  # the one host sync of a step
         if not flag:
             return None
+        self.probed = True
         self.probe_selection = sorted(chosen)
         for i in chosen:
             self.probe_counts[i] += 1
