@@ -194,16 +194,19 @@ class GroupStrategy(metaclass=_AttachAfterInit):
     def _attach(self) -> None:
         """Register the step hooks (after ``__init__``) and freeze for the first step in lean mode."""
         self._refuse_second_strategy(self.optimizer)
+        self._refuse_distributed_lean()
+        self._handles = [self.optimizer.register_step_pre_hook(self._pre_step),
+                         self.optimizer.register_step_post_hook(self._post_step)]
+        _ATTACHED[self.optimizer] = weakref.ref(self)
+        self._apply_freeze()
+
+    def _refuse_distributed_lean(self) -> None:
         if self.lean and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             raise ValueError(f"{type(self).__name__}: lean mode (freezing unselected groups between steps) is not "
                              "supported under torch.distributed (DDP / FSDP2): their gradient reducers expect the "
                              "same trainable parameters every step. Use it without freezing instead (e.g. "
                              "bvgls:probe=1, the paper's method, or freeze=False for lisa / bcd-cyclic / "
                              "gradual-unfreeze)")
-        self._handles = [self.optimizer.register_step_pre_hook(self._pre_step),
-                         self.optimizer.register_step_post_hook(self._post_step)]
-        _ATTACHED[self.optimizer] = weakref.ref(self)
-        self._apply_freeze()
 
     # ------------------------------------------------------------------ groups
     def _bind_groups(self, groups: GroupsSpec) -> None:
@@ -396,6 +399,8 @@ class GroupStrategy(metaclass=_AttachAfterInit):
         active = self._upcoming_active()
         keep = set(range(self.num_groups)) if active is None else set(active)
         wanted = {i for i, g in enumerate(self.param_group_index) if g not in keep}
+        if wanted - self._frozen:
+            self._refuse_distributed_lean()  # also when the process group started after the strategy
         for i in self._frozen - wanted:
             self.params[i].requires_grad_(True)
         newly = set()

@@ -364,7 +364,7 @@ class AutoRGN(_PeerStrategy):
 
     def _check_state(self, state: Mapping[str, Any]) -> None:
         super()._check_state(state)
-        if list(state["is_norm"]) != self.is_norm:
+        if list(state.get("is_norm", ())) != self.is_norm:
             raise ValueError("state_dict marks other parameters as normalisation layers than this AutoRGN; "
                              "build it with the same model / norm_params as the checkpoint")
 
