@@ -56,10 +56,12 @@ def measure(spec: str, args) -> dict:
         t0 = time.perf_counter()
         loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
+        if step < args.warmup:  # warm-up: forward and backward only, so the strategy's schedule
+            opt.zero_grad(set_to_none=True)  # (probe steps, draws, blocks) starts at the first timed step
+            continue
         strategy.step()
         opt.zero_grad(set_to_none=True)
-        if step >= args.warmup:
-            times.append(time.perf_counter() - t0)
+        times.append(time.perf_counter() - t0)
     state = strategy.state_bytes()
     strategy.remove()
     return {"spec": spec, "step_s": statistics.fmean(times), "step_s_median": statistics.median(times),
