@@ -8,8 +8,9 @@ split into the paper's 6 groups, SGD (momentum 0.9, Nesterov, weight decay 5e-4)
 inputs, CPU, ``--threads`` threads (default 2). Every variant runs in a **fresh
 subprocess**, so its peak RSS (``ru_maxrss``) is its own: model, activations, gradients,
 optimizer state and the strategy's statistics. Per variant: mean wall time per optimizer
-step (forward + backward + step, after ``--warmup`` untimed steps; probe steps included,
-so the mean is what a run pays), peak RSS, the optimizer and strategy state allocated at
+step (forward + backward + step; ``--warmup`` untimed forward/backward passes come first and
+take no step, so the strategy's first step, a probe step, is timed too: the mean is what a
+run pays), peak RSS, the optimizer and strategy state allocated at
 the end (``strategy.state_bytes()``), and how often each group was updated (the saving
 depends on it). Ratios are against ``full`` of the same run.
 
