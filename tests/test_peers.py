@@ -402,10 +402,15 @@ def test_python_api_matches_spec_strings():
     model = mlp()
     groups = layer_groups(model)
     opt = torch.optim.SGD(groups.param_groups(), lr=LR)
-    assert isinstance(LISA(opt, groups, K=10, gamma=1), LISA)
-    assert isinstance(BlockCoordinateDescent(opt, groups, order="ascending"), BlockCoordinateDescent)
+    lisa = LISA(opt, groups, K=10, gamma=1)
+    assert isinstance(lisa, LISA)
+    lisa.remove()  # one strategy per optimizer
+    bcd = BlockCoordinateDescent(opt, groups, order="ascending")
+    assert isinstance(bcd, BlockCoordinateDescent)
+    bcd.remove()
     g = GradualUnfreezing(opt, groups, every=2)
     assert "every=2 steps" in repr(g)
+    g.remove()
     assert math.isclose(make_strategy("llrd", opt, groups).multipliers[0], 0.75 ** 4)
 
 

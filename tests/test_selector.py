@@ -390,6 +390,7 @@ def test_load_state_dict_rejects_other_groups():
                                          {"params": [nn.Parameter(torch.zeros(1))]}], lr=0.1))
     with pytest.raises(ValueError, match="do not match"):
         other.load_state_dict(sel.state_dict())
+    sel.remove()  # one strategy per optimizer
     with pytest.raises(ValueError, match="not a BVGTS"):
         bvgls.BVGTS(sel.optimizer).load_state_dict(sel.state_dict())
 

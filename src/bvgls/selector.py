@@ -10,7 +10,29 @@ bias-correction ``c = 1 / (1 - a^t)``::
     BVR_l      = bias_l / variance_l
 
 All tensor work is done with ``torch._foreach_*`` kernels and a handful of small
-vector ops; the only device-to-host transfer per step is the top-k indices.
+vector ops; the only device-to-host transfer per step is the top-k indices (with
+the flag that says whether every gradient was finite).
+
+**Probe steps** (``probe=P``, lean BVG-LS): steps ``0, P, 2P, ...`` (0-based, counting
+optimizer steps that were taken) are *probe steps*: every group computes its
+gradient, the statistics are updated exactly as above and the top-k groups are
+selected. On the ``P - 1`` steps after a probe the statistics are **not** touched
+(they are an EMA over probe steps only, so with ``P > 1`` one EMA step spans ``P``
+optimizer steps), the selection of the last probe is kept, and every other group is
+frozen for real (``requires_grad=False``: no gradient, no optimizer update, no
+optimizer state). Unselected groups skip the optimizer step on probe steps too (no
+learning-rate-0 step: no momentum, moment or weight-decay update, and no optimizer
+state for a group before it is first selected). ``probe=1`` (default) is the paper's
+method, unchanged. A step
+skipped for a non-finite gradient (here or by ``GradScaler``) is not counted, so the
+schedule is not advanced: the same step (probe or not) runs again. With gradient
+accumulation a probe covers the whole accumulated optimizer step, since freezing
+changes only when an optimizer step ends.
+
+**Static** (``static=N``): steps ``0 .. N-1`` run as above (probes every ``P``-th
+step); after step ``N`` the ``k`` groups selected most often on the probe steps
+(ties: the group nearer the head) are kept for the rest of the run, the others
+frozen, and the gradient EMAs are freed (no statistics are needed any more).
 """
 
 from __future__ import annotations
@@ -21,17 +43,18 @@ from typing import Any
 
 import torch
 
-from .base import GroupsSpec, GroupStrategy, _as_named_lists
+from .base import GroupsSpec, GroupStrategy, as_named_lists, is_sharded, local_tensor
 
 _CHUNK = 1 << 16
 
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor (FSDP2 gradients); any other tensor as it is."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
 # (bias, v_sum) -> (bias, v_sum): e.g. an all-reduce when gradients are sharded (FSDP)
 SumReducer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
 
 
 class BVGLS(GroupStrategy):
@@ -55,15 +78,21 @@ class BVGLS(GroupStrategy):
         eps: lower clamp of the variance.
         reduce_sums: called with the per-group (bias, v_sum) vectors before the
             ratios are formed; used to all-reduce them when gradients are sharded.
+        probe: statistics and selection every ``probe``-th step, unselected groups
+            frozen in between (see the module docstring); 1 = the paper.
+        static: after ``static`` steps keep the ``k`` most often selected groups for
+            good (see the module docstring); None = never.
     """
 
     needs_all_gradients = True
 
     def __init__(self, optimizer: torch.optim.Optimizer, k: int = 1, alpha: float = 0.9,
                  groups: GroupsSpec = None, *, skip_unselected: bool = False, eps: float = 1e-10,
-                 reduce_sums: SumReducer | None = None):
+                 reduce_sums: SumReducer | None = None, probe: int = 1, static: int | None = None):
         if not 0.0 < float(alpha) < 1.0:
             raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+        self.probe = _positive_int("probe (steps between two probe steps)", probe)
+        self.static = None if static is None else _positive_int("static (probing steps before fixing)", static)
         super().__init__(optimizer, groups, skip_unselected=skip_unselected)
         nonempty = sum(1 for ps in self.group_params if ps)
         if nonempty < 2:
@@ -74,10 +103,12 @@ class BVGLS(GroupStrategy):
         self.alpha = float(alpha)
         self.eps = float(eps)
         self.reduce_sums = reduce_sums
+        self.lean = self.probe > 1 or self.static is not None
         n = len(self.params)
         self._device = self.params[0].device
         # float64 for the per-tensor scalars: bias and variance are differences of sums
         self._stat_dtype = torch.float32 if self._device.type == "mps" else torch.float64
+        self._sharded = any(is_sharded(p) for p in self.params)
         self._m: list[torch.Tensor | None] = [None] * n
         self._sq = torch.zeros(n, dtype=self._stat_dtype, device=self._device)
         self._t = torch.zeros(n, dtype=self._stat_dtype, device=self._device)
@@ -87,6 +118,10 @@ class BVGLS(GroupStrategy):
         self.ratios = torch.full((self.num_groups,), float("nan"), dtype=self._stat_dtype, device=self._device)
         self.bias = torch.zeros_like(self.ratios)
         self.variance = torch.zeros_like(self.ratios)
+        self.probe_selection: list[int] = []   # top-k of the last probe step
+        self.probe_counts = [0] * self.num_groups  # selections on probe steps
+        self.static_groups: list[int] | None = None  # the groups kept after ``static`` steps
+        self.probed = False  # did the last counted step update the statistics (``ratios`` are its own)?
 
     @staticmethod
     def _check_k(k, nonempty):
@@ -113,43 +148,58 @@ class BVGLS(GroupStrategy):
             self._index_cache[key] = cached
         return (idx, *cached)
 
-    @torch.no_grad()
     def update_statistics(self) -> torch.Tensor:
-        """Fold the current gradients into the EMAs and return the per-group ratios."""
+        """Fold the current gradients into the EMAs and return the per-group ratios
+        (unchanged if a gradient is not finite)."""
+        self._fold_statistics()
+        return self.ratios
+
+    @torch.no_grad()
+    def _fold_statistics(self) -> torch.Tensor:
+        """Fold the current gradients into the EMAs; returns a 0-dim bool tensor, False
+        (and every statistic untouched) when a gradient holds nan/inf. No host sync."""
+        if self._sharded and self.reduce_sums is None:
+            raise RuntimeError(f"{type(self).__name__}: the gradients are FSDP2-sharded DTensors, so each rank "
+                               "would select from its own shard; call bvgls.distributed.setup(strategy) once "
+                               "after creating the strategy (it sums the statistics over the ranks)")
         idx, index, group_mask, self._num_present = self._present()
-        if not idx:
-            self.ratios.fill_(float("nan"))
-            return self.ratios
-        grads = []
-        for i in idx:
-            g = _local(self.params[i].grad)
+        grads = self._present_gradients()  # raises if there is none
+        for g, i in zip(grads, idx):
             if g.is_sparse:
                 raise ValueError(f"{type(self).__name__} does not support sparse gradients")
             if self._m[i] is None:
                 self._m[i] = torch.zeros_like(g, memory_format=torch.preserve_format)
-            grads.append(g)
         ms = [self._m[i] for i in idx]
         a = self.alpha
-        torch._foreach_lerp_(ms, grads, 1.0 - a)  # m <- a m + (1 - a) g
         g_sq = self._squared_norms(grads)
+        ok = g_sq.isfinite().all()
+        for g in grads:  # the identity on a finite step; a non-finite one is skipped anyway
+            torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+        weight = ok.to(torch.float32) * (1.0 - a)  # 0 on a non-finite step: m + 0 * (g - m) = m
+        torch._foreach_lerp_(ms, grads, [weight] * len(ms))  # m <- a m + (1 - a) g
         m_sq = self._squared_norms(ms)
-        t = self._t.index_add_(0, index, torch.ones_like(g_sq)).index_select(0, index)
-        sq = self._sq.index_select(0, index).mul_(a).add_(g_sq, alpha=1.0 - a)
+        t = self._t.index_add_(0, index, ok.to(self._stat_dtype).expand(len(idx))).index_select(0, index)
+        old_sq = self._sq.index_select(0, index)
+        sq = torch.where(ok, old_sq.mul(a).add_(g_sq, alpha=1.0 - a), old_sq)
         self._sq.index_copy_(0, index, sq)
         correction = torch.pow(a, t).neg_().add_(1.0).reciprocal_()  # 1 / (1 - a^t)
         bias_i = m_sq.mul_(correction.square())
         # at a tensor's first step m_hat = g and v_hat = g^2 exactly: its variance is 0,
         # not the rounding noise of v_hat - m_hat^2
-        v_i = torch.where(t == 1, bias_i, sq.mul_(correction))
+        v_i = torch.where(t == 1, bias_i, sq * correction)
         groups = self._group_of.index_select(0, index)
         bias = torch.zeros_like(self.ratios).index_add_(0, groups, bias_i)
         v_sum = torch.zeros_like(self.ratios).index_add_(0, groups, v_i)
         if self.reduce_sums is not None:
+            # a non-finite shard on any rank makes every rank skip the step
+            v_sum = torch.where(ok, v_sum, torch.nan)
             bias, v_sum = self.reduce_sums(bias, v_sum)
+            ok = v_sum.isfinite().all() & bias.isfinite().all()
         variance = (v_sum - bias).clamp_min_(self.eps)
-        self.bias, self.variance = bias, variance
-        self.ratios = torch.where(group_mask, bias / variance, torch.nan)
-        return self.ratios
+        self.bias = torch.where(ok, bias, self.bias)
+        self.variance = torch.where(ok, variance, self.variance)
+        self.ratios = torch.where(ok, torch.where(group_mask, bias / variance, torch.nan), self.ratios)
+        return ok
 
     def _squared_norms(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         """``||x||^2`` of every tensor, as one vector in the statistics dtype.
@@ -181,38 +231,102 @@ class BVGLS(GroupStrategy):
     def _num_to_select(self, num_present: int) -> int:
         return min(self.k, num_present)
 
-    def _plan(self):
-        self.update_statistics()
-        kk = self._num_to_select(self._num_present)
+    # ------------------------------------------------------------------ selection
+    def is_probe_step(self, step: int | None = None) -> bool:
+        """Does (0-based) optimizer step ``step`` (default: the next one) update the statistics?"""
+        step = self.num_steps if step is None else step
+        if self.static is not None and step >= self.static:
+            return False
+        return step % self.probe == 0
+
+    def _binary(self, active) -> list[float]:
         scales = [0.0] * self.num_groups
-        if kk > 0:
-            scores = self.ratios.nan_to_num(nan=-math.inf)
-            for i in torch.topk(scores, kk).indices.tolist():  # the one host sync of a step
-                scales[i] = 1.0
+        for i in active:
+            scales[i] = 1.0
         return scales
 
+    def _plan_step(self):
+        if not self.is_probe_step():
+            kept = self.static_groups if self.static_groups is not None else self.probe_selection
+            if not self._gradients_finite():
+                return None
+            self.probed = False
+            return self._binary(kept)
+        ok = self._fold_statistics()
+        kk = self._num_to_select(self._num_present)
+        top = torch.topk(self.ratios.nan_to_num(nan=-math.inf), kk).indices if kk > 0 else ok.new_zeros(0)
+        flag, *chosen = torch.cat([ok.view(1).long(), top.long()]).tolist()  # the one host sync of a step
+        if not flag:
+            return None
+        self.probed = True
+        self.probe_selection = sorted(chosen)
+        for i in chosen:
+            self.probe_counts[i] += 1
+        return self._binary(chosen)
+
+    def _plan(self):
+        return self._plan_step()
+
+    def _step_finished(self) -> None:
+        if self.static is not None and self.static_groups is None and self.num_steps >= self.static:
+            order = sorted(range(self.num_groups), key=lambda g: (self.probe_counts[g], g), reverse=True)
+            self.static_groups = sorted(order[:self._num_to_select(self.num_groups)])
+            self._m = [None] * len(self.params)  # the statistics are not needed any more
+
+    def _upcoming_active(self):
+        if self.static_groups is not None:
+            return self.static_groups
+        return None if self.is_probe_step() else self.probe_selection
+
+    def _statistics_bytes(self) -> list[int]:
+        return [0 if m is None else m.numel() * m.element_size() for m in self._m]
+
     # ------------------------------------------------------------------ state
+    def _options(self) -> dict[str, Any]:
+        return {**super()._options(), "k": self.k, "alpha": self.alpha, "eps": self.eps, "probe": self.probe,
+                "static": self.static}
+
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state.update(k=self.k, alpha=self.alpha, eps=self.eps, m=list(self._m), sq=self._sq.clone(),
-                     t=self._t.clone(), ratios=self.ratios.clone())
+        state.update(m=[None if b is None else b.clone() for b in self._m], sq=self._sq.clone(),
+                     t=self._t.clone(), ratios=self.ratios.clone(), bias=self.bias.clone(),
+                     variance=self.variance.clone(), probe_selection=list(self.probe_selection),
+                     probe_counts=list(self.probe_counts),
+                     static_groups=None if self.static_groups is None else list(self.static_groups))
         return state
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
+    def _check_state(self, state: Mapping[str, Any]) -> None:
+        super()._check_state(state)
+        missing = [k for k in ("m", "sq", "t", "ratios", "bias", "variance", "probe_selection", "probe_counts",
+                               "static_groups") if k not in state]
+        if missing:
+            raise ValueError(f"state_dict lacks {', '.join(missing)} (not a state of this bvgls version)")
         m = list(state["m"])
         if len(m) != len(self.params):
             raise ValueError(f"state_dict has {len(m)} gradient buffers for {len(self.params)} parameters")
         for i, (buf, p) in enumerate(zip(m, self.params)):
-            if buf is not None and buf.shape != _local(p).shape:  # FSDP2: the EMA is this rank's shard
-                raise ValueError(f"gradient buffer {i} has shape {tuple(buf.shape)}, parameter has "
-                                 f"{tuple(_local(p).shape)}")
-        self.alpha, self.eps = float(state["alpha"]), float(state["eps"])
-        self.k = state["k"]
-        self._m = [None if b is None else b.to(p.device, p.dtype).clone() for b, p in zip(m, self.params)]
-        self._sq = state["sq"].to(self._device, self._stat_dtype).clone()
-        self._t = state["t"].to(self._device, self._stat_dtype).clone()
-        self.ratios = state["ratios"].to(self._device, self._stat_dtype).clone()
+            if buf is not None and (not isinstance(buf, torch.Tensor) or buf.shape != local_tensor(p).shape):
+                # FSDP2: the EMA is this rank's shard
+                raise ValueError(f"gradient buffer {i} has shape {tuple(getattr(buf, 'shape', ()))}, parameter "
+                                 f"has {tuple(local_tensor(p).shape)}")
+        for key, size in (("sq", len(self.params)), ("t", len(self.params)), ("ratios", self.num_groups),
+                          ("bias", self.num_groups), ("variance", self.num_groups)):
+            if not isinstance(state[key], torch.Tensor) or tuple(state[key].shape) != (size,):
+                raise ValueError(f"state_dict entry {key!r} must be a tensor of shape ({size},)")
+        if len(state["probe_counts"]) != self.num_groups:
+            raise ValueError(f"state_dict has {len(state['probe_counts'])} probe counts for {self.num_groups} groups")
+        kept = list(state["probe_selection"]) + list(state["static_groups"] or [])
+        if any(not 0 <= int(i) < self.num_groups for i in kept):
+            raise ValueError(f"state_dict selects groups outside 0..{self.num_groups - 1}")
+
+    def _set_state(self, state: Mapping[str, Any]) -> None:
+        super()._set_state(state)
+        self._m = [None if b is None else b.to(p.device, p.dtype).clone() for b, p in zip(state["m"], self.params)]
+        self._sq, self._t, self.ratios, self.bias, self.variance = (
+            state[key].to(self._device, self._stat_dtype).clone() for key in ("sq", "t", "ratios", "bias", "variance"))
+        self.probe_selection = [int(i) for i in state["probe_selection"]]
+        self.probe_counts = [int(c) for c in state["probe_counts"]]
+        self.static_groups = None if state["static_groups"] is None else [int(i) for i in state["static_groups"]]
 
 
 class BVGTS(BVGLS):
@@ -235,7 +349,7 @@ class BVGTS(BVGLS):
             groups = groups.tensor_groups()
         else:  # one group per tensor of the given groups, names kept
             groups = [(f"{name}.{j}" if len(ps) > 1 else name, [p])
-                      for name, ps in _as_named_lists(groups) for j, p in enumerate(ps)]
+                      for name, ps in as_named_lists(groups) for j, p in enumerate(ps)]
         super().__init__(optimizer, k=1, alpha=alpha, groups=groups, skip_unselected=skip_unselected,
                          eps=eps, reduce_sums=reduce_sums)
         self.k = None
@@ -243,11 +357,5 @@ class BVGTS(BVGLS):
     def _num_to_select(self, num_present: int) -> int:
         return min(num_present, max(1, math.ceil(self.fraction * num_present)))
 
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["fraction"] = self.fraction
-        return state
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.fraction = float(state["fraction"])
+    def _options(self) -> dict[str, Any]:
+        return {**super()._options(), "fraction": self.fraction}

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..base import GroupsSpec, GroupStrategy, _as_named_lists
+from ..base import GroupsSpec, GroupStrategy, as_named_lists
 from ..selector import BVGLS, BVGTS
 from . import register_strategy
 
@@ -50,7 +50,7 @@ class FixedGroups(GroupStrategy):
 
 def count_groups(optimizer, groups) -> int:
     """How many groups a strategy on ``optimizer`` with ``groups`` would have."""
-    return len(optimizer.param_groups) if groups is None else len(_as_named_lists(groups))
+    return len(optimizer.param_groups) if groups is None else len(as_named_lists(groups))
 
 
 def full_finetuning(optimizer, groups=None) -> FixedGroups:
@@ -89,9 +89,10 @@ def _linear(optimizer, groups=None, freeze=True) -> FixedGroups:
 
 
 @register_strategy("bvgls")
-def _bvgls(optimizer, groups=None, k=1, alpha=0.9) -> BVGLS:
-    """BVG-LS: the k groups with the largest gradient bias-variance ratio (paper: k=1)."""
-    return BVGLS(optimizer, k=k, alpha=alpha, groups=groups)
+def _bvgls(optimizer, groups=None, k=1, alpha=0.9, probe=1, static=None) -> BVGLS:
+    """BVG-LS: the k groups with the largest gradient bias-variance ratio (paper: k=1); probe=P: statistics
+    every P-th step, unselected groups frozen in between; static=N: keep the k most selected after N steps."""
+    return BVGLS(optimizer, k=k, alpha=alpha, groups=groups, probe=probe, static=static)
 
 
 @register_strategy("bvgls-skip")

@@ -14,7 +14,15 @@ same optimizer, same budget. Registered spec strings (options after colons):
 
 Every strategy keeps its whole state (step counters, active set, random generator,
 RGN averages) in ``state_dict()``, so a resumed run makes the same choices as an
-uninterrupted one. Strategies that act per epoch need the training loop to call
+uninterrupted one.
+
+``lisa``, ``bcd-cyclic`` and ``gradual-unfreeze`` freeze for real by default
+(``freeze=True``, the lean mode of :mod:`bvgls.base`; their sources freeze layers): the
+groups the next step does not update get ``requires_grad=False`` as soon as the
+current step ends, so backward computes no gradient for them and stops below the
+lowest active group. ``freeze`` defaults to the value of ``skip``; ``freeze=False``
+keeps every gradient (the groups then only skip the optimizer step), and
+``skip=False`` (learning-rate-0 steps, which need the gradients) implies it. Strategies that act per epoch need the training loop to call
 ``strategy.on_epoch_start(epoch)`` (0-based); calling it again with the same epoch
 number (e.g. after resuming mid-epoch) does nothing. See ``docs/strategies.md``.
 """
@@ -59,6 +67,17 @@ def _choice(name: str, value: Any, choices: Sequence[str]) -> str:
     return value
 
 
+def _freeze_option(freeze: Any, skip: bool) -> bool:
+    """``freeze`` defaults to ``skip``; freezing without skipping is contradictory."""
+    if freeze is None:
+        return skip
+    freeze = _flag("freeze", freeze)
+    if freeze and not skip:
+        raise ValueError("freeze=True needs skip=True: a frozen group has no gradient, so it cannot take the "
+                         "learning-rate-0 step that skip=False asks for")
+    return freeze
+
+
 def _seed(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"seed must be a non-negative integer, got {value!r}")
@@ -77,8 +96,7 @@ class _PeerStrategy(GroupStrategy):
             raise ValueError(f"{type(self).__name__}: every group is empty (groups: {self.group_names})")
 
     def _options(self) -> dict[str, Any]:
-        """The constructor options a checkpoint must agree with."""
-        return {"skip_unselected": self.skip_unselected}
+        return {**super()._options(), "freeze": self.lean}
 
     def _binary(self, active: Iterable[int]) -> list[float]:
         scales = [0.0] * self.num_groups
@@ -97,21 +115,34 @@ class _PeerStrategy(GroupStrategy):
     def _epoch_started(self, epoch: int) -> None:
         """Subclass hook: a new epoch begins."""
 
+    def _ensure_plan(self) -> None:
+        """Make the active set that of step ``num_steps`` (idempotent: draws happen once per
+        window, in order, whether called when the previous step ends or when this one runs)."""
+
+    def _active(self) -> list[int]:
+        """The groups step ``num_steps`` updates (after :meth:`_ensure_plan`)."""
+        raise NotImplementedError
+
+    def _upcoming_active(self):
+        self._ensure_plan()
+        return self._active()
+
+    def _step_finished(self) -> None:
+        if self.lean:
+            self._ensure_plan()  # plan the next step now, so its frozen groups are known before its forward
+
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state.update(options=self._options(), epoch=self.epoch)
+        state["epoch"] = self.epoch
         return state
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if state.get("type") != type(self).__name__:
-            raise ValueError(f"state_dict is from a {state.get('type')}, not a {type(self).__name__}")
-        saved, mine = dict(state.get("options", {})), self._options()
-        if saved != mine:
-            diff = ", ".join(f"{k}: saved {saved.get(k)!r}, now {mine.get(k)!r}"
-                             for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k))
-            raise ValueError(f"state_dict of this {type(self).__name__} was saved with other options ({diff}); "
-                             "build the strategy with the options of the checkpoint")
-        super().load_state_dict(state)
+    def _check_state(self, state: Mapping[str, Any]) -> None:
+        super()._check_state(state)
+        if "epoch" not in state:
+            raise ValueError("state_dict lacks epoch (not a state of this bvgls version)")
+
+    def _set_state(self, state: Mapping[str, Any]) -> None:
+        super()._set_state(state)
         self.epoch = None if state["epoch"] is None else int(state["epoch"])
 
     def _rng_state(self, rng: torch.Generator) -> torch.Tensor:
@@ -331,11 +362,14 @@ class AutoRGN(_PeerStrategy):
                      tensor_weights=list(self.tensor_weights), is_norm=list(self.is_norm))
         return state
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        if list(state["is_norm"]) != self.is_norm:
+    def _check_state(self, state: Mapping[str, Any]) -> None:
+        super()._check_state(state)
+        if list(state.get("is_norm", ())) != self.is_norm:
             raise ValueError("state_dict marks other parameters as normalisation layers than this AutoRGN; "
                              "build it with the same model / norm_params as the checkpoint")
+
+    def _set_state(self, state: Mapping[str, Any]) -> None:
+        super()._set_state(state)
         self._rgn_sum = state["rgn_sum"].to(torch.float64).cpu().clone()
         self._rgn_count = state["rgn_count"].to(torch.float64).cpu().clone()
         self._saturated = state["saturated"].to(torch.bool).cpu().clone()
@@ -363,18 +397,22 @@ class LISA(_PeerStrategy):
     so runs are reproducible and do not disturb the global random state.
 
     In LISA the inactive layers are frozen (no gradient, no optimizer update), so by
-    default (``skip_unselected=True``) they skip the optimizer step entirely: no
-    momentum / Adam-moment / weight-decay update. ``skip_unselected=False`` steps them
-    with learning rate 0 instead (the BVG-LS convention).
+    default (``skip_unselected=True``, ``freeze=True``) they get ``requires_grad=False``
+    for the steps they are inactive and skip the optimizer step entirely: no
+    momentum / Adam-moment / weight-decay update. ``freeze=False`` keeps their
+    gradients (they still skip the step); ``skip_unselected=False`` steps them with
+    learning rate 0 instead (the BVG-LS convention; implies ``freeze=False``).
 
     Args:
         K: steps between two draws (paper: sampling period, default 20).
         gamma: number of middle groups active at a time (paper default 2).
         seed: seed of the draws.
+        freeze: freeze the inactive groups for real (default: ``skip_unselected``).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, groups: GroupsSpec = None, *,
-                 K: int = 20, gamma: int = 2, seed: int = 0, skip_unselected: bool = True):
+                 K: int = 20, gamma: int = 2, seed: int = 0, skip_unselected: bool = True,
+                 freeze: bool | None = None):
         self.K = _positive_int("K", K)
         if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma < 0:
             raise ValueError(f"gamma must be a non-negative integer, got {gamma!r}")
@@ -389,25 +427,36 @@ class LISA(_PeerStrategy):
                              f"({len(self.middle_groups)}: {[self.group_names[i] for i in self.middle_groups]})")
         self._rng = torch.Generator().manual_seed(self.seed)
         self.active: list[int] = []
+        self.window = -1  # the K-step window whose draw ``active`` holds
+        self.lean = _freeze_option(freeze, self.skip_unselected)
 
     def _options(self):
         return {**super()._options(), "K": self.K, "gamma": self.gamma, "seed": self.seed}
 
-    def _plan(self):
-        if self.num_steps % self.K == 0:
+    def _ensure_plan(self):
+        window = self.num_steps // self.K
+        if window != self.window:
             draw = torch.randperm(len(self.middle_groups), generator=self._rng)[:self.gamma].tolist()
             self.active = sorted({0, self.num_groups - 1, *(self.middle_groups[j] for j in draw)})
+            self.window = window
+
+    def _active(self):
+        return self.active
+
+    def _plan(self):
+        self._ensure_plan()
         return self._binary(self.active)
 
     def state_dict(self):
         state = super().state_dict()
-        state.update(rng=self._rng_state(self._rng), active=list(self.active))
+        state.update(rng=self._rng_state(self._rng), active=list(self.active), window=self.window)
         return state
 
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
+    def _set_state(self, state):
+        super()._set_state(state)
         self._rng.set_state(state["rng"].clone())
         self.active = [int(i) for i in state["active"]]
+        self.window = int(state["window"])
 
     def __repr__(self):
         return f"LISA(K={self.K}, gamma={self.gamma}, seed={self.seed}, groups={self.num_groups}, steps={self.num_steps})"
@@ -431,20 +480,23 @@ class BlockCoordinateDescent(_PeerStrategy):
     optimizer state afresh at each switch. Defaults match: inactive groups skip the
     optimizer step (``skip_unselected=True``) and ``reset_state=True`` clears the
     optimizer state (momentum buffer, Adam moments and step) of the newly active group
-    when it takes over.
+    when it takes over. The inactive groups are frozen for real (``freeze=True``,
+    default: ``requires_grad=False`` while inactive, so backward stops below the active
+    block and they get no gradient); ``freeze=False`` keeps their gradients.
 
     Args:
         K: steps per block (BAdam's ``switch_block_every``, default 50).
         order: ``"ascending"``, ``"descending"`` or ``"random"``.
         seed: seed of the random order.
         reset_state: clear the optimizer state of a group when it becomes active.
+        freeze: freeze the inactive groups for real (default: ``skip_unselected``).
     """
 
     ORDERS = ("ascending", "descending", "random")
 
     def __init__(self, optimizer: torch.optim.Optimizer, groups: GroupsSpec = None, *,
                  K: int = 50, order: str = "descending", seed: int = 0, reset_state: bool = True,
-                 skip_unselected: bool = True):
+                 skip_unselected: bool = True, freeze: bool | None = None):
         self.K = _positive_int("K", K)
         self.order = _choice("order", order, self.ORDERS)
         self.seed = _seed(seed)
@@ -454,6 +506,8 @@ class BlockCoordinateDescent(_PeerStrategy):
         self.cycle: list[int] = []  # the order of the current cycle
         self.position = -1          # index of the active group in ``cycle``
         self.active: int | None = None
+        self.block = -1             # the K-step block whose group ``active`` holds
+        self.lean = _freeze_option(freeze, self.skip_unselected)
 
     def _options(self):
         return {**super()._options(), "K": self.K, "order": self.order, "seed": self.seed,
@@ -467,29 +521,39 @@ class BlockCoordinateDescent(_PeerStrategy):
             return list(reversed(groups))
         return [groups[j] for j in torch.randperm(len(groups), generator=self._rng).tolist()]
 
+    def _ensure_plan(self):
+        block = self.num_steps // self.K
+        if block == self.block:
+            return
+        self.block = block
+        self.position += 1
+        if self.position >= len(self.cycle):
+            self.cycle, self.position = self._new_cycle(), 0
+        self.active = self.cycle[self.position]
+        if self.reset_state:
+            for p in self.group_params[self.active]:
+                self.optimizer.state.pop(p, None)
+
+    def _active(self):
+        return [self.active]
+
     def _plan(self):
-        if self.num_steps % self.K == 0:
-            self.position += 1
-            if self.position >= len(self.cycle):
-                self.cycle, self.position = self._new_cycle(), 0
-            self.active = self.cycle[self.position]
-            if self.reset_state:
-                for p in self.group_params[self.active]:
-                    self.optimizer.state.pop(p, None)
+        self._ensure_plan()
         return self._binary([self.active])
 
     def state_dict(self):
         state = super().state_dict()
         state.update(rng=self._rng_state(self._rng), cycle=list(self.cycle), position=self.position,
-                     active=self.active)
+                     active=self.active, block=self.block)
         return state
 
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
+    def _set_state(self, state):
+        super()._set_state(state)
         self._rng.set_state(state["rng"].clone())
         self.cycle = [int(i) for i in state["cycle"]]
         self.position = int(state["position"])
         self.active = None if state["active"] is None else int(state["active"])
+        self.block = int(state["block"])
 
     def __repr__(self):
         return f"BlockCoordinateDescent(K={self.K}, order={self.order!r}, groups={self.num_groups}, steps={self.num_steps})"
@@ -508,21 +572,24 @@ class GradualUnfreezing(_PeerStrategy):
 
     The per-epoch schedule needs the training loop to call ``on_epoch_start(epoch)``
     (0-based); if it never does, a warning is raised at the first step and the run
-    stays in epoch 0. Frozen groups skip the optimizer step (``skip_unselected=True``,
-    as a frozen layer has no gradient in ULMFiT); ULMFiT's other two ingredients,
+    stays in epoch 0. Frozen groups get ``requires_grad=False`` (``freeze=True``, default)
+    and skip the optimizer step (``skip_unselected=True``, as a frozen layer has no
+    gradient in ULMFiT); ULMFiT's other two ingredients,
     discriminative learning rates and slanted triangular schedules, are separate
     (see ``llrd`` and the runner's LR schedule).
 
     Args:
         every: unfreeze one group every ``every`` steps instead of every epoch.
+        freeze: freeze the groups not yet unfrozen for real (default: ``skip_unselected``).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, groups: GroupsSpec = None, *,
-                 every: int | None = None, skip_unselected: bool = True):
+                 every: int | None = None, skip_unselected: bool = True, freeze: bool | None = None):
         self.every = None if every is None else _positive_int("every", every)
         super().__init__(optimizer, groups, skip_unselected=_flag("skip", skip_unselected))
         self.unfrozen = 1  # number of unfrozen groups, counted from the top
         self._warned = False
+        self.lean = _freeze_option(freeze, self.skip_unselected)
 
     def _options(self):
         return {**super()._options(), "every": self.every}
@@ -530,24 +597,31 @@ class GradualUnfreezing(_PeerStrategy):
     def _epoch_started(self, epoch: int) -> None:
         if self.every is None:
             self.unfrozen = min(len(self.nonempty_groups), epoch + 1)
+            self._apply_freeze()  # before the epoch's first forward pass
 
-    def _plan(self):
+    def _ensure_plan(self):
         if self.every is not None:
             self.unfrozen = min(len(self.nonempty_groups), self.num_steps // self.every + 1)
-        elif self.epoch is None and not self._warned:
+
+    def _active(self):
+        return self.nonempty_groups[-self.unfrozen:]
+
+    def _plan(self):
+        self._ensure_plan()
+        if self.every is None and self.epoch is None and not self._warned:
             warnings.warn("gradual-unfreeze unfreezes one group per epoch through on_epoch_start(epoch), "
                           "which the training loop has not called; only the last group is trained "
                           "(call on_epoch_start at each epoch, or pass every=N steps)", stacklevel=4)
             self._warned = True
-        return self._binary(self.nonempty_groups[-self.unfrozen:])
+        return self._binary(self._active())
 
     def state_dict(self):
         state = super().state_dict()
         state["unfrozen"] = self.unfrozen
         return state
 
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
+    def _set_state(self, state):
+        super()._set_state(state)
         self.unfrozen = int(state["unfrozen"])
 
     def __repr__(self):
@@ -599,22 +673,23 @@ def _auto_rgn(optimizer, groups=None, refresh="epoch", batches=5, norm="freeze",
 
 
 @register_strategy("lisa", help="LISA: first + last group and gamma random middle groups, redrawn every K steps; "
-                                "options K=20, gamma=2, seed=0, skip=True")
-def _lisa(optimizer, groups=None, K=20, gamma=2, seed=0, skip=True):
-    return LISA(optimizer, groups, K=K, gamma=gamma, seed=seed, skip_unselected=skip)
+                                "options K=20, gamma=2, seed=0, skip=True, freeze=True")
+def _lisa(optimizer, groups=None, K=20, gamma=2, seed=0, skip=True, freeze=None):
+    return LISA(optimizer, groups, K=K, gamma=gamma, seed=seed, skip_unselected=skip, freeze=freeze)
 
 
 @register_strategy("bcd-cyclic", help="block coordinate descent (BAdam): one group at a time, next every K steps; "
-                                      "options K=50, order=descending|ascending|random, seed=0, reset_state=True")
-def _bcd_cyclic(optimizer, groups=None, K=50, order="descending", seed=0, reset_state=True, skip=True):
+                                      "options K=50, order=descending|ascending|random, seed=0, reset_state=True, freeze=True")
+def _bcd_cyclic(optimizer, groups=None, K=50, order="descending", seed=0, reset_state=True, skip=True,
+                freeze=None):
     return BlockCoordinateDescent(optimizer, groups, K=K, order=order, seed=seed, reset_state=reset_state,
-                                  skip_unselected=skip)
+                                  skip_unselected=skip, freeze=freeze)
 
 
 @register_strategy("gradual-unfreeze", help="gradual unfreezing (ULMFiT): the last group, then one more from the top "
-                                            "each epoch (or every=N steps)")
-def _gradual_unfreeze(optimizer, groups=None, every=None, skip=True):
-    return GradualUnfreezing(optimizer, groups, every=every, skip_unselected=skip)
+                                            "each epoch (or every=N steps); option freeze=True")
+def _gradual_unfreeze(optimizer, groups=None, every=None, skip=True, freeze=None):
+    return GradualUnfreezing(optimizer, groups, every=every, skip_unselected=skip, freeze=freeze)
 
 
 @register_strategy("llrd", help="layer-wise lr decay (BEiT/timm): lr of group l = lr * decay^(L-1-l); option decay=0.75")
