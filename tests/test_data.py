@@ -164,10 +164,12 @@ def test_model_file_formats(tmp_path):
     # a state dict alone has no architecture
     with pytest.raises(ModelError, match="--weights"):
         build_model(str(tmp_path / "sd.pth"), 3)
-    # 3. a whole pickled module
+    # 3. a whole pickled module: only when trusted (unpickling runs code from the file)
     torch.save(net, tmp_path / "whole.pt")
+    with pytest.raises(ModelError, match="trust_pickle"):
+        build_model(str(tmp_path / "whole.pt"), 3)
     with pytest.warns(UserWarning, match="trust"):
-        whole = build_model(str(tmp_path / "whole.pt"), 3).eval()
+        whole = build_model(str(tmp_path / "whole.pt"), 3, trust_pickle=True).eval()
     assert torch.equal(whole(x), net(x))
 
 

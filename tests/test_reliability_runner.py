@@ -6,7 +6,6 @@ trained or written; no file is unpickled unless the caller trusts it; a diverged
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 import shutil
@@ -18,6 +17,8 @@ from torch.utils.data import TensorDataset
 
 import bvgls
 from bvgls.registry import DatasetSplits
+from bvgls.runner import data as data_mod
+from bvgls.runner import grid, loop, models
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,21 +26,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def not_fixed(item):
     """Fails on the code before the fix; the implementer removes the mark with the fix."""
     return pytest.mark.xfail(strict=True, reason=f"issue 10 item {item}: not fixed yet")
-
-
-def runner_module(new: str, old: str):
-    """The runner moved in issue 9 (bvgls.train -> bvgls.runner.loop, ...); accept either layout.
-    Drop the fallback once the new layout is merged."""
-    try:
-        return importlib.import_module(new)
-    except ModuleNotFoundError:
-        return importlib.import_module(old)
-
-
-loop = runner_module("bvgls.runner.loop", "bvgls.train")
-grid = runner_module("bvgls.runner.grid", "bvgls.compare")
-data_mod = runner_module("bvgls.runner.data", "bvgls.data")
-models = runner_module("bvgls.runner.models", "bvgls.models")
 
 
 class MakesMarker:
@@ -72,10 +58,8 @@ def run(out_dir=None, **kw):
 
 # ---------------------------------------------------------------------- item 5
 @pytest.mark.parametrize("option,value", [
-    pytest.param("lr", math.inf, marks=not_fixed(5)), ("lr", math.nan), ("lr", -0.1),
-    pytest.param("momentum", math.nan, marks=not_fixed(5)), pytest.param("weight_decay", math.inf, marks=not_fixed(5)),
-    pytest.param("label_smoothing", math.nan, marks=not_fixed(5)),
-    pytest.param("warmup_epochs", math.nan, marks=not_fixed(5)),
+    ("lr", math.inf), ("lr", math.nan), ("lr", -0.1), ("momentum", math.nan), ("weight_decay", math.inf),
+    ("label_smoothing", math.nan), ("warmup_epochs", math.nan),
 ])
 def test_finetune_rejects_non_finite_settings_up_front(option, value, tmp_path):
     # issue 10 item 5: non-finite hyper-parameters are refused before anything is trained or written
@@ -84,7 +68,6 @@ def test_finetune_rejects_non_finite_settings_up_front(option, value, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@not_fixed(5)
 @pytest.mark.parametrize("lrs", [[math.inf], [0.01, math.nan]])
 def test_compare_rejects_non_finite_lrs(lrs, tmp_path):
     # issue 10 item 5: compare --lrs inf
@@ -95,7 +78,6 @@ def test_compare_rejects_non_finite_lrs(lrs, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@not_fixed(5)
 def test_diverged_run_is_flagged(tmp_path):
     # issue 10 item 5: lr 1e30 trains to NaN silently
     history = run(tmp_path / "run", lr=1e30)
@@ -104,7 +86,6 @@ def test_diverged_run_is_flagged(tmp_path):
 
 
 # ---------------------------------------------------------------------- item 7
-@not_fixed(7)
 def test_run_dirs_of_close_lrs_differ_and_common_lrs_keep_their_names(tmp_path):
     # issue 10 item 7: lrs that differ beyond 6 significant digits shared one run directory
     a = grid.run_dir_for(str(tmp_path), "d", "full", 0.0123456, 0)
@@ -115,7 +96,6 @@ def test_run_dirs_of_close_lrs_differ_and_common_lrs_keep_their_names(tmp_path):
         assert os.path.basename(os.path.dirname(grid.run_dir_for(str(tmp_path), "d", "full", lr, 0))) == text
 
 
-# ---------------------------------------------------------------------- item 9
 @pytest.fixture(scope="module")
 def stopped(tmp_path_factory):
     out = tmp_path_factory.mktemp("stopped") / "run"
@@ -124,7 +104,22 @@ def stopped(tmp_path_factory):
     return out
 
 
-@not_fixed(9)
+def test_resume_with_other_workers_is_refused(stopped, tmp_path):
+    # issue 10 item 7: the augmentation stream depends on the worker count (recorded resolved: 0 on CPU),
+    # so the library (and compare, which resumes through it) refuses another one
+    out = tmp_path / "run"
+    shutil.copytree(stopped, out)
+    before = (out / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match="num_workers: 0 -> 1"):
+        run(out, epochs=2, strategy="bvgls", resume=True, num_workers=1)
+    assert (out / "metrics.jsonl").read_text() == before
+    history = run(out, epochs=2, strategy="bvgls", resume=True, num_workers=0)  # the same count: resumes
+    assert history.finished
+
+
+# ---------------------------------------------------------------------- item 9
+
+
 def test_resume_never_unpickles_an_untrusted_checkpoint(stopped, tmp_path):
     # issue 10 item 9: _load_checkpoint retried torch.load(weights_only=False) after any failure
     out = tmp_path / "run"
@@ -138,7 +133,6 @@ def test_resume_never_unpickles_an_untrusted_checkpoint(stopped, tmp_path):
     assert not marker.exists(), "the checkpoint's code was executed"
 
 
-@not_fixed(9)
 def test_pickled_model_file_is_refused_without_trust(tmp_path):
     # issue 10 item 9: build_model unpickled a whole nn.Module by design
     marker = tmp_path / "marker"
@@ -185,7 +179,6 @@ def test_step_before_any_backward_is_not_counted():
     assert strategy.num_steps == 0 and sum(strategy.counts) == 0
 
 
-@not_fixed(10)
 def test_one_class_image_folder_is_refused(tmp_path):
     # issue 10 item 10: a 1-class dataset was accepted and reported 0% error
     root = write_image_folder(tmp_path / "one", train_per_class=2, test_per_class=1, size=8)
@@ -196,7 +189,6 @@ def test_one_class_image_folder_is_refused(tmp_path):
         data_mod.load_dataset(str(root))
 
 
-@not_fixed(10)
 def test_one_class_data_is_refused_by_finetune(tmp_path):
     # issue 10 item 10: the loop itself refuses a task with a single label
     x = torch.randn(8, 3, 16, 16)
@@ -207,7 +199,6 @@ def test_one_class_data_is_refused_by_finetune(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@not_fixed(10)
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_corrupt_image_is_named_when_loading(split, tmp_path):
     # issue 10 item 10: a corrupt image surfaced as a 155-line UnidentifiedImageError (test/: after an epoch)

@@ -24,6 +24,7 @@ Construction is deterministic given the task's ``seed``. Tasks are registered in
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -380,8 +381,8 @@ def export_image_folder(task: FewShotTask | str, out_dir: str | os.PathLike, *, 
         manifest = out / "task.json"
         if manifest.is_file() and json.loads(manifest.read_text()).get("fingerprint") == task.fingerprint():
             return out  # already exported, identical
-        raise FileExistsError(f"{out} exists and is not an export of task {task.name!r} (seed {task.seed}); "
-                              "choose an empty directory")
+        raise FileExistsError(errno.EEXIST, f"not empty and not an export of task {task.name!r} "
+                              f"(seed {task.seed}); choose an empty directory", str(out))
     folders = [_folder_name(i, c) for i, c in enumerate(task.classes)]
     for s in SPLITS:
         for f in folders:

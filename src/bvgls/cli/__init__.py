@@ -105,6 +105,11 @@ def user_errors():
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         typer.echo(f"error: {' '.join(str(msg).split())}", err=True)
         raise typer.Exit(2) from None
+    except OSError as e:  # a file or directory the user named (exists, read-only, ...)
+        if os.environ.get("BVGLS_DEBUG") or e.filename is None:
+            raise
+        typer.echo(f"error: {e.filename}: {e.strerror}", err=True)
+        raise typer.Exit(2) from None
 
 
 def numbers(text: str, what: str, kind: type = float) -> list:

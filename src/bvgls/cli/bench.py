@@ -11,7 +11,7 @@ import typer
 
 from ..bench.protocol import BENCH, DEMO, Protocol
 from ..bench.tasks import TASKS, build_task, export_image_folder
-from . import app, user_errors
+from . import CLIError, app, user_errors
 
 DataRoot = Annotated[str | None, typer.Option("--data-root", help=(
     "Directory with the Fashion-MNIST .gz files, or where --download puts them (default: the Debian "
@@ -55,11 +55,21 @@ def export_task_cmd(
     Use it with: bvgls compare --model fmnist-resnet --data DIR --val-fraction 0.7143 --augment none ...
     """
     with user_errors():
+        refuse_foreign_directory(out)
         task = build_task(name, seed=seed, data_root=data_root, download=download)
         path = export_image_folder(task, out)
     sizes = ", ".join(f"{s} {n}" for s, n in task.sizes().items())
     typer.echo(f"{path}: {task.name} ({task.shift}-level shift), {task.num_classes} classes, {sizes}; "
                f"{task.shots} shots per class after --val-fraction {task.val_fraction:.4f}")
+
+def refuse_foreign_directory(out: Path) -> None:
+    """Before building the task (seconds): ``out`` must be empty, or an earlier export (its
+    task.json is then compared with the task by :func:`export_image_folder`)."""
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"{out} is an existing file, not a directory; choose an empty directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "task.json").is_file():
+        raise CLIError(f"{out} is not empty and is not an export of a task; choose an empty directory")
+
 
 def _run(out: Path, protocol: Protocol, workers: int, data_root: str | None, download: bool) -> None:
     from ..bench.report import print_table

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from ..runner.config import FinetuneConfig
 from . import app, console, user_errors
+from .options import command, field_params, param
 from .train import MODEL_HELP
 
 
@@ -29,24 +31,30 @@ def plot(
         typer.echo(path)
 
 
-@app.command(no_args_is_help=True)
-def groups(
-    model: Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)],
-    weights: Annotated[str, typer.Option("--weights", help=(
-        "Weights to build the model with; the grouping does not depend on them."))] = "none",
-    num_classes: Annotated[int, typer.Option("--num-classes", min=1, help="Classes of the head.")] = 1000,
-    grouping: Annotated[str, typer.Option("--grouping", help="Grouping scheme (auto detects).")] = "auto",
-    strategy: Annotated[str | None, typer.Option("--strategy", "-s", help=(
-        "Also show which groups this strategy trains (e.g. L3-6)."))] = None,
-) -> None:
+GROUPS_OWN = [
+    param("model", Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)]),
+    param("weights", Annotated[str, typer.Option("--weights", help=(
+        "Weights to build the model with; the grouping does not depend on them."))], "none"),
+    param("num_classes", Annotated[int, typer.Option("--num-classes", min=1, help="Classes of the head.")], 1000),
+    param("grouping", Annotated[str, typer.Option("--grouping", help="Grouping scheme (auto detects).")], "auto"),
+    param("strategy", Annotated[str | None, typer.Option("--strategy", "-s", help=(
+        "Also show which groups this strategy trains (e.g. L3-6)."))], None),
+    *field_params(FinetuneConfig, ["trust_pickle"]),
+]
+
+
+@command(app, GROUPS_OWN, no_args_is_help=True)
+def groups(**values: Any) -> None:
     """Print the layer groups a strategy selects from: index, name, tensors, parameters."""
     from ..grouping import layer_groups
     from ..runner.models import build_model
 
     with user_errors():
-        net = build_model(model, num_classes, weights)
-        lg = layer_groups(net, grouping)
+        net = build_model(values["model"], values["num_classes"], values["weights"],
+                          trust_pickle=values["trust_pickle"])
+        lg = layer_groups(net, values["grouping"])
         typer.echo(lg.describe())
+        strategy = values["strategy"]
         if strategy:
             import torch
 

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 
 import typer
 
-from ..runner.config import cli_fields
+from ..runner.config import SettingError, cli_fields
 
 KW = inspect.Parameter.KEYWORD_ONLY
 
@@ -39,21 +39,43 @@ def _cli_type(hint: Any, choices: Sequence[str] | None) -> Any:
     return hint
 
 
-def field_params(cls: type) -> list[inspect.Parameter]:
-    """One typer option per CLI field of the dataclass ``cls`` (flags, help, panel, bounds and
+def field_flags(f: dataclasses.Field) -> tuple[str, ...]:
+    return f.metadata.get("flags") or ("--" + f.name.replace("_", "-"),)
+
+
+def field_param(cls: type, f: dataclasses.Field) -> inspect.Parameter:
+    """The typer option of one field of the dataclass ``cls`` (flags, help, panel, bounds and
     choices from the field's metadata; default: its ``cli_default`` or default)."""
-    hints = typing.get_type_hints(cls)
-    out = []
-    for f in cli_fields(cls):
-        meta = f.metadata
-        flags = meta["flags"] or ("--" + f.name.replace("_", "-"),)
-        default = meta["cli_default"] if meta["cli_default"] is not dataclasses.MISSING else f.default
-        if default is None and meta["choices"] and "none" in meta["choices"]:
-            default = "none"
-        bounds = {k: meta[k] for k in ("min", "max") if meta[k] is not None}
-        option = typer.Option(*flags, help=meta["help"], rich_help_panel=meta["panel"], **bounds)
-        out.append(param(f.name, Annotated[_cli_type(hints[f.name], meta["choices"]), option], default))
-    return out
+    meta = f.metadata
+    default = meta["cli_default"] if meta["cli_default"] is not dataclasses.MISSING else f.default
+    if default is None and meta["choices"] and "none" in meta["choices"]:
+        default = "none"
+    bounds = {k: meta[k] for k in ("min", "max") if meta[k] is not None}
+    option = typer.Option(*field_flags(f), help=meta["help"], rich_help_panel=meta["panel"], **bounds)
+    hint = typing.get_type_hints(cls)[f.name]
+    return param(f.name, Annotated[_cli_type(hint, meta["choices"]), option], default)
+
+
+def field_params(cls: type, names: Sequence[str] | None = None) -> list[inspect.Parameter]:
+    """One typer option per CLI field of ``cls`` (or per field named in ``names``)."""
+    fields = cli_fields(cls) if names is None else [f for f in dataclasses.fields(cls) if f.name in names]
+    return [field_param(cls, f) for f in fields]
+
+
+def option_name(cls: type, name: str) -> str:
+    """The command-line flag of the field ``name`` (``--lr``, ``--workers``, ...)."""
+    f = next((f for f in dataclasses.fields(cls) if f.name == name), None)
+    return "--" + name.replace("_", "-") if f is None else field_flags(f)[0].split("/")[0]
+
+
+def make_config(cls: type, values: dict[str, Any], **overrides: Any) -> Any:
+    """``cls`` from the command's values; a number out of range is reported with its flag."""
+    from . import CLIError
+
+    try:
+        return cls(**{**split_values(values, cls), **overrides})
+    except SettingError as e:
+        raise CLIError(e.for_option(option_name(cls, e.name))) from None
 
 
 def command(app: typer.Typer, own: Sequence[inspect.Parameter], *configs: type, name: str | None = None,

@@ -3,20 +3,25 @@ options (:class:`~bvgls.runner.config.FinetuneConfig`, :class:`~bvgls.runner.con
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from ..runner.config import MODEL_AND_DATA, OUTPUT, TRAINING, DataOptions, FinetuneConfig
+from ..runner.config import MODEL_AND_DATA, OUTPUT, RESULT, TRAINING, DataOptions, FinetuneConfig
 from . import CLIError, app, check_tensorboard, console, numbers, user_errors
-from .options import command, param, split_values
+from .options import command, make_config, param, split_values
 
-MODEL_HELP = ("Registered name (see `bvgls list`), timm:<name>, or a model file (a bvgls model.pt or a pickled "
-              "nn.Module).")
+MODEL_HELP = ("Registered name (see `bvgls list`), timm:<name>, or a model file (a bvgls model.pt, or a pickled "
+              "nn.Module with --trust-pickle).")
+#: runtime options that must still not change on resume: with DataLoader workers the augmentation
+#: draws from per-worker streams, so another count would not reproduce the uninterrupted run
+RESUME_KEEPS = ("num_workers",)
 #: finetune options that may differ when a run is resumed (they do not change its results)
-RESUME_RUNTIME = ("device", "num_workers", "progress", "tensorboard", "stop_after")
+RESUME_RUNTIME = tuple(f.name for f in dataclasses.fields(FinetuneConfig)
+                       if f.metadata["kind"] != RESULT and f.name not in RESUME_KEEPS) + ("tensorboard", "stop_after")
 
 
 def _opt(*flags: str, panel: str = TRAINING, **kwargs) -> Any:
@@ -25,13 +30,14 @@ def _opt(*flags: str, panel: str = TRAINING, **kwargs) -> Any:
 
 # ---------------------------------------------------------------------- finetune
 FINETUNE_OWN = [
+    param("ctx", typer.Context),  # to tell the options typed on the command line (resume)
     param("model", Annotated[str | None, _opt("--model", "-m", panel=MODEL_AND_DATA, help=MODEL_HELP)], None),
     param("data", Annotated[str | None, _opt("--data", "-d", panel=MODEL_AND_DATA, help=(
         "Registered dataset (see `bvgls list`) or an ImageFolder root with train/ and test/ (or val/)."))], None),
     param("strategy", Annotated[str, _opt("--strategy", "-s", help=(
         "bvgls, bvgls:k=2, bvgts, full, linear, L<a>-<b> (groups a..b, 1-indexed), or any registered one."))],
           "bvgls"),
-    param("lr", Annotated[float, _opt("--lr", min=0.0, help="Base learning rate (paper, WRN-50-2: 0.01).")], 0.01),
+    param("lr", Annotated[float, _opt("--lr", help="Base learning rate (paper, WRN-50-2: 0.01).")], 0.01),
     param("seed", Annotated[int, _opt("--seed", help="Seeds init of the head, shuffling, augmentation.")], 0),
     param("out", Annotated[Path | None, _opt("--out", "-o", panel=OUTPUT, help=(
         "Run directory (config.json, metrics.jsonl, checkpoint.pt, model.pt, result.json); "
@@ -53,57 +59,90 @@ def finetune(**values: Any) -> None:
 
     Writes in the run directory: config.json (resolved settings), metrics.jsonl (per epoch: losses, test error %, lr, wall time, selection frequency and mean BVR of every group), an atomic checkpoint.pt after every epoch, and model.pt + result.json at the end.
     """
+    ctx = values.pop("ctx")
     values = {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
     with user_errors():
         if values["resume"] is not None:
-            values = recorded_values(values["resume"], values)
+            values = recorded_values(values["resume"], values, ctx)
         elif values["model"] is None or values["data"] is None:
             raise CLIError("--model and --data are required (or --resume RUN_DIR)")
         run_finetune(values)
 
 
-def recorded_values(run_dir: str, given: dict[str, Any]) -> dict[str, Any]:
-    """The options a ``bvgls finetune`` run was started with, with this call's runtime options."""
+def recorded_values(run_dir: str, given: dict[str, Any], ctx: typer.Context) -> dict[str, Any]:
+    """The options a ``bvgls finetune`` run was started with, with this call's runtime options;
+    CLIError for an option given on this command line with another value than recorded."""
     from ..runner import rundir
 
     cfg_path = os.path.join(run_dir, rundir.CONFIG_FILE)
     if not os.path.isfile(cfg_path):
         raise CLIError(f"{run_dir!r} is not a bvgls run directory (no config.json)")
-    recorded = rundir.read_json(cfg_path).get("cli")
+    config = rundir.read_json(cfg_path)
+    recorded = config.get("cli")
     if not recorded:
         raise CLIError(f"{run_dir!r} was not started by `bvgls finetune`; resume it with bvgls.finetune")
     if "workers" in recorded:  # recorded before the option was named after its config field
         recorded["num_workers"] = recorded.pop("workers")
-    return {**recorded, **{k: given[k] for k in RESUME_RUNTIME}, "resume": run_dir, "out": run_dir}
+    # a default the run resolved itself (the worker count) is compared, and resumed, as resolved
+    resolved = {k: config[k] if v is None and config.get(k) is not None else v for k, v in recorded.items()
+                if k in RESUME_KEEPS}
+    recorded = {**recorded, **resolved}
+    refuse_changed_options(given, recorded, ctx)
+    return {**recorded, **{k: given[k] for k in RESUME_RUNTIME if k in given}, "resume": run_dir, "out": run_dir}
+
+
+def refuse_changed_options(given: dict[str, Any], recorded: dict[str, Any], ctx: typer.Context) -> None:
+    """A resumed run keeps its settings: options typed on the command line must agree with them
+    (all differences named in one line)."""
+    changed, keeps = [], False
+    for p in ctx.command.params:
+        if p.name in RESUME_RUNTIME or p.name in ("resume", "out") or p.name not in recorded:
+            continue
+        source = ctx.get_parameter_source(p.name)
+        typed = source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
+        if typed and given[p.name] != recorded[p.name]:
+            old = "default" if recorded[p.name] is None else recorded[p.name]
+            changed.append(f"{p.opts[0]} {given[p.name]} (recorded: {old})")
+            keeps = keeps or p.name in RESUME_KEEPS
+    if changed:
+        why = (" (with DataLoader workers the augmentation streams depend on their number, so the resumed run "
+               "would not reproduce the uninterrupted one)") if keeps else ""
+        raise CLIError(f"{', '.join(changed)} differ{'s' if len(changed) == 1 else ''} from the run's recorded "
+                       f"settings{why}; a resumed run keeps its settings (start a new --out to change them)")
 
 
 def run_finetune(p: dict[str, Any]) -> None:
     from ..runner.data import dataset_label, load_dataset
     from ..runner.grid import check_strategies, slug
     from ..runner.loop import finetune as train
-    from ..runner.loop import seed_everything
+    from ..runner.loop import resolve_device, seed_everything
     from ..runner.models import build_model
+    from ..runner.rundir import prepare_out_dir
 
     out = console()
-    settings = FinetuneConfig(**split_values(p, FinetuneConfig))
-    data_options = DataOptions(**split_values(p, DataOptions))
+    settings = make_config(FinetuneConfig, p)
+    data_options = make_config(DataOptions, p)
     if p["tensorboard"]:
         check_tensorboard()
+    resolve_device(settings.device)
     resuming = p["resume"] is not None
     run_dir = p["out"] or os.path.join("runs", f"{slug(dataset_label(p['data']))}_{slug(p['strategy'])}_seed{p['seed']}")
     if not resuming:
         refuse_used_run_dir(run_dir)
-    probe = build_model(p["model"], 2, data_options.weights)
+    prepare_out_dir(run_dir)
+    trust = settings.trust_pickle
+    probe = build_model(p["model"], 2, data_options.weights, trust_pickle=trust)
     [spec] = check_strategies([p["strategy"]], probe)
     splits = load_dataset(p["data"], data_options.data_root, data_options.download, probe.bvgls_input,
                           augment=data_options.augment_override)
     del probe
     seed_everything(settings.seed)
-    net = build_model(p["model"], splits.num_classes, data_options.weights)
+    net = build_model(p["model"], splits.num_classes, data_options.weights, trust_pickle=trust)
     out.print(f"[bold]{spec.text}[/] on [bold]{splits.name}[/] ({len(splits.train)} train / "
               f"{len(splits.test)} test, {splits.num_classes} classes) with {p['model']} -> {run_dir}")
     config = {"model": p["model"], "weights": data_options.weights, "dataset": splits.name, "data": p["data"],
-              "num_classes": splits.num_classes, "cli": {k: v for k, v in p.items() if k != "resume"}}
+              "num_classes": splits.num_classes,
+              "cli": {k: v for k, v in p.items() if k not in ("resume", "trust_pickle")}}
     history = train(net, splits, spec, settings=settings, out_dir=run_dir, resume=resuming,
                     stop_after=p["stop_after"], keep_checkpoint=p["keep_checkpoint"], save_model=True,
                     tensorboard=p["tensorboard"], config=config)
@@ -120,6 +159,10 @@ def refuse_used_run_dir(run_dir: str) -> None:
 
 def report_finetune(out, history, run_dir: str, epochs: int) -> None:
     final = history.final
+    if history.diverged:
+        out.print(f"diverged at epoch {final['epoch']}: the training loss is not finite (lr {history.config['lr']:g}); "
+                  f"try a smaller --lr. Recorded in {os.path.join(run_dir, 'result.json')}")
+        raise typer.Exit(1)
     if not history.finished:
         out.print(f"stopped after epoch {final.get('epoch', 0)}/{epochs}; continue with "
                   f"[bold]bvgls finetune --resume {run_dir}[/]")
@@ -164,11 +207,15 @@ def compare(**values: Any) -> None:
     from ..runner.grid import compare as run_grid
 
     out = console()
+    from ..runner.grid import check_lrs
+
     with user_errors():
+        lrs = check_lrs(numbers(values["lrs"], "--lrs"), "--lrs")
+        make_config(FinetuneConfig, values, lr=lrs[0])  # the numbers, checked with their flags
         options = split_values(values, FinetuneConfig)
-        data_options = DataOptions(**split_values(values, DataOptions))
+        data_options = make_config(DataOptions, values)
         result = run_grid(
-            values["strategies"], values["data"], numbers(values["seeds"], "--seeds", int), numbers(values["lrs"], "--lrs"),
+            values["strategies"], values["data"], numbers(values["seeds"], "--seeds", int), lrs,
             model=values["model"], out_dir=values["out"], weights=data_options.weights, refit=values["refit"],
             extend_lrs=values["extend_lrs"], data_root=data_options.data_root, download=data_options.download,
             augment=data_options.augment_override, keep_going=values["keep_going"],

@@ -57,14 +57,13 @@ class FinetuneConfig:
     nesterov: bool = option(True, "Nesterov momentum (SGD).", cli=False)
     weight_decay: float = option(5e-4, "Weight decay (paper: 5e-4).")
     schedule: str = option("cosine", "Learning-rate schedule, per step.", choices=SCHEDULES)
-    warmup_epochs: float = option(0.0, "Linear warmup length in epochs.", min=0.0)
+    warmup_epochs: float = option(0.0, "Linear warmup length in epochs.")
     grad_accum: int = option(1, "Micro-batches per optimizer step.", min=1)
-    label_smoothing: float = option(0.0, "Label smoothing of the training loss.", min=0.0, max=1.0)
+    label_smoothing: float = option(0.0, "Label smoothing of the training loss.")
     steps_per_epoch: int | None = option(None, "Cap on steps per epoch (smoke tests).", min=1)
     seed: int = option(0, "Seeds init of the head, shuffling, augmentation.", cli=False)
     val_fraction: float = option(0.0, "Hold out this fraction of the training set as a validation split "
-                                      "(reported every epoch; compare chooses the lr on it, never on the test set).",
-                                 min=0.0, max=0.9)
+                                      "(reported every epoch; compare chooses the lr on it, never on the test set).")
     amp: str | None = option(None, "Mixed precision: bf16 or fp16 (GPU).", panel=SPEED, choices=AMP_MODES)
     channels_last: bool = option(False, "NHWC memory format (faster convolutions on CPU and GPUs).",
                                  flags=("--channels-last/--no-channels-last",), panel=SPEED)
@@ -74,6 +73,9 @@ class FinetuneConfig:
                                      flags=("--workers",), kind=RUNTIME, panel=SPEED, min=0)
     progress: bool = option(True, "A progress bar per epoch.", flags=("--progress/--no-progress",), kind=RUNTIME,
                             panel=OUTPUT)
+    trust_pickle: bool = option(False, "Allow full unpickling of model, weights and checkpoint files (runs code "
+                                       "from the file; only for files you trust).", flags=("--trust-pickle",),
+                                kind=RUNTIME, panel=MODEL_AND_DATA)
 
     def __post_init__(self):
         if self.amp == "none":
@@ -86,8 +88,8 @@ class FinetuneConfig:
         """One ValueError naming the first bad option."""
         if not isinstance(self.epochs, int) or self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        for name, (low, high) in NUMBER_RANGES.items():
+            check_number(name, getattr(self, name), low, high)
         if self.batch_size < 1 or self.grad_accum < 1 or self.eval_every < 1:
             raise ValueError("batch_size, grad_accum and eval_every must be >= 1")
         for name in ("schedule", "amp"):
@@ -126,6 +128,40 @@ class FinetuneConfig:
 
 
 _MISSING = object()
+
+#: the float options' ranges: (low, high), ``(x, True)`` meaning inclusive; None: unbounded
+NUMBER_RANGES: dict[str, tuple[tuple[float, bool] | None, tuple[float, bool] | None]] = {
+    "lr": ((0.0, False), None),
+    "momentum": ((0.0, True), (1.0, False)),
+    "weight_decay": ((0.0, True), None),
+    "warmup_epochs": ((0.0, True), None),
+    "label_smoothing": ((0.0, True), (1.0, True)),
+    "val_fraction": ((0.0, True), (1.0, False)),
+}
+
+
+class SettingError(ValueError):
+    """A number option outside its range; :meth:`for_option` words it for a command-line flag."""
+
+    def __init__(self, name: str, requirement: str, value: Any):
+        self.name, self.requirement, self.value = name, requirement, value
+        super().__init__(self.for_option(name))
+
+    def for_option(self, option: str) -> str:
+        return f"{option} must be {self.requirement} (a finite number), got {self.value!r}"
+
+
+def check_number(name: str, value: Any, low: tuple[float, bool] | None, high: tuple[float, bool] | None) -> None:
+    """Raise :class:`SettingError` unless ``value`` is a finite real number within ``low``/``high``."""
+    parts = [f"{'>=' if low[1] else '>'} {low[0]:g}"] if low else []
+    parts += [f"{'<=' if high[1] else '<'} {high[0]:g}"] if high else []
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low:
+        ok = value >= low[0] if low[1] else value > low[0]
+    if ok and high:
+        ok = value <= high[0] if high[1] else value < high[0]
+    if not ok:
+        raise SettingError(name, " and ".join(parts), value)
 
 
 def result_keys(cls: type = FinetuneConfig) -> tuple[str, ...]:

@@ -256,7 +256,40 @@ def image_folder(path: str | os.PathLike, input: ModelInput | None = None, augme
     if train.classes != test.classes:
         raise DatasetError(f"{str(root)!r}: the class folders of train/ and {test_dir.name}/ differ "
                            f"({len(train.classes)} vs {len(test.classes)} classes)")
+    if len(train.classes) < 2:
+        raise DatasetError(f"{root} has {len(train.classes)} class folder ({', '.join(train.classes)}); "
+                           "classification needs at least 2")
+    check_images([path for path, _ in train.samples + test.samples])
     return _splits(root.name, train, test, train.classes, input, augment)
+
+
+def check_images(paths: list[str], show: int = 5) -> None:
+    """Check every image file once before training (header and chunk checksums; a JPEG is also
+    decoded at 1/8 scale, as verify() does not read its data), so corrupt files are named now,
+    all in one message, not by a DataLoader an epoch in."""
+    bad = [f"{path} ({problem})" for path in paths if (problem := image_problem(path))]
+    if bad:
+        more = f"; and {len(bad) - show} more" if len(bad) > show else ""
+        noun = "is not a readable image" if len(bad) == 1 else f"are not readable images ({len(bad)} files)"
+        raise DatasetError(f"{'; '.join(bad[:show])}{more} {noun}; remove or replace "
+                           f"{'it' if len(bad) == 1 else 'them'}")
+
+
+def image_problem(path: str) -> str | None:
+    """Why PIL cannot read the image ``path`` (None: it can)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            jpeg = im.format == "JPEG"
+            im.verify()
+        if jpeg:
+            with Image.open(path) as im:  # verify() leaves the image unusable: reopen to decode
+                im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+                im.load()
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for a bad file
+        return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:100]}"
+    return None
 
 
 # ---------------------------------------------------------------------- the paper's seven

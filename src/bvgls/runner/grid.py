@@ -31,11 +31,11 @@ from torch import nn
 from ..strategies import StrategySpec, parse_spec
 from . import rundir
 from .config import FinetuneConfig, result_keys
-from .loop import finetune, seed_everything
+from .loop import finetune, resolve_device, seed_everything
 from .lrsearch import LrChoice, search_lr
 
 RESULT_COLUMNS = ["dataset", "strategy", "seed", "lr", "test_error", "test_loss", "val_error", "val_loss",
-                  "train_loss", "epochs", "wall_s", "phase", "chosen", "run_dir"]
+                  "train_loss", "epochs", "wall_s", "phase", "chosen", "diverged", "run_dir"]
 #: besides the result options, what a reused run directory must agree on
 RUN_IDENTITY = ("model", "weights", "augment", "dataset", "phase")
 
@@ -72,7 +72,18 @@ def slug(text: str) -> str:
 
 
 def lr_text(lr: float) -> str:
-    return f"{lr:g}"
+    """``lr`` short (``:g``) where that is exact, else in full: lrs that differ beyond 6 significant
+    digits get different run directories, and the usual ones keep their names (``lr0.01``)."""
+    short = f"{lr:g}"
+    return short if float(short) == lr else repr(float(lr))
+
+
+def check_lrs(lrs: Sequence[float], name: str = "lrs") -> list[float]:
+    """``lrs`` as floats; ValueError (naming ``name``) unless every one is finite and > 0."""
+    values = [float(x) for x in lrs]
+    if not all(math.isfinite(x) and x > 0 for x in values):
+        raise ValueError(f"{name} must be finite numbers > 0, got {', '.join(map(repr, values))}")
+    return values
 
 
 def run_dir_for(out_dir: str, dataset: str, strategy: str, lr: float, seed: int, refit: bool = False) -> str:
@@ -88,7 +99,7 @@ def dataset_entries(datasets) -> list[tuple[str, DatasetSource]]:
     from .data import dataset_label
 
     if isinstance(datasets, str):
-        datasets = [d for d in datasets.split(",") if d]
+        datasets = [d.strip() for d in datasets.split(",") if d.strip()]
     items = list(datasets.items()) if isinstance(datasets, Mapping) else \
         [d if isinstance(d, tuple) else (dataset_label(d), d) for d in datasets]
     labels = [label for label, _ in items]
@@ -109,10 +120,10 @@ def load_source(source: DatasetSource, input, data_root, download, augment):
     return source
 
 
-def model_builder(model, weights) -> tuple[str, Callable[[int], nn.Module]]:
+def model_builder(model, weights, trust_pickle: bool = False) -> tuple[str, Callable[[int], nn.Module]]:
     if isinstance(model, str):
         from .models import build_model
-        return model, lambda n: build_model(model, n, weights)
+        return model, lambda n: build_model(model, n, weights, trust_pickle=trust_pickle)
     if callable(model):
         return getattr(model, "__name__", repr(model)), model
     raise TypeError(f"model must be a model spec string or fn(num_classes) -> nn.Module, got {type(model).__name__}")
@@ -179,6 +190,10 @@ class Grid:
             self.log(f"  FAILED: {type(e).__name__}: {e}")
             return
         final = history.final
+        if history.diverged:
+            self.log(f"  diverged at epoch {final['epoch']}: the training loss is not finite (lr {lr_text(lr)})")
+            self.write()
+            return
         msg = f"  test error {final['test_error']:.2f}%"
         if final.get("val_error") is not None:
             msg += f", val error {final['val_error']:.2f}%"
@@ -265,17 +280,21 @@ def compare(
     for reserved in ("lr", "seed", "strategy"):
         if reserved in options:
             raise ValueError(f"compare takes {reserved!r} from its own arguments (lrs, seeds, strategies)")
+    lrs = check_lrs(lrs)
     cfg = FinetuneConfig(**{**(vars(settings) if settings else {}), "lr": 1.0, **options})
     specs = parse_strategies(strategies)
-    seeds, lrs = [int(s) for s in seeds], [float(x) for x in lrs]
+    seeds = [int(s) for s in seeds]
     check_grid_arguments(specs, seeds, lrs, cfg.val_fraction, refit)
+    resolve_device(cfg.device)
     entries = dataset_entries(datasets)
-    model_label, build = model_builder(model, weights)
+    rundir.prepare_out_dir(out_dir)
+    if len(lrs) == 1:
+        check_no_stray_runs(str(out_dir), [label for label, _ in entries], [s.text for s in specs], lrs[0])
+    model_label, build = model_builder(model, weights, cfg.trust_pickle)
     probe = build(2)  # the model's input spec, and its groups for checking the strategies
     specs = check_strategies(specs, probe)
     input = probe.bvgls_input if hasattr(probe, "bvgls_input") else None
     del probe
-    os.makedirs(str(out_dir), exist_ok=True)
     search = len(lrs) > 1
     title = (f"# Table A: {model_label}, {cfg.epochs} epochs, batch {cfg.batch_size}, "
              f"{'lr chosen on a ' + format(cfg.val_fraction, 'g') + ' validation split' if search else 'lr ' + lr_text(lrs[0])}"
@@ -301,6 +320,17 @@ def check_grid_arguments(specs, seeds, lrs, val_fraction, refit) -> None:
                          "from the training set, never on the test set")
     if refit and len(lrs) == 1:
         raise ValueError("refit only makes sense with several lrs to choose from")
+
+
+def check_no_stray_runs(out_dir: str, labels: Sequence[str], strategies: Sequence[str], lr: float) -> None:
+    """A single-lr grid cannot report a cell that already has a finished run at another lr
+    without a validation search (choosing between them would tune on the test set): refuse
+    before training, naming that run's directory."""
+    for r in collect_results(out_dir):
+        if r["phase"] == "final" and r["dataset"] in labels and r["strategy"] in strategies and r["lr"] != lr:
+            raise ValueError(f"{os.path.join(out_dir, r['run_dir'])} holds a {r['dataset']} / {r['strategy']} run at "
+                             f"lr {lr_text(r['lr'])} without a validation search, this grid runs lr {lr_text(lr)}; "
+                             "remove that directory or use another --out")
 
 
 def run_dataset(grid: Grid, label: str, splits, lrs: list[float], *, search: bool, refit: bool, extend: bool) -> None:
@@ -337,28 +367,31 @@ def collect_results(out_dir: str) -> list[dict]:
             "val_error": final.get("val_error"), "val_loss": final.get("val_loss"),
             "train_loss": final.get("train_loss"), "epochs": int(final["epoch"]),
             "wall_s": round(float(result.get("wall_s", 0.0)), 2), "phase": cfg.get("phase", "final"),
-            "chosen": False, "run_dir": os.path.relpath(dirpath, out_dir),
+            "chosen": False, "diverged": bool(result.get("diverged", False)),
+            "run_dir": os.path.relpath(dirpath, out_dir),
         })
     return rows
 
 
 def choose_lrs(rows: Sequence[dict]) -> dict[tuple[str, str], float]:
     """Per (dataset, strategy): the search lr with the lowest mean validation error over seeds
-    (ties: the smaller lr). Cells without a search have the single lr they ran with."""
+    (ties: the smaller lr; a diverged run counts as infinitely bad). Cells without a search have
+    the single lr they ran with."""
     cells: dict[tuple[str, str], dict[float, list[float]]] = {}
     for r in rows:
-        if r["phase"] == "search" and r["val_error"] is not None:
-            cells.setdefault((r["dataset"], r["strategy"]), {}).setdefault(r["lr"], []).append(r["val_error"])
+        if r["phase"] == "search" and (r["val_error"] is not None or r.get("diverged")):
+            error = math.inf if r.get("diverged") else r["val_error"]
+            cells.setdefault((r["dataset"], r["strategy"]), {}).setdefault(r["lr"], []).append(error)
     chosen = {cell: min(by_lr, key=lambda lr: (statistics.fmean(by_lr[lr]), lr)) for cell, by_lr in cells.items()}
-    single: dict[tuple[str, str], set[float]] = {}
+    single: dict[tuple[str, str], dict[float, str]] = {}
     for r in rows:
         if r["phase"] == "final" and (r["dataset"], r["strategy"]) not in cells:
-            single.setdefault((r["dataset"], r["strategy"]), set()).add(r["lr"])
+            single.setdefault((r["dataset"], r["strategy"]), {}).setdefault(r["lr"], r.get("run_dir", "?"))
     for cell, lrs in single.items():
         if len(lrs) > 1:  # choosing among them by test error would tune on the test set
-            raise ValueError(f"{cell[0]} / {cell[1]} has runs at several lrs ({', '.join(map(lr_text, sorted(lrs)))}) "
-                             "without a validation search; put them in separate --out directories or use "
-                             "--lrs with --val-fraction")
+            raise ValueError(f"{cell[0]} / {cell[1]} has runs at several lrs without a validation search "
+                             f"({', '.join(lrs[lr] for lr in sorted(lrs))}); remove all but one, put them in "
+                             "separate --out directories or use --lrs with --val-fraction")
         chosen[cell] = next(iter(lrs))
     return chosen
 
@@ -438,7 +471,7 @@ def format_table(rows: Sequence[dict], chosen: Mapping[tuple[str, str], float], 
     """The paper's Table A as markdown: test error (%) mean ± std over seeds, datasets x strategies,
     an average row (over datasets, for strategies with every dataset), the best of each row in bold;
     then the lr each strategy used, flagged when it sits at the edge of the searched grid."""
-    reported = [r for r in rows if r["chosen"] and r["test_error"] is not None]
+    reported = [r for r in rows if r["chosen"] and r["test_error"] is not None and not r.get("diverged")]
     strategy_cols = _ordered([r["strategy"] for r in reported], strategies)
     dataset_rows = _ordered([r["dataset"] for r in reported], datasets)
     cell: dict[tuple[str, str], list[float]] = {}
@@ -452,9 +485,21 @@ def format_table(rows: Sequence[dict], chosen: Mapping[tuple[str, str], float], 
     if seeds_used:
         lines.append(f"Seeds per cell: {', '.join(str(n) for n in sorted(seeds_used))}. "
                      "Each cell's runs are listed in results.csv (rows with chosen=True).")
+    lines += diverged_lines(rows)
     lines.append("")
     lines += lr_lines(rows, chosen, dataset_rows, strategy_cols)
     return "\n".join(lines) + "\n"
+
+
+def diverged_lines(rows: Sequence[dict]) -> list[str]:
+    """A note on the reported cells with diverged runs (left out of the means above)."""
+    cells: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        if r["chosen"]:
+            cells.setdefault((r["dataset"], r["strategy"]), []).append(r)
+    bad = [f"{d} / {s}: {sum(r['diverged'] for r in rs)} of {len(rs)} seeds"
+           for (d, s), rs in cells.items() if any(r.get("diverged") for r in rs)]
+    return [f"Runs that diverged (training loss not finite), left out of the table: {'; '.join(bad)}."] if bad else []
 
 
 def lr_lines(rows: Sequence[dict], chosen: Mapping[tuple[str, str], float], dataset_rows: Sequence[str],
@@ -509,5 +554,6 @@ def read_results(csv_path: str | os.PathLike) -> list[dict]:
                 r[k] = float(r[k]) if r.get(k) not in (None, "") else None
             r["seed"], r["epochs"] = int(r["seed"]), int(r["epochs"])
             r["chosen"] = r["chosen"] == "True"
+            r["diverged"] = r.get("diverged") == "True"
             rows.append(r)
     return rows

@@ -47,15 +47,35 @@ __all__ = ["Callback", "History", "TrainState", "evaluate", "finetune", "resolve
 
 
 # ---------------------------------------------------------------------- helpers
+def mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``None``/``"auto"``: cuda if available, else mps, else cpu."""
+    """``None``/``"auto"``: cuda if available, else mps, else cpu. Any other device must exist
+    here (ValueError otherwise, before anything is loaded)."""
     if device is None or str(device) == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(device)
+        return torch.device("mps" if mps_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {str(device)!r} is not a device; use --device auto, cpu, cuda, cuda:N or mps") \
+            from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (dev.index or 0) >= count:
+            raise ValueError(f"device {str(device)!r} is not available here ({count} cuda device(s)); "
+                             "use --device cpu or auto")
+    elif dev.type == "mps" and not mps_available():
+        raise ValueError(f"device {str(device)!r} is not available here (torch.backends.mps.is_available() is "
+                         "False); use --device cpu or auto")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        module = getattr(torch, dev.type, None)
+        if module is None or not getattr(module, "is_available", lambda: False)():
+            raise ValueError(f"device {str(device)!r} is not available here; use --device cpu or auto")
+    return dev
 
 
 def seed_everything(seed: int) -> None:
@@ -209,9 +229,7 @@ def make_loaders(data: Any, cfg: FinetuneConfig, device: torch.device):
         if not isinstance(data, DatasetSplits):
             data = DatasetSplits(splits["train"], splits["test"], 0)
         splits["train"], splits["val"] = validation_split(data, cfg.val_fraction, cfg.seed)
-    workers = cfg.num_workers
-    if workers is None:
-        workers = 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
+    workers = resolve_workers(cfg, device)
     shuffle_gen = torch.Generator()
 
     def loader(ds, train: bool):
@@ -229,6 +247,13 @@ def make_loaders(data: Any, cfg: FinetuneConfig, device: torch.device):
     if cfg.steps_per_epoch is not None:
         opt_steps = min(opt_steps, int(cfg.steps_per_epoch))
     return train_loader, eval_loaders, shuffle_gen, opt_steps, min(batches, opt_steps * cfg.grad_accum)
+
+
+def resolve_workers(cfg: FinetuneConfig, device: torch.device) -> int:
+    """DataLoader workers: the option, or 0 on CPU and up to 8 on a GPU."""
+    if cfg.num_workers is not None:
+        return int(cfg.num_workers)
+    return 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
 
 
 def prepare_model(model: nn.Module, cfg: FinetuneConfig, device: torch.device) -> bool:
@@ -265,7 +290,7 @@ def setup(model, data, strategy, groups, cfg: FinetuneConfig, out_dir: str | Non
     device = resolve_device(cfg.device)
     if cfg.amp == "fp16" and device.type == "cpu":
         raise ValueError("amp='fp16' needs a GPU; on CPU use amp='bf16' or none")
-    record = {**record, "device": str(device)}
+    record = {**record, "device": str(device), "num_workers": resolve_workers(cfg, device)}
     train_loader, eval_loaders, shuffle_gen, opt_steps, batches_per_epoch = make_loaders(data, cfg, device)
     channels_last = prepare_model(model, cfg, device)
     groups, opt, strat = attach_strategy(model, groups, strategy, cfg)
@@ -279,9 +304,15 @@ def setup(model, data, strategy, groups, cfg: FinetuneConfig, out_dir: str | Non
                scaler, nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), history, out_dir)
 
 
+#: besides the result options, what a resumption must keep to reproduce the run exactly: with
+#: DataLoader workers the augmentation draws from per-worker random streams (recorded resolved)
+RESUME_EXACT = ("num_workers",)
+
+
 def check_resumable(old: Mapping[str, Any], new: Mapping[str, Any], run_dir: str) -> None:
     """The result-changing settings of a run and its resumption must match."""
-    changed = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in result_keys() if old.get(k) != new[k]]
+    keys = list(result_keys()) + [k for k in RESUME_EXACT if k in old]  # older checkpoints lack them
+    changed = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in keys if old.get(k) != new[k]]
     if changed:
         raise ValueError(f"cannot resume {run_dir!r} with different settings ({'; '.join(changed)})")
 
@@ -290,7 +321,7 @@ def restore_or_seed(run: Run, resume: bool) -> None:
     """Load the checkpoint when resuming one, else seed everything; then write the run's metadata."""
     ckpt_path = run.checkpoint_path
     if resume and os.path.isfile(ckpt_path):
-        ckpt = rundir.load_checkpoint(ckpt_path)
+        ckpt = rundir.load_checkpoint(ckpt_path, trust_pickle=run.cfg.trust_pickle)
         check_resumable(ckpt["config"], run.history.config, run.out_dir)
         run.model.load_state_dict(ckpt["model"])
         run.optimizer.load_state_dict(ckpt["optimizer"])
@@ -306,7 +337,7 @@ def restore_or_seed(run: Run, resume: bool) -> None:
     else:
         seed_everything(run.cfg.seed)
     if run.out_dir:
-        os.makedirs(run.out_dir, exist_ok=True)
+        rundir.prepare_out_dir(run.out_dir, "out_dir")
         rundir.write_json(os.path.join(run.out_dir, rundir.CONFIG_FILE), run.history.config)
         rundir.write_history(run.out_dir, run.history)
 
@@ -423,11 +454,16 @@ def layer_frequency(run: Run, freq: Sequence[float]) -> list[float]:
     return out
 
 
+def loss_text(value: float | None) -> str:
+    return "not finite" if value is None else f"{value:.4f}"
+
+
 def epoch_summary(record: Mapping[str, Any], epochs: int) -> str:
-    parts = [f"train loss {record['train_loss']:.4f}"]
+    parts = [f"train loss {loss_text(record['train_loss'])}"]
     for split in ("val", "test"):
         if record[f"{split}_error"] is not None:
-            parts.append(f"{split} loss {record[f'{split}_loss']:.4f}, {split} error {record[f'{split}_error']:.2f}%")
+            parts.append(f"{split} loss {loss_text(record[f'{split}_loss'])}, "
+                         f"{split} error {record[f'{split}_error']:.2f}%")
     return f"epoch {record['epoch']}/{epochs}: {'; '.join(parts)} ({record['wall_s']:.1f} s)"
 
 
@@ -441,10 +477,11 @@ def save_epoch(run: Run, epoch: int) -> None:
 
 
 def finish(run: Run, *, save_model: bool, keep_checkpoint: bool) -> None:
-    """Mark the run finished (all epochs done) and write its result files."""
-    run.history.finished = len(run.history.epochs) == run.cfg.epochs
+    """Mark the run finished (all epochs done, or diverged) and write its result files
+    (no model.pt for a diverged run: its weights are not finite)."""
+    run.history.finished = len(run.history.epochs) == run.cfg.epochs or run.history.diverged
     if run.out_dir and run.history.finished:
-        if save_model:
+        if save_model and not run.history.diverged:
             rundir.save_model(run.model, os.path.join(run.out_dir, "model.pt"))
         rundir.write_history(run.out_dir, run.history)
         rundir.write_result(run.out_dir, run.history)
@@ -465,12 +502,16 @@ def run_epochs(run: Run, stop_after: int | None, bar_factory) -> None:
             bar.close()
         evals, eval_s = evaluate_epoch(run, epoch)
         record = epoch_record(run, epoch, trained, evals, eval_s)
+        if record["train_loss"] is None:  # non-finite: the statistics and weights are lost, stop here
+            record["diverged"] = run.history.diverged = True
         run.history.epochs.append(record)
         if bar is not None:
             bar.write(epoch_summary(record, epochs))
         save_epoch(run, epoch)
         for cb in run.callbacks:
             cb.on_epoch_end(run.state, record)
+        if run.history.diverged:
+            break
 
 
 # ---------------------------------------------------------------------- the entry point
@@ -487,6 +528,17 @@ def resolve_config(settings: FinetuneConfig | None, strategy, options: Mapping[s
     if settings is None:
         return FinetuneConfig(**{**options, "strategy": label})
     return settings.replace(**{**options, "strategy": label})
+
+
+def check_run_arguments(data: Any, out_dir, resume: bool, tensorboard: bool) -> None:
+    """What :func:`finetune` refuses before building anything."""
+    num_classes = getattr(data, "num_classes", None)
+    if isinstance(num_classes, int) and 0 < num_classes < 2:
+        raise ValueError(f"the data has {num_classes} class; classification needs at least 2")
+    if resume and out_dir is None:
+        raise ValueError("resume=True needs out_dir (the run directory to resume)")
+    if tensorboard and not out_dir:
+        raise ValueError("tensorboard=True needs out_dir")
 
 
 def finetune(
@@ -532,10 +584,7 @@ def finetune(
         config: extra entries recorded in ``config.json`` (e.g. model and dataset names).
     """
     cfg = resolve_config(settings, strategy, options)
-    if resume and out_dir is None:
-        raise ValueError("resume=True needs out_dir (the run directory to resume)")
-    if tensorboard and not out_dir:
-        raise ValueError("tensorboard=True needs out_dir")
+    check_run_arguments(data, out_dir, resume, tensorboard)
     out_dir = None if out_dir is None else str(out_dir)
     if resume and rundir.is_finished(out_dir):  # a finished run is not run again
         return History.load(out_dir)

@@ -11,7 +11,8 @@ Importing this module registers into :data:`bvgls.registry.MODELS`:
 ``create_model``; pretrained weights only when asked for), or a local file:
 
 - a bvgls ``model.pt`` written by :func:`bvgls.runner.loop.finetune` (it records its architecture),
-- a whole pickled ``nn.Module`` (``torch.save(model)``; unpickling runs code, so only files you trust).
+- a whole pickled ``nn.Module`` (``torch.save(model)``): unpickling runs code from the file, so it is
+  loaded only with ``trust_pickle=True`` (``--trust-pickle``).
 
 A plain state dict has no architecture: pass the architecture as the model and the file as
 ``weights`` (e.g. ``build_model("resnet50", 10, weights="resnet50_ssl.pth")``). State dicts
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 
 from ..registry import MODELS, ModelInput
+from .rundir import load_torch_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -55,7 +57,8 @@ def _is_file_spec(text: str | None) -> bool:
 
 
 # ---------------------------------------------------------------------- public entry point
-def build_model(spec: str, num_classes: int, weights: str | None = "DEFAULT") -> nn.Module:
+def build_model(spec: str, num_classes: int, weights: str | None = "DEFAULT", *,
+                trust_pickle: bool = False) -> nn.Module:
     """Build the model named by ``spec`` with a ``num_classes``-way head.
 
     Args:
@@ -65,6 +68,8 @@ def build_model(spec: str, num_classes: int, weights: str | None = "DEFAULT") ->
         weights: ``"DEFAULT"`` (the model's pretrained weights, where it has any; random init
             for models without, e.g. the tiny test nets), an explicit weights name, ``None`` /
             ``"none"`` for random init, or the path of a state-dict file.
+        trust_pickle: allow a full unpickle of a model or weights file (runs code from the
+            file); without it only tensors and plain containers are loaded.
     """
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ModelError(f"num_classes must be a positive int, got {num_classes!r}")
@@ -77,12 +82,12 @@ def build_model(spec: str, num_classes: int, weights: str | None = "DEFAULT") ->
     elif _is_file_spec(spec):
         if wname not in (None, "DEFAULT", "default") and not weights_file:
             raise ModelError(f"weights={weights!r} cannot be combined with the model file {spec!r}")
-        model = load_model_file(spec, num_classes)
+        model = load_model_file(spec, num_classes, trust_pickle=trust_pickle)
     else:
         raise ModelError(f"unknown model {spec!r}; known: {', '.join(MODELS.names())}, "
                          "timm:<name> (with timm installed), or the path of a model file")
     if weights_file:
-        load_weights_file(model, weights_file)
+        load_weights_file(model, weights_file, trust_pickle=trust_pickle)
     if not hasattr(model, "bvgls_input"):
         model.bvgls_input = ModelInput()
     model.bvgls_spec = {"model": spec, "num_classes": num_classes}
@@ -200,10 +205,13 @@ def _build_timm(name: str, num_classes: int, weights: str | None) -> nn.Module:
 
 
 # ---------------------------------------------------------------------- files
-def _load(path: str, weights_only: bool):
+def _load(path: str, what: str, trust_pickle: bool):
     if not os.path.isfile(path):
-        raise ModelError(f"model file {path!r} does not exist")
-    return torch.load(path, map_location="cpu", weights_only=weights_only)
+        raise ModelError(f"{what} {path} does not exist")
+    try:
+        return load_torch_file(path, what=what, trust_pickle=trust_pickle)
+    except ValueError as e:
+        raise ModelError(str(e)) from None
 
 
 def _unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
@@ -220,13 +228,13 @@ def _unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
     return None
 
 
-def load_weights_file(model: nn.Module, path: str) -> list[str]:
+def load_weights_file(model: nn.Module, path: str, *, trust_pickle: bool = False) -> list[str]:
     """Load a state-dict file into ``model``; tensors of a differently sized head are skipped.
 
     Returns the names of the skipped tensors. Raises :class:`ModelError` when the file does not
     fit the architecture (other than the head).
     """
-    obj = _load(path, weights_only=True)
+    obj = _load(path, "weights file", trust_pickle)
     state = _unwrap_state_dict(obj)
     if state is None:
         raise ModelError(f"{path!r} holds no state dict (a dict of name -> tensor, possibly under 'state_dict')")
@@ -242,14 +250,9 @@ def load_weights_file(model: nn.Module, path: str) -> list[str]:
     return skipped
 
 
-def load_model_file(path: str, num_classes: int) -> nn.Module:
-    """A model from a file: a bvgls ``model.pt`` or a whole pickled ``nn.Module``."""
-    try:
-        obj = _load(path, weights_only=True)
-    except ModelError:
-        raise
-    except Exception:  # noqa: BLE001 - a pickled module is not loadable with weights_only
-        obj = None
+def load_model_file(path: str, num_classes: int, *, trust_pickle: bool = False) -> nn.Module:
+    """A model from a file: a bvgls ``model.pt``, or a whole pickled ``nn.Module`` when ``trust_pickle``."""
+    obj = _load(path, "model file", trust_pickle)
     if isinstance(obj, dict) and obj.get("format") == MODEL_FILE_FORMAT:
         arch = obj["model"]
         model = build_model(arch, int(obj["num_classes"]), weights=None)
@@ -257,15 +260,14 @@ def load_model_file(path: str, num_classes: int) -> nn.Module:
         if "input" in obj:
             model.bvgls_input = ModelInput(**obj["input"])
         return replace_head(model, num_classes) if int(obj["num_classes"]) != num_classes else model
-    if obj is not None and _unwrap_state_dict(obj) is not None:
+    if _unwrap_state_dict(obj) is not None:
         raise ModelError(f"{path!r} is a state dict without an architecture: pass the architecture as "
                          f"--model (e.g. resnet50) and the file as --weights {path}")
-    warnings.warn(f"unpickling the whole model in {path!r}: this runs code from the file; load only files you trust",
+    if not isinstance(obj, nn.Module):
+        raise ModelError(f"{path!r} holds a {type(obj).__name__}, not an nn.Module or a state dict")
+    warnings.warn(f"unpickled the whole model in {path!r} (trust_pickle): this ran code from the file",
                   stacklevel=2)
-    model = _load(path, weights_only=False)
-    if not isinstance(model, nn.Module):
-        raise ModelError(f"{path!r} holds a {type(model).__name__}, not an nn.Module or a state dict")
-    return replace_head(model, num_classes)
+    return replace_head(obj, num_classes)
 
 
 def save_model_file(model: nn.Module, path: str) -> None:

@@ -17,7 +17,7 @@ import math
 import os
 from collections.abc import Sequence
 
-from .rundir import History
+from .rundir import History, prepare_out_dir
 
 DPI = 100
 LOSS_FIGSIZE = (13.5, 4.0)  # inches; PNGs are LOSS_FIGSIZE * DPI pixels
@@ -202,6 +202,8 @@ def plot_paths(paths: Sequence[str], out: str | None = None) -> list[str]:
     ``loss_compare.png`` goes to ``out`` (default: the first run's directory)."""
     if not paths:
         raise ValueError("give at least one run directory or compare output directory")
+    if out is not None:
+        prepare_out_dir(out)
     written, runs = [], []
     for path in paths:
         if not os.path.isdir(path):
@@ -217,7 +219,6 @@ def plot_paths(paths: Sequence[str], out: str | None = None) -> list[str]:
         if len(set(labels)) < len(labels):
             labels = [f"{lab} ({os.path.basename(os.path.normpath(p))})" for lab, p in zip(labels, runs)]
         target = out or runs[0]
-        os.makedirs(target, exist_ok=True)
         written.append(plot_losses(list(zip(labels, histories)), os.path.join(target, "loss_compare.png"),
                                    " vs ".join(labels)))
     return written

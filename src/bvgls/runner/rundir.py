@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +46,8 @@ class History:
     layer_group_names: list[str] = field(default_factory=list)
     epochs: list[dict] = field(default_factory=list)
     finished: bool = False
+    #: the training loss became non-finite; the run stopped there (its last epoch has ``diverged``)
+    diverged: bool = False
 
     @property
     def final(self) -> dict:
@@ -59,7 +63,7 @@ class History:
 
     def to_dict(self) -> dict:
         return {"config": self.config, "group_names": self.group_names, "layer_group_names": self.layer_group_names,
-                "epochs": self.epochs, "finished": self.finished}
+                "epochs": self.epochs, "finished": self.finished, "diverged": self.diverged}
 
     def meta(self) -> dict:
         """Everything but the epochs (``history.json``)."""
@@ -68,7 +72,8 @@ class History:
     @classmethod
     def from_dict(cls, d: Mapping) -> History:
         return cls(dict(d.get("config", {})), list(d.get("group_names", [])), list(d.get("layer_group_names", [])),
-                   [dict(r) for r in d.get("epochs", [])], bool(d.get("finished", False)))
+                   [dict(r) for r in d.get("epochs", [])], bool(d.get("finished", False)),
+                   bool(d.get("diverged", False)))
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike) -> History:
@@ -77,14 +82,9 @@ class History:
         meta_path = os.path.join(run_dir, "history.json")
         if not os.path.isfile(meta_path):
             raise FileNotFoundError(f"{run_dir!r} is not a bvgls run directory (no history.json)")
-        with open(meta_path) as f:
-            meta = json.load(f)
-        epochs = []
+        meta = read_json(meta_path)
         metrics = os.path.join(run_dir, "metrics.jsonl")
-        if os.path.isfile(metrics):
-            with open(metrics) as f:
-                epochs = [json.loads(line) for line in f if line.strip()]
-        meta["epochs"] = epochs
+        meta["epochs"] = read_json_lines(metrics) if os.path.isfile(metrics) else []
         return cls.from_dict(meta)
 
 
@@ -109,8 +109,40 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file; ValueError naming the file when it is not valid JSON (e.g. truncated)."""
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON (truncated?): {e.msg} at line {e.lineno}") from None
+
+
+def read_json_lines(path: str | os.PathLike) -> list:
+    """One JSON value per non-empty line (``metrics.jsonl``); ValueError naming the file and line."""
+    out = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path} line {i} is not valid JSON (truncated?): {e.msg}") from None
+    return out
+
+
+def prepare_out_dir(path: str | os.PathLike, option: str = "--out") -> str:
+    """Create the output directory ``path`` (if needed) and check that it can be written to,
+    before any work is done; ValueError naming ``option`` and the path otherwise."""
+    path = str(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{option} {path} is an existing file, not a directory; choose another {option}")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".bvgls-write-test"):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot write to {option} {path} ({e.strerror or e})") from None
+    return path
 
 
 def write_metrics(out_dir: str, history: History) -> None:
@@ -122,8 +154,9 @@ def write_history(out_dir: str, history: History) -> None:
 
 
 def write_result(out_dir: str, history: History) -> None:
-    write_json(os.path.join(out_dir, RESULT_FILE), {"finished": True, "final": history.final,
-                                                    "wall_s": history.wall_s, "config": history.config})
+    write_json(os.path.join(out_dir, RESULT_FILE), {"finished": True, "diverged": history.diverged,
+                                                    "final": history.final, "wall_s": history.wall_s,
+                                                    "config": history.config})
 
 
 def is_finished(run_dir: str | os.PathLike) -> bool:
@@ -168,14 +201,44 @@ def save_checkpoint(path: str, *, model, optimizer, strategy, scheduler, scaler,
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
-def load_checkpoint(path: str) -> dict:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - a third-party strategy state with python objects; we wrote this file
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+def load_checkpoint(path: str, *, trust_pickle: bool = False) -> dict:
+    """A checkpoint written by :func:`save_checkpoint` (see :func:`load_torch_file` for ``trust_pickle``)."""
+    ckpt = load_torch_file(path, what="checkpoint", trust_pickle=trust_pickle)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path!r} is not a bvgls checkpoint")
+        raise ValueError(f"checkpoint {path} is not a bvgls checkpoint")
     return ckpt
+
+
+# ---------------------------------------------------------------------- torch files
+def load_torch_file(path: str | os.PathLike, *, what: str, trust_pickle: bool = False) -> Any:
+    """``torch.load`` with ``weights_only=True`` (tensors, plain containers and registered safe
+    globals: nothing from the file is executed). A file that needs a full unpickle is loaded only
+    with ``trust_pickle=True``; otherwise, and for a damaged file, ValueError naming ``what`` and
+    the path. Every file bvgls writes loads without ``trust_pickle``; a strategy whose state holds
+    its own types registers them with ``torch.serialization.add_safe_globals``."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{what} {path} is empty")
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            if not str(e).startswith("Weights only load failed"):
+                raise
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)  # reads, never executes
+            if not unsafe:
+                raise
+    except Exception as e:  # noqa: BLE001 - any failure to read is reported as a damaged file
+        first = (str(e).strip().splitlines() or [""])[0][:120]
+        raise ValueError(f"{what} {path} is not a readable torch file (damaged or truncated?): "
+                         f"{type(e).__name__}: {first}") from None
+    if not trust_pickle:
+        raise ValueError(f"{what} {path} holds Python objects ({', '.join(unsafe[:3])}) that only a full unpickle "
+                         "can load, and unpickling runs code from the file; pass trust_pickle=True (--trust-pickle) "
+                         "if you trust it")
+    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def save_model(model: nn.Module, path: str) -> None:
