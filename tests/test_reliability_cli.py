@@ -25,11 +25,6 @@ READ_ONLY = "/sys/bvgls-reliability-test/out"  # mkdir there fails, even for roo
 MARKER_NAME = "unpickled-marker"
 
 
-def not_fixed(item):
-    """Fails on the code before the fix; the implementer removes the mark with the fix."""
-    return pytest.mark.xfail(strict=True, reason=f"issue 10 item {item}: not fixed yet")
-
-
 # ---------------------------------------------------------------------- helpers
 def bvgls(*args, timeout=300):
     """Run the real command line; PYTHONPATH is inherited, BVGLS_DEBUG is not."""

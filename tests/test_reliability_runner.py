@@ -23,11 +23,6 @@ from bvgls.runner import grid, loop, models
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def not_fixed(item):
-    """Fails on the code before the fix; the implementer removes the mark with the fix."""
-    return pytest.mark.xfail(strict=True, reason=f"issue 10 item {item}: not fixed yet")
-
-
 class MakesMarker:
     """Unpickling it creates a directory: proof that the file's code ran."""
 
@@ -165,7 +160,6 @@ def test_every_strategy_state_loads_with_weights_only(spec, tmp_path):
 
 
 # ---------------------------------------------------------------------- item 10
-@not_fixed(10)
 def test_step_before_any_backward_is_not_counted():
     # issue 10 item 10: step() before any backward() counted an empty step (core: base.py)
     net = tiny_model()
