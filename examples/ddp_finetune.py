@@ -98,12 +98,16 @@ def evaluate(model, test) -> float:
 
 
 def main():
-    """Clean shutdown: torch.distributed.nn.functional binds ``group.WORLD`` into its default
-    arguments when first imported, which torch does lazily (via torch._dynamo) on the first
-    optimizer. Imported after init_process_group it keeps the default gloo group alive past
-    destroy_process_group, and its threads abort the process at exit ("terminate called without an
-    active exception"). Importing it first (above) binds None instead; the barrier keeps every rank
-    connected until all are done."""
+    """Clean shutdown, so that every rank exits with status 0:
+
+    * ``torch.distributed.nn`` is imported before ``init_process_group`` (see the imports):
+      torch imports it lazily (via torch._dynamo, on the first optimizer) and, imported
+      after, it binds the default gloo group into default arguments for good;
+    * the barrier keeps every rank connected until all are done;
+    * ``bvgls.distributed.shutdown()`` destroys the process groups and frees them, including
+      the ones FSDP2's device mesh keeps (torch's DTensor caches keep the mesh alive). A gloo
+      group left alive runs its threads into interpreter shutdown, which aborts the process
+      ("terminate called without an active exception")."""
     args = parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -111,7 +115,7 @@ def main():
         finetune(args)
         dist.barrier()
     finally:
-        dist.destroy_process_group()
+        bvgls_distributed.shutdown()
 
 
 def finetune(args):

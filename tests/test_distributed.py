@@ -62,68 +62,88 @@ def _worker(rank, store_path, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=WORLD)
     try:
-        rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
-        result = {}
-
-        # DDP: gradients are averaged before the step; nothing else is needed
-        model = make_model()
-        ddp = nn.parallel.DistributedDataParallel(model)
-        strategy = make_strategy(model)
-        mode = bdist.setup(strategy, verify_every=1)
-        result["ddp"] = {"mode": mode, "steps": train(ddp, strategy, rows),
-                         "params": [p.detach().tolist() for p in model.parameters()]}
-        # the check must be able to fail: make this rank's last selection differ
-        strategy.scales = [float(rank == i) for i in range(strategy.num_groups)]
-        try:
-            bdist.assert_same_selection(strategy)
-            result["mismatch_detected"] = False
-        except RuntimeError as e:
-            result["mismatch_detected"] = "ranks selected different groups" in str(e)
-
-        # FSDP2: each rank holds a shard of every gradient; sums are all-reduced
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-        mesh = init_device_mesh("cpu", (WORLD,))
-        model = make_model()
-        for layer in model:
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        strategy = make_strategy(model)
-        mode = bdist.setup(strategy, verify_every=1)
-        calls = []
-        reduce = strategy.reduce_sums
-
-        def counting_reduce(bias, v_sum):
-            calls.append(bias.numel() + v_sum.numel())
-            return reduce(bias, v_sum)
-
-        strategy.reduce_sums = counting_reduce
-        result["fsdp"] = {"mode": mode, "steps": train(model, strategy, rows),
-                          "params": [p.full_tensor().detach().tolist() for p in model.parameters()],
-                          "reduce_calls": calls,
-                          "local_numel": sum(p.to_local().numel() for p in model.parameters())}
-        # a rank's state_dict (its shard of the EMAs) loads back into a strategy on the same shards
-        restored = make_strategy(model)
-        restored.load_state_dict(strategy.state_dict())
-        result["fsdp"]["state_roundtrip"] = all(torch.equal(a, b) for a, b in zip(restored._m, strategy._m))
-        restored.remove()
-
-        # FSDP1 flattens whole units: rejected with a clear error rather than computing partial sums
-        from torch.distributed.fsdp import FullyShardedDataParallel
-        model = make_model()
-        fsdp1 = FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=True)
-        opt = torch.optim.SGD(fsdp1.parameters(), lr=0.1)
-        try:
-            bdist.setup(bvgls.BVGLS(opt, groups=bvgls.layer_groups(model)), modules=[fsdp1])
-            result["fsdp1_rejected"] = False
-        except ValueError as e:
-            result["fsdp1_rejected"] = "FSDP1" in str(e)
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(result, f)
+        result = _run_all_modes(rank)  # returns: its models, strategies and meshes can be freed
         dist.barrier()
     finally:
-        dist.destroy_process_group()
+        bdist.shutdown()
+    result["gloo_threads_after_shutdown"] = gloo_threads()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+def _run_all_modes(rank):
+    rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    result = {}
+
+    # DDP: gradients are averaged before the step; nothing else is needed
+    model = make_model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    strategy = make_strategy(model)
+    mode = bdist.setup(strategy, verify_every=1)
+    result["ddp"] = {"mode": mode, "steps": train(ddp, strategy, rows),
+                     "params": [p.detach().tolist() for p in model.parameters()]}
+    # the check must be able to fail: make this rank's last selection differ
+    strategy.scales = [float(rank == i) for i in range(strategy.num_groups)]
+    try:
+        bdist.assert_same_selection(strategy)
+        result["mismatch_detected"] = False
+    except RuntimeError as e:
+        result["mismatch_detected"] = "ranks selected different groups" in str(e)
+
+    # FSDP2: each rank holds a shard of every gradient; sums are all-reduced
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh("cpu", (WORLD,))
+    model = make_model()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    strategy = make_strategy(model)
+    mode = bdist.setup(strategy, verify_every=1)
+    calls = []
+    reduce = strategy.reduce_sums
+
+    def counting_reduce(bias, v_sum):
+        calls.append(bias.numel() + v_sum.numel())
+        return reduce(bias, v_sum)
+
+    strategy.reduce_sums = counting_reduce
+    result["fsdp"] = {"mode": mode, "steps": train(model, strategy, rows),
+                      "params": [p.full_tensor().detach().tolist() for p in model.parameters()],
+                      "reduce_calls": calls,
+                      "local_numel": sum(p.to_local().numel() for p in model.parameters())}
+    # a rank's state_dict (its shard of the EMAs) loads back into a strategy on the same shards
+    restored = make_strategy(model)
+    restored.load_state_dict(strategy.state_dict())
+    result["fsdp"]["state_roundtrip"] = all(torch.equal(a, b) for a, b in zip(restored._m, strategy._m))
+    restored.remove()
+
+    # FSDP1 flattens whole units: rejected with a clear error rather than computing partial sums
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    model = make_model()
+    fsdp1 = FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=True)
+    opt = torch.optim.SGD(fsdp1.parameters(), lr=0.1)
+    try:
+        bdist.setup(bvgls.BVGLS(opt, groups=bvgls.layer_groups(model)), modules=[fsdp1])
+        result["fsdp1_rejected"] = False
+    except ValueError as e:
+        result["fsdp1_rejected"] = "FSDP1" in str(e)
+    return result
+
+
+def gloo_threads():
+    """Names of this process's gloo threads (Linux), or None where threads cannot be listed."""
+    if not os.path.isdir("/proc/self/task"):
+        return None
+    names = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:  # the thread ended meanwhile
+            pass
+    return [name for name in names if "gloo" in name]
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +206,21 @@ def test_fsdp_reduces_once_per_step_with_2L_values(runs):
         assert r["fsdp"]["reduce_calls"] == [2 * num_groups] * STEPS
         assert r["fsdp"]["local_numel"] < total  # the gradients really were sharded
     assert sum(r["fsdp"]["local_numel"] for r in ranks) == total
+
+
+def test_shutdown_frees_the_process_groups_fsdp2_meshes_keep(runs):
+    # destroy_process_group alone leaves the gloo group (and its threads) alive here: the
+    # FSDP2 mesh holds it and torch's DTensor caches hold the mesh; at exit those threads
+    # abort the process now and then ("terminate called without an active exception")
+    ranks, _ = runs
+    if ranks[0]["gloo_threads_after_shutdown"] is None:
+        pytest.skip("threads can only be listed on Linux")
+    assert [r["gloo_threads_after_shutdown"] for r in ranks] == [[]] * WORLD
+
+
+def test_shutdown_outside_distributed_is_a_no_op():
+    bdist.shutdown()
+    assert not dist.is_initialized()
 
 
 def test_selection_check_detects_disagreement(runs):

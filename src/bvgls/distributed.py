@@ -15,11 +15,14 @@ groups. The ratios then equal a single-process run on the whole batch, and every
 rank selects the same groups. FSDP1 (``FullyShardedDataParallel``) flattens the
 parameters of a wrapped unit into one tensor and is not supported.
 
-:func:`setup` does the right thing for whichever of the two is in use.
+:func:`setup` does the right thing for whichever of the two is in use; :func:`shutdown`
+leaves ``torch.distributed`` so that the process exits cleanly.
 """
 
 from __future__ import annotations
 
+import gc
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,7 +32,7 @@ import torch.distributed as dist
 from .base import GroupStrategy
 
 __all__ = ["all_reduce_sums", "assert_same_selection", "reject_fsdp1", "setup", "shard_statistics",
-           "sharding_groups", "verify_selection"]
+           "sharding_groups", "shutdown", "verify_selection"]
 
 
 def _require_initialized() -> None:
@@ -194,3 +197,43 @@ def setup(strategy: GroupStrategy, *, verify_every: int = 0, group: Any = None,
     if verify_every:
         verify_selection(strategy, verify_every, group)
     return mode
+
+
+def shutdown() -> None:
+    """Destroy every process group so that none outlives it; call it on every rank, last.
+
+    ``torch.distributed.destroy_process_group()`` alone unregisters the groups but does not
+    free them while something still refers to them, and a gloo group that is not freed
+    keeps its threads running into interpreter shutdown, where they abort the process
+    (``terminate called without an active exception``, SIGABRT). With FSDP2 something
+    always does: every ``DeviceMesh`` keeps its process groups (``_pg_registry``), and
+    torch's DTensor caches (sharding propagation, redistribution plans) keep the meshes
+    alive for the life of the process. So this function
+
+    1. frees what only reference cycles keep (FSDP2 modules, optimizers, strategies),
+    2. destroys the process groups (``destroy_process_group``), then
+    3. empties the group registry of every remaining ``DeviceMesh`` (its groups are
+       destroyed, the mesh is unusable anyway), so that the groups are freed here and
+       their threads joined while every rank is still connected.
+
+    Call ``torch.distributed.barrier()`` before it on the normal path (so no rank tears
+    down while another is still communicating). A no-op when not initialized. Groups that
+    live objects still hold are not freed: let the wrapped model (DDP / FSDP2 modules) and
+    the strategy (its ``reduce_sums`` hook sums over the group) go first, e.g. by training
+    in a function that returns before this call; and import ``torch.distributed.nn`` before
+    ``init_process_group`` (imported after, it binds the default group into default
+    arguments for good). bvgls itself keeps no process group outside its strategies.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    gc.collect()
+    dist.destroy_process_group()
+    device_mesh = sys.modules.get("torch.distributed.device_mesh")  # loaded only if a mesh was made
+    mesh_type = getattr(device_mesh, "DeviceMesh", None)
+    if not isinstance(mesh_type, type):
+        return
+    for obj in gc.get_objects():
+        if issubclass(type(obj), mesh_type):
+            registry = getattr(obj, "_pg_registry", None)  # absent where meshes hold no groups
+            if isinstance(registry, dict):
+                registry.clear()
