@@ -1,0 +1,122 @@
+"""Lean selection wired through the package (issue 11): ``step_report()`` and the tracker,
+``bvgls.probe`` after ``import bvgls``, the finetune runner (accumulation, AMP skip, resume,
+channels_last) and the Hugging Face / Lightning callbacks."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import bvgls
+from bvgls.runner.tracker import SelectionTracker
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(),
+                         nn.Linear(8, 3))
+
+
+def batch(step, n=8):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def strategy_for(spec, model):
+    groups = bvgls.layer_groups(model)
+    opt = torch.optim.SGD(groups.param_groups(), lr=0.05, momentum=0.9)
+    return opt, bvgls.make_strategy(spec, opt, groups)
+
+
+def train(model, opt, strategy, steps, poison=()):
+    """Per step: the report after it; steps in ``poison`` get a nan gradient (skipped)."""
+    reports = []
+    for step in range(steps):
+        opt.zero_grad()
+        x, y = batch(step)
+        nn.functional.cross_entropy(model(x), y).backward()
+        if step in poison:
+            next(p for p in model.parameters() if p.grad is not None).grad[0] = float("nan")
+        strategy.step()
+        report = strategy.step_report()
+        ratios = None if report.ratios is None else (report.ratios.clone(), report.informative.clone(),
+                                                    strategy.variance.clone())
+        reports.append((report, *(ratios or (None, None, None))))
+    return reports
+
+
+def expected_bvr(reports, n):
+    sums, counts = [0.0] * n, [0] * n
+    for report, ratios, informative, _ in reports:
+        if report.probed:
+            for g in range(n):
+                if informative[g]:
+                    sums[g] += float(ratios[g])
+                    counts[g] += 1
+    return [s / c if c else None for s, c in zip(sums, counts)]
+
+
+def test_step_report_of_a_fixed_strategy_has_counts_and_no_ratios():
+    model = mlp()
+    opt, s = strategy_for("L3-4", model)
+    train(model, opt, s, 3)
+    report = s.step_report()
+    assert isinstance(report, bvgls.StepReport)
+    assert report.num_steps == 3 and report.counts == [0, 0, 3, 3] and report.ratios is None
+    assert not report.probed
+
+
+def test_step_report_marks_probe_steps_and_the_informative_groups():
+    model = mlp()
+    opt, s = strategy_for("bvgls:probe=3", model)
+    reports = train(model, opt, s, 7)
+    assert [r[0].probed for r in reports] == [True, False, False, True, False, False, True]
+    for report, ratios, informative, variance in reports:
+        assert torch.equal(informative, torch.isfinite(ratios) & (variance > s.eps))
+    assert torch.equal(reports[1][1], reports[0][1])  # between probes: the last probe's ratios
+    first = reports[0][2]
+    assert not first.any()  # a tensor's first step has variance 0 (clamped): no signal
+
+
+def test_tracker_counts_each_probe_once_not_the_steps_in_between():
+    model = mlp()
+    opt, s = strategy_for("bvgls:probe=3", model)
+    tracker = SelectionTracker(s)
+    reports = train(model, opt, s, 10)
+    stats = tracker.take("epoch")
+    want = expected_bvr(reports, s.num_groups)
+    assert stats["steps"] == 10
+    assert any(w is not None for w in want)
+    for got, w in zip(stats["bvr"], want):
+        assert (got is None) == (w is None)
+        if w is not None:
+            assert got == pytest.approx(w, rel=1e-9)
+    # counting every step would weight the probes 3:2:2:1 (steps 0-2, 3-5, 6-8, 9) instead of 1:1:1:1
+    tracker.close()
+
+
+def test_tracker_adds_nothing_for_a_skipped_nonfinite_step():
+    model = mlp()
+    opt, s = strategy_for("bvgls", model)
+    tracker = SelectionTracker(s)
+    with pytest.warns(RuntimeWarning, match="nan/inf"):
+        reports = train(model, opt, s, 6, poison={3})
+    assert s.nonfinite_steps == 1 and s.num_steps == 5
+    assert not reports[3][0].probed
+    stats = tracker.take("epoch")
+    want = expected_bvr(reports, s.num_groups)
+    assert stats["steps"] == 5
+    for got, w in zip(stats["bvr"], want):
+        assert (got is None) == (w is None)
+        if w is not None:
+            assert got == pytest.approx(w, rel=1e-9)
+    tracker.close()
+
+
+def test_probe_module_is_loaded_by_import_bvgls():
+    import subprocess
+    import sys
+    code = "import bvgls, sys; print(bvgls.probe.recommend.__name__, 'bvgls.runner' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["recommend", "False"]
