@@ -131,4 +131,4 @@ def check_tensorboard() -> None:
         raise CLIError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
 
 
-from . import train, info, bench  # noqa: E402,F401  (register the commands)
+from . import train, info, bench, probe  # noqa: E402,F401  (register the commands)
