@@ -120,3 +120,36 @@ def test_probe_module_is_loaded_by_import_bvgls():
     code = "import bvgls, sys; print(bvgls.probe.recommend.__name__, 'bvgls.runner' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["recommend", "False"]
+
+
+# ---------------------------------------------------------------------- few updates per group (issue 12, part 6)
+def tensor_data(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+    ds = torch.utils.data.TensorDataset(x, y)
+    return ds, ds
+
+
+def test_expected_updates_per_group_follow_the_stated_rule():
+    model = mlp()  # 4 groups
+    assert strategy_for("bvgls", model)[1].expected_updates(100) == pytest.approx(25.0)
+    assert strategy_for("bvgls:k=2", mlp())[1].expected_updates(100) == pytest.approx(50.0)
+    assert strategy_for("lisa:gamma=1", mlp())[1].expected_updates(100) == pytest.approx(50.0)  # 2 middle groups
+    assert strategy_for("bcd-cyclic", mlp())[1].expected_updates(100) == pytest.approx(25.0)
+    for fixed in ("full", "L3-4", "linear", "llrd", "bvgls:static=5"):
+        assert strategy_for(fixed, mlp())[1].expected_updates(100) is None
+
+
+def test_finetune_warns_before_training_when_groups_get_few_updates():
+    seen_at_first_epoch = []
+    with pytest.warns(UserWarning, match=r"bvgls: a layer group it rotates through gets about 4\.0 optimizer "
+                                         r"updates in this run \(expected updates per group = 16 optimizer steps"):
+        bvgls.finetune(mlp(), tensor_data(), "bvgls", epochs=2, batch_size=8, lr=0.05, progress=False,
+                       callbacks=[lambda record: seen_at_first_epoch.append(record["epoch"])])
+    assert seen_at_first_epoch  # trained after the warning
+
+
+def test_finetune_does_not_warn_for_full_or_enough_updates(recwarn):
+    bvgls.finetune(mlp(), tensor_data(), "full", epochs=1, batch_size=8, lr=0.05, progress=False)
+    bvgls.finetune(mlp(), tensor_data(n=128 * 8), "bvgls", epochs=1, batch_size=8, lr=0.05, progress=False)
+    assert not [w for w in recwarn if "optimizer updates in this run" in str(w.message)]

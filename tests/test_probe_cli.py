@@ -38,3 +38,14 @@ def test_probe_bad_input_is_one_line(image_root):
         assert out.returncode == 2, (extra, out.stderr)
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (extra, out.stderr)
+
+
+def test_finetune_warns_in_one_line_when_groups_get_few_updates(image_root, tmp_path):
+    # 30 training images, batch 8: 4 steps in 1 epoch; bvgls (k=1) over tiny-cnn's 4 groups: 1.0 update per group
+    out = bvgls("finetune", "--model", "tiny-cnn", "--weights", "none", "--data", image_root, "--strategy", "bvgls",
+                "--epochs", 1, "--batch-size", 8, "--lr", 0.05, "--no-progress", "--out", tmp_path / "run")
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stderr.splitlines() if "optimizer updates in this run" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: bvgls: a layer group it rotates through gets about "
+                                                   "1.0 optimizer updates in this run"), out.stderr
+    assert "warnings.warn" not in out.stderr and "UserWarning" not in out.stderr

@@ -484,6 +484,13 @@ class GroupStrategy(metaclass=_AttachAfterInit):
         n = max(self.num_steps, 1)
         return [s / n for s in self.scale_sums]
 
+    def expected_updates(self, total_steps: int) -> float | None:
+        """For strategies that update only some groups per step (BVG-LS, LISA, BCD, ...): the
+        expected number of optimizer updates of a group they rotate through over
+        ``total_steps`` steps (total steps x groups updated per step / groups selected from).
+        None here: every group a strategy trains is updated every step."""
+        return None
+
     def step_report(self) -> StepReport:
         """Cumulative counts of this strategy (no ratios; ratio-based strategies add them)."""
         return StepReport(self.num_steps, list(self.counts), list(self.scale_sums))

@@ -231,6 +231,14 @@ class BVGLS(GroupStrategy):
     def _num_to_select(self, num_present: int) -> int:
         return min(self.k, num_present)
 
+    def expected_updates(self, total_steps: int) -> float | None:
+        """``total_steps x k / groups`` (BVG-TS: ``x ceil(fraction n) / n``); None for ``static``,
+        which trains its ``k`` groups every step after the first ``static`` steps."""
+        if self.static is not None:
+            return None
+        n = sum(1 for ps in self.group_params if ps)
+        return total_steps * self._num_to_select(n) / n
+
     # ------------------------------------------------------------------ selection
     def is_probe_step(self, step: int | None = None) -> bool:
         """Does (0-based) optimizer step ``step`` (default: the next one) update the statistics?"""

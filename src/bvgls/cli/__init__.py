@@ -81,7 +81,15 @@ def get_app() -> typer.Typer:
 
 def main() -> None:
     """Console-script entry point (``bvgls``)."""
+    import warnings
+
+    warnings.formatwarning = one_line_warning
     get_app()(prog_name="bvgls")
+
+
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings on the command line as one ``warning: ...`` line (like ``error: ...``)."""
+    return f"warning: {' '.join(str(message).split())}\n"
 
 
 # ---------------------------------------------------------------------- helpers

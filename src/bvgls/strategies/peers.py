@@ -433,6 +433,10 @@ class LISA(_PeerStrategy):
     def _options(self):
         return {**super()._options(), "K": self.K, "gamma": self.gamma, "seed": self.seed}
 
+    def expected_updates(self, total_steps: int) -> float | None:
+        """A middle group's share: ``total_steps x gamma / middle groups`` (first and last: every step)."""
+        return total_steps * self.gamma / len(self.middle_groups) if self.gamma else None
+
     def _ensure_plan(self):
         window = self.num_steps // self.K
         if window != self.window:
@@ -512,6 +516,10 @@ class BlockCoordinateDescent(_PeerStrategy):
     def _options(self):
         return {**super()._options(), "K": self.K, "order": self.order, "seed": self.seed,
                 "reset_state": self.reset_state}
+
+    def expected_updates(self, total_steps: int) -> float | None:
+        """``total_steps / groups``: one group at a time."""
+        return total_steps / len(self.nonempty_groups)
 
     def _new_cycle(self) -> list[int]:
         groups = self.nonempty_groups
