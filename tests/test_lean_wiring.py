@@ -153,3 +153,33 @@ def test_finetune_does_not_warn_for_full_or_enough_updates(recwarn):
     bvgls.finetune(mlp(), tensor_data(), "full", epochs=1, batch_size=8, lr=0.05, progress=False)
     bvgls.finetune(mlp(), tensor_data(n=128 * 8), "bvgls", epochs=1, batch_size=8, lr=0.05, progress=False)
     assert not [w for w in recwarn if "optimizer updates in this run" in str(w.message)]
+
+
+# ---------------------------------------------------------------------- auto-rgn / auto-snr on the runner's path
+@pytest.mark.parametrize("spec", ["auto-rgn", "auto-snr"])
+def test_runner_path_finds_the_batchnorm_layers_of_mobilenet_v2(spec):
+    torchvision = pytest.importorskip("torchvision")
+    from bvgls.strategies.peers import normalization_parameters
+
+    model = torchvision.models.mobilenet_v2(weights=None, num_classes=4)
+    want = {id(p) for p in normalization_parameters(model)}
+    assert len(want) == 104  # 52 BatchNorm2d layers, weight + bias
+    # what the runner does (loop.attach_strategy): a spec on LayerGroups, no model= given
+    groups = bvgls.layer_groups(model)
+    opt = torch.optim.SGD(groups.param_groups(), lr=0.01)
+    strategy = bvgls.make_strategy(spec, opt, groups)
+    assert strategy.norm_param_count == 104
+    assert {id(p) for p, is_norm in zip(strategy.params, strategy.is_norm) if is_norm} == want
+    strategy.remove()
+
+
+def test_groups_without_module_types_fall_back_to_the_name_heuristic():
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet18(weights=None, num_classes=4)
+    built = bvgls.layer_groups(model)
+    assert built.module_types["bn1.weight"] is nn.BatchNorm2d and built.module_types["fc.weight"] is nn.Linear
+    names_only = bvgls.LayerGroups(built.groups)  # e.g. groups assembled by hand: names, no module types
+    opt = torch.optim.SGD(names_only.param_groups(), lr=0.01)
+    strategy = bvgls.make_strategy("auto-rgn", opt, names_only)
+    assert strategy.norm_param_count == 40  # bn1, bn2, downsample.1 of a ResNet: found by name
+    strategy.remove()
