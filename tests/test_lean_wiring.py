@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import bvgls
+from bvgls.runner.callbacks import Callback
 from bvgls.runner.tracker import SelectionTracker
 
 
@@ -183,3 +184,129 @@ def test_groups_without_module_types_fall_back_to_the_name_heuristic():
     strategy = bvgls.make_strategy("auto-rgn", opt, names_only)
     assert strategy.norm_param_count == 40  # bn1, bn2, downsample.1 of a ResNet: found by name
     strategy.remove()
+
+
+# ---------------------------------------------------------------------- lean through finetune (the runner)
+class Recorder(Callback):
+    """A runner callback that records, per forward pass, the groups frozen (requires_grad off)
+    and, per optimizer call, the weights of every group before and after, and what the strategy did."""
+
+    def __init__(self, poison_forward=None):
+        self.forwards, self.steps, self.poison_forward = [], [], poison_forward
+        self.final = None
+
+    def on_train_start(self, state):
+        s, model = state.strategy, state.model
+        self.strategy, self._before = s, None
+        model.register_forward_pre_hook(lambda m, args: self.forwards.append(self.frozen()))
+        if self.poison_forward is not None:  # a nan loss on one forward pass: GradScaler-style skip
+            model.register_forward_hook(lambda m, args, out: out * float("nan")
+                                        if len(self.forwards) - 1 == self.poison_forward else out)
+        state.optimizer.register_step_pre_hook(lambda *a: setattr(self, "_before", self.weights()))
+        state.optimizer.register_step_post_hook(lambda *a: self.steps.append(
+            {"frozen": self.frozen(), "before": self._before, "after": self.weights(), "num_steps": s.num_steps,
+             "probed": getattr(s, "probed", None), "selected": list(s.selected), "forwards": len(self.forwards)}))
+
+    def frozen(self):
+        return tuple(i for i, ps in enumerate(self.strategy.group_params) if not any(p.requires_grad for p in ps))
+
+    def weights(self):
+        return [torch.cat([p.detach().flatten().clone() for p in ps]) for ps in self.strategy.group_params]
+
+    def on_train_end(self, state):
+        self.final = {"nonfinite": state.strategy.nonfinite_steps, "num_steps": state.strategy.num_steps}
+
+
+def frozen_at_each_step(rec, accum):
+    """The frozen set seen by the forwards of each optimizer call (asserting they agree)."""
+    out, start = [], 0
+    for step in rec.steps:
+        seen = set(rec.forwards[start:step["forwards"]])
+        assert len(seen) == 1, f"micro-batches of one optimizer step saw different frozen groups: {seen}"
+        assert step["forwards"] - start == accum
+        out.append(seen.pop())
+        start = step["forwards"]
+    return out
+
+
+def assert_frozen_groups_unchanged(rec, frozen_per_step):
+    for step, frozen in zip(rec.steps, frozen_per_step):
+        for g in frozen:
+            assert torch.equal(step["before"][g], step["after"][g]), (step["num_steps"], g)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_finetune_lean_probe_with_grad_accumulation(accum):
+    rec = Recorder()
+    model = mlp()
+    before = [p.requires_grad for p in model.parameters()]
+    bvgls.finetune(model, tensor_data(), "bvgls:probe=3", epochs=1, batch_size=4, grad_accum=accum, lr=0.05,
+                   progress=False, callbacks=[rec])
+    frozen = frozen_at_each_step(rec, accum)
+    n = len(rec.steps)
+    assert n == 16 // accum and rec.final["num_steps"] == n
+    last_probe = None
+    for t, (step, f) in enumerate(zip(rec.steps, frozen)):
+        assert step["probed"] == (t % 3 == 0)
+        if t % 3 == 0:
+            assert f == ()  # a probe step: every group computes its gradient
+            last_probe = step["selected"]
+        else:  # in between: the last probe's selection trains, the others are frozen for real
+            assert step["selected"] == last_probe
+            assert set(f) == set(range(4)) - set(last_probe)
+    assert_frozen_groups_unchanged(rec, frozen)
+    assert [p.requires_grad for p in model.parameters()] == before  # restored at the end
+
+
+@pytest.mark.parametrize("spec", ["bvgls:probe=3", "lisa:K=2:gamma=1", "bcd-cyclic:K=2"])
+def test_finetune_lean_bf16_autocast_and_a_skipped_nonfinite_step(spec):
+    rec = Recorder(poison_forward=4)
+    with pytest.warns(RuntimeWarning, match="nan/inf"):
+        bvgls.finetune(mlp(), tensor_data(), spec, epochs=1, batch_size=8, lr=0.05, amp="bf16", device="cpu",
+                       progress=False, callbacks=[rec])
+    frozen = frozen_at_each_step(rec, 1)
+    assert rec.final == {"nonfinite": 1, "num_steps": 7}  # 8 optimizer calls, one skipped
+    skipped = rec.steps[4]
+    assert skipped["num_steps"] == rec.steps[3]["num_steps"]  # not counted
+    assert all(torch.equal(b, a) for b, a in zip(skipped["before"], skipped["after"]))  # nothing changed
+    assert frozen[5] == frozen[4]  # the same step (same plan, same frozen groups) runs again
+    assert any(frozen)  # something was frozen for real
+    assert_frozen_groups_unchanged(rec, frozen)
+
+
+def comparable(history):
+    return [{k: v for k, v in record.items() if not k.endswith("_s")} for record in history.epochs]
+
+
+@pytest.mark.parametrize("spec", ["bvgls:probe=3", "bvgls:static=5:probe=2", "lisa:K=3:gamma=1", "bcd-cyclic:K=3"])
+def test_finetune_lean_resume_equals_the_uninterrupted_run(spec, tmp_path):
+    options = dict(epochs=3, batch_size=8, lr=0.05, progress=False)  # 8 steps per epoch: probes cross epochs
+    whole_model = mlp()
+    whole = bvgls.finetune(whole_model, tensor_data(), spec, out_dir=tmp_path / "whole", **options)
+    part_model = mlp()
+    first = bvgls.finetune(part_model, tensor_data(), spec, out_dir=tmp_path / "part", stop_after=1, **options)
+    assert len(first.epochs) == 1
+    assert all(p.requires_grad for p in part_model.parameters())  # restored after the interrupted call
+    resumed_model = mlp(seed=5)  # other initial weights: everything must come from the checkpoint
+    resumed = bvgls.finetune(resumed_model, tensor_data(), spec, out_dir=tmp_path / "part", resume=True, **options)
+    assert comparable(resumed) == comparable(whole)
+    for a, b in zip(resumed_model.parameters(), whole_model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_finetune_lean_channels_last():
+    from bvgls.runner.models import build_model
+
+    model = build_model("tiny-cnn", 3, None)
+    g = torch.Generator().manual_seed(0)
+    ds = torch.utils.data.TensorDataset(torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 3, (32,), generator=g))
+    rec = Recorder()
+    bvgls.finetune(model, (ds, ds), "bvgls:probe=2", epochs=1, batch_size=4, lr=0.05, channels_last=True,
+                   progress=False, callbacks=[rec])
+    assert any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+               for p in model.parameters())  # NHWC was kept (tiny-cnn has no oneDNN crash hazard)
+    frozen = frozen_at_each_step(rec, 1)
+    assert [f == () for f in frozen] == [t % 2 == 0 for t in range(8)]
+    assert all(len(f) == len(rec.strategy.group_params) - 1 for f in frozen[1::2])
+    assert_frozen_groups_unchanged(rec, frozen)
+    assert all(p.requires_grad for p in model.parameters())
