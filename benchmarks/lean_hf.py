@@ -11,8 +11,8 @@ runs in a **fresh subprocess** (peak RSS is its own): ``full`` is the plain Trai
 others attach the strategy with ``bvgls.integrations.hf.attach`` (layer groups:
 embeddings, each block, final norm + head). Per variant: mean wall time per optimizer step
 over the steps after ``--warmup`` untimed ones (timed from the end of step ``warmup`` to the
-end of the last step: forward, backward, strategy and optimizer step, data loading), peak
-RSS, and how often each group was updated. Ratios are against ``full`` of the same run.
+end of the last step: forward, backward, strategy and optimizer step, data loading), the
+same in process CPU time (less sensitive to other load on a shared machine), peak RSS, and how often each group was updated. Ratios are against ``full`` of the same run.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def measure(spec: str, args) -> dict:
             self.marks = {}
 
         def on_step_end(self, a, state, control, **kwargs):
-            self.marks[state.global_step] = time.perf_counter()
+            self.marks[state.global_step] = (time.perf_counter(), time.process_time())
 
     clock = StepClock()
     train_args = TrainingArguments(output_dir=args.scratch, max_steps=total, per_device_train_batch_size=args.batch,
@@ -67,18 +67,19 @@ def measure(spec: str, args) -> dict:
         trainer.add_callback(Keep())
         trainer.callback_handler.callbacks.insert(0, trainer.callback_handler.callbacks.pop())
     trainer.train()
-    step_s = (clock.marks[total] - clock.marks[args.warmup]) / args.steps
-    return {"spec": spec, "step_s": step_s, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    (wall1, cpu1), (wall0, cpu0) = clock.marks[total], clock.marks[args.warmup]
+    return {"spec": spec, "step_s": (wall1 - wall0) / args.steps, "cpu_s": (cpu1 - cpu0) / args.steps, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "groups": groups, "frequency": frequency}
 
 
 def table(results: list[dict]) -> str:
     full = next((r for r in results if r["spec"] == "full"), results[0])
-    lines = ["| strategy | step s | x full | peak RSS MB | x full | selection frequency per group |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| strategy | step s | x full | CPU s | x full | peak RSS MB | x full | selection frequency per group |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
         freq = " ".join(f"{f:.2f}" for f in r["frequency"]) or "all 1.00"
         lines.append(f"| {r['spec']} | {r['step_s']:.3f} | {r['step_s'] / full['step_s']:.2f} | "
+                     f"{r['cpu_s']:.3f} | {r['cpu_s'] / full['cpu_s']:.2f} | "
                      f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / full['peak_rss_mb']:.2f} | {freq} |")
     groups = next((r["groups"] for r in results if r["groups"]), [])
     return "\n".join(lines) + (f"\n\ngroups: {', '.join(groups)}" if groups else "")
