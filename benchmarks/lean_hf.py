@@ -12,7 +12,8 @@ others attach the strategy with ``bvgls.integrations.hf.attach`` (layer groups:
 embeddings, each block, final norm + head). Per variant: mean wall time per optimizer step
 over the steps after ``--warmup`` untimed ones (timed from the end of step ``warmup`` to the
 end of the last step: forward, backward, strategy and optimizer step, data loading), the
-same in process CPU time (less sensitive to other load on a shared machine), peak RSS, and how often each group was updated. Ratios are against ``full`` of the same run.
+same in process CPU time (less sensitive to other load on a shared machine), peak RSS, and
+how often each group was updated. Ratios are against ``full`` of the same run.
 """
 
 from __future__ import annotations
