@@ -10,7 +10,8 @@ subprocess**, so its peak RSS (``ru_maxrss``) is its own: model, activations, gr
 optimizer state and the strategy's statistics. Per variant: mean wall time per optimizer
 step (forward + backward + step; ``--warmup`` untimed forward/backward passes come first and
 take no step, so the strategy's first step, a probe step, is timed too: the mean is what a
-run pays), peak RSS, the optimizer and strategy state allocated at
+run pays), the same in process CPU time (all threads; less sensitive than wall time to other
+load on a shared machine), peak RSS, the optimizer and strategy state allocated at
 the end (``strategy.state_bytes()``), and how often each group was updated (the saving
 depends on it). Ratios are against ``full`` of the same run.
 
@@ -50,11 +51,11 @@ def measure(spec: str, args) -> dict:
     opt = torch.optim.SGD(groups.param_groups(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
     strategy = bvgls.make_strategy(spec, opt, groups)
     gen = torch.Generator().manual_seed(1)
-    times = []
+    times, cpu_times = [], []
     for step in range(args.warmup + args.steps):
         x = torch.randn(args.batch, 3, args.size, args.size, generator=gen)
         y = torch.randint(0, args.classes, (args.batch,), generator=gen)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
         if step < args.warmup:  # warm-up: forward and backward only, so the strategy's schedule
@@ -63,9 +64,11 @@ def measure(spec: str, args) -> dict:
         strategy.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
     state = strategy.state_bytes()
     strategy.remove()
     return {"spec": spec, "step_s": statistics.fmean(times), "step_s_median": statistics.median(times),
+            "cpu_s": statistics.fmean(cpu_times),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "optimizer_state_mb": sum(state["optimizer"].values()) / 2 ** 20,
             "strategy_state_mb": sum(state["strategy"].values()) / 2 ** 20,
@@ -75,12 +78,13 @@ def measure(spec: str, args) -> dict:
 def table(results: list[dict]) -> str:
     full = next((r for r in results if r["spec"] == "full"), results[0])
     names = results[0]["groups"]
-    head = ("| strategy | step s | x full | peak RSS MB | x full | opt state MB | stats MB | "
+    head = ("| strategy | step s | x full | CPU s | x full | peak RSS MB | x full | opt state MB | stats MB | "
             + " | ".join(f"{n}" for n in names) + " |")
-    lines = [head, "|" + "---|" * (7 + len(names))]
+    lines = [head, "|" + "---|" * (9 + len(names))]
     for r in results:
         freq = " | ".join(f"{f:.2f}" for f in r["frequency"])
         lines.append(f"| {r['spec']} | {r['step_s']:.3f} | {r['step_s'] / full['step_s']:.2f} | "
+                     f"{r['cpu_s']:.3f} | {r['cpu_s'] / full['cpu_s']:.2f} | "
                      f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / full['peak_rss_mb']:.2f} | "
                      f"{r['optimizer_state_mb']:.0f} | {r['strategy_state_mb']:.0f} | {freq} |")
     return "\n".join(lines)

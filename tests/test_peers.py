@@ -283,8 +283,10 @@ def test_auto_rgn_update_is_weight_times_lr_times_grad(spec, epoch_len, opens_ev
     model, groups, opt, s = setup(spec, Tiny())
     with torch.no_grad():
         model.mid.bias.zero_()  # a zero-norm tensor: weight 1 while its gradient is non-zero
-    frozen = [any(p is q for q in model.norm.parameters()) for p in s.params]
-    assert s.norm_param_count == 2 and s.is_norm == frozen  # found by name: norm.weight, norm.bias
+    norms = [*model.norm.parameters(), *model.block[1].parameters()]
+    frozen = [any(p is q for q in norms) for p in s.params]
+    # found by the module types layer_groups records: the LayerNorm and the BatchNorm inside the Sequential
+    assert s.norm_param_count == 4 and s.is_norm == frozen
     history, updates, weights, scales = [], [], [], []
     steps = 12
     for t in range(steps):

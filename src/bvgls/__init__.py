@@ -4,7 +4,8 @@
 training runner (:func:`finetune`, :func:`compare`, :class:`History`) is imported on first use.
 """
 
-from .base import GroupStrategy
+from . import probe
+from .base import GroupStrategy, StepReport
 from .grouping import LayerGroups, grouping_names, layer_groups, register_grouping
 from .selector import BVGLS, BVGTS
 from .strategies import (
@@ -26,7 +27,7 @@ _RUNNER_EXPORTS = {"finetune": "bvgls.runner.loop", "History": "bvgls.runner.loo
                    "compare": "bvgls.runner.grid"}
 
 __all__ = [
-    "BVGLS", "BVGTS", "FixedGroups", "GroupStrategy", "History", "LayerGroups", "STRATEGIES", "compare",
+    "BVGLS", "BVGTS", "FixedGroups", "GroupStrategy", "History", "LayerGroups", "STRATEGIES", "StepReport", "compare",
     "finetune", "full_finetuning", "grouping_names", "layer_groups", "linear_probing", "make_strategy",
     "parse_strategy", "partial_finetuning", "register_grouping", "register_strategy", "strategy_names",
 ]

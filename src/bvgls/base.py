@@ -44,6 +44,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -104,6 +105,24 @@ def options_mismatch(kind: str, saved: Mapping[str, Any], mine: Mapping[str, Any
                      for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k))
     return (f"state_dict of this {kind} was saved with other options ({diff}); "
             "build the strategy with the options of the checkpoint")
+
+
+@dataclass
+class StepReport:
+    """What a strategy reports after a step (:meth:`GroupStrategy.step_report`): cumulative
+    counted steps, selection counts and lr multipliers per group and, for ratio-based
+    strategies (BVG-LS), the per-group ratios of the last statistics update with the mask of
+    groups whose ratio carries signal (defined, and variance above the clamp ``eps``: at a
+    tensor's first step the variance is 0 and the ratio is ``bias / eps``). ``probed`` says
+    whether the last ``optimizer.step()`` computed those ratios (False between probe steps,
+    where they are the last probe's, and on a skipped non-finite step)."""
+
+    num_steps: int
+    counts: list[int]
+    scale_sums: list[float]
+    ratios: torch.Tensor | None = None
+    informative: torch.Tensor | None = None
+    probed: bool = False
 
 
 # optimizer -> weak reference to the strategy attached to it
@@ -464,6 +483,17 @@ class GroupStrategy(metaclass=_AttachAfterInit):
         frequency for 0/1 strategies, the average weight for graded ones (llrd, auto-rgn)."""
         n = max(self.num_steps, 1)
         return [s / n for s in self.scale_sums]
+
+    def expected_updates(self, total_steps: int) -> float | None:
+        """For strategies that update only some groups per step (BVG-LS, LISA, BCD, ...): the
+        expected number of optimizer updates of a group they rotate through over
+        ``total_steps`` steps (total steps x groups updated per step / groups selected from).
+        None here: every group a strategy trains is updated every step."""
+        return None
+
+    def step_report(self) -> StepReport:
+        """Cumulative counts of this strategy (no ratios; ratio-based strategies add them)."""
+        return StepReport(self.num_steps, list(self.counts), list(self.scale_sums))
 
     def describe_selection(self) -> str:
         return ",".join(self.group_names[i] for i in self.selected)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -26,6 +26,9 @@ class LayerGroups:
 
     groups: dict[str, NamedParams]
     scheme: str = "custom"
+    #: parameter name -> class of the module that owns it (filled by :func:`layer_groups`), so
+    #: strategies can find e.g. the normalisation layers without the model
+    module_types: dict[str, type] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -133,7 +136,13 @@ def layer_groups(model: nn.Module, scheme: str | Sequence | Mapping = "auto") ->
         groups, name = _group_by_patterns(model, scheme), "patterns"
     groups = {k: v for k, v in groups.items() if v}
     _check_partition(model, groups)
-    return LayerGroups(groups, scheme=name)
+    return LayerGroups(groups, scheme=name, module_types=_module_types(model))
+
+
+def _module_types(model: nn.Module) -> dict[str, type]:
+    """Parameter name -> class of the module that owns it."""
+    return {f"{path}.{pname}" if path else pname: type(module)
+            for path, module in model.named_modules() for pname, _ in module.named_parameters(recurse=False)}
 
 
 def _check_partition(model: nn.Module, groups: Mapping[str, NamedParams]) -> None:

@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from .base import GroupsSpec, GroupStrategy, as_named_lists, is_sharded, local_tensor
+from .base import GroupsSpec, GroupStrategy, StepReport, as_named_lists, is_sharded, local_tensor
 
 _CHUNK = 1 << 16
 
@@ -121,7 +121,7 @@ class BVGLS(GroupStrategy):
         self.probe_selection: list[int] = []   # top-k of the last probe step
         self.probe_counts = [0] * self.num_groups  # selections on probe steps
         self.static_groups: list[int] | None = None  # the groups kept after ``static`` steps
-        self.probed = False  # did the last counted step update the statistics (``ratios`` are its own)?
+        self.probed = False  # did the last optimizer.step() update the statistics (``ratios`` are its own)?
 
     @staticmethod
     def _check_k(k, nonempty):
@@ -231,6 +231,14 @@ class BVGLS(GroupStrategy):
     def _num_to_select(self, num_present: int) -> int:
         return min(self.k, num_present)
 
+    def expected_updates(self, total_steps: int) -> float | None:
+        """``total_steps x k / groups`` (BVG-TS: ``x ceil(fraction n) / n``); None for ``static``,
+        which trains its ``k`` groups every step after the first ``static`` steps."""
+        if self.static is not None:
+            return None
+        n = sum(1 for ps in self.group_params if ps)
+        return total_steps * self._num_to_select(n) / n
+
     # ------------------------------------------------------------------ selection
     def is_probe_step(self, step: int | None = None) -> bool:
         """Does (0-based) optimizer step ``step`` (default: the next one) update the statistics?"""
@@ -246,11 +254,11 @@ class BVGLS(GroupStrategy):
         return scales
 
     def _plan_step(self):
+        self.probed = False  # stays False when the step is skipped (non-finite gradient)
         if not self.is_probe_step():
             kept = self.static_groups if self.static_groups is not None else self.probe_selection
             if not self._gradients_finite():
                 return None
-            self.probed = False
             return self._binary(kept)
         ok = self._fold_statistics()
         kk = self._num_to_select(self._num_present)
@@ -277,6 +285,15 @@ class BVGLS(GroupStrategy):
         if self.static_groups is not None:
             return self.static_groups
         return None if self.is_probe_step() else self.probe_selection
+
+    def step_report(self) -> StepReport:
+        """:meth:`GroupStrategy.step_report` plus the ratios of the last probe step, the mask of
+        informative groups and whether the last step was a probe (computed those ratios)."""
+        report = super().step_report()
+        report.ratios = self.ratios
+        report.informative = torch.isfinite(self.ratios) & (self.variance > self.eps)
+        report.probed = self.probed
+        return report
 
     def _statistics_bytes(self) -> list[int]:
         return [0 if m is None else m.numel() * m.element_size() for m in self._m]

@@ -81,7 +81,15 @@ def get_app() -> typer.Typer:
 
 def main() -> None:
     """Console-script entry point (``bvgls``)."""
+    import warnings
+
+    warnings.formatwarning = one_line_warning
     get_app()(prog_name="bvgls")
+
+
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings on the command line as one ``warning: ...`` line (like ``error: ...``)."""
+    return f"warning: {' '.join(str(message).split())}\n"
 
 
 # ---------------------------------------------------------------------- helpers
@@ -136,4 +144,4 @@ def check_tensorboard() -> None:
         raise CLIError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
 
 
-from . import train, info, bench  # noqa: E402,F401  (register the commands)
+from . import train, info, bench, probe  # noqa: E402,F401  (register the commands)

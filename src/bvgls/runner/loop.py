@@ -285,6 +285,22 @@ def attach_strategy(model, groups, strategy, cfg: FinetuneConfig):
     return groups, opt, strat
 
 
+#: below this many expected updates per group, a selection strategy is warned about (issue 12, part 6)
+FEW_UPDATES = 30
+
+
+def few_updates_message(strategy: GroupStrategy, total_steps: int, label: str) -> str | None:
+    """The warning for a strategy that updates only some groups per step and will give a group
+    fewer than :data:`FEW_UPDATES` expected updates over ``total_steps``; None otherwise."""
+    expected = strategy.expected_updates(total_steps)
+    if expected is None or expected >= FEW_UPDATES:
+        return None
+    return (f"{label}: a layer group it rotates through gets about {expected:.1f} optimizer updates in this run "
+            f"(expected updates per group = {total_steps} optimizer steps x groups updated per step / groups "
+            f"selected from), fewer than {FEW_UPDATES}: selection strategies tend to trail full finetuning at "
+            "so few updates; train more steps (more epochs, a smaller batch size) or use a fixed strategy")
+
+
 def setup(model, data, strategy, groups, cfg: FinetuneConfig, out_dir: str | None, record: dict) -> Run:
     """Everything before the first epoch, except resuming (:func:`restore_or_seed`)."""
     device = resolve_device(cfg.device)
@@ -295,6 +311,9 @@ def setup(model, data, strategy, groups, cfg: FinetuneConfig, out_dir: str | Non
     channels_last = prepare_model(model, cfg, device)
     groups, opt, strat = attach_strategy(model, groups, strategy, cfg)
     total_steps = opt_steps * cfg.epochs
+    few = few_updates_message(strat, total_steps, cfg.strategy)
+    if few:
+        warnings.warn(few, UserWarning, stacklevel=3)
     warmup_steps = int(round(cfg.warmup_epochs * opt_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg.schedule, total_steps, warmup_steps))
     scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None

@@ -2,58 +2,31 @@
 of optimizer steps: the one bookkeeping shared by the training loop (epoch records) and the
 framework integrations (Hugging Face / Lightning logs).
 
-The tracker reads a strategy only through :func:`step_report`, the single adapter between
-strategies and this bookkeeping. Only torch is needed.
+The tracker reads a strategy only through ``strategy.step_report()`` (a
+:class:`bvgls.base.StepReport`). Ratios are counted once per statistics update: between
+BVG-LS probe steps (``bvgls:probe=P``) the ratios are the last probe's and are not added
+again, and a step skipped for a non-finite gradient adds nothing. Only torch is needed.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
 from ..base import GroupStrategy
 
 
-@dataclass
-class StepReport:
-    """What a strategy reports after a step: cumulative step and selection counts, cumulative
-    lr multipliers, and (for ratio-based strategies) this step's per-group ratios with the mask
-    of groups whose ratio carries signal (defined, and variance above the clamp ``eps``: at a
-    tensor's first step the variance is 0 and the ratio is ``bias / eps``)."""
-
-    num_steps: int
-    counts: list[int]
-    scale_sums: list[float]
-    ratios: torch.Tensor | None = None
-    informative: torch.Tensor | None = None
-
-
-def step_report(strategy: GroupStrategy) -> StepReport:
-    """The adapter from a strategy's public attributes to a :class:`StepReport` (meant to
-    become ``GroupStrategy.step_report()``, overridden by ratio-based strategies)."""
-    ratios = getattr(strategy, "ratios", None)
-    if not (isinstance(ratios, torch.Tensor) and ratios.numel() == strategy.num_groups):
-        return StepReport(strategy.num_steps, list(strategy.counts), list(strategy.scale_sums))
-    informative = torch.isfinite(ratios)
-    variance, eps = getattr(strategy, "variance", None), getattr(strategy, "eps", None)
-    if isinstance(variance, torch.Tensor) and variance.shape == ratios.shape and isinstance(eps, float):
-        informative = informative & (variance > eps)
-    return StepReport(strategy.num_steps, list(strategy.counts), list(strategy.scale_sums), ratios, informative)
-
-
 class SelectionTracker:
     """Selection frequency and mean bias-variance ratio of every group, per window of steps.
 
     Registers an optimizer step post-hook that adds the step's ratios to a running sum on the
-    device (no host sync per step). :meth:`take` reads one named window (e.g. ``"log"``,
-    ``"epoch"``): the statistics of the steps since that window was last taken, then restarts
-    it. Windows are independent of each other.
+    device (no host sync per step) when the step computed them (``report.probed``).
+    :meth:`take` reads one named window (e.g. ``"log"``, ``"epoch"``): the statistics of the
+    steps since that window was last taken, then restarts it. Windows are independent of each other.
     """
 
     def __init__(self, strategy: GroupStrategy):
         self.strategy = strategy
-        report = step_report(strategy)
+        report = strategy.step_report()
         self.has_ratios = report.ratios is not None
         self._device = report.ratios.device if self.has_ratios else torch.device("cpu")
         # per window: ratio sums since it was last taken (reset, not differenced, so a window's mean
@@ -73,7 +46,9 @@ class SelectionTracker:
     def _after_step(self, optimizer, args, kwargs) -> None:
         if not self.has_ratios:
             return
-        report = step_report(self.strategy)
+        report = self.strategy.step_report()
+        if not report.probed:  # between probes (the last probe's ratios) or a skipped step
+            return
         ratios = torch.where(report.informative, report.ratios.to(torch.float64), 0.0)
         for ratio_sum, ratio_count in (self._since_start, *self._sums.values()):
             ratio_sum += ratios
@@ -86,9 +61,10 @@ class SelectionTracker:
     def take(self, window: str) -> dict[str, list]:
         """Statistics of the steps since ``window`` was last taken: ``{"steps": n,
         "frequency": [per group], "scale": [per group], "bvr": [per group, None where undefined]}``
+        (bvr: mean over the steps that computed ratios, e.g. the probe steps)
         (frequency: fraction of steps with a multiplier > 0; scale: mean multiplier,
         the same as the frequency for select-or-not strategies)."""
-        report = step_report(self.strategy)
+        report = self.strategy.step_report()
         steps0, counts0, scales0 = self._marks.get(window, self._start)
         ratio_sum, ratio_count = self._sums.get(window, self._since_start)
         self._marks[window] = (report.num_steps, report.counts, report.scale_sums)

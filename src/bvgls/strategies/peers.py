@@ -158,13 +158,18 @@ _NORM_TYPES: tuple[type, ...] = tuple(t for t in (
 _NORM_COMPONENT = re.compile(r"(?:bn|ln|gn)(?:_?\d+|_?f)?|.*_bn\d*|.*norm.*", re.IGNORECASE)
 
 
+def is_normalization_type(cls: type) -> bool:
+    """Is ``cls`` a normalisation layer class (see :func:`normalization_parameters`)?"""
+    return issubclass(cls, _NORM_TYPES) or "norm" in cls.__name__.lower()
+
+
 def normalization_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Parameters of the normalisation layers of ``model`` (BatchNorm, LayerNorm,
     GroupNorm, InstanceNorm, RMSNorm, and any module whose class name contains "Norm",
     such as timm's ``LayerNorm2d`` or a transformers ``*RMSNorm``)."""
     out, seen = [], set()
     for module in model.modules():
-        if isinstance(module, _NORM_TYPES) or "norm" in type(module).__name__.lower():
+        if is_normalization_type(type(module)):
             for p in module.parameters(recurse=False):
                 if id(p) not in seen:
                     seen.add(id(p))
@@ -173,7 +178,8 @@ def normalization_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def _norm_names(named: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-    """Name heuristic for when only parameter names are known (a ``LayerGroups``): the
+    """Name heuristic for when only parameter names are known (a ``LayerGroups`` without
+    ``module_types``): the
     parameters of modules named like ``bn1``, ``norm1``, ``ln_2``, ``LayerNorm``, ``ln_f``
     or torchvision's ``downsample.1`` whose parameters are all vectors (a normalisation
     layer has only 1-D weights and biases; a conv called ``downsample.1`` does not)."""
@@ -219,8 +225,10 @@ class AutoRGN(_PeerStrategy):
     pretrained values. ``norm="freeze"`` (default) does the same for all normalisation
     layers (weight 0, left out of the max); ``norm="rgn"`` treats them like any other
     tensor. They are found from ``norm_params`` if given, else from ``model`` (by
-    module type), else from the parameter names of a :class:`~bvgls.LayerGroups`
-    (a name heuristic, see :func:`_norm_names`); ``norm_param_count`` says how many.
+    module type), else from a :class:`~bvgls.LayerGroups` built by ``layer_groups``
+    (by the module types it records, ``module_types``; the runner's path), else from the
+    parameter names of groups (a name heuristic, see :func:`_norm_names`);
+    ``norm_param_count`` says how many.
 
     Zero-norm tensors (``||theta_i|| = 0``, e.g. a zero-initialised bias or a
     zero-init residual gamma) have an unbounded RGN: they get ``w_i = 1`` while their
@@ -279,6 +287,9 @@ class AutoRGN(_PeerStrategy):
         named = getattr(groups, "groups", None)  # bvgls.LayerGroups: {group: [(name, param)]}
         if isinstance(named, Mapping):
             items = [item for group in named.values() for item in group]
+            types = getattr(groups, "module_types", None) or {}
+            if all(name in types for name, _ in items):  # built by layer_groups: the module classes are known
+                return {id(p) for name, p in items if is_normalization_type(types[name])}
             norm_names = _norm_names(items)
             return {id(p) for name, p in items if name in norm_names}
         return set()
@@ -433,6 +444,10 @@ class LISA(_PeerStrategy):
     def _options(self):
         return {**super()._options(), "K": self.K, "gamma": self.gamma, "seed": self.seed}
 
+    def expected_updates(self, total_steps: int) -> float | None:
+        """A middle group's share: ``total_steps x gamma / middle groups`` (first and last: every step)."""
+        return total_steps * self.gamma / len(self.middle_groups) if self.gamma else None
+
     def _ensure_plan(self):
         window = self.num_steps // self.K
         if window != self.window:
@@ -512,6 +527,10 @@ class BlockCoordinateDescent(_PeerStrategy):
     def _options(self):
         return {**super()._options(), "K": self.K, "order": self.order, "seed": self.seed,
                 "reset_state": self.reset_state}
+
+    def expected_updates(self, total_steps: int) -> float | None:
+        """``total_steps / groups``: one group at a time."""
+        return total_steps / len(self.nonempty_groups)
 
     def _new_cycle(self) -> list[int]:
         groups = self.nonempty_groups
