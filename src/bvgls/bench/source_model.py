@@ -16,7 +16,6 @@ download, but only when asked for (``download=True``).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..pretrained.assets import sha256_file as file_sha256
 from ..registry import MODELS, ModelInput
 from ..runner.data import FASHION_MNIST_CLASSES, read_fashion_mnist
 
@@ -90,14 +90,6 @@ class FMNISTResNet(nn.Module):
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_checkpoint(path: str | os.PathLike, sha256: str | None = None) -> dict:
