@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from ..bench.protocol import BENCH, DEMO, Protocol
+from ..bench.protocol import DEMO, SUITES, Protocol, suite
 from ..bench.tasks import TASKS, build_task, export_image_folder
 from . import app, user_errors
 
@@ -62,11 +62,16 @@ def export_task_cmd(
                f"{task.shots} shots per class after --val-fraction {task.val_fraction:.4f}")
 
 def _run(out: Path, protocol: Protocol, workers: int, data_root: str | None, download: bool) -> None:
-    from ..bench.report import print_table
     from ..bench.run import run_benchmark
 
     with user_errors():
         summary = run_benchmark(out, protocol, workers=workers, data_root=data_root, download=download)
+    _show(out, summary)
+
+
+def _show(out: Path, summary: dict) -> None:
+    from ..bench.report import print_table
+
     typer.echo("")
     typer.echo(print_table(out))
     typer.echo("")
@@ -78,24 +83,37 @@ def _run(out: Path, protocol: Protocol, workers: int, data_root: str | None, dow
 
 @app.command("bench")
 def bench_cmd(
+    protocol: Annotated[str, typer.Option("--protocol", "-p", help=(
+        f"Which frozen protocol: {', '.join(SUITES)} (docs/benchmark.md, docs/benchmark-pretrained.md)."))] = "offline",
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (resumable).")] = Path("bench-out"),
     workers: Annotated[int, typer.Option("--workers", "-j", min=1, help="Runs in parallel (one CPU core each).")] = 2,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the protocol and the number of runs only.")] = False,
     data_root: DataRoot = None,
     download: Download = False,
 ) -> None:
-    """Run the frozen offline benchmark (docs/benchmark.md): 5 tasks x 8 strategies x 5 seeds, lr searched per strategy.
+    """Run a frozen benchmark protocol; default: the offline benchmark (docs/benchmark.md), 5 tasks x 8
+    strategies x 5 seeds, lr searched per strategy (76 min measured on 2 shared CPU cores).
 
     Writes report.md (Table A, paired differences with 95% CIs, error against training length, selection
-    frequencies), summary.json and figures/ (B and C per task). 76 min measured on 2 shared CPU cores.
+    frequencies), summary.json and figures/ (B and C per task); a suite of several models, one such
+    directory per model under --out.
     """
+    from ..bench.run import run_suite
+
+    with user_errors():
+        parts = suite(protocol)
     if dry_run:
-        typer.echo(json.dumps(asdict(BENCH), indent=2))
-        cells = len(BENCH.tasks) * len(BENCH.strategies)
-        typer.echo(f"{cells} cells; {cells * len(BENCH.search_seeds) * len(BENCH.lrs)} search runs (+2 per grid "
-                   f"extension) and {cells * len(BENCH.seeds)} final runs")
+        for part, p in parts:
+            typer.echo(f"{part}: " + json.dumps(asdict(p), indent=2))
+            searched = sum(p.fixed_lr(t, s) is None for t in p.tasks for s in p.strategies)
+            cells = len(p.tasks) * len(p.strategies)
+            typer.echo(f"{cells} cells; {searched * len(p.search_seeds) * len(p.lrs)} search runs (+{len(p.search_seeds)} "
+                       f"per grid extension) and {cells * len(p.seeds)} final runs")
         return
-    _run(out, BENCH, workers, data_root, download)
+    with user_errors():
+        summaries = run_suite(out, protocol, workers=workers, data_root=data_root, download=download)
+    for (part, _), summary in zip(parts, summaries):
+        _show(out if len(parts) == 1 else out / part, summary)
 
 @app.command("demo")
 def demo_cmd(
