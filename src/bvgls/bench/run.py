@@ -122,7 +122,7 @@ def run_benchmark(out_dir: str | os.PathLike, protocol: Protocol = BENCH, *, wor
         (out / "tasks.json").write_text(json.dumps(tasks, indent=2) + "\n")
     cells = [Cell(t, s, data_dirs[t], str(out), protocol, threads, tasks.get(t, {}).get("val_fraction", 0.0)
                   if protocol.val_fraction == "manifest" else protocol.val_fraction)
-             for t in protocol.tasks for s in protocol.strategies]
+             for s in protocol.strategies for t in protocol.tasks]  # strategy by strategy: a cut-short run has whole ones
     log(f"{len(cells)} (task, strategy) cells: {plan_text(protocol, cells)}, {workers} at a time; "
         f"logs in {out / 'logs'}")
     results = []
