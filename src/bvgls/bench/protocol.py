@@ -117,6 +117,8 @@ PRETRAINED_BATCH = replace(PRETRAINED_M, strategies=("full", "bvgls", "L6-10"), 
 #: the pilot subset run in place of the full protocol (docs/benchmark-pretrained.md, "Pilot")
 PRETRAINED_PILOT = replace(PRETRAINED_M, tasks=("clipart-fine",), seeds=(0, 1, 2), strategies=(
     "full", "L6-10", "linear", "bvgls", "bvgls:probe=10", "auto-snr"))
+#: the lrs the pilot's validation search chose (docs/pretrained-results/summary.json), for the demo
+PILOT_CHOSEN_LRS: tuple[tuple[str, str, float], ...] = ()  # PENDING: filled from the pilot's search
 #: the stage-group count each model's partial specs (L6-10, L8-10, L5-9) assume
 EXPECTED_GROUPS = {"mobilenet_v2": 10, "efficientnet_lite0": 9}
 
@@ -146,5 +148,17 @@ DEMO = Protocol(tasks=("fmnist-invert", "fmnist-pairs"), strategies=("full", "L3
                     ("fmnist-invert", "linear", 0.03), ("fmnist-invert", "bvgls", 0.01),
                     ("fmnist-pairs", "full", 0.003), ("fmnist-pairs", "L3-6", 0.003),
                     ("fmnist-pairs", "linear", 0.01), ("fmnist-pairs", "bvgls", 0.003)))
+#: ``bvgls demo`` (the default): the real ImageNet MobileNetV2 on real clip art -- the pilot's setting,
+#: seed 0, four strategies, each at the lr the pilot's validation search chose (docs/pretrained-results),
+#: so no search: the demo's numbers are the pilot's seed-0 runs of these cells.
+DEMO_PRETRAINED = replace(PRETRAINED_PILOT, strategies=("full", "L6-10", "linear", "bvgls"), seeds=(0,),
+                          search_seeds=(), fixed_lrs=PILOT_CHOSEN_LRS)
+#: ``bvgls demo --suite NAME``
+DEMOS = {"pretrained": DEMO_PRETRAINED, "fmnist": DEMO}
 
 
+def demo(name: str) -> Protocol:
+    """The named demo; ValueError listing the known names."""
+    if name not in DEMOS:
+        raise ValueError(f"unknown demo suite {name!r}; known: {', '.join(DEMOS)}")
+    return DEMOS[name]

@@ -225,7 +225,8 @@ def _difference_section(tasks, strategies, errors, means, summary) -> list[str]:
     for sel in [s for s in SELECTIVE + PEERS if s in strategies]:
         lines += [f"## Paired differences: {sel} minus baselines (test error points; negative = {sel} better)", "",
                   "Mean over seeds [95% t-interval], paired by seed (same few-shot draw). *Best partial* = the "
-                  "one of " + ", ".join(partial) + " with the lowest mean test error on that task, *best fixed* = "
+                  "one of " + (", ".join(partial) or "(none run)") + " with the lowest mean test error on that task, "
+                  "*best fixed* = "
                   "the best of " + ", ".join(fixed) + " (both chosen with hindsight on the test set, as in the "
                   "paper's comparison).", ""]
         lines.append("| Task | vs full | vs best partial | vs best fixed |")
@@ -350,10 +351,9 @@ def _cost_section(out, rows, strategies, summary) -> list[str]:
 
 def _reproduction_section(rows, reference: Path, summary) -> list[str]:
     """The final runs' test errors against an earlier benchmark's ``runs.csv`` (same cells)."""
-    from ..runner.grid import read_results
-
-    ref = {(r["dataset"], r["strategy"], int(r["seed"]), float(r["lr"])): float(r["test_error"])
-           for r in read_results(reference) if r["phase"] == "final" and r["test_error"] is not None}
+    with open(reference, newline="") as f:
+        ref = {(r["dataset"], r["strategy"], int(r["seed"]), float(r["lr"])): float(r["test_error"])
+               for r in csv.DictReader(f) if r.get("phase") == "final" and r.get("test_error")}
     matched, differ = 0, []
     for r in rows:
         key = (r["dataset"], r["strategy"], int(r["seed"]), float(r["lr"]))

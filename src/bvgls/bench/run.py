@@ -98,12 +98,14 @@ def run_cell(cell: Cell) -> dict:
 
 
 def run_benchmark(out_dir: str | os.PathLike, protocol: Protocol = BENCH, *, workers: int = 2, threads: int = 1,
-                  data_root: str | None = None, download: bool = False, log: Callable[[str], Any] = print) -> dict:
+                  data_root: str | None = None, download: bool = False, log: Callable[[str], Any] = print,
+                  reference: str | os.PathLike | None = None) -> dict:
     """Run ``protocol`` into ``out_dir`` (resumable: finished runs are skipped) and write the report.
 
     ``workers`` processes run (task, strategy) cells in parallel, each with ``threads`` torch
     threads. ``data_root``/``download``: where Fashion-MNIST is, or may be fetched to, when the
-    Debian package is not installed. Returns the summary that is also written to ``out_dir/summary.json``.
+    Debian package is not installed. ``reference``: an earlier benchmark's ``runs.csv`` that the
+    final runs of the same cells are compared with in the report. Returns the summary that is also written to ``out_dir/summary.json``.
     """
     from .report import write_report
 
@@ -130,7 +132,7 @@ def run_benchmark(out_dir: str | os.PathLike, protocol: Protocol = BENCH, *, wor
         results.append(res)
         log(cell_line(res, len(results), len(cells), start))
     wall = time.time() - start
-    summary = write_report(out, protocol, results, wall_s=wall)
+    summary = write_report(out, protocol, results, wall_s=wall, reference=reference)
     log(f"total {wall / 60:.1f} min; report: {out / 'report.md'}")
     return summary
 
@@ -146,6 +148,65 @@ def run_suite(out_dir: str | os.PathLike, name: str = "offline", **options) -> l
                 locate_task(task, protocol)
     return [run_benchmark(Path(out_dir) if len(parts) == 1 else Path(out_dir) / part, protocol, **options)
             for part, protocol in parts]
+
+
+def report_suite(out_dir: str | os.PathLike, name: str, reference: str | os.PathLike | None = None) -> list[dict]:
+    """Rewrite the reports of a suite's parts from the runs finished so far (also of a run still going
+    or cut short: the lr of a cell comes from its final runs, the grid from its search runs)."""
+    from .report import write_report
+
+    parts = suite(name)
+    summaries = []
+    for part, protocol in parts:
+        out = Path(out_dir) if len(parts) == 1 else Path(out_dir) / part
+        if not (out / "protocol.json").is_file():
+            raise ValueError(f"{out} holds no benchmark (no protocol.json)")
+        check_protocol(out, protocol)
+        known = json.loads((out / "summary.json").read_text())["cells"] if (out / "summary.json").is_file() else []
+        cells = {(c["task"], c["strategy"]): c for c in cells_from_runs(out, protocol)}
+        cells.update({(c["task"], c["strategy"]): c for c in known})  # the run's own record of its searches
+        summaries.append(write_report(out, protocol, list(cells.values()), reference=reference))
+    return summaries
+
+
+def cells_from_runs(out: Path, protocol: Protocol) -> list[dict]:
+    """The cells' lr facts as :func:`run_cell` returns them, read back from the run directories."""
+    from ..runner.grid import collect_results
+
+    search = collect_results(str(out / "search")) if (out / "search").is_dir() else []
+    final = collect_results(str(out / "final")) if (out / "final").is_dir() else []
+    cells = []
+    for t in protocol.tasks:
+        for s in protocol.strategies:
+            lrs = {r["lr"] for r in final if (r["dataset"], r["strategy"]) == (t, s)}
+            if len(lrs) != 1:
+                continue
+            lr = lrs.pop()
+            grid = sorted({r["lr"] for r in search if (r["dataset"], r["strategy"]) == (t, s)}) or [lr]
+            fixed = protocol.fixed_lr(t, s) is not None
+            cells.append({"task": t, "strategy": s, "lr": lr, "grid": grid, "fixed": fixed,
+                          "edge": len(grid) > 1 and lr in (grid[0], grid[-1]) and lr in (min(protocol.lr_ladder),
+                                                                                         max(protocol.lr_ladder))})
+    return cells
+
+
+def missing_assets(protocol: Protocol) -> str | None:
+    """Why ``protocol`` cannot run on this machine (a pretrained task not built, ImageNet weights not
+    set up), or None. Offline tasks and models are always available."""
+    for task in protocol.tasks:
+        if task not in TASKS:
+            try:
+                locate_task(task, protocol)
+            except ValueError as e:
+                return str(e)
+    if protocol.model in EXPECTED_GROUPS and str(protocol.weights).lower() == "default":
+        from ..pretrained import weights
+
+        path = {"mobilenet_v2": weights.mobilenet_v2_path, "efficientnet_lite0": weights.efficientnet_lite0_path}[
+            protocol.model]()
+        if not path.is_file():
+            return f"the {protocol.model} ImageNet weights are not set up ({path} is missing)"
+    return None
 
 
 def check_model(protocol: Protocol) -> None:

@@ -78,8 +78,8 @@ def _show(out: Path, summary: dict) -> None:
     for key, path in summary["figures"].items():
         if "all tasks" in key:
             typer.echo(f"figure {key}: {out / path}")
-    typer.echo(f"full report: {out / 'report.md'} (per-task figures in {out / 'figures'}); "
-               f"total {summary['wall_s'] / 60:.1f} min")
+    total = f"; total {summary['wall_s'] / 60:.1f} min" if summary.get("wall_s") is not None else ""
+    typer.echo(f"full report: {out / 'report.md'} (per-task figures in {out / 'figures'}){total}")
 
 @app.command("bench")
 def bench_cmd(
@@ -88,6 +88,11 @@ def bench_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (resumable).")] = Path("bench-out"),
     workers: Annotated[int, typer.Option("--workers", "-j", min=1, help="Runs in parallel (one CPU core each).")] = 2,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the protocol and the number of runs only.")] = False,
+    report_only: Annotated[bool, typer.Option("--report-only", help=(
+        "Rewrite the report from the runs finished in --out so far; train nothing."))] = False,
+    reference: Annotated[Path | None, typer.Option("--reference", help=(
+        "An earlier benchmark's runs.csv: the report checks that final runs of the same cells reproduce it "
+        "(offline-v2: docs/bench-results/runs.csv)."), exists=True, dir_okay=False)] = None,
     data_root: DataRoot = None,
     download: Download = False,
 ) -> None:
@@ -98,7 +103,7 @@ def bench_cmd(
     frequencies), summary.json and figures/ (B and C per task); a suite of several models, one such
     directory per model under --out.
     """
-    from ..bench.run import run_suite
+    from ..bench.run import report_suite, run_suite
 
     with user_errors():
         parts = suite(protocol)
@@ -111,19 +116,35 @@ def bench_cmd(
                        f"per grid extension) and {cells * len(p.seeds)} final runs")
         return
     with user_errors():
-        summaries = run_suite(out, protocol, workers=workers, data_root=data_root, download=download)
+        summaries = report_suite(out, protocol, reference) if report_only else \
+            run_suite(out, protocol, workers=workers, data_root=data_root, download=download, reference=reference)
     for (part, _), summary in zip(parts, summaries):
         _show(out if len(parts) == 1 else out / part, summary)
 
 @app.command("demo")
 def demo_cmd(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("bvgls-demo"),
+    suite: Annotated[str, typer.Option("--suite", help=(
+        "pretrained: ImageNet MobileNetV2 on Open Clip Art (needs bash scripts/setup_pretrained.sh; falls back to "
+        "fmnist with a notice where it is not set up); fmnist: the Fashion-MNIST ResNet demo."))] = "pretrained",
+    out: Annotated[Path | None, typer.Option("--out", "-o", help=(
+        "Output directory (default: bvgls-demo, or bvgls-demo-fmnist for the Fashion-MNIST demo)."))] = None,
     workers: Annotated[int, typer.Option("--workers", "-j", min=1, help="Runs in parallel (one CPU core each).")] = 2,
     data_root: DataRoot = None,
     download: Download = False,
 ) -> None:
-    """Quick offline demo (about 2 minutes on 2 CPU cores): BVG-LS vs full, partial (L3-6) and linear finetuning
-    of a Fashion-MNIST-pretrained ResNet on two few-shot tasks, each strategy at the lr the benchmark chose;
-    prints Table A and the figures' paths."""
-    _run(out, DEMO, workers, data_root, download)
+    """Quick demo (a few minutes on 2 CPU cores): BVG-LS against full, partial and linear finetuning of the
+    real ImageNet MobileNetV2 on a few-shot clip-art task (or, with --suite fmnist or where that is not set
+    up, of a Fashion-MNIST-pretrained ResNet on two few-shot tasks), each strategy at the lr the benchmark
+    chose; prints Table A and the figures' paths."""
+    from ..bench.protocol import demo
+    from ..bench.run import missing_assets
 
+    with user_errors():
+        protocol = demo(suite)
+    if suite == "pretrained":
+        reason = missing_assets(protocol)
+        if reason is not None:
+            typer.echo(f"notice: {reason.rstrip('.')}; running the Fashion-MNIST demo instead", err=True)
+            protocol, suite = DEMO, "fmnist"
+    default_out = Path("bvgls-demo" if suite == "pretrained" else "bvgls-demo-fmnist")
+    _run(out or default_out, protocol, workers, data_root, download)
