@@ -201,11 +201,12 @@ def missing_assets(protocol: Protocol) -> str | None:
                 return str(e)
     if protocol.model in EXPECTED_GROUPS and str(protocol.weights).lower() == "default":
         from ..pretrained import weights
+        from ..pretrained.tasks import BUILD_HINT
 
         path = {"mobilenet_v2": weights.mobilenet_v2_path, "efficientnet_lite0": weights.efficientnet_lite0_path}[
             protocol.model]()
         if not path.is_file():
-            return f"the {protocol.model} ImageNet weights are not set up ({path} is missing)"
+            return f"the {protocol.model} ImageNet weights are not set up ({path} is missing); set up: {BUILD_HINT}"
     return None
 
 
