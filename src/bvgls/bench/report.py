@@ -58,12 +58,12 @@ def paired_ci(diffs: Sequence[float]) -> tuple[float, float, float]:
 
 
 # ---------------------------------------------------------------------- report
-def _final_rows(out: Path) -> list[dict]:
-    """The reported runs (``final/``), each with ``path``, its run directory."""
+def _final_rows(out: Path, seeds: Sequence[int] | None = None) -> list[dict]:
+    """The reported runs (``final/``, of ``seeds`` when given), each with ``path``, its run directory."""
     rows = collect_results(str(out / "final"))
     for r in rows:
         r["path"] = str(out / "final" / r["run_dir"])
-    return [r for r in rows if r["test_error"] is not None]
+    return [r for r in rows if r["test_error"] is not None and (seeds is None or r["seed"] in seeds)]
 
 
 def _errors_by_seed(rows, task, strategy) -> dict[int, float]:
@@ -108,7 +108,7 @@ def write_report(out: str | os.PathLike, protocol: Protocol, cells: Sequence[dic
     cell_info = {(c["task"], c["strategy"]): c for c in cells}
     if not cell_info and (out / "summary.json").is_file():  # report rewritten later: keep the search facts
         cell_info = {(c["task"], c["strategy"]): c for c in json.loads((out / "summary.json").read_text())["cells"]}
-    rows = _final_rows(out)
+    rows = _final_rows(out, protocol.seeds)  # runs of other seeds (a protocol cut short) are not reported
     tasks = [t for t in protocol.tasks if any(r["dataset"] == t for r in rows)]
     strategies = [s for s in protocol.strategies if any(r["strategy"] == s for r in rows)]
     errors = {(t, s): _errors_by_seed(rows, t, s) for t in tasks for s in strategies}
