@@ -119,7 +119,8 @@ PRETRAINED_BATCH = replace(PRETRAINED_M, strategies=("full", "bvgls", "L6-10"), 
 PRETRAINED_PILOT = replace(PRETRAINED_M, tasks=("clipart-fine",), seeds=(0, 1), strategies=(
     "full", "L6-10", "linear", "bvgls", "bvgls:probe=10", "auto-snr"))
 #: the lrs the pilot's validation search chose (docs/pretrained-results/summary.json), for the demo
-PILOT_CHOSEN_LRS: tuple[tuple[str, str, float], ...] = ()  # PENDING: filled from the pilot's search
+PILOT_CHOSEN_LRS = (("clipart-fine", "full", 0.001), ("clipart-fine", "L6-10", 0.001),
+                    ("clipart-fine", "linear", 0.003), ("clipart-fine", "bvgls", 0.003))
 #: the stage-group count each model's partial specs (L6-10, L8-10, L5-9) assume
 EXPECTED_GROUPS = {"mobilenet_v2": 10, "efficientnet_lite0": 9}
 
