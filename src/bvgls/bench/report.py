@@ -1,11 +1,15 @@
-"""The benchmark's report: Table A, paired differences of BVG-LS (and BVG-TS) against full
-finetuning and the best fixed partial strategy with 95% confidence intervals (paired by seed;
-each seed is its own draw of the few shots), test error against training length, selection
-frequencies, and figures B (losses, BVG-LS against full finetuning) and C (selection frequency
-per group and epoch) for every task (``report.md``, ``summary.json``, ``figures/``)."""
+"""The benchmark's report: Table A, paired differences of BVG-LS (and BVG-TS and the adaptive
+peers) against full finetuning and the best fixed partial strategy with 95% confidence intervals
+(paired by seed; each seed is its own draw of the few shots), the lean variants and the closest
+peer against BVG-LS with the lean verdict, the paper's claims as judged by the protocols, the
+cost of each strategy's final runs relative to full finetuning, the lr search's validation errors,
+test error against training length, selection frequencies, and figures B (losses, BVG-LS against
+full finetuning) and C (selection frequency per group and epoch) for every task (``report.md``,
+``summary.json``, ``runs.csv``, ``figures/``)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -21,7 +25,14 @@ from ..runner.grid import collect_results, table_a_lines, text_grid_lines
 from ..runner.plots import new_figure, plot_losses, plot_selection, save_figure
 from ..runner.rundir import History
 from ..strategies import is_partial_spec
-from .protocol import PARTIAL, SELECTIVE, Protocol
+from .protocol import SELECTIVE, Protocol
+
+#: adaptive peers also compared with the fixed baselines, as BVG-LS is
+PEERS = ("auto-snr", "auto-rgn")
+#: the lean verdict (issue 11): mean difference to bvgls at most this many points ...
+LEAN_MARGIN = 0.3
+#: ... and the final runs' total wall time at most this fraction of full finetuning's
+LEAN_COST = 0.6
 
 
 # ---------------------------------------------------------------------- statistics
@@ -47,12 +58,12 @@ def paired_ci(diffs: Sequence[float]) -> tuple[float, float, float]:
 
 
 # ---------------------------------------------------------------------- report
-def _final_rows(out: Path) -> list[dict]:
-    """The reported runs (``final/``), each with ``path``, its run directory."""
+def _final_rows(out: Path, seeds: Sequence[int] | None = None) -> list[dict]:
+    """The reported runs (``final/``, of ``seeds`` when given), each with ``path``, its run directory."""
     rows = collect_results(str(out / "final"))
     for r in rows:
         r["path"] = str(out / "final" / r["run_dir"])
-    return [r for r in rows if r["test_error"] is not None]
+    return [r for r in rows if r["test_error"] is not None and (seeds is None or r["seed"] in seeds)]
 
 
 def _errors_by_seed(rows, task, strategy) -> dict[int, float]:
@@ -89,21 +100,23 @@ def _fmt_ci(mean: float, lo: float, hi: float) -> str:
 
 
 def write_report(out: str | os.PathLike, protocol: Protocol, cells: Sequence[dict] = (), *,
-                 wall_s: float | None = None) -> dict:
+                 wall_s: float | None = None, reference: str | os.PathLike | None = None) -> dict:
     """Table A, paired differences, error against training length and figures B/C, from the
-    finished runs in ``out`` (``report.md``, ``summary.json``, ``figures/``)."""
+    finished runs in ``out`` (``report.md``, ``summary.json``, ``runs.csv``, ``figures/``).
+    ``reference``: an earlier benchmark's ``runs.csv`` whose final runs the same cells must reproduce."""
     out = Path(out)
     cell_info = {(c["task"], c["strategy"]): c for c in cells}
     if not cell_info and (out / "summary.json").is_file():  # report rewritten later: keep the search facts
         cell_info = {(c["task"], c["strategy"]): c for c in json.loads((out / "summary.json").read_text())["cells"]}
-    rows = _final_rows(out)
+    rows = _final_rows(out, protocol.seeds)  # runs of other seeds (a protocol cut short) are not reported
     tasks = [t for t in protocol.tasks if any(r["dataset"] == t for r in rows)]
     strategies = [s for s in protocol.strategies if any(r["strategy"] == s for r in rows)]
     errors = {(t, s): _errors_by_seed(rows, t, s) for t in tasks for s in strategies}
     shift = {t: _task_manifest(out, t).get("shift", "") for t in tasks}
 
-    lines = ["# Offline transfer benchmark: fmnist-resnet on few-shot target tasks", ""]
+    lines = [f"# Transfer benchmark: {protocol.model} on few-shot target tasks", ""]
     lines += [f"Protocol: `{json.dumps(asdict(protocol))}`", ""]
+    lines += _tasks_lines(out)
     # ---- Table A
     lines += ["## Table A: test error (%), mean ± std over seeds (best per row in bold)", ""]
     cells = {(t, s): list(errors[(t, s)].values()) for t in tasks for s in strategies if errors[(t, s)]}
@@ -126,10 +139,16 @@ def write_report(out: str | os.PathLike, protocol: Protocol, cells: Sequence[dic
                                                  "by_seed": by_seed}
     diff_lines = _difference_section(tasks, strategies, errors, means, summary)
     lines += diff_lines
+    lines += _pairs_section(tasks, strategies, errors, summary)
+    lines += _cost_section(out, rows, strategies, summary)
+    if reference is not None:
+        lines += _reproduction_section(rows, Path(reference), summary)
+    lines += _search_section(out, tasks, strategies, summary)
     # ---- training length
     lines += _length_section(out, rows, tasks, strategies, summary)
     # ---- selection
-    lines += _selection_section(out, rows, tasks, summary)
+    lines += _selection_section(out, rows, tasks, strategies, summary)
+    lines += _claims_section(out, rows, tasks, strategies, errors, summary)
     # ---- figures
     figures = _figures(out, rows, tasks, strategies)
     summary["figures"] = figures
@@ -151,7 +170,34 @@ def write_report(out: str | os.PathLike, protocol: Protocol, cells: Sequence[dic
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    write_runs_csv(out)
     return summary
+
+
+def write_runs_csv(out: Path) -> None:
+    """Every finished run, search then final, as one table (``runs.csv``)."""
+    from ..runner.grid import RESULT_COLUMNS
+
+    columns = [c for c in RESULT_COLUMNS if c != "chosen"]
+    rows = [r for part in ("search", "final") if (out / part).is_dir() for r in collect_results(str(out / part))]
+    with open(out / "runs.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: "" if r.get(k) is None else r[k] for k in columns})
+
+
+def _tasks_lines(out: Path) -> list[str]:
+    """Where a pretrained task came from: its manifest's checksum and counts per class."""
+    path = out / "tasks.json"
+    if not path.is_file():
+        return []
+    lines = ["Tasks (built by `bash scripts/setup_pretrained.sh`; images train / val / test per class):", ""]
+    for name, info in json.loads(path.read_text()).items():
+        counts = ", ".join(f"{c} {v['train']}/{v['val']}/{v['test']}" for c, v in info["counts"].items())
+        lines.append(f"- `{name}`: manifest sha256 `{info['manifest_sha256'][:16]}`; validation fraction of the "
+                     f"pool {info['val_fraction']:.4f}; {counts}")
+    return lines + [""]
 
 
 def lr_cell_text(cell: dict | None) -> str:
@@ -173,13 +219,14 @@ def _count_search(out: Path) -> int:
 
 
 def _difference_section(tasks, strategies, errors, means, summary) -> list[str]:
-    partial = [s for s in PARTIAL if s in strategies]
-    fixed = [s for s in strategies if s in ("full", "linear") or s in PARTIAL or is_partial_spec(s)]  # not adaptive peers
+    partial = [s for s in strategies if is_partial_spec(s)]
+    fixed = [s for s in strategies if s in ("full", "linear") or is_partial_spec(s)]  # not adaptive peers
     lines = []
-    for sel in [s for s in SELECTIVE if s in strategies]:
+    for sel in [s for s in SELECTIVE + PEERS if s in strategies]:
         lines += [f"## Paired differences: {sel} minus baselines (test error points; negative = {sel} better)", "",
                   "Mean over seeds [95% t-interval], paired by seed (same few-shot draw). *Best partial* = the "
-                  "one of " + ", ".join(partial) + " with the lowest mean test error on that task, *best fixed* = "
+                  "one of " + (", ".join(partial) or "(none run)") + " with the lowest mean test error on that task, "
+                  "*best fixed* = "
                   "the best of " + ", ".join(fixed) + " (both chosen with hindsight on the test set, as in the "
                   "paper's comparison).", ""]
         lines.append("| Task | vs full | vs best partial | vs best fixed |")
@@ -218,6 +265,191 @@ def _difference_section(tasks, strategies, errors, means, summary) -> list[str]:
     return lines
 
 
+def paired_differences(tasks, errors, a: str, b: str) -> dict[str, tuple[float, float, float, int]]:
+    """``a − b`` test error paired by seed: per task, and (with several tasks) the per-seed average
+    over the tasks as ``"average"``; each as (mean, ci low, ci high, pairs)."""
+    out: dict[str, tuple[float, float, float, int]] = {}
+    per_seed: dict[int, list[float]] = {}
+    for t in tasks:
+        ea, eb = errors.get((t, a), {}), errors.get((t, b), {})
+        seeds = sorted(set(ea) & set(eb))
+        if not seeds:
+            continue
+        diffs = [ea[k] - eb[k] for k in seeds]
+        for k, d in zip(seeds, diffs):
+            per_seed.setdefault(k, []).append(d)
+        out[t] = (*paired_ci(diffs), len(diffs))
+    if len(tasks) > 1:
+        avg = [statistics.fmean(v) for _, v in sorted(per_seed.items()) if len(v) == len(tasks)]
+        if avg:
+            out["average"] = (*paired_ci(avg), len(avg))
+    return out
+
+
+def lean_keeps_accuracy(mean: float, lo: float) -> bool:
+    """Issue 11's rule: mean at most +0.3 points, and the 95% interval includes 0 or lies below it."""
+    return mean <= LEAN_MARGIN and not lo > 0
+
+
+def _pairs_section(tasks, strategies, errors, summary) -> list[str]:
+    """The lean variants and the closest peer by statistic against BVG-LS."""
+    if "bvgls" not in strategies:
+        return []
+    others = [s for s in strategies if s.startswith("bvgls:") or s == "auto-snr"]
+    if not others:
+        return []
+    lines = ["## Against BVG-LS (test error points, paired by seed; negative = better than bvgls)", "",
+             f"Lean verdict (issue 11): *keeps the accuracy* iff the mean is at most +{LEAN_MARGIN} points and "
+             "the 95% interval includes 0 or lies below it (judged on the average over tasks, or on the one task).", ""]
+    keys = [t for t in tasks] + (["average"] if len(tasks) > 1 else [])
+    lines.append("| Difference | " + " | ".join(keys) + " | verdict |")
+    lines.append("|---|" + "---:|" * len(keys) + "---|")
+    for s in others:
+        diffs = paired_differences(tasks, errors, s, "bvgls")
+        judged = diffs.get("average") or (diffs.get(tasks[0]) if len(tasks) == 1 else None)
+        verdict = "–"
+        if judged and s.startswith("bvgls:") and not math.isnan(judged[1]):
+            verdict = "keeps the accuracy" if lean_keeps_accuracy(judged[0], judged[1]) else "does not keep it"
+        summary.setdefault("against_bvgls", {})[s] = {
+            k: {"mean": m, "ci95": [lo, hi], "n": n} for k, (m, lo, hi, n) in diffs.items()}
+        summary["against_bvgls"][s]["verdict"] = verdict
+        lines.append(f"| {s} − bvgls | " + " | ".join(_fmt_ci(*diffs[k][:3]) if k in diffs else "–" for k in keys)
+                     + f" | {verdict} |")
+    return lines + [""]
+
+
+def _run_seconds(rows) -> tuple[float, float]:
+    """Total ``wall_s`` (results) and ``train_s`` (summed over epochs) of some runs."""
+    wall = sum(float(r["wall_s"]) for r in rows if r.get("wall_s") is not None)
+    train = sum(float(e.get("train_s") or 0.0) for r in rows if r.get("path") for e in History.load(r["path"]).epochs)
+    return wall, train
+
+
+def _cost_section(out, rows, strategies, summary) -> list[str]:
+    """Each strategy's final runs (and lr-search runs) in seconds and relative to full finetuning."""
+    if "full" not in strategies:
+        return []
+    search_rows = collect_results(str(out / "search")) if (out / "search").is_dir() else []
+    cost = {}
+    for s in strategies:
+        wall, train = _run_seconds([r for r in rows if r["strategy"] == s])
+        search = sum(float(r["wall_s"]) for r in search_rows if r["strategy"] == s and r.get("wall_s") is not None)
+        cost[s] = {"runs": sum(r["strategy"] == s for r in rows), "wall_s": wall, "train_s": train, "search_wall_s": search}
+    full = cost["full"]
+    lines = [f"## Cost of the final runs (sum over tasks and seeds; ratio to full finetuning's; lean target <= "
+             f"{LEAN_COST}x wall)", "", "| Strategy | runs | wall_s | × full | train_s | × full | lr-search wall_s |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for s, c in cost.items():
+        c["wall_ratio"] = c["wall_s"] / full["wall_s"] if full["wall_s"] else math.nan
+        c["train_ratio"] = c["train_s"] / full["train_s"] if full["train_s"] else math.nan
+        lines.append(f"| {s} | {c['runs']} | {c['wall_s']:.0f} | {c['wall_ratio']:.2f} | {c['train_s']:.0f} | "
+                     f"{c['train_ratio']:.2f} | {c['search_wall_s']:.0f} |")
+    summary["cost"] = cost
+    return lines + ["", "Wall times come from one run of the benchmark on a shared machine: they carry its load "
+                    "(other jobs), which differs between cells run at different times.", ""]
+
+
+def _reproduction_section(rows, reference: Path, summary) -> list[str]:
+    """The final runs' test errors against an earlier benchmark's ``runs.csv`` (same cells)."""
+    with open(reference, newline="") as f:
+        ref = {(r["dataset"], r["strategy"], int(r["seed"]), float(r["lr"])): float(r["test_error"])
+               for r in csv.DictReader(f) if r.get("phase") == "final" and r.get("test_error")}
+    matched, differ = 0, []
+    for r in rows:
+        key = (r["dataset"], r["strategy"], int(r["seed"]), float(r["lr"]))
+        if key in ref:
+            matched += 1
+            if not math.isclose(ref[key], float(r["test_error"]), abs_tol=1e-9):
+                differ.append(f"{key[0]} {key[1]} seed {key[2]}: {ref[key]:.2f} -> {float(r['test_error']):.2f}")
+    summary["reproduction"] = {"reference": str(reference), "compared": matched, "differ": differ}
+    lines = [f"## Reproduction of `{reference}`", "",
+             f"{matched} final runs have a counterpart (task, strategy, seed, lr) there; "
+             f"{matched - len(differ)} have the identical test error, {len(differ)} differ."]
+    return lines + ([""] + [f"- {d}" for d in differ] if differ else []) + [""]
+
+
+def _search_section(out, tasks, strategies, summary) -> list[str]:
+    """Mean final validation error at every lr each searched cell tried."""
+    if not (out / "search").is_dir():
+        return []
+    by_cell: dict[tuple[str, str], dict[float, list[float]]] = {}
+    for r in collect_results(str(out / "search")):
+        if r["val_error"] is not None:
+            by_cell.setdefault((r["dataset"], r["strategy"]), {}).setdefault(r["lr"], []).append(r["val_error"])
+    if not by_cell:
+        return []
+    summary["search_val_error"] = {f"{t} {s}": {format(lr, "g"): statistics.fmean(v) for lr, v in sorted(c.items())}
+                                   for (t, s), c in by_cell.items()}
+    lines = ["## lr search: mean final validation error (%) at every lr tried", ""]
+    for (t, s), c in sorted(by_cell.items(), key=lambda kv: (tasks.index(kv[0][0]) if kv[0][0] in tasks else 99,
+                                                               strategies.index(kv[0][1]) if kv[0][1] in strategies else 99)):
+        lines.append(f"- {t} / {s}: " + ", ".join(f"{lr:g}: {statistics.fmean(v):.1f}" for lr, v in sorted(c.items())))
+    return lines + [""]
+
+
+def _first_eval_losses(rows, task, strategy) -> dict[int, float]:
+    """Per seed, the test loss at the first evaluated epoch."""
+    out = {}
+    for r in rows:
+        if r["dataset"] == task and r["strategy"] == strategy:
+            evaluated = [e for e in History.load(r["path"]).epochs if e.get("test_loss") is not None]
+            if evaluated:
+                out[r["seed"]] = float(evaluated[0]["test_loss"])
+    return out
+
+
+def _side(lo: float, hi: float) -> str:
+    return "better" if hi < 0 else ("worse" if lo > 0 else "tie")
+
+
+def _claims_section(out, rows, tasks, strategies, errors, summary) -> list[str]:
+    """The paper's claims A, B and C as docs/benchmark-pretrained.md judges them (where the
+    strategies they need were run)."""
+    if not {"bvgls", "full"} <= set(strategies):
+        return []
+    claims, lines = {}, ["## The paper's claims, as judged by the protocol", ""]
+    partial = [s for s in strategies if is_partial_spec(s)]
+    vs_full = paired_differences(tasks, errors, "bvgls", "full")
+    if partial:
+        best = {t: min((s for s in partial if errors.get((t, s))), key=lambda s: statistics.fmean(errors[(t, s)].values()))
+                for t in tasks}
+        per_task = {t: paired_differences([t], errors, "bvgls", best[t]).get(t) for t in tasks}
+        key = "average" if len(tasks) > 1 else tasks[0]
+        part_avg = (paired_differences(tasks, {(t, "best"): errors[(t, best[t])] for t in tasks} | errors,
+                                       "bvgls", "best").get(key))
+        below = [d is not None and not math.isnan(d[2]) and d[2] < 0 for d in (vs_full.get(key), part_avg)]
+        above = [d is not None and not math.isnan(d[1]) and d[1] > 0 for d in (vs_full.get(key), part_avg)]
+        verdict = "contradicted" if any(above) else {2: "reproduced", 1: "partly reproduced", 0: "not reproduced"}[sum(below)]
+        claims["A"] = verdict
+        lines.append(f"- **A** (BVG-LS beats full finetuning and the best partial strategy): **{verdict}** "
+                     f"(bvgls − full {_fmt_ci(*vs_full[key][:3])}, bvgls − best partial {_fmt_ci(*part_avg[:3])}, "
+                     f"{'averaged over tasks' if len(tasks) > 1 else key}); per task: " + "; ".join(
+                         f"{t} vs full {_side(*vs_full[t][1:3])}, vs {best[t]} {_side(*per_task[t][1:3])}"
+                         for t in tasks if t in vs_full and per_task[t]))
+    loss = {t: (_first_eval_losses(rows, t, "bvgls"), _first_eval_losses(rows, t, "full")) for t in tasks}
+    diffs = {t: paired_ci([b[k] - f[k] for k in sorted(set(b) & set(f))]) for t, (b, f) in loss.items() if set(b) & set(f)}
+    if diffs:
+        lower = all(m < 0 for m, _, _ in diffs.values()) and len(diffs) == len(tasks)
+        one_ci = any(not math.isnan(hi) and hi < 0 for _, _, hi in diffs.values())
+        claims["B"] = "reproduced" if lower and one_ci else "not reproduced"
+        lines.append(f"- **B** (faster test-loss descent: lower test loss than full at the first evaluation on every "
+                     f"task, interval below 0 on at least one): **{claims['B']}** (bvgls − full test loss: " + "; ".join(
+                         f"{t} {_fmt_ci(*d)}" for t, d in diffs.items()) + ")")
+    selection = summary.get("selection", {}).get("bvgls", {})
+    if selection:
+        holds = []
+        for t, v in selection.items():
+            order = sorted(range(len(v["first_epoch"])), key=lambda i: -v["first_epoch"][i])
+            holds.append((order[0] == len(order) - 1, order[1] == 0))
+        head, stem = all(h for h, _ in holds), all(s for _, s in holds)
+        claims["C"] = "reproduced" if head and stem else ("partly reproduced" if head or stem else "not reproduced")
+        lines.append(f"- **C** (first epoch: the head most selected, the input group second): **{claims['C']}** "
+                     f"(head first on {sum(h for h, _ in holds)}/{len(holds)} tasks, input group second on "
+                     f"{sum(s for _, s in holds)}/{len(holds)}; frequencies in the selection table above)")
+    summary["claims"] = claims
+    return lines + [""]
+
+
 def _length_section(out, rows, tasks, strategies, summary) -> list[str]:
     """Mean test error at every evaluated epoch (each strategy at its chosen lr)."""
     curves: dict[str, dict[str, dict[int, float]]] = {}
@@ -252,9 +484,9 @@ def _length_section(out, rows, tasks, strategies, summary) -> list[str]:
     return lines
 
 
-def _selection_section(out, rows, tasks, summary) -> list[str]:
+def _selection_section(out, rows, tasks, strategies, summary) -> list[str]:
     lines = []
-    for sel in SELECTIVE:
+    for sel in [s for s in strategies if s.split(":")[0] in SELECTIVE]:
         table = {}
         for t in tasks:
             hist = _mean_history(out, rows, t, sel)
@@ -270,7 +502,8 @@ def _selection_section(out, rows, tasks, summary) -> list[str]:
             continue
         summary.setdefault("selection", {})[sel] = table
         names = next(iter(table.values()))["groups"]
-        what = "fraction of steps" if sel == "bvgls" else "mean over the group's tensors of the fraction of steps"
+        what = "mean over the group's tensors of the fraction of steps" if sel.startswith("bvgts") else \
+            "fraction of steps"
         lines += [f"## {sel}: selection frequency per group ({what}; mean over seeds), first epoch / whole run", ""]
         lines.append("| Task | " + " | ".join(f"{i + 1} {n}" for i, n in enumerate(names)) + " |")
         lines.append("|---|" + "---:|" * len(names))

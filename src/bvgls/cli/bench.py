@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from ..bench.protocol import BENCH, DEMO, Protocol
+from ..bench.protocol import DEMO, SUITES, Protocol, suite
 from ..bench.tasks import TASKS, build_task, export_image_folder
 from . import CLIError, app, user_errors
 
@@ -72,50 +72,89 @@ def refuse_foreign_directory(out: Path) -> None:
 
 
 def _run(out: Path, protocol: Protocol, workers: int, data_root: str | None, download: bool) -> None:
-    from ..bench.report import print_table
     from ..bench.run import run_benchmark
 
     with user_errors():
         summary = run_benchmark(out, protocol, workers=workers, data_root=data_root, download=download)
+    _show(out, summary)
+
+
+def _show(out: Path, summary: dict) -> None:
+    from ..bench.report import print_table
+
     typer.echo("")
     typer.echo(print_table(out))
     typer.echo("")
     for key, path in summary["figures"].items():
         if "all tasks" in key:
             typer.echo(f"figure {key}: {out / path}")
-    typer.echo(f"full report: {out / 'report.md'} (per-task figures in {out / 'figures'}); "
-               f"total {summary['wall_s'] / 60:.1f} min")
+    total = f"; total {summary['wall_s'] / 60:.1f} min" if summary.get("wall_s") is not None else ""
+    typer.echo(f"full report: {out / 'report.md'} (per-task figures in {out / 'figures'}){total}")
 
 @app.command("bench")
 def bench_cmd(
+    protocol: Annotated[str, typer.Option("--protocol", "-p", help=(
+        f"Which frozen protocol: {', '.join(SUITES)} (docs/benchmark.md, docs/benchmark-pretrained.md)."))] = "offline",
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (resumable).")] = Path("bench-out"),
     workers: Annotated[int, typer.Option("--workers", "-j", min=1, help="Runs in parallel (one CPU core each).")] = 2,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the protocol and the number of runs only.")] = False,
+    report_only: Annotated[bool, typer.Option("--report-only", help=(
+        "Rewrite the report from the runs finished in --out so far; train nothing."))] = False,
+    reference: Annotated[Path | None, typer.Option("--reference", help=(
+        "An earlier benchmark's runs.csv: the report checks that final runs of the same cells reproduce it "
+        "(offline-v2: docs/bench-results/runs.csv)."), exists=True, dir_okay=False)] = None,
     data_root: DataRoot = None,
     download: Download = False,
 ) -> None:
-    """Run the frozen offline benchmark (docs/benchmark.md): 5 tasks x 8 strategies x 5 seeds, lr searched per strategy.
+    """Run a frozen benchmark protocol; default: the offline benchmark (docs/benchmark.md), 5 tasks x 8
+    strategies x 5 seeds, lr searched per strategy (76 min measured on 2 shared CPU cores).
 
     Writes report.md (Table A, paired differences with 95% CIs, error against training length, selection
-    frequencies), summary.json and figures/ (B and C per task). 76 min measured on 2 shared CPU cores.
+    frequencies), summary.json and figures/ (B and C per task); a suite of several models, one such
+    directory per model under --out.
     """
+    from ..bench.run import report_suite, run_suite
+
+    with user_errors():
+        parts = suite(protocol)
     if dry_run:
-        typer.echo(json.dumps(asdict(BENCH), indent=2))
-        cells = len(BENCH.tasks) * len(BENCH.strategies)
-        typer.echo(f"{cells} cells; {cells * len(BENCH.search_seeds) * len(BENCH.lrs)} search runs (+2 per grid "
-                   f"extension) and {cells * len(BENCH.seeds)} final runs")
+        for part, p in parts:
+            typer.echo(f"{part}: " + json.dumps(asdict(p), indent=2))
+            searched = sum(p.fixed_lr(t, s) is None for t in p.tasks for s in p.strategies)
+            cells = len(p.tasks) * len(p.strategies)
+            typer.echo(f"{cells} cells; {searched * len(p.search_seeds) * len(p.lrs)} search runs (+{len(p.search_seeds)} "
+                       f"per grid extension) and {cells * len(p.seeds)} final runs")
         return
-    _run(out, BENCH, workers, data_root, download)
+    with user_errors():
+        summaries = report_suite(out, protocol, reference) if report_only else \
+            run_suite(out, protocol, workers=workers, data_root=data_root, download=download, reference=reference)
+    for (part, _), summary in zip(parts, summaries):
+        _show(out if len(parts) == 1 else out / part, summary)
 
 @app.command("demo")
 def demo_cmd(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("bvgls-demo"),
+    suite: Annotated[str, typer.Option("--suite", help=(
+        "pretrained: ImageNet MobileNetV2 on Open Clip Art (needs bash scripts/setup_pretrained.sh; falls back to "
+        "fmnist with a notice where it is not set up); fmnist: the Fashion-MNIST ResNet demo."))] = "pretrained",
+    out: Annotated[Path | None, typer.Option("--out", "-o", help=(
+        "Output directory (default: bvgls-demo, or bvgls-demo-fmnist for the Fashion-MNIST demo)."))] = None,
     workers: Annotated[int, typer.Option("--workers", "-j", min=1, help="Runs in parallel (one CPU core each).")] = 2,
     data_root: DataRoot = None,
     download: Download = False,
 ) -> None:
-    """Quick offline demo (about 2 minutes on 2 CPU cores): BVG-LS vs full, partial (L3-6) and linear finetuning
-    of a Fashion-MNIST-pretrained ResNet on two few-shot tasks, each strategy at the lr the benchmark chose;
-    prints Table A and the figures' paths."""
-    _run(out, DEMO, workers, data_root, download)
+    """Quick demo (a few minutes on 2 CPU cores): BVG-LS against full, partial and linear finetuning of the
+    real ImageNet MobileNetV2 on a few-shot clip-art task (or, with --suite fmnist or where that is not set
+    up, of a Fashion-MNIST-pretrained ResNet on two few-shot tasks), each strategy at the lr the benchmark
+    chose; prints Table A and the figures' paths."""
+    from ..bench.protocol import demo
+    from ..bench.run import missing_assets
 
+    with user_errors():
+        protocol = demo(suite)
+    if suite == "pretrained":
+        reason = missing_assets(protocol)
+        if reason is not None:
+            typer.echo(f"notice: {reason.rstrip('.')}; running the Fashion-MNIST demo instead", err=True)
+            protocol, suite = DEMO, "fmnist"
+    default_out = Path("bvgls-demo" if suite == "pretrained" else "bvgls-demo-fmnist")
+    _run(out or default_out, protocol, workers, data_root, download)

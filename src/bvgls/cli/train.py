@@ -133,15 +133,15 @@ def run_finetune(p: dict[str, Any]) -> None:
     trust = settings.trust_pickle
     probe = build_model(p["model"], 2, data_options.weights, trust_pickle=trust)
     [spec] = check_strategies([p["strategy"]], probe)
-    splits = load_dataset(p["data"], data_options.data_root, data_options.download, probe.bvgls_input,
-                          augment=data_options.augment_override)
+    splits = load_dataset(p["data"], data_options.data_root, data_options.download,
+                          data_options.model_input(probe.bvgls_input), augment=data_options.augment_override)
     del probe
     seed_everything(settings.seed)
     net = build_model(p["model"], splits.num_classes, data_options.weights, trust_pickle=trust)
     out.print(f"[bold]{spec.text}[/] on [bold]{splits.name}[/] ({len(splits.train)} train / "
               f"{len(splits.test)} test, {splits.num_classes} classes) with {p['model']} -> {run_dir}")
-    config = {"model": p["model"], "weights": data_options.weights, "dataset": splits.name, "data": p["data"],
-              "num_classes": splits.num_classes,
+    config = {"model": p["model"], "weights": data_options.weights, "image_size": data_options.image_size,
+              "dataset": splits.name, "data": p["data"], "num_classes": splits.num_classes,
               "cli": {k: v for k, v in p.items() if k not in ("resume", "trust_pickle")}}
     history = train(net, splits, spec, settings=settings, out_dir=run_dir, resume=resuming,
                     stop_after=p["stop_after"], keep_checkpoint=p["keep_checkpoint"], save_model=True,
@@ -218,7 +218,7 @@ def compare(**values: Any) -> None:
             values["strategies"], values["data"], numbers(values["seeds"], "--seeds", int), lrs,
             model=values["model"], out_dir=values["out"], weights=data_options.weights, refit=values["refit"],
             extend_lrs=values["extend_lrs"], data_root=data_options.data_root, download=data_options.download,
-            augment=data_options.augment_override, keep_going=values["keep_going"],
+            augment=data_options.augment_override, image_size=data_options.image_size, keep_going=values["keep_going"],
             log=lambda s: out.print(s, markup=False), **options)
     out.print(result.table, markup=False)
     out.print(f"wrote {result.csv_path} and {result.table_path}")

@@ -186,8 +186,14 @@ class DataOptions:
                             panel=MODEL_AND_DATA)
     augment: str = option("default", "Training augmentation: paper (RandomResizedCrop + flip), light, none; "
                                      "default: the dataset's own.", panel=MODEL_AND_DATA, choices=AUGMENTS)
+    image_size: int | None = option(None, "Train and test crop size in px (default: the model's own input size).",
+                                    panel=MODEL_AND_DATA, min=1)
 
     @property
     def augment_override(self) -> str | None:
         """The augmentation to ask the dataset for (None: its own)."""
         return None if self.augment == "default" else self.augment
+
+    def model_input(self, input):
+        """The model's ``ModelInput`` with the crop size replaced by ``image_size`` (when given)."""
+        return input if self.image_size is None or input is None else dataclasses.replace(input, size=self.image_size)

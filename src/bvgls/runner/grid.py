@@ -23,21 +23,23 @@ import os
 import re
 import statistics
 from collections.abc import Callable, Mapping, Sequence
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
+from ..registry import ModelInput
 from ..strategies import StrategySpec, parse_spec
 from . import rundir
 from .config import FinetuneConfig, result_keys
 from .loop import finetune, resolve_device, seed_everything
-from .lrsearch import LrChoice, search_lr
+from .lrsearch import LR_LADDER, TIE_BREAKS, LrChoice, search_lr
 
 RESULT_COLUMNS = ["dataset", "strategy", "seed", "lr", "test_error", "test_loss", "val_error", "val_loss",
                   "train_loss", "epochs", "wall_s", "phase", "chosen", "diverged", "run_dir"]
 #: besides the result options, what a reused run directory must agree on
-RUN_IDENTITY = ("model", "weights", "augment", "dataset", "phase")
+RUN_IDENTITY = ("model", "weights", "augment", "image_size", "dataset", "phase")
 
 
 @dataclass
@@ -161,8 +163,10 @@ class Grid:
 
     def __init__(self, out_dir: str, specs: list[StrategySpec], labels: list[str], seeds: list[int],
                  cfg: FinetuneConfig, identity: dict[str, Any], build: Callable[[int], nn.Module], *,
-                 keep_going: bool, log: Callable[[str], Any], title: str, total: int):
+                 keep_going: bool, log: Callable[[str], Any], title: str, total: int, tie_break: str = "lr",
+                 lr_ladder: Sequence[float] = LR_LADDER):
         self.out_dir, self.specs, self.labels, self.seeds, self.cfg = out_dir, specs, labels, seeds, cfg
+        self.tie_break, self.lr_ladder = tie_break, tuple(lr_ladder)
         self.identity, self.build, self.keep_going, self.log, self.title = identity, build, keep_going, log, title
         self.failed: list[str] = []
         self.searches: dict[tuple[str, str], LrChoice] = {}
@@ -202,7 +206,7 @@ class Grid:
 
     def write(self) -> CompareResult:
         return write_reports(self.out_dir, strategies=[s.text for s in self.specs], datasets=self.labels,
-                             title=self.title)
+                             title=self.title, tie_break=self.tie_break)
 
     def search(self, label: str, splits, spec: StrategySpec, lrs: Sequence[float], *, extend: bool) -> LrChoice:
         """The lr search of one (dataset, strategy) on the validation split."""
@@ -215,9 +219,10 @@ class Grid:
             rows = [r for r in collect_results(self.out_dir) if r["dataset"] == label
                     and r["strategy"] == spec.text and r["phase"] == "search" and r["lr"] in grid]
             diverged = {r["lr"] for r in rows if r["train_loss"] is None}
-            return choose_lrs(rows).get((label, spec.text)), diverged
+            return choose_lrs(rows, self.tie_break).get((label, spec.text)), diverged
 
-        choice = search_lr(lrs, run, choose, extend=extend, log=self.log, label=f"{label} {spec.text}")
+        choice = search_lr(lrs, run, choose, extend=extend, log=self.log, label=f"{label} {spec.text}",
+                           ladder=self.lr_ladder)
         self.searches[(label, spec.text)] = choice
         return choice
 
@@ -251,6 +256,9 @@ def compare(
     data_root: str | None = None,
     download: bool = False,
     augment: str | None = None,
+    image_size: int | None = None,
+    tie_break: str = "lr",
+    lr_ladder: Sequence[float] = LR_LADDER,
     train_options: Mapping[str, Any] | None = None,
     keep_going: bool = False,
     log: Callable[[str], Any] = print,
@@ -273,6 +281,10 @@ def compare(
         refit: after choosing the lr, train again on the full training set at that lr.
         extend_lrs: extend the lr grid past an edge (see module docstring).
         data_root, download, augment: passed to :func:`bvgls.runner.data.load_dataset`.
+        image_size: train/test crop size in px instead of the model's own input size.
+        tie_break: lr choice among equal mean validation errors: ``"lr"`` (the smaller lr) or
+            ``"val_loss"`` (the lower mean final validation loss, then the smaller lr).
+        lr_ladder: the values a grid may be extended to (:data:`~bvgls.runner.lrsearch.LR_LADDER`).
         keep_going: log a failed run and continue with the others (default: raise).
         log: where progress lines go.
     """
@@ -286,6 +298,10 @@ def compare(
     seeds = [int(s) for s in seeds]
     check_grid_arguments(specs, seeds, lrs, cfg.val_fraction, refit)
     resolve_device(cfg.device)
+    if tie_break not in TIE_BREAKS:
+        raise ValueError(f"unknown tie_break {tie_break!r}; known: {', '.join(TIE_BREAKS)}")
+    if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
+        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
     entries = dataset_entries(datasets)
     rundir.prepare_out_dir(out_dir)
     if len(lrs) == 1:
@@ -294,14 +310,18 @@ def compare(
     probe = build(2)  # the model's input spec, and its groups for checking the strategies
     specs = check_strategies(specs, probe)
     input = probe.bvgls_input if hasattr(probe, "bvgls_input") else None
+    if image_size is not None:
+        input = dataclasses.replace(input or ModelInput(), size=image_size)
     del probe
     search = len(lrs) > 1
     title = (f"# Table A: {model_label}, {cfg.epochs} epochs, batch {cfg.batch_size}, "
              f"{'lr chosen on a ' + format(cfg.val_fraction, 'g') + ' validation split' if search else 'lr ' + lr_text(lrs[0])}"
              f"{', refit on the full training set' if refit else ''}")
-    identity = {"model": model_label, "weights": weights if isinstance(model, str) else None, "augment": augment}
+    identity = {"model": model_label, "weights": weights if isinstance(model, str) else None, "augment": augment,
+                "image_size": image_size}
     grid = Grid(str(out_dir), specs, [label for label, _ in entries], seeds, cfg, identity, build,
-                keep_going=keep_going, log=log, title=title, total=len(entries) * len(specs) * len(seeds) * len(lrs))
+                keep_going=keep_going, log=log, title=title, total=len(entries) * len(specs) * len(seeds) * len(lrs),
+                tie_break=tie_break, lr_ladder=lr_ladder)
     for label, source in entries:
         splits = load_source(source, input, data_root, download, augment)
         run_dataset(grid, label, splits, lrs, search=search, refit=refit, extend=extend_lrs)
@@ -343,7 +363,7 @@ def run_dataset(grid: Grid, label: str, splits, lrs: list[float], *, search: boo
     for spec in grid.specs:
         grid.search(label, splits, spec, lrs, extend=extend)
     if refit:
-        chosen = choose_lrs(collect_results(grid.out_dir))
+        chosen = choose_lrs(collect_results(grid.out_dir), grid.tie_break)
         for seed in grid.seeds:
             for spec in grid.specs:
                 lr = chosen.get((label, spec.text))
@@ -373,7 +393,7 @@ def collect_results(out_dir: str) -> list[dict]:
     return rows
 
 
-def choose_lrs(rows: Sequence[dict]) -> dict[tuple[str, str], float]:
+def choose_lrs(rows: Sequence[dict], tie_break: str = "lr") -> dict[tuple[str, str], float]:
     """Per (dataset, strategy): the search lr with the lowest mean validation error over seeds
     (ties: the smaller lr; a diverged run counts as infinitely bad). Cells without a search have
     the single lr they ran with."""
@@ -384,6 +404,20 @@ def choose_lrs(rows: Sequence[dict]) -> dict[tuple[str, str], float]:
             cells.setdefault((r["dataset"], r["strategy"]), {}).setdefault(r["lr"], []).append(error)
     chosen = {cell: min(by_lr, key=lambda lr: (statistics.fmean(by_lr[lr]), lr)) for cell, by_lr in cells.items()}
     single: dict[tuple[str, str], dict[float, str]] = {}
+    (ties: the smaller lr, or with ``tie_break="val_loss"`` first the lower mean validation loss).
+    Cells without a search have the single lr they ran with."""
+    cells: dict[tuple[str, str], dict[float, list[tuple[float, float]]]] = {}
+    for r in rows:
+        if r["phase"] == "search" and r["val_error"] is not None:
+            loss = r["val_loss"] if r.get("val_loss") is not None else math.inf
+            cells.setdefault((r["dataset"], r["strategy"]), {}).setdefault(r["lr"], []).append((r["val_error"], loss))
+
+    def rank(runs: list[tuple[float, float]], lr: float) -> tuple[float, ...]:
+        error = statistics.fmean(e for e, _ in runs)
+        return (error, statistics.fmean(v for _, v in runs), lr) if tie_break == "val_loss" else (error, lr)
+
+    chosen = {cell: min(by_lr, key=lambda lr: rank(by_lr[lr], lr)) for cell, by_lr in cells.items()}
+    single: dict[tuple[str, str], set[float]] = {}
     for r in rows:
         if r["phase"] == "final" and (r["dataset"], r["strategy"]) not in cells:
             single.setdefault((r["dataset"], r["strategy"]), {}).setdefault(r["lr"], r.get("run_dir", "?"))
@@ -524,11 +558,11 @@ def lr_lines(rows: Sequence[dict], chosen: Mapping[tuple[str, str], float], data
 
 
 def write_reports(out_dir: str | os.PathLike, *, strategies: Sequence[str] = (),
-                  datasets: Sequence[str] = (), title: str = "") -> CompareResult:
+                  datasets: Sequence[str] = (), title: str = "", tie_break: str = "lr") -> CompareResult:
     """Rewrite ``results.csv`` and ``table.md`` in ``out_dir`` from every finished run there."""
     out_dir = str(out_dir)
     rows = collect_results(out_dir)
-    chosen = choose_lrs(rows)
+    chosen = choose_lrs(rows, tie_break)
     mark_reported(rows, chosen)
     table = format_table(rows, chosen, strategies=strategies, datasets=datasets, title=title)
     os.makedirs(out_dir, exist_ok=True)

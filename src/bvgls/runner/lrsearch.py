@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 #: learning rates a grid may be extended to (factor ~3 apart)
 LR_LADDER = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+#: how a choice among equal mean validation errors is broken (see ``grid.choose_lrs``)
+TIE_BREAKS = ("lr", "val_loss")
 
 
 def next_lr(lr: float, step: int, ladder: Sequence[float] = LR_LADDER) -> float | None:
@@ -40,9 +42,10 @@ class LrChoice:
 
 def search_lr(lrs: Sequence[float], run: Callable[[list[float]], None],
               choose: Callable[[list[float]], tuple[float | None, set[float]]], *, extend: bool = True,
-              log: Callable[[str], object] = lambda s: None, label: str = "") -> LrChoice:
+              log: Callable[[str], object] = lambda s: None, label: str = "",
+              ladder: Sequence[float] = LR_LADDER) -> LrChoice:
     """Run ``lrs`` (``run(lrs)`` trains every seed at each), choose (``choose(grid)`` -> the best
-    lr and the set of lrs whose runs diverged), and extend past an edge while ``extend``."""
+    lr and the set of lrs whose runs diverged), and extend past an edge of ``ladder`` while ``extend``."""
     grid = sorted(float(x) for x in lrs)
     run(grid)
     if len(grid) == 1:
@@ -59,7 +62,7 @@ def search_lr(lrs: Sequence[float], run: Callable[[list[float]], None],
             return LrChoice(chosen, grid, True, "not extended")
         if added is not None and added in diverged:
             return LrChoice(chosen, grid, True, "diverged")
-        added = next_lr(chosen, step)
+        added = next_lr(chosen, step, ladder)
         if added is None:
             return LrChoice(chosen, grid, True, "ladder end")
         log(f"{label}: lr {chosen:g} is at the edge of {grid}; adding {added:g}")
