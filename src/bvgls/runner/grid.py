@@ -395,29 +395,21 @@ def collect_results(out_dir: str) -> list[dict]:
 
 def choose_lrs(rows: Sequence[dict], tie_break: str = "lr") -> dict[tuple[str, str], float]:
     """Per (dataset, strategy): the search lr with the lowest mean validation error over seeds
-    (ties: the smaller lr; a diverged run counts as infinitely bad). Cells without a search have
-    the single lr they ran with."""
-    cells: dict[tuple[str, str], dict[float, list[float]]] = {}
+    (a diverged run counts as infinitely bad; ties: the smaller lr, or with ``tie_break="val_loss"``
+    first the lower mean validation loss). Cells without a search have the single lr they ran with."""
+    cells: dict[tuple[str, str], dict[float, list[tuple[float, float]]]] = {}
     for r in rows:
         if r["phase"] == "search" and (r["val_error"] is not None or r.get("diverged")):
             error = math.inf if r.get("diverged") else r["val_error"]
-            cells.setdefault((r["dataset"], r["strategy"]), {}).setdefault(r["lr"], []).append(error)
-    chosen = {cell: min(by_lr, key=lambda lr: (statistics.fmean(by_lr[lr]), lr)) for cell, by_lr in cells.items()}
-    single: dict[tuple[str, str], dict[float, str]] = {}
-    (ties: the smaller lr, or with ``tie_break="val_loss"`` first the lower mean validation loss).
-    Cells without a search have the single lr they ran with."""
-    cells: dict[tuple[str, str], dict[float, list[tuple[float, float]]]] = {}
-    for r in rows:
-        if r["phase"] == "search" and r["val_error"] is not None:
-            loss = r["val_loss"] if r.get("val_loss") is not None else math.inf
-            cells.setdefault((r["dataset"], r["strategy"]), {}).setdefault(r["lr"], []).append((r["val_error"], loss))
+            loss = r["val_loss"] if r.get("val_loss") is not None and not r.get("diverged") else math.inf
+            cells.setdefault((r["dataset"], r["strategy"]), {}).setdefault(r["lr"], []).append((error, loss))
 
     def rank(runs: list[tuple[float, float]], lr: float) -> tuple[float, ...]:
         error = statistics.fmean(e for e, _ in runs)
         return (error, statistics.fmean(v for _, v in runs), lr) if tie_break == "val_loss" else (error, lr)
 
     chosen = {cell: min(by_lr, key=lambda lr: rank(by_lr[lr], lr)) for cell, by_lr in cells.items()}
-    single: dict[tuple[str, str], set[float]] = {}
+    single: dict[tuple[str, str], dict[float, str]] = {}
     for r in rows:
         if r["phase"] == "final" and (r["dataset"], r["strategy"]) not in cells:
             single.setdefault((r["dataset"], r["strategy"]), {}).setdefault(r["lr"], r.get("run_dir", "?"))
