@@ -62,6 +62,7 @@ def export_task_cmd(
     typer.echo(f"{path}: {task.name} ({task.shift}-level shift), {task.num_classes} classes, {sizes}; "
                f"{task.shots} shots per class after --val-fraction {task.val_fraction:.4f}")
 
+
 def refuse_foreign_directory(out: Path) -> None:
     """Before building the task (seconds): ``out`` must be empty, or an earlier export (its
     task.json is then compared with the task by :func:`export_image_folder`)."""
