@@ -90,6 +90,25 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def run_variants(script: str, specs: list[str]) -> list[dict]:
+    """Measure each spec in a fresh process (``script --worker SPEC``), so peak RSS is its own."""
+    results = []
+    for spec in specs:
+        out = subprocess.run([sys.executable, script, *sys.argv[1:], "--worker", spec],
+                             capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            sys.exit(f"error: {spec} failed:\n{out.stderr[-2000:]}")
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"{spec}: {results[-1]['step_s']:.3f} s/step, {results[-1]['peak_rss_mb']:.0f} MB", file=sys.stderr)
+    return results
+
+
+def write_json(args, results: list[dict]) -> None:
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"settings": vars(args), "results": results}, f, indent=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=16)
@@ -106,21 +125,11 @@ def main() -> None:
     if args.worker:
         print(json.dumps(measure(args.worker, args)))
         return
-    passed = [a for a in sys.argv[1:]]
-    results = []
-    for spec in args.only or variants(args.steps, args.block):
-        out = subprocess.run([sys.executable, __file__, *passed, "--worker", spec],
-                             capture_output=True, text=True, check=False)
-        if out.returncode != 0:
-            sys.exit(f"error: {spec} failed:\n{out.stderr[-2000:]}")
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"{spec}: {results[-1]['step_s']:.3f} s/step, {results[-1]['peak_rss_mb']:.0f} MB", file=sys.stderr)
+    results = run_variants(__file__, args.only or variants(args.steps, args.block))
     print(f"wide_resnet50_2, batch {args.batch} at {args.size} px, {args.steps} steps (+{args.warmup} warm-up), "
           f"{args.threads} threads, CPU")
     print(table(results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"settings": vars(args), "results": results}, f, indent=1)
+    write_json(args, results)
 
 
 if __name__ == "__main__":

@@ -21,9 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 import time
+
+from lean import run_variants, write_json  # benchmarks/ is on sys.path when run as a script
 
 VARIANTS = ["full", "bvgls", "bvgls:probe=10", "lisa", "linear"]
 
@@ -105,21 +105,12 @@ def main() -> None:
     if args.worker:
         print(json.dumps(measure(args.worker, args)))
         return
-    results = []
-    for spec in args.only or VARIANTS:
-        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--worker", spec],
-                             capture_output=True, text=True, check=False)
-        if out.returncode != 0:
-            sys.exit(f"error: {spec} failed:\n{out.stderr[-2000:]}")
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"{spec}: {results[-1]['step_s']:.3f} s/step, {results[-1]['peak_rss_mb']:.0f} MB", file=sys.stderr)
+    results = run_variants(__file__, args.only or VARIANTS)
     print(f"GPT-2-style LM ({results[0]['params_m']:.1f}M parameters: {args.layers} layers, {args.width} wide, "
           f"{args.heads} heads, vocab {args.vocab}), batch {args.batch} x {args.seq} tokens, {args.steps} steps "
           f"(+{args.warmup} warm-up), {args.threads} threads, CPU, transformers Trainer")
     print(table(results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"settings": vars(args), "results": results}, f, indent=1)
+    write_json(args, results)
 
 
 if __name__ == "__main__":
