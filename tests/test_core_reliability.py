@@ -15,17 +15,7 @@ from torch import nn
 
 import bvgls
 from bvgls import distributed as bdist
-
-
-def mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(),
-                         nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
-
-
-def batch(step, n=8):
-    g = torch.Generator().manual_seed(100 + step)
-    return torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+from tiny_models import batch, mlp
 
 
 def backward(model, step):

@@ -13,19 +13,9 @@ from torch import nn
 import bvgls
 from bvgls.probe import recommend, recommend_range
 from bvgls.reference import NaiveBVR
+from tiny_models import batch, mlp
 
 LEAN = ["lisa:K=2:gamma=1", "bcd-cyclic:K=2", "gradual-unfreeze:every=3", "bvgls:probe=3", "bvgls:static=4:probe=2"]
-
-
-def mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(),
-                         nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
-
-
-def batch(step, n=8):
-    g = torch.Generator().manual_seed(100 + step)
-    return torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
 
 
 def setup(spec, model=None, opt="sgd"):
