@@ -46,15 +46,19 @@ def _prodigy(groups):
 STEPS = 12
 
 
-@pytest.mark.parametrize("spec", ["bvgls", "llrd"])
-def test_schedulefree_group_state_advances_as_unwrapped(spec):
+def trained_plain_and_fresh(make_optimizer):
+    """An unwrapped optimizer trained for STEPS steps, and a fresh (model, groups, optimizer) to wrap."""
     plain_model = mlp()
-    plain = _schedulefree(bvgls.layer_groups(plain_model).param_groups())
+    plain = make_optimizer(bvgls.layer_groups(plain_model).param_groups())
     train(plain_model, plain, None, STEPS)
-
     model = mlp()
     groups = bvgls.layer_groups(model)
-    opt = _schedulefree(groups.param_groups())
+    return plain, model, groups, make_optimizer(groups.param_groups())
+
+
+@pytest.mark.parametrize("spec", ["bvgls", "llrd"])
+def test_schedulefree_group_state_advances_as_unwrapped(spec):
+    plain, model, groups, opt = trained_plain_and_fresh(_schedulefree)
     dicts = list(opt.param_groups)
     strategy = bvgls.make_strategy(spec, opt, groups)
     train(model, opt, strategy, STEPS)
@@ -74,13 +78,7 @@ def test_schedulefree_group_state_advances_as_unwrapped(spec):
 
 
 def test_prodigy_d_and_k_advance_under_bvgls():
-    plain_model = mlp()
-    plain = _prodigy(bvgls.layer_groups(plain_model).param_groups())
-    train(plain_model, plain, None, STEPS)
-
-    model = mlp()
-    groups = bvgls.layer_groups(model)
-    opt = _prodigy(groups.param_groups())
+    plain, model, groups, opt = trained_plain_and_fresh(_prodigy)
     d0 = opt.param_groups[0]["d"]
     strategy = bvgls.BVGLS(opt, groups=groups)
     train(model, opt, strategy, STEPS)

@@ -2,8 +2,6 @@
 ``bvgls.probe`` after ``import bvgls``, the finetune runner (accumulation, AMP skip, resume,
 channels_last) and the Hugging Face / Lightning callbacks."""
 
-import math
-
 import pytest
 import torch
 from torch import nn
