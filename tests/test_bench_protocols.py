@@ -68,7 +68,11 @@ def test_pretrained_protocols_are_as_documented():
     assert len(m.strategies) == 12 and e.strategies == ("full", "L5-9", "linear", "bvgls", "bvgls:probe=10")
     assert batch.batch_size == 128 and batch.lr_ladder[-1] == 3.0 and batch.strategies == ("full", "bvgls", "L6-10")
     assert pilot.tasks == ("clipart-fine",) and set(pilot.strategies) <= set(m.strategies)
-    assert replace(pilot, tasks=m.tasks, seeds=m.seeds, strategies=m.strategies) == m
+    # the amendment after the pilot moved the grid down one step and the ladder to 1e-4 (nothing else)
+    assert pilot.lrs == (0.003, 0.01, 0.03, 0.1) and m.lrs == (0.001, 0.003, 0.01, 0.03)
+    assert m.lr_ladder[:3] == (0.0001, 0.0003, 0.001) and e.lr_ladder == m.lr_ladder
+    assert replace(pilot, tasks=m.tasks, seeds=m.seeds, strategies=m.strategies, lrs=m.lrs,
+                   lr_ladder=m.lr_ladder) == m
     with pytest.raises(ValueError, match="a 'manifest' validation fraction must be resolved"):
         m.training(eval_every=3)
     assert m.training(eval_every=3, val_fraction=0.25).val_fraction == 0.25
