@@ -5,7 +5,8 @@
   ``DATASETS``, as ``fmnist-resnet`` and ``offline:<name>``), and nothing more.
 - :mod:`.protocol`: the frozen protocol of ``docs/benchmark.md`` (:data:`BENCH`, :data:`DEMO`);
   :mod:`.run`: the process pool over (task, strategy) cells, each an lr search (the runner's,
-  shared with ``bvgls compare``) and the final runs; :mod:`.report`: statistics, report, figures.
+  shared with ``bvgls compare``) and the final runs; :mod:`.report`: statistics, report, figures;
+  :mod:`.ablation`: the batch-size / lr ablation's report over two benchmark directories.
 
 Their names are served from here on first use (``bvgls.bench.run_benchmark``, ``BENCH``, ...).
 The commands are in :mod:`bvgls.cli.bench`: this package never imports the CLI.
@@ -38,7 +39,7 @@ __all__ = [
 ]
 
 
-_LAZY_MODULES = ("bvgls.bench.protocol", "bvgls.bench.run", "bvgls.bench.report")
+_LAZY_MODULES = ("bvgls.bench.protocol", "bvgls.bench.run", "bvgls.bench.report", "bvgls.bench.ablation")
 
 
 def __getattr__(name: str):

@@ -58,7 +58,7 @@ def paired_ci(diffs: Sequence[float]) -> tuple[float, float, float]:
 
 
 # ---------------------------------------------------------------------- report
-def _final_rows(out: Path, seeds: Sequence[int] | None = None) -> list[dict]:
+def final_rows(out: Path, seeds: Sequence[int] | None = None) -> list[dict]:
     """The reported runs (``final/``, of ``seeds`` when given), each with ``path``, its run directory."""
     rows = collect_results(str(out / "final"))
     for r in rows:
@@ -66,7 +66,7 @@ def _final_rows(out: Path, seeds: Sequence[int] | None = None) -> list[dict]:
     return [r for r in rows if r["test_error"] is not None and (seeds is None or r["seed"] in seeds)]
 
 
-def _errors_by_seed(rows, task, strategy) -> dict[int, float]:
+def errors_by_seed(rows, task, strategy) -> dict[int, float]:
     return {r["seed"]: float(r["test_error"]) for r in rows if r["dataset"] == task and r["strategy"] == strategy}
 
 
@@ -95,7 +95,7 @@ def _mean_history(out: Path, rows, task, strategy):
                    epochs, True)
 
 
-def _fmt_ci(mean: float, lo: float, hi: float) -> str:
+def fmt_ci(mean: float, lo: float, hi: float) -> str:
     return f"{mean:+.2f} [{lo:+.2f}, {hi:+.2f}]" if not math.isnan(lo) else f"{mean:+.2f}"
 
 
@@ -108,10 +108,10 @@ def write_report(out: str | os.PathLike, protocol: Protocol, cells: Sequence[dic
     cell_info = {(c["task"], c["strategy"]): c for c in cells}
     if not cell_info and (out / "summary.json").is_file():  # report rewritten later: keep the search facts
         cell_info = {(c["task"], c["strategy"]): c for c in json.loads((out / "summary.json").read_text())["cells"]}
-    rows = _final_rows(out, protocol.seeds)  # runs of other seeds (a protocol cut short) are not reported
+    rows = final_rows(out, protocol.seeds)  # runs of other seeds (a protocol cut short) are not reported
     tasks = [t for t in protocol.tasks if any(r["dataset"] == t for r in rows)]
     strategies = [s for s in protocol.strategies if any(r["strategy"] == s for r in rows)]
-    errors = {(t, s): _errors_by_seed(rows, t, s) for t in tasks for s in strategies}
+    errors = {(t, s): errors_by_seed(rows, t, s) for t in tasks for s in strategies}
     shift = {t: _task_manifest(out, t).get("shift", "") for t in tasks}
 
     lines = [f"# Transfer benchmark: {protocol.model} on few-shot target tasks", ""]
@@ -247,7 +247,7 @@ def _difference_section(tasks, strategies, errors, means, summary) -> list[str]:
                 mean, lo, hi = paired_ci(diffs)
                 summary["differences"].setdefault(sel, {}).setdefault(t, {})[kind] = {
                     "reference": ref, "mean": mean, "ci95": [lo, hi], "n": len(diffs)}
-                row.append(_fmt_ci(mean, lo, hi) + (f" ({ref})" if kind != "full" else ""))
+                row.append(fmt_ci(mean, lo, hi) + (f" ({ref})" if kind != "full" else ""))
             lines.append("| " + " | ".join(row) + " |")
         if len(tasks) > 1:
             row = ["Average over tasks"]
@@ -257,7 +257,7 @@ def _difference_section(tasks, strategies, errors, means, summary) -> list[str]:
                     mean, lo, hi = paired_ci(diffs)
                     summary["differences"].setdefault(sel, {}).setdefault("average", {})[kind] = {
                         "mean": mean, "ci95": [lo, hi], "n": len(diffs)}
-                    row.append(_fmt_ci(mean, lo, hi))
+                    row.append(fmt_ci(mean, lo, hi))
                 else:
                     row.append("–")
             lines.append("| " + " | ".join(row) + " |")
@@ -313,7 +313,7 @@ def _pairs_section(tasks, strategies, errors, summary) -> list[str]:
         summary.setdefault("against_bvgls", {})[s] = {
             k: {"mean": m, "ci95": [lo, hi], "n": n} for k, (m, lo, hi, n) in diffs.items()}
         summary["against_bvgls"][s]["verdict"] = verdict
-        lines.append(f"| {s} − bvgls | " + " | ".join(_fmt_ci(*diffs[k][:3]) if k in diffs else "–" for k in keys)
+        lines.append(f"| {s} − bvgls | " + " | ".join(fmt_ci(*diffs[k][:3]) if k in diffs else "–" for k in keys)
                      + f" | {verdict} |")
     return lines + [""]
 
@@ -422,7 +422,7 @@ def _claims_section(out, rows, tasks, strategies, errors, summary) -> list[str]:
         verdict = "contradicted" if any(above) else {2: "reproduced", 1: "partly reproduced", 0: "not reproduced"}[sum(below)]
         claims["A"] = verdict
         lines.append(f"- **A** (BVG-LS beats full finetuning and the best partial strategy): **{verdict}** "
-                     f"(bvgls − full {_fmt_ci(*vs_full[key][:3])}, bvgls − best partial {_fmt_ci(*part_avg[:3])}, "
+                     f"(bvgls − full {fmt_ci(*vs_full[key][:3])}, bvgls − best partial {fmt_ci(*part_avg[:3])}, "
                      f"{'averaged over tasks' if len(tasks) > 1 else key}); per task: " + "; ".join(
                          f"{t} vs full {_side(*vs_full[t][1:3])}, vs {best[t]} {_side(*per_task[t][1:3])}"
                          for t in tasks if t in vs_full and per_task[t]))
@@ -434,7 +434,7 @@ def _claims_section(out, rows, tasks, strategies, errors, summary) -> list[str]:
         claims["B"] = "reproduced" if lower and one_ci else "not reproduced"
         lines.append(f"- **B** (faster test-loss descent: lower test loss than full at the first evaluation on every "
                      f"task, interval below 0 on at least one): **{claims['B']}** (bvgls − full test loss: " + "; ".join(
-                         f"{t} {_fmt_ci(*d)}" for t, d in diffs.items()) + ")")
+                         f"{t} {fmt_ci(*d)}" for t, d in diffs.items()) + ")")
     selection = summary.get("selection", {}).get("bvgls", {})
     if selection:
         holds = []

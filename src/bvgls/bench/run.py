@@ -162,11 +162,18 @@ def report_suite(out_dir: str | os.PathLike, name: str, reference: str | os.Path
         if not (out / "protocol.json").is_file():
             raise ValueError(f"{out} holds no benchmark (no protocol.json)")
         check_protocol(out, protocol)
-        known = json.loads((out / "summary.json").read_text())["cells"] if (out / "summary.json").is_file() else []
-        cells = {(c["task"], c["strategy"]): c for c in cells_from_runs(out, protocol)}
-        cells.update({(c["task"], c["strategy"]): c for c in known})  # the run's own record of its searches
-        summaries.append(write_report(out, protocol, list(cells.values()), reference=reference))
+        summaries.append(write_report(out, protocol, list(cell_records(out, protocol).values()), reference=reference))
     return summaries
+
+
+def cell_records(out: Path, protocol: Protocol) -> dict[tuple[str, str], dict]:
+    """Per (task, strategy): its lr facts, as the run recorded them in ``summary.json``, else read
+    back from its runs (a run still going or cut short: the lr from the final runs, the grid from
+    the search runs)."""
+    known = json.loads((out / "summary.json").read_text())["cells"] if (out / "summary.json").is_file() else []
+    cells = {(c["task"], c["strategy"]): c for c in cells_from_runs(out, protocol)}
+    cells.update({(c["task"], c["strategy"]): c for c in known})  # the run's own record of its searches
+    return cells
 
 
 def cells_from_runs(out: Path, protocol: Protocol) -> list[dict]:
@@ -265,14 +272,21 @@ def cell_line(res: dict, done: int, total: int, start: float) -> str:
             f"{', EDGE' if res['edge'] else ''}) {res['wall_s']:.0f} s; {(time.time() - start) / 60:.1f} min so far")
 
 
-def check_protocol(out: Path, protocol: Protocol) -> None:
+def protocol_differences(out: Path, protocol: Protocol) -> list[str] | None:
+    """The fields in which the benchmark recorded in ``out/protocol.json`` differs from
+    ``protocol`` (empty: the same protocol), or None where ``out`` records none. Reads only."""
     path = out / "protocol.json"
+    if not path.is_file():
+        return None
     current = json.loads(json.dumps(asdict(protocol)))
-    if path.is_file():
-        old = json.loads(json.dumps(Protocol.from_record(json.loads(path.read_text()))))
-        old = {k: v for k, v in old.items() if k in current}  # e.g. v1's "two_phase" note
-        if old != current:
-            diff = sorted(k for k in current if old.get(k) != current[k])
-            raise ValueError(f"{out} holds a benchmark with another protocol (differs in {', '.join(diff)}); "
-                             "use a new output directory")
-    path.write_text(json.dumps(current, indent=2) + "\n")
+    old = json.loads(json.dumps(Protocol.from_record(json.loads(path.read_text()))))
+    old = {k: v for k, v in old.items() if k in current}  # e.g. v1's "two_phase" note
+    return sorted(k for k in current if old.get(k) != current[k])
+
+
+def check_protocol(out: Path, protocol: Protocol) -> None:
+    diff = protocol_differences(out, protocol)
+    if diff:
+        raise ValueError(f"{out} holds a benchmark with another protocol (differs in {', '.join(diff)}); "
+                         "use a new output directory")
+    (out / "protocol.json").write_text(json.dumps(asdict(protocol), indent=2) + "\n")

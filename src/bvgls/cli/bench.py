@@ -104,6 +104,10 @@ def bench_cmd(
     reference: Annotated[Path | None, typer.Option("--reference", help=(
         "An earlier benchmark's runs.csv: the report checks that final runs of the same cells reproduce it "
         "(offline-v2: docs/bench-results/runs.csv)."), exists=True, dir_okay=False)] = None,
+    batch16: Annotated[Path | None, typer.Option("--batch16", help=(
+        "With --protocol pretrained-batch: the --out of a `--protocol pretrained` benchmark (or its mobilenet_v2/ "
+        "part); the batch-size ablation report (OUT/ablation.md) then sets its batch-16 cells beside the "
+        "batch-128 arm."))] = None,
     data_root: DataRoot = None,
     download: Download = False,
 ) -> None:
@@ -118,6 +122,8 @@ def bench_cmd(
 
     with user_errors():
         parts = suite(protocol)
+        if batch16 is not None:  # checked before anything runs
+            _check_batch16(protocol, batch16)
     if dry_run:
         for part, p in parts:
             typer.echo(f"{part}: " + json.dumps(asdict(p), indent=2))
@@ -131,6 +137,22 @@ def bench_cmd(
             run_suite(out, protocol, workers=workers, data_root=data_root, download=download, reference=reference)
     for (part, _), summary in zip(parts, summaries):
         _show(out if len(parts) == 1 else out / part, summary)
+    if batch16 is not None:
+        from ..bench.ablation import write_batch_ablation
+
+        with user_errors():
+            write_batch_ablation(batch16, out, out / "ablation.md")
+        typer.echo(f"batch-size ablation report: {out / 'ablation.md'}")
+
+
+def _check_batch16(protocol: str, batch16: Path) -> None:
+    """``--batch16`` goes with the batch-128 arm and must hold part M of ``pretrained``."""
+    from ..bench.ablation import B16_PART, locate_part
+
+    if protocol != "pretrained-batch":
+        raise CLIError(f"--batch16 goes with --protocol pretrained-batch (the ablation's batch-128 arm), "
+                       f"not {protocol}")
+    locate_part(batch16, *B16_PART)
 
 @app.command("demo")
 def demo_cmd(
