@@ -172,3 +172,18 @@ def test_chunks_option_is_checked_on_the_command_line():
     output = res.stdout + res.stderr
     assert res.returncode != 0 and "Traceback" not in output
     assert "Invalid value for '--full-backward-chunks'" in output and "greater than or equal to 1" in output
+
+
+def test_a_checkpoint_from_before_the_option_resumes_at_its_default(tmp_path):
+    options = dict(epochs=2, batch_size=8, lr=0.05, progress=False, schedule="constant")
+    whole = bvgls.finetune(mlp(), tensor_data(), "full", **options)
+    bvgls.finetune(mlp(), tensor_data(), "full", out_dir=tmp_path, stop_after=1, **options)
+    ckpt_path = next(p for p in tmp_path.iterdir() if p.suffix == ".pt" and "checkpoint" in p.name)
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    del ckpt["config"]["full_backward_chunks"]  # as an older bvgls wrote it
+    torch.save(ckpt, ckpt_path)
+    with pytest.raises(ValueError, match=r"full_backward_chunks: 1 -> 2"):
+        bvgls.finetune(mlp(), tensor_data(), "full", out_dir=tmp_path, resume=True, full_backward_chunks=2,
+                       **options)
+    resumed = bvgls.finetune(mlp(), tensor_data(), "full", out_dir=tmp_path, resume=True, **options)
+    assert resumed.epochs[-1]["test_loss"] == whole.epochs[-1]["test_loss"]

@@ -174,6 +174,11 @@ def result_keys(cls: type = FinetuneConfig) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("kind") == RESULT)
 
 
+def field_defaults(cls: type = FinetuneConfig) -> dict[str, Any]:
+    """Each field's default (for records written before the field existed)."""
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+
 def cli_fields(cls: type) -> list[dataclasses.Field]:
     """The fields the shared CLI options are generated from."""
     return [f for f in dataclasses.fields(cls) if f.metadata.get("cli")]

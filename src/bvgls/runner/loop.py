@@ -39,7 +39,7 @@ from ..grouping import LayerGroups, layer_groups
 from ..strategies import StrategySpec, make_strategy
 from . import rundir
 from .callbacks import Callback, TensorBoardLogger, TrainState, as_callback
-from .config import FinetuneConfig, result_keys
+from .config import FinetuneConfig, field_defaults, result_keys
 from .rundir import History
 from .tracker import SelectionTracker
 
@@ -331,6 +331,7 @@ RESUME_EXACT = ("num_workers",)
 def check_resumable(old: Mapping[str, Any], new: Mapping[str, Any], run_dir: str) -> None:
     """The result-changing settings of a run and its resumption must match."""
     keys = list(result_keys()) + [k for k in RESUME_EXACT if k in old]  # older checkpoints lack them
+    old = {**field_defaults(), **old}  # an option added later ran at its default
     changed = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in keys if old.get(k) != new[k]]
     if changed:
         raise ValueError(f"cannot resume {run_dir!r} with different settings ({'; '.join(changed)})")
