@@ -15,6 +15,13 @@ load on a shared machine), peak RSS, the optimizer and strategy state allocated 
 the end (``strategy.state_bytes()``), and how often each group was updated (the saving
 depends on it). Ratios are against ``full`` of the same run.
 
+A variant ``SPEC@N`` runs every step that computes all groups' gradients (every step of
+``full`` and paper ``bvgls``, the probe steps of lean ``bvgls``) in ``N`` chunks of the
+batch, backward one at a time (the runner's ``full_backward_chunks``): the same gradient
+at a lower activation peak. The memory options of lean BVG-LS are spec options:
+``release_state=true`` (a frozen group's optimizer state is freed) and ``ema=bfloat16``
+(the statistics buffer in bfloat16); ``--memory`` runs the variants that compare them.
+
 The K of lisa and bcd-cyclic is ``--steps // 6`` by default (their defaults, 20 and 50,
 would leave a short run on one draw / one block), the static probe fixes its groups
 after ``--steps // 4`` steps.
@@ -37,7 +44,14 @@ def variants(steps: int, block: int | None) -> list[str]:
             f"bvgls:static={max(1, steps // 4)}", f"lisa:K={k}", f"bcd-cyclic:K={k}", "L4-6", "linear"]
 
 
-def measure(spec: str, args) -> dict:
+def memory_variants() -> list[str]:
+    """Full finetuning against lean BVG-LS with each memory option, alone and together."""
+    lean = "bvgls:probe=10"
+    return ["full", "full@4", "bvgls", lean, f"{lean}:release_state=true", f"{lean}:ema=bfloat16",
+            f"{lean}:release_state=true:ema=bfloat16", f"{lean}:release_state=true:ema=bfloat16@4", "L5-6"]
+
+
+def measure(variant: str, args) -> dict:
     """One variant, in this process: the figures as a dict."""
     import torch
     import torchvision
@@ -49,6 +63,8 @@ def measure(spec: str, args) -> dict:
     model = torchvision.models.wide_resnet50_2(weights=None, num_classes=args.classes)
     groups = bvgls.layer_groups(model)
     opt = torch.optim.SGD(groups.param_groups(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    spec, _, chunks = variant.partition("@")
+    chunks = int(chunks or 1)
     strategy = bvgls.make_strategy(spec, opt, groups)
     gen = torch.Generator().manual_seed(1)
     times, cpu_times = [], []
@@ -56,8 +72,9 @@ def measure(spec: str, args) -> dict:
         x = torch.randn(args.batch, 3, args.size, args.size, generator=gen)
         y = torch.randint(0, args.classes, (args.batch,), generator=gen)
         t0, c0 = time.perf_counter(), time.process_time()
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        loss.backward()
+        parts = chunks if not strategy.frozen_groups() else 1  # as the runner's full_backward_chunks
+        for xc, yc in zip(x.chunk(parts), y.chunk(parts)):
+            (torch.nn.functional.cross_entropy(model(xc), yc) * (len(yc) / len(y))).backward()
         if step < args.warmup:  # warm-up: forward and backward only, so the strategy's schedule
             opt.zero_grad(set_to_none=True)  # (probe steps, draws, blocks) starts at the first timed step
             continue
@@ -67,7 +84,7 @@ def measure(spec: str, args) -> dict:
         cpu_times.append(time.process_time() - c0)
     state = strategy.state_bytes()
     strategy.remove()
-    return {"spec": spec, "step_s": statistics.fmean(times), "step_s_median": statistics.median(times),
+    return {"spec": variant, "step_s": statistics.fmean(times), "step_s_median": statistics.median(times),
             "cpu_s": statistics.fmean(cpu_times),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "optimizer_state_mb": sum(state["optimizer"].values()) / 2 ** 20,
@@ -118,14 +135,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--block", type=int, help="K of lisa / bcd-cyclic (default: steps // 6)")
-    ap.add_argument("--only", nargs="*", help="run only these specs")
+    ap.add_argument("--only", nargs="*", help="run only these variants (SPEC or SPEC@CHUNKS)")
+    ap.add_argument("--memory", action="store_true", help="run the memory-option variants")
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(measure(args.worker, args)))
         return
-    results = run_variants(__file__, args.only or variants(args.steps, args.block))
+    chosen = args.only or (memory_variants() if args.memory else variants(args.steps, args.block))
+    results = run_variants(__file__, chosen)
     print(f"wide_resnet50_2, batch {args.batch} at {args.size} px, {args.steps} steps (+{args.warmup} warm-up), "
           f"{args.threads} threads, CPU")
     print(table(results))

@@ -9,6 +9,7 @@ from torch import nn
 import bvgls
 from bvgls.runner.callbacks import Callback
 from bvgls.runner.tracker import SelectionTracker
+from tiny_models import tensor_data
 
 
 def mlp(seed=0):
@@ -122,13 +123,6 @@ def test_probe_module_is_loaded_by_import_bvgls():
 
 
 # ---------------------------------------------------------------------- few updates per group (issue 12, part 6)
-def tensor_data(n=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x, y = torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
-    ds = torch.utils.data.TensorDataset(x, y)
-    return ds, ds
-
-
 def test_expected_updates_per_group_follow_the_stated_rule():
     model = mlp()  # 4 groups
     assert strategy_for("bvgls", model)[1].expected_updates(100) == pytest.approx(25.0)

@@ -224,6 +224,18 @@ def test_bcd_cyclic_resets_the_optimizer_state_of_the_new_block(reset):
     assert torch.allclose(buf, torch.full_like(buf, 1.9))
 
 
+def test_frozen_bcd_cyclic_holds_optimizer_state_only_for_the_active_block():
+    # freed when a block is frozen, so every block restarts its momentum: moves lr * 1, then lr * 1.9
+    _, _, opt, s = setup("bcd-cyclic:K=2:order=ascending", momentum=0.9)
+    for step in range(4 * 2):
+        first = [p.detach().clone() for p in s.group_params[step // 2 % 5]]
+        assert step_with_ones(s) == [step // 2 % 5]
+        moved = first[0] - s.group_params[step // 2 % 5][0].detach()
+        torch.testing.assert_close(moved, torch.full_like(moved, LR * (1.0 if step % 2 == 0 else 1.9)))
+        holding = {s.param_group_index[i] for i, p in enumerate(s.params) if p in opt.state}
+        assert holding <= {step // 2 % 5}
+
+
 # ---------------------------------------------------------------------- gradual-unfreeze
 def test_gradual_unfreeze_adds_one_group_from_the_top_each_epoch():
     _, _, _, s = setup("gradual-unfreeze")

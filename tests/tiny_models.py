@@ -1,4 +1,4 @@
-"""A tiny 5-group MLP and its seeded batches, shared by the core-reliability and lean tests."""
+"""A tiny 5-group MLP, its seeded batches and a seeded dataset, shared by the core-reliability and lean tests."""
 
 import torch
 from torch import nn
@@ -13,3 +13,11 @@ def mlp(seed=0):
 def batch(step, n=8):
     g = torch.Generator().manual_seed(100 + step)
     return torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def tensor_data(n=64, seed=0):
+    """(train, test): the same seeded TensorDataset of the MLP's inputs."""
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+    ds = torch.utils.data.TensorDataset(x, y)
+    return ds, ds

@@ -36,7 +36,9 @@ then computes no gradient for them and stops the backward pass below the lowest
 group that needs one; without a gradient they leave the optimizer step and get no
 optimizer state). Only flags this strategy turned off are turned back on: at the
 next step that needs them, at :meth:`unfreeze` / :meth:`remove`, and when a
-``with strategy:`` block ends (also on an exception).
+``with strategy:`` block ends (also on an exception). With ``release_frozen_state``
+a group's optimizer state (momentum, moments) is freed when it is frozen, so only the
+groups being trained hold any; it starts afresh when the group trains again.
 """
 
 from __future__ import annotations
@@ -196,6 +198,7 @@ class GroupStrategy(metaclass=_AttachAfterInit):
         self.selected: list[int] = []
         self.scales: list[float] = [1.0] * len(self.group_names)
         self.lean = False  # subclasses with a known next plan may turn this on
+        self.release_frozen_state = False  # lean mode: free a group's optimizer state when it is frozen
         self._frozen: set[int] = set()  # indices (self.params) this strategy set requires_grad=False on
         self._change: _StepChange | None = None
         self._skipped = False
@@ -429,6 +432,8 @@ class GroupStrategy(metaclass=_AttachAfterInit):
                 p.requires_grad_(False)
                 p.grad = None
                 newly.add(i)
+                if self.release_frozen_state:
+                    self.optimizer.state.pop(p, None)
         self._frozen = (self._frozen & wanted) | newly
 
     def frozen_groups(self) -> list[str]:

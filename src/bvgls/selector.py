@@ -57,6 +57,20 @@ def _positive_int(name: str, value: Any) -> int:
     return value
 
 
+def _norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``_foreach_norm``, accumulated in float32 for half-precision tensors (e.g. a bfloat16 EMA)."""
+    if all(t.element_size() >= 4 for t in tensors):
+        return list(torch._foreach_norm(tensors))
+    low = [i for i, t in enumerate(tensors) if t.element_size() < 4]
+    high = [i for i, t in enumerate(tensors) if t.element_size() >= 4]
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    for indices, kwargs in ((low, {"dtype": torch.float32}), (high, {})):
+        if indices:
+            for i, n in zip(indices, torch._foreach_norm([tensors[i] for i in indices], **kwargs)):
+                out[i] = n.float()
+    return out
+
+
 class BVGLS(GroupStrategy):
     """Bias-Variance Guided Layer Selection (Tomita et al., ACCV 2024).
 
@@ -82,13 +96,20 @@ class BVGLS(GroupStrategy):
             frozen in between (see the module docstring); 1 = the paper.
         static: after ``static`` steps keep the ``k`` most often selected groups for
             good (see the module docstring); None = never.
+        release_state: lean mode only: free a group's optimizer state (momentum,
+            moments) when it is frozen, so only the selected groups hold any; a group
+            selected again starts it afresh (as BAdam does at a block switch).
+        ema_dtype: dtype of the gradient EMA ``m``, e.g. ``torch.bfloat16`` to halve
+            the statistics buffer; None = each parameter's dtype. The EMA update runs
+            in float32 and is rounded once per step.
     """
 
     needs_all_gradients = True
 
     def __init__(self, optimizer: torch.optim.Optimizer, k: int = 1, alpha: float = 0.9,
                  groups: GroupsSpec = None, *, skip_unselected: bool = False, eps: float = 1e-10,
-                 reduce_sums: SumReducer | None = None, probe: int = 1, static: int | None = None):
+                 reduce_sums: SumReducer | None = None, probe: int = 1, static: int | None = None,
+                 release_state: bool = False, ema_dtype: torch.dtype | None = None):
         if not 0.0 < float(alpha) < 1.0:
             raise ValueError(f"alpha must be in (0, 1), got {alpha}")
         self.probe = _positive_int("probe (steps between two probe steps)", probe)
@@ -104,6 +125,13 @@ class BVGLS(GroupStrategy):
         self.eps = float(eps)
         self.reduce_sums = reduce_sums
         self.lean = self.probe > 1 or self.static is not None
+        if release_state and not self.lean:
+            raise ValueError("release_state needs lean mode (probe > 1 or static): without freezing every group "
+                             "is updated every step and holds its optimizer state")
+        self.release_frozen_state = bool(release_state)
+        if ema_dtype is not None and not (isinstance(ema_dtype, torch.dtype) and ema_dtype.is_floating_point):
+            raise ValueError(f"ema_dtype must be a floating-point torch.dtype, got {ema_dtype!r}")
+        self.ema_dtype = ema_dtype
         n = len(self.params)
         self._device = self.params[0].device
         # float64 for the per-tensor scalars: bias and variance are differences of sums
@@ -168,7 +196,7 @@ class BVGLS(GroupStrategy):
             if g.is_sparse:
                 raise ValueError(f"{type(self).__name__} does not support sparse gradients")
             if self._m[i] is None:
-                self._m[i] = torch.zeros_like(g, memory_format=torch.preserve_format)
+                self._m[i] = torch.zeros_like(g, dtype=self.ema_dtype, memory_format=torch.preserve_format)
         ms = [self._m[i] for i in idx]
         a = self.alpha
         g_sq = self._squared_norms(grads)
@@ -176,7 +204,7 @@ class BVGLS(GroupStrategy):
         for g in grads:  # the identity on a finite step; a non-finite one is skipped anyway
             torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
         weight = ok.to(torch.float32) * (1.0 - a)  # 0 on a non-finite step: m + 0 * (g - m) = m
-        torch._foreach_lerp_(ms, grads, [weight] * len(ms))  # m <- a m + (1 - a) g
+        self._lerp_ema(ms, grads, weight)  # m <- a m + (1 - a) g
         m_sq = self._squared_norms(ms)
         t = self._t.index_add_(0, index, ok.to(self._stat_dtype).expand(len(idx))).index_select(0, index)
         old_sq = self._sq.index_select(0, index)
@@ -201,6 +229,15 @@ class BVGLS(GroupStrategy):
         self.ratios = torch.where(ok, torch.where(group_mask, bias / variance, torch.nan), self.ratios)
         return ok
 
+    @staticmethod
+    def _lerp_ema(ms: list[torch.Tensor], grads: list[torch.Tensor], weight: torch.Tensor) -> None:
+        same = [i for i, (m, g) in enumerate(zip(ms, grads)) if m.dtype == g.dtype]
+        if same:
+            torch._foreach_lerp_([ms[i] for i in same], [grads[i] for i in same], [weight] * len(same))
+        for m, g in zip(ms, grads):  # a lower-precision EMA: float32 per tensor, one rounding
+            if m.dtype != g.dtype:
+                m.copy_(m.float().lerp_(g.float(), weight))
+
     def _squared_norms(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         """``||x||^2`` of every tensor, as one vector in the statistics dtype.
 
@@ -218,7 +255,7 @@ class BVGLS(GroupStrategy):
                 parts = (x,)
             pieces.extend(parts)
             owners.append(len(parts))
-        norms = torch.stack(torch._foreach_norm(pieces)).to(self._device, self._stat_dtype).square_()
+        norms = torch.stack(_norms(pieces)).to(self._device, self._stat_dtype).square_()
         if len(pieces) == len(tensors):
             return norms
         key = tuple(owners)
@@ -301,7 +338,8 @@ class BVGLS(GroupStrategy):
     # ------------------------------------------------------------------ state
     def _options(self) -> dict[str, Any]:
         return {**super()._options(), "k": self.k, "alpha": self.alpha, "eps": self.eps, "probe": self.probe,
-                "static": self.static}
+                "static": self.static, "release_state": self.release_frozen_state,
+                "ema_dtype": None if self.ema_dtype is None else str(self.ema_dtype).removeprefix("torch.")}
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
@@ -338,7 +376,8 @@ class BVGLS(GroupStrategy):
 
     def _set_state(self, state: Mapping[str, Any]) -> None:
         super()._set_state(state)
-        self._m = [None if b is None else b.to(p.device, p.dtype).clone() for b, p in zip(state["m"], self.params)]
+        self._m = [None if b is None else b.to(p.device, self.ema_dtype or p.dtype).clone()
+                   for b, p in zip(state["m"], self.params)]
         self._sq, self._t, self.ratios, self.bias, self.variance = (
             state[key].to(self._device, self._stat_dtype).clone() for key in ("sq", "t", "ratios", "bias", "variance"))
         self.probe_selection = [int(i) for i in state["probe_selection"]]

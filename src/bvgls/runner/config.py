@@ -59,6 +59,11 @@ class FinetuneConfig:
     schedule: str = option("cosine", "Learning-rate schedule, per step.", choices=SCHEDULES)
     warmup_epochs: float = option(0.0, "Linear warmup length in epochs.")
     grad_accum: int = option(1, "Micro-batches per optimizer step.", min=1)
+    full_backward_chunks: int = option(
+        1, "Split the batch of every step that computes all groups' gradients (every step of full finetuning "
+           "and paper BVG-LS; the probe steps of lean BVG-LS) into this many chunks, backward one at a time: "
+           "the same gradient (batch-norm layers see the smaller chunks) at a lower activation-memory peak.",
+        panel=SPEED, min=1)
     label_smoothing: float = option(0.0, "Label smoothing of the training loss.")
     steps_per_epoch: int | None = option(None, "Cap on steps per epoch (smoke tests).", min=1)
     seed: int = option(0, "Seeds init of the head, shuffling, augmentation.", cli=False)
@@ -90,8 +95,8 @@ class FinetuneConfig:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         for name, (low, high) in NUMBER_RANGES.items():
             check_number(name, getattr(self, name), low, high)
-        if self.batch_size < 1 or self.grad_accum < 1 or self.eval_every < 1:
-            raise ValueError("batch_size, grad_accum and eval_every must be >= 1")
+        if self.batch_size < 1 or self.grad_accum < 1 or self.eval_every < 1 or self.full_backward_chunks < 1:
+            raise ValueError("batch_size, grad_accum, full_backward_chunks and eval_every must be >= 1")
         for name in ("schedule", "amp"):
             choices = self.field_meta(name)["choices"]
             value = getattr(self, name)
@@ -167,6 +172,11 @@ def check_number(name: str, value: Any, low: tuple[float, bool] | None, high: tu
 def result_keys(cls: type = FinetuneConfig) -> tuple[str, ...]:
     """The options that change results: they must match on resume and when a run is reused."""
     return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("kind") == RESULT)
+
+
+def field_defaults(cls: type = FinetuneConfig) -> dict[str, Any]:
+    """Each field's default (for records written before the field existed)."""
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
 
 
 def cli_fields(cls: type) -> list[dataclasses.Field]:

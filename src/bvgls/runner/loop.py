@@ -39,7 +39,7 @@ from ..grouping import LayerGroups, layer_groups
 from ..strategies import StrategySpec, make_strategy
 from . import rundir
 from .callbacks import Callback, TensorBoardLogger, TrainState, as_callback
-from .config import FinetuneConfig, result_keys
+from .config import FinetuneConfig, field_defaults, result_keys
 from .rundir import History
 from .tracker import SelectionTracker
 
@@ -331,6 +331,7 @@ RESUME_EXACT = ("num_workers",)
 def check_resumable(old: Mapping[str, Any], new: Mapping[str, Any], run_dir: str) -> None:
     """The result-changing settings of a run and its resumption must match."""
     keys = list(result_keys()) + [k for k in RESUME_EXACT if k in old]  # older checkpoints lack them
+    old = {**field_defaults(), **old}  # an option added later ran at its default
     changed = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in keys if old.get(k) != new[k]]
     if changed:
         raise ValueError(f"cannot resume {run_dir!r} with different settings ({'; '.join(changed)})")
@@ -390,6 +391,24 @@ def optimizer_step(run: Run) -> None:
     run.optimizer.zero_grad(set_to_none=True)
 
 
+def forward_backward(run: Run, x: torch.Tensor, y: torch.Tensor, window: int) -> torch.Tensor:
+    """Forward and backward of one batch (``1 / window`` of an optimizer step); its mean loss, detached.
+    A step that computes every group's gradient (nothing frozen for it) runs in
+    ``full_backward_chunks`` chunks: the same summed gradient at a lower activation peak."""
+    chunks = run.cfg.full_backward_chunks if not run.strategy.frozen_groups() else 1
+    parts = list(zip(x.chunk(chunks), y.chunk(chunks)))
+    losses = []
+    for xc, yc in parts:
+        with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+            loss = run.criterion(run.model(xc).float(), yc)
+        if len(parts) > 1:  # each chunk's share of the batch mean, as one pass would give
+            loss = loss * (yc.numel() / y.numel())
+        scaled = loss / window
+        (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
+        losses.append(loss.detach())
+    return losses[0] if len(losses) == 1 else torch.stack(losses).sum()
+
+
 def train_one_epoch(run: Run, epoch: int, bar=None) -> EpochTraining:
     """One pass over the training loader (at most ``opt_steps`` optimizer steps)."""
     cfg, model = run.cfg, run.model
@@ -405,12 +424,8 @@ def train_one_epoch(run: Run, epoch: int, bar=None) -> EpochTraining:
         x, y = to_device(x, y, run.device, run.channels_last)
         window_start = i - i % cfg.grad_accum
         window = min(cfg.grad_accum, run.batches_per_epoch - window_start)
-        with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
-            out = model(x)
-            loss = run.criterion(out.float(), y)
-        scaled = loss / window
-        (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
-        loss_sum += loss.detach().double() * y.numel()
+        loss = forward_backward(run, x, y, window)
+        loss_sum += loss.double() * y.numel()
         seen += y.numel()
         if i + 1 - window_start < window:
             continue

@@ -88,11 +88,21 @@ def _linear(optimizer, groups=None, freeze=True) -> FixedGroups:
     return linear_probing(optimizer, groups, freeze=freeze)
 
 
+#: ``bvgls:ema=...``: the gradient EMA's dtype ("param": each parameter's own)
+EMA_DTYPES = {"param": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 @register_strategy("bvgls")
-def _bvgls(optimizer, groups=None, k=1, alpha=0.9, probe=1, static=None) -> BVGLS:
+def _bvgls(optimizer, groups=None, k=1, alpha=0.9, probe=1, static=None, release_state=False,
+           ema="param") -> BVGLS:
     """BVG-LS: the k groups with the largest gradient bias-variance ratio (paper: k=1); probe=P: statistics
-    every P-th step, unselected groups frozen in between; static=N: keep the k most selected after N steps."""
-    return BVGLS(optimizer, k=k, alpha=alpha, groups=groups, probe=probe, static=static)
+    every P-th step, unselected groups frozen in between; static=N: keep the k most selected after N steps;
+    release_state=True (lean only): free a frozen group's optimizer state; ema=param|bfloat16|float16: the
+    gradient EMA's dtype."""
+    if ema not in EMA_DTYPES:
+        raise ValueError(f"strategy option ema must be one of {', '.join(EMA_DTYPES)}, got {ema!r}")
+    return BVGLS(optimizer, k=k, alpha=alpha, groups=groups, probe=probe, static=static,
+                 release_state=release_state, ema_dtype=EMA_DTYPES[ema])
 
 
 @register_strategy("bvgls-skip")

@@ -523,6 +523,8 @@ class BlockCoordinateDescent(_PeerStrategy):
         self.active: int | None = None
         self.block = -1             # the K-step block whose group ``active`` holds
         self.lean = _freeze_option(freeze, self.skip_unselected)
+        # the state is cleared when a group becomes active again anyway: free it as soon as it is frozen
+        self.release_frozen_state = self.lean and self.reset_state
 
     def _options(self):
         return {**super()._options(), "K": self.K, "order": self.order, "seed": self.seed,

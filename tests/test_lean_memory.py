@@ -1,0 +1,189 @@
+"""Issue 11, memory: what each lean-memory option allocates, and that it changes nothing else.
+
+``release_state`` frees a frozen group's optimizer state; ``ema=bfloat16`` halves BVG-LS's
+statistics buffer; ``full_backward_chunks`` runs a full backward pass in chunks (same gradient).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import bvgls
+from tiny_models import batch, mlp, tensor_data
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def setup(spec, seed=0):
+    model = mlp(seed)
+    groups = bvgls.layer_groups(model)
+    optimizer = torch.optim.SGD(groups.param_groups(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    return model, optimizer, bvgls.make_strategy(spec, optimizer, groups)
+
+
+def one_step(model, opt, s, step):
+    opt.zero_grad()
+    x, y = batch(step)
+    nn.functional.cross_entropy(model(x), y).backward()
+    s.step()
+
+
+# ---------------------------------------------------------------------- release_state
+@pytest.mark.parametrize("spec", ["bvgls:probe=3:release_state=true", "bvgls:static=4:probe=2:release_state=yes"])
+def test_release_state_keeps_optimizer_state_only_for_the_groups_being_trained(spec):
+    model, opt, s = setup(spec)
+    seen = set()
+    for step in range(12):
+        one_step(model, opt, s, step)
+        holding = {g for g, b in s.state_bytes()["optimizer"].items() if b}
+        trained = {s.group_names[i] for i in s.selected}
+        seen |= trained
+        # a group frozen for the next step holds nothing; the groups just trained may hold theirs
+        assert holding <= trained
+        assert not holding & set(s.frozen_groups())
+    assert len(seen) > 1  # the selection moved, so state was released at least once
+
+
+def test_release_state_restarts_momentum_when_a_group_trains_again():
+    model, opt, s = setup("bvgls:probe=3:release_state=true")
+    restarts = 0
+    for step in range(18):
+        was_frozen = {i for i, p in enumerate(s.params) if not p.requires_grad}
+        fresh = [i for i, p in enumerate(s.params) if p not in opt.state]
+        before = [p.detach().clone() for p in s.params]
+        one_step(model, opt, s, step)
+        for i in was_frozen:
+            assert s.params[i] not in opt.state  # frozen: no state, none created
+        for i in set(fresh) - was_frozen:
+            p = s.params[i]
+            if s.param_group_index[i] in s.selected:  # a new buffer: d_p = grad + wd * p, as a new optimizer's
+                torch.testing.assert_close(opt.state[p]["momentum_buffer"], p.grad + 1e-3 * before[i])
+                restarts += step > 0
+    assert restarts > 0
+    with pytest.raises(ValueError, match="release_state needs lean mode"):
+        setup("bvgls:release_state=true")
+
+
+def test_release_state_resumes_to_the_same_run():
+    spec, total, cut = "bvgls:probe=2:release_state=true", 10, 5
+    model, opt, s = setup(spec)
+    for step in range(cut):
+        one_step(model, opt, s, step)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "strategy": s.state_dict()}, buf)
+    for step in range(cut, total):
+        one_step(model, opt, s, step)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    model2, opt2, s2 = setup(spec)
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    s2.load_state_dict(ckpt["strategy"])
+    for step in range(cut, total):
+        one_step(model2, opt2, s2, step)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+    _, _, other = setup("bvgls:probe=2")
+    with pytest.raises(ValueError, match="release_state"):
+        other.load_state_dict(ckpt["strategy"])  # a checkpoint of another option is refused
+
+
+# ---------------------------------------------------------------------- the EMA's dtype
+def test_bfloat16_ema_halves_the_buffer_and_keeps_the_ratios():
+    runs = {}
+    for spec in ("bvgls", "bvgls:ema=bfloat16"):
+        model, opt, s = setup(spec)
+        ratios = []
+        for step in range(10):
+            one_step(model, opt, s, step)
+            ratios.append(s.ratios.clone())
+        runs[spec] = (s, ratios)
+    full, half = runs["bvgls"][0], runs["bvgls:ema=bfloat16"][0]
+    assert all(m.dtype == torch.bfloat16 for m in half._m if m is not None)
+    assert sum(half.state_bytes()["strategy"].values()) * 2 == sum(full.state_bytes()["strategy"].values())
+    # the same weights until the selections part, so compare the statistics of one shared trajectory
+    model, opt, s32 = setup("bvgls")
+    _, _, s16 = setup("bvgls:ema=bfloat16", seed=0)
+    s16.remove()
+    s16 = bvgls.BVGLS(torch.optim.SGD(model.parameters(), lr=0.0), groups=s32.group_params,
+                      ema_dtype=torch.bfloat16)
+    for step in range(10):
+        opt.zero_grad()
+        x, y = batch(step)
+        nn.functional.cross_entropy(model(x), y).backward()
+        r16 = s16.update_statistics().clone()
+        s32.step()
+        if step >= 1:  # step 1's variance is exactly 0 for both
+            # bfloat16 keeps 8 significant bits: an EMA rounded once per step stays within about 1%
+            torch.testing.assert_close(r16, s32.ratios, rtol=0.02, atol=1e-6)
+
+
+def test_bad_ema_option_names_the_choices():
+    with pytest.raises(ValueError, match="ema must be one of param, bfloat16, float16"):
+        setup("bvgls:ema=float8")
+    with pytest.raises(ValueError, match="ema_dtype must be a floating-point torch.dtype"):
+        groups = bvgls.layer_groups(mlp())
+        bvgls.BVGLS(torch.optim.SGD(groups.param_groups(), lr=0.1), ema_dtype=torch.int8)
+
+
+# ---------------------------------------------------------------------- full_backward_chunks
+def count_forwards(model):
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_chunked_full_backward_gives_the_same_run():
+    results = []
+    for chunks in (1, 4):
+        model = mlp()
+        calls = count_forwards(model)
+        history = bvgls.finetune(model, tensor_data(), "full", epochs=2, batch_size=8, lr=0.05, progress=False,
+                                 full_backward_chunks=chunks, schedule="constant")
+        results.append((model, history, len(calls)))
+    (m1, h1, c1), (m4, h4, c4) = results
+    assert c4 - c1 == 3 * 8 * 2  # 8 steps per epoch, each 4 forward passes instead of 1 (evaluation alike)
+    for a, b in zip(m1.parameters(), m4.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # the same sum in another order
+
+
+@pytest.mark.filterwarnings("ignore:.*rotates through:UserWarning")
+def test_lean_bvgls_chunks_only_its_probe_steps():
+    model = mlp()
+    calls = count_forwards(model)
+    bvgls.finetune(model, tensor_data(n=48), "bvgls:probe=3", epochs=1, batch_size=8, lr=0.05, progress=False,
+                   full_backward_chunks=2, val_fraction=0.0, eval_every=5)
+    evaluations = 48 // 8  # one evaluation pass over the 48 test examples
+    steps = 48 // 8
+    probes = len(range(0, steps, 3))
+    assert len(calls) - evaluations == steps + probes  # a probe step runs 2 chunks, the others 1
+
+
+def test_chunks_option_is_checked_on_the_command_line():
+    res = subprocess.run([sys.executable, "-m", "bvgls", "finetune", "--model", "tiny-cnn", "--data", "digits",
+                          "--lr", "0.1", "--full-backward-chunks", "0", "--out", "/tmp/never"],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+    output = res.stdout + res.stderr
+    assert res.returncode != 0 and "Traceback" not in output
+    assert "Invalid value for '--full-backward-chunks'" in output and "greater than or equal to 1" in output
+
+
+def test_a_checkpoint_from_before_the_option_resumes_at_its_default(tmp_path):
+    options = dict(epochs=2, batch_size=8, lr=0.05, progress=False, schedule="constant")
+    whole = bvgls.finetune(mlp(), tensor_data(), "full", **options)
+    bvgls.finetune(mlp(), tensor_data(), "full", out_dir=tmp_path, stop_after=1, **options)
+    ckpt_path = next(p for p in tmp_path.iterdir() if p.suffix == ".pt" and "checkpoint" in p.name)
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    del ckpt["config"]["full_backward_chunks"]  # as an older bvgls wrote it
+    torch.save(ckpt, ckpt_path)
+    with pytest.raises(ValueError, match=r"full_backward_chunks: 1 -> 2"):
+        bvgls.finetune(mlp(), tensor_data(), "full", out_dir=tmp_path, resume=True, full_backward_chunks=2,
+                       **options)
+    resumed = bvgls.finetune(mlp(), tensor_data(), "full", out_dir=tmp_path, resume=True, **options)
+    assert resumed.epochs[-1]["test_loss"] == whole.epochs[-1]["test_loss"]
