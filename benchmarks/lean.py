@@ -15,10 +15,10 @@ load on a shared machine), peak RSS, the optimizer and strategy state allocated 
 the end (``strategy.state_bytes()``), and how often each group was updated (the saving
 depends on it). Ratios are against ``full`` of the same run.
 
-A variant ``SPEC@N`` runs every step that computes all groups' gradients (every step of
-``full`` and paper ``bvgls``, the probe steps of lean ``bvgls``) in ``N`` chunks of the
-batch, backward one at a time (the runner's ``full_backward_chunks``): the same gradient
-at a lower activation peak. The memory options of lean BVG-LS are spec options:
+A variant ``SPEC@N`` runs every step whose backward runs through the whole network (the
+first group trains: every step of ``full`` and paper ``bvgls``, the probe steps of lean
+``bvgls`` and its steps that train the stem) in ``N`` chunks of the batch, backward one at
+a time (the runner's ``full_backward_chunks``): the same gradient at a lower activation peak. The memory options of lean BVG-LS are spec options:
 ``release_state=true`` (a frozen group's optimizer state is freed) and ``ema=bfloat16``
 (the statistics buffer in bfloat16); ``--memory`` runs the variants that compare them.
 
@@ -72,7 +72,7 @@ def measure(variant: str, args) -> dict:
         x = torch.randn(args.batch, 3, args.size, args.size, generator=gen)
         y = torch.randint(0, args.classes, (args.batch,), generator=gen)
         t0, c0 = time.perf_counter(), time.process_time()
-        parts = chunks if not strategy.frozen_groups() else 1  # as the runner's full_backward_chunks
+        parts = chunks if strategy.backward_reaches_first_group() else 1  # as the runner's full_backward_chunks
         for xc, yc in zip(x.chunk(parts), y.chunk(parts)):
             (torch.nn.functional.cross_entropy(model(xc), yc) * (len(yc) / len(y))).backward()
         if step < args.warmup:  # warm-up: forward and backward only, so the strategy's schedule

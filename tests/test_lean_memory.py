@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import bvgls
+from bvgls.runner.callbacks import Callback
 from tiny_models import batch, mlp, tensor_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -153,16 +154,35 @@ def test_chunked_full_backward_gives_the_same_run():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # the same sum in another order
 
 
+class DeepSteps(Callback):
+    """Records, before every step's forward pass, whether its backward will reach the first group."""
+
+    def __init__(self):
+        self.deep = []
+
+    def on_train_start(self, state):
+        self.deep.append(state.strategy.backward_reaches_first_group())
+
+    def on_step_end(self, state, loss):
+        self.deep.append(state.strategy.backward_reaches_first_group())  # the plan of the next step
+
+
 @pytest.mark.filterwarnings("ignore:.*rotates through:UserWarning")
-def test_lean_bvgls_chunks_only_its_probe_steps():
+@pytest.mark.parametrize("spec", ["bvgls:probe=3", "linear", "L2-5"])
+def test_only_steps_whose_backward_reaches_the_first_group_are_chunked(spec):
     model = mlp()
     calls = count_forwards(model)
-    bvgls.finetune(model, tensor_data(n=48), "bvgls:probe=3", epochs=1, batch_size=8, lr=0.05, progress=False,
-                   full_backward_chunks=2, val_fraction=0.0, eval_every=5)
-    evaluations = 48 // 8  # one evaluation pass over the 48 test examples
+    watch = DeepSteps()
+    bvgls.finetune(model, tensor_data(n=48), spec, epochs=1, batch_size=8, lr=0.05, progress=False,
+                   full_backward_chunks=2, callbacks=[watch])
     steps = 48 // 8
-    probes = len(range(0, steps, 3))
-    assert len(calls) - evaluations == steps + probes  # a probe step runs 2 chunks, the others 1
+    deep = watch.deep[:steps]
+    evaluations = 48 // 8  # one evaluation pass over the 48 test examples
+    assert len(calls) - evaluations == steps + sum(deep)  # a deep step runs 2 chunks, the others 1
+    if spec.startswith("bvgls"):
+        assert deep[0] and deep[3]  # the probe steps compute every gradient
+    else:
+        assert not any(deep)  # the stem is frozen for the whole run
 
 
 def test_chunks_option_is_checked_on_the_command_line():

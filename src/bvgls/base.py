@@ -440,6 +440,12 @@ class GroupStrategy(metaclass=_AttachAfterInit):
         """Names of the groups this strategy froze for the next step (lean mode)."""
         return [self.group_names[g] for g in sorted({self.param_group_index[i] for i in self._frozen})]
 
+    def backward_reaches_first_group(self) -> bool:
+        """Whether the next backward pass runs through the whole network: the first group with
+        parameters trains, so autograd keeps every layer's activations (the memory peak of a step)."""
+        first = next((ps for ps in self.group_params if ps), [])
+        return any(p.requires_grad for p in first)
+
     def unfreeze(self) -> None:
         """Give back ``requires_grad=True`` to every parameter this strategy froze."""
         for i in self._frozen:

@@ -60,9 +60,10 @@ class FinetuneConfig:
     warmup_epochs: float = option(0.0, "Linear warmup length in epochs.")
     grad_accum: int = option(1, "Micro-batches per optimizer step.", min=1)
     full_backward_chunks: int = option(
-        1, "Split the batch of every step that computes all groups' gradients (every step of full finetuning "
-           "and paper BVG-LS; the probe steps of lean BVG-LS) into this many chunks, backward one at a time: "
-           "the same gradient (batch-norm layers see the smaller chunks) at a lower activation-memory peak.",
+        1, "Split the batch of every step whose backward runs through the whole network (the first group trains: "
+           "every step of full finetuning and paper BVG-LS, lean BVG-LS's probe steps and steps that train the "
+           "stem) into this many chunks, backward one at a time: the same gradient (batch-norm layers see the "
+           "smaller chunks) at a lower activation-memory peak.",
         panel=SPEED, min=1)
     label_smoothing: float = option(0.0, "Label smoothing of the training loss.")
     steps_per_epoch: int | None = option(None, "Cap on steps per epoch (smoke tests).", min=1)

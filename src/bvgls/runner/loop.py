@@ -393,9 +393,9 @@ def optimizer_step(run: Run) -> None:
 
 def forward_backward(run: Run, x: torch.Tensor, y: torch.Tensor, window: int) -> torch.Tensor:
     """Forward and backward of one batch (``1 / window`` of an optimizer step); its mean loss, detached.
-    A step that computes every group's gradient (nothing frozen for it) runs in
+    A step whose backward runs through the whole network (the first group trains) runs in
     ``full_backward_chunks`` chunks: the same summed gradient at a lower activation peak."""
-    chunks = run.cfg.full_backward_chunks if not run.strategy.frozen_groups() else 1
+    chunks = run.cfg.full_backward_chunks if run.strategy.backward_reaches_first_group() else 1
     parts = list(zip(x.chunk(chunks), y.chunk(chunks)))
     losses = []
     for xc, yc in parts:
