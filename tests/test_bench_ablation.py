@@ -70,7 +70,7 @@ def write_arm(root: Path, protocol, errors: dict, chosen: dict, grids: dict, div
     (root / "protocol.json").write_text(json.dumps(asdict(protocol), indent=2))
     batch = protocol.batch_size
     for (t, s), per_seed in errors.items():
-        for seed, error in zip(SEEDS, per_seed):
+        for seed, error in zip(protocol.seeds, per_seed):  # the batch-128 arm has fewer final seeds
             write_run(root, "final", t, s, chosen[(t, s)], seed, batch, test_error=error)
     for (t, s), grid in grids.items():
         for lr in grid:
@@ -140,10 +140,12 @@ def test_the_report_s_numbers_match_a_hand_computation(tmp_path):
     text = (b / "ablation.md").read_text()
     e16, e128 = arm_errors({t: SMALL_GAP for t in ablation.TASKS}, 0.0), arm_errors(
         {t: LARGE_GAP for t in ablation.TASKS}, 2.0)
+    n128 = len(PRETRAINED_BATCH.seeds)
+    e128 = {cell: values[:n128] for cell, values in e128.items()}
     assert t_quantile(4) == pytest.approx(2.776, abs=1e-3)
     # test error mean ± std per (task, batch, strategy)
     for (t, s), values in e128.items():
-        assert numbers["arms"][128]["test_error"][f"{t} {s}"] == dict(zip(SEEDS, values))
+        assert numbers["arms"][128]["test_error"][f"{t} {s}"] == dict(zip(PRETRAINED_BATCH.seeds, values))
     row = next(line for line in text.splitlines() if line.startswith(f"| {COARSE}, batch 128 |"))
     assert f"{statistics.fmean(e128[(COARSE, 'bvgls')]):.2f} ± {statistics.stdev(e128[(COARSE, 'bvgls')]):.2f}" in row
     # bvgls − full at each batch, per task and task-averaged per seed
@@ -156,7 +158,7 @@ def test_the_report_s_numbers_match_a_hand_computation(tmp_path):
     dod = {t: [x - y for x, y in zip(gap(e128, t, "bvgls"), gap(e16, t, "bvgls"))] for t in ablation.TASKS}
     expected = hand_ci([statistics.fmean(v) for v in zip(dod[FINE], dod[COARSE])])
     got = numbers["difference_of_differences"]["bvgls"]["average"]
-    assert [got["mean"], *got["ci95"]] == pytest.approx(expected, abs=1e-9) and got["n"] == 5
+    assert [got["mean"], *got["ci95"]] == pytest.approx(expected, abs=1e-9) and got["n"] == n128
     assert "{:+.2f} [{:+.2f}, {:+.2f}]".format(*expected) in text
     l6 = numbers["difference_of_differences"]["L6-10"][FINE]  # the same gap at both batches: 0
     assert l6["mean"] == pytest.approx(0.0, abs=1e-9)
@@ -223,14 +225,14 @@ def test_the_statements_are_worded_as_the_frozen_protocol_words_them():
 # ---------------------------------------------------------------------- partial data
 def test_a_batch_128_arm_cut_short_is_reported_as_far_as_it_ran(tmp_path):
     a, _ = build(tmp_path / "full", needs_steps=True)
-    errors = {(FINE, "full"): FULL[FINE][:3], (FINE, "bvgls"): [x + 8 for x in FULL[FINE][:3]]}
+    errors = {(FINE, "full"): FULL[FINE][:2], (FINE, "bvgls"): [x + 8 for x in FULL[FINE][:2]]}
     chosen = {(FINE, "full"): 0.1, (FINE, "bvgls"): 0.3, (COARSE, "full"): 0.1}
     b = write_arm(tmp_path / "B", PRETRAINED_BATCH, errors, chosen, {(FINE, "full"): B128_GRID,
                                                                       (COARSE, "full"): B128_GRID[:2]})
     numbers = ablation.write_batch_ablation(a, b)
     text = (b / "ablation.md").read_text()
-    assert f"- {FINE} / bvgls at batch 128: 3 of 5 final runs" in text
-    assert f"- {COARSE} / L6-10 at batch 128: 0 of 5 final runs" in text and "**Preliminary**" in text
+    assert f"- {FINE} / bvgls at batch 128: 2 of 3 final runs" in text
+    assert f"- {COARSE} / L6-10 at batch 128: 0 of 3 final runs" in text and "**Preliminary**" in text
     assert len(numbers["incomplete"]) == 6  # every batch-128 cell
     assert numbers["versus_full"]["bvgls"][128][FINE]["mean"] == pytest.approx(8.0)
     assert "average" not in numbers["versus_full"]["bvgls"][128]  # needs both tasks
@@ -260,7 +262,7 @@ def test_the_arms_are_located_and_a_wrong_directory_refused(tmp_path):
     assert ablation.locate_part(a, *ablation.B16_PART) == (a / "mobilenet_v2", PRETRAINED_M)
     assert ablation.locate_part(a / "mobilenet_v2", *ablation.B16_PART)[0] == a / "mobilenet_v2"
     with pytest.raises(ValueError, match=r"another protocol than part mobilenet_v2 of `pretrained` \(differs in "
-                                         r"batch_size, lr_ladder, lrs, strategies\)"):
+                                         r"batch_size, lr_ladder, lrs, seeds, strategies\)"):
         ablation.locate_part(b, *ablation.B16_PART)
     with pytest.raises(ValueError, match="holds no `pretrained-batch` benchmark"):
         ablation.write_batch_ablation(a, tmp_path)
