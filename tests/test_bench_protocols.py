@@ -188,15 +188,15 @@ def test_tie_break_and_ladder_of_the_lr_search():
 
 
 # ---------------------------------------------------------------------- the demo
-def test_the_demo_runs_the_pilot_s_cells_at_its_choices_and_knows_when_assets_are_missing(tmp_path, monkeypatch):
+def test_the_demo_runs_the_benchmark_s_cells_at_its_choices_and_knows_when_assets_are_missing(tmp_path, monkeypatch):
     demo = protocols.DEMO_PRETRAINED
     assert demo.model == "mobilenet_v2" and demo.tasks == ("clipart-fine",) and demo.seeds == (0,)
     assert {(t, s) for t, s, _ in demo.fixed_lrs} == {(t, s) for t in demo.tasks for s in demo.strategies}
-    summary = REPO / "docs" / "pretrained-results" / "summary.json"
+    summary = REPO / "docs" / "pretrained-bench" / "mobilenet_v2" / "summary.json"
     chosen = {(c["task"], c["strategy"]): c["lr"] for c in json.loads(summary.read_text())["cells"]}
     assert all(chosen[(t, s)] == lr for t, s, lr in demo.fixed_lrs)
-    assert replace(protocols.PRETRAINED_PILOT, strategies=demo.strategies, seeds=(0,), search_seeds=(),
-                   fixed_lrs=demo.fixed_lrs) == demo
+    assert replace(protocols.PRETRAINED_M, tasks=demo.tasks, strategies=demo.strategies, seeds=(0,),
+                   search_seeds=(), fixed_lrs=demo.fixed_lrs) == demo
     with pytest.raises(ValueError, match="unknown demo suite 'x'; known: pretrained, fmnist"):
         protocols.demo("x")
     monkeypatch.setenv("BVGLS_DATA", str(tmp_path / "empty"))

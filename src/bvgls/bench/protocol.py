@@ -124,8 +124,9 @@ PRETRAINED_E = replace(PRETRAINED_M, model="efficientnet_lite0", tasks=("clipart
 #: final seeds cut from 0-4 to 0-2 before the arm started, to end within the session (docs/benchmark-pretrained.md)
 PRETRAINED_BATCH = replace(PRETRAINED_M, strategies=("full", "bvgls", "L6-10"), batch_size=128, seeds=(0, 1, 2),
                            lrs=(0.01, 0.03, 0.1, 0.3, 1.0), lr_ladder=PRETRAINED_M.lr_ladder + (3.0,))
-#: the lrs the pilot's validation search chose (docs/pretrained-results/summary.json), for the demo
-PILOT_CHOSEN_LRS = (("clipart-fine", "full", 0.001), ("clipart-fine", "L6-10", 0.001),
+#: the lrs the full protocol's validation search chose on clipart-fine (docs/pretrained-bench/mobilenet_v2/
+#: summary.json; the pilot had chosen the same), for the demo
+BENCH_CHOSEN_LRS = (("clipart-fine", "full", 0.001), ("clipart-fine", "L6-10", 0.001),
                     ("clipart-fine", "linear", 0.003), ("clipart-fine", "bvgls", 0.003))
 #: the stage-group count each model's partial specs (L6-10, L8-10, L5-9) assume
 EXPECTED_GROUPS = {"mobilenet_v2": 10, "efficientnet_lite0": 9}
@@ -156,11 +157,11 @@ DEMO = Protocol(tasks=("fmnist-invert", "fmnist-pairs"), strategies=("full", "L3
                     ("fmnist-invert", "linear", 0.03), ("fmnist-invert", "bvgls", 0.01),
                     ("fmnist-pairs", "full", 0.003), ("fmnist-pairs", "L3-6", 0.003),
                     ("fmnist-pairs", "linear", 0.01), ("fmnist-pairs", "bvgls", 0.003)))
-#: ``bvgls demo`` (the default): the real ImageNet MobileNetV2 on real clip art -- the pilot's setting,
-#: seed 0, four strategies, each at the lr the pilot's validation search chose (docs/pretrained-results),
-#: so no search: the demo's numbers are the pilot's seed-0 runs of these cells.
-DEMO_PRETRAINED = replace(PRETRAINED_PILOT, strategies=("full", "L6-10", "linear", "bvgls"), seeds=(0,),
-                          search_seeds=(), fixed_lrs=PILOT_CHOSEN_LRS)
+#: ``bvgls demo`` (the default): the real ImageNet MobileNetV2 on real clip art -- part M of the pretrained
+#: protocol on clipart-fine, seed 0, four strategies, each at the lr its validation search chose
+#: (docs/pretrained-bench), so no search: the demo's numbers are the benchmark's seed-0 runs of these cells.
+DEMO_PRETRAINED = replace(PRETRAINED_M, tasks=("clipart-fine",), strategies=("full", "L6-10", "linear", "bvgls"),
+                          seeds=(0,), search_seeds=(), fixed_lrs=BENCH_CHOSEN_LRS)
 #: ``bvgls demo --suite NAME``
 DEMOS = {"pretrained": DEMO_PRETRAINED, "fmnist": DEMO}
 
