@@ -13,7 +13,7 @@ from torch import nn
 import bvgls
 from bvgls.probe import recommend, recommend_range
 from bvgls.reference import NaiveBVR
-from tiny_models import batch, mlp
+from tiny_models import batch, mlp, one_step
 
 LEAN = ["lisa:K=2:gamma=1", "bcd-cyclic:K=2", "gradual-unfreeze:every=3", "bvgls:probe=3", "bvgls:static=4:probe=2"]
 
@@ -27,12 +27,6 @@ def setup(spec, model=None, opt="sgd"):
         optimizer = torch.optim.AdamW(groups.param_groups(), lr=1e-2)
     return model, optimizer, bvgls.make_strategy(spec, optimizer, groups)
 
-
-def one_step(model, opt, s, step):
-    opt.zero_grad()
-    x, y = batch(step)
-    nn.functional.cross_entropy(model(x), y).backward()
-    s.step()
 
 
 def run(model, opt, s, steps):

@@ -17,7 +17,7 @@ from torch import nn
 
 import bvgls
 from bvgls.runner.callbacks import Callback
-from tiny_models import batch, mlp, tensor_data
+from tiny_models import batch, mlp, one_step, tensor_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,12 +28,6 @@ def setup(spec, seed=0):
     optimizer = torch.optim.SGD(groups.param_groups(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     return model, optimizer, bvgls.make_strategy(spec, optimizer, groups)
 
-
-def one_step(model, opt, s, step):
-    opt.zero_grad()
-    x, y = batch(step)
-    nn.functional.cross_entropy(model(x), y).backward()
-    s.step()
 
 
 # ---------------------------------------------------------------------- release_state

@@ -21,3 +21,11 @@ def tensor_data(n=64, seed=0):
     x, y = torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
     ds = torch.utils.data.TensorDataset(x, y)
     return ds, ds
+
+
+def one_step(model, opt, strategy, step):
+    """One training step of the MLP on batch ``step`` through ``strategy``."""
+    opt.zero_grad()
+    x, y = batch(step)
+    nn.functional.cross_entropy(model(x), y).backward()
+    strategy.step()
