@@ -176,7 +176,7 @@ def test_requires_grad_restored_when_a_with_block_raises():
     assert s.num_steps == 3
 
 
-@pytest.mark.parametrize("spec", LEAN)
+@pytest.mark.parametrize("spec", LEAN + ["bvgls:probe=2:release_state=true"])
 def test_resume_in_lean_mode_makes_the_same_choices(spec):
     total, cut = 10, 5
     model, opt, s = setup(spec)

@@ -88,12 +88,17 @@ def test_tracker_counts_each_probe_once_not_the_steps_in_between():
     want = expected_bvr(reports, s.num_groups)
     assert stats["steps"] == 10
     assert any(w is not None for w in want)
-    for got, w in zip(stats["bvr"], want):
+    assert_bvr_matches(stats["bvr"], want)
+    # counting every step would weight the probes 3:2:2:1 (steps 0-2, 3-5, 6-8, 9) instead of 1:1:1:1
+    tracker.close()
+
+
+def assert_bvr_matches(got_bvr, want):
+    """Per group: both absent, or equal to the reference mean over probe steps."""
+    for got, w in zip(got_bvr, want):
         assert (got is None) == (w is None)
         if w is not None:
             assert got == pytest.approx(w, rel=1e-9)
-    # counting every step would weight the probes 3:2:2:1 (steps 0-2, 3-5, 6-8, 9) instead of 1:1:1:1
-    tracker.close()
 
 
 def test_tracker_adds_nothing_for_a_skipped_nonfinite_step():
@@ -107,10 +112,7 @@ def test_tracker_adds_nothing_for_a_skipped_nonfinite_step():
     stats = tracker.take("epoch")
     want = expected_bvr(reports, s.num_groups)
     assert stats["steps"] == 5
-    for got, w in zip(stats["bvr"], want):
-        assert (got is None) == (w is None)
-        if w is not None:
-            assert got == pytest.approx(w, rel=1e-9)
+    assert_bvr_matches(stats["bvr"], want)
     tracker.close()
 
 
