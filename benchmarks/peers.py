@@ -1,4 +1,4 @@
-"""Peer layer-selection strategies on the offline benchmark (the frozen protocol of docs/benchmark.md).
+"""Peer layer-selection strategies on the offline benchmark (the frozen protocol of docs/experiments/offline.md).
 
     python benchmarks/peers.py --out peers-out                       # 3 tasks x 9 strategies x 5 seeds
     python benchmarks/peers.py --out peers-out --reuse bench-out     # reuse finished runs of `bvgls bench`
@@ -15,7 +15,8 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from bvgls.bench import BENCH, run_benchmark
+from bvgls_lab.experiments.protocols import BENCH
+from bvgls_lab.experiments.run import run_benchmark
 
 PEERS = replace(BENCH, tasks=("fmnist-invert", "digits", "fmnist-pairs"),
                 strategies=("full", "linear", "L4-6", "bvgls", "auto-rgn", "lisa", "bcd-cyclic",

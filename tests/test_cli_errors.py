@@ -162,16 +162,6 @@ def test_out_that_cannot_be_written(command, target, colors, tmp_path, request):
         assert out.read_text() == "keep me\n"
 
 
-def test_export_task_into_non_empty_directory(tmp_path):
-    # issue 10 item 10: export-task into a non-empty directory
-    out = tmp_path / "task"
-    out.mkdir()
-    (out / "notes.txt").write_text("mine\n")
-    res = bvgls("export-task", "digits", out)
-    assert_one_line_error(res, out)
-    assert sorted(os.listdir(out)) == ["notes.txt"] and (out / "notes.txt").read_text() == "mine\n"
-
-
 # ---------------------------------------------------------------------- item 10: --device
 @pytest.mark.parametrize("device", ["cuda", "mps", "foo"])
 def test_unavailable_device(device, colors, tmp_path):

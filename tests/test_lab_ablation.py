@@ -1,5 +1,5 @@
-"""The batch-size / lr ablation report (docs/benchmark-pretrained.md, "Ablation: batch size and
-learning rate"; bvgls.bench.ablation) on synthetic finished runs of both arms, written with the
+"""The batch-size / lr ablation report (docs/experiments/pretrained.md, "Ablation: batch size and
+learning rate"; bvgls_lab.experiments.ablation) on synthetic finished runs of both arms, written with the
 runner's own run-directory writers: its numbers against a hand computation, the chosen lrs and
 the EDGE flag, the three judged statements both ways, partial data, and `bvgls bench --batch16`."""
 
@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from bvgls.bench import ablation
-from bvgls.bench.protocol import PRETRAINED_BATCH, PRETRAINED_M
-from bvgls.bench.report import t_quantile
+from bvgls_lab.experiments import ablation
+from bvgls_lab.experiments.protocols import PRETRAINED_BATCH, PRETRAINED_M
+from bvgls_lab.experiments.report import t_quantile
 from bvgls.runner import rundir
 from bvgls.runner.rundir import History
-from test_bench_protocols import bvgls_cli
+from test_lab_protocols import lab_cli
 
 REPO = Path(__file__).resolve().parents[1]
 GROUPS = ["stem"] + [f"stage{i}" for i in range(1, 8)] + ["final", "head"]
@@ -216,7 +216,7 @@ def test_the_statements_do_not_hold_the_other_way_round(tmp_path):
 
 
 def test_the_statements_are_worded_as_the_frozen_protocol_words_them():
-    doc = " ".join((REPO / "docs" / "benchmark-pretrained.md").read_text().split())
+    doc = " ".join((REPO / "docs" / "experiments" / "pretrained.md").read_text().split())
     section = doc[doc.index("## Ablation: batch size and learning rate"):doc.index("## Time budget")]
     for text in ablation.STATEMENTS.values():
         assert text in section, text
@@ -273,7 +273,7 @@ def test_the_arms_are_located_and_a_wrong_directory_refused(tmp_path):
 # ---------------------------------------------------------------------- the command
 def test_cli_writes_the_ablation_report_and_refuses_a_bad_batch16(tmp_path):
     a, b = build(tmp_path, needs_steps=True)
-    res = bvgls_cli("bench", "--protocol", "pretrained-batch", "--out", b, "--report-only", "--batch16", a)
+    res = lab_cli("bench", "--protocol", "pretrained-batch", "--out", b, "--report-only", "--batch16", a)
     assert res.returncode == 0, res.stderr
     assert f"batch-size ablation report: {b / 'ablation.md'}" in res.stdout
     assert "**Competitive at batch 16**" in (b / "ablation.md").read_text() and (b / "report.md").is_file()
@@ -284,6 +284,6 @@ def test_cli_writes_the_ablation_report_and_refuses_a_bad_batch16(tmp_path):
              "another protocol than part mobilenet_v2 of `pretrained`"),
             (("--protocol", "pretrained", "--out", tmp_path / "new", "--batch16", a),
              "--batch16 goes with --protocol pretrained-batch")):
-        res = bvgls_cli("bench", *args)
+        res = lab_cli("bench", *args)
         assert res.returncode == 2 and res.stderr.startswith("error: ") and message in res.stderr, res.stderr
         assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "new").exists()

@@ -1,6 +1,7 @@
-"""bvgls.bench: a tiny end-to-end benchmark run, the statistics, and the CLI commands."""
+"""bvgls_lab.experiments: a tiny end-to-end benchmark run, the statistics, and the CLI commands."""
 
 import json
+import os
 import math
 from pathlib import Path
 
@@ -8,9 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
-from bvgls import bench
-from bvgls.bench import tasks as offline_tasks
-from bvgls.bench.tasks import FewShotTask
+from dataclasses import asdict
+
+from bvgls.runner.lrsearch import LR_LADDER, next_lr
+from bvgls_lab.experiments import protocols, run
+from bvgls_lab.experiments.report import paired_ci, print_table
+from test_cli_errors import assert_one_line_error
+from test_lab_protocols import lab_cli
+from bvgls_lab import offline_tasks
+from bvgls_lab.offline_tasks import FewShotTask
 
 torch.set_num_threads(1)
 
@@ -33,11 +40,10 @@ def tiny_task(monkeypatch):
 
 
 def test_tiny_benchmark_end_to_end(tiny_task, tmp_path):
-    protocol = bench.Protocol(tasks=("tiny",), strategies=("full", "bvgls", "linear"), seeds=(0, 1), search_seeds=(0,),
+    protocol = protocols.Protocol(tasks=("tiny",), strategies=("full", "bvgls", "linear"), seeds=(0, 1), search_seeds=(0,),
                               lrs=(0.01, 0.03), epochs=2, eval_every=1, batch_size=4, weights="none",
                               fixed_lrs=(("tiny", "linear", 0.05),))
-    lines = []
-    summary = bench.run_benchmark(tmp_path, protocol, workers=1, log=lines.append)
+    summary = run.run_benchmark(tmp_path, protocol, workers=1)
 
     # every searched cell chose an lr inside its grid or at the end of the ladder; the fixed one did not search
     cells = {c["strategy"]: c for c in summary["cells"]}
@@ -48,7 +54,7 @@ def test_tiny_benchmark_end_to_end(tiny_task, tmp_path):
     for cell in (cells["full"], cells["bvgls"]):
         grid = cell["grid"]
         assert cell["lr"] in grid and len(grid) >= 2
-        assert not cell["edge"] or cell["lr"] in (bench.LR_LADDER[0], bench.LR_LADDER[-1])
+        assert not cell["edge"] or cell["lr"] in (LR_LADDER[0], LR_LADDER[-1])
     # the table reports the final runs: one per seed, at the chosen lr, 2 epochs each
     final = collect_results(str(tmp_path / "final"))
     assert sorted((r["strategy"], r["seed"]) for r in final) == [
@@ -70,52 +76,52 @@ def test_tiny_benchmark_end_to_end(tiny_task, tmp_path):
         path = tmp_path / summary["figures"][key]
         with Image.open(path) as im:
             assert im.size[0] > 200 and im.size[1] > 150
-    assert "Table A" in bench.print_table(tmp_path)
+    assert "Table A" in print_table(tmp_path)
 
     # rerun: nothing left to train, same numbers; another protocol in the same directory is refused
-    again = bench.run_benchmark(tmp_path, protocol, workers=1, log=lines.append)
+    again = run.run_benchmark(tmp_path, protocol, workers=1)
     assert again["table"] == summary["table"]
     with pytest.raises(ValueError, match="another protocol"):
-        bench.run_benchmark(tmp_path, bench.Protocol(tasks=("tiny",), epochs=3), workers=1, log=lines.append)
+        run.run_benchmark(tmp_path, protocols.Protocol(tasks=("tiny",), epochs=3), workers=1)
 
 
 def test_paired_ci_matches_the_t_interval():
-    mean, lo, hi = bench.paired_ci([1.0, 2.0, 3.0, 4.0, 5.0])
+    mean, lo, hi = paired_ci([1.0, 2.0, 3.0, 4.0, 5.0])
     half = 2.7764451 * math.sqrt(2.5) / math.sqrt(5)
     assert mean == 3.0 and lo == pytest.approx(3.0 - half, rel=1e-5) and hi == pytest.approx(3.0 + half, rel=1e-5)
-    assert math.isnan(bench.paired_ci([1.0])[1])
+    assert math.isnan(paired_ci([1.0])[1])
 
 
 def test_lr_ladder_steps():
-    assert bench.next_lr(0.01, -1) == 0.003 and bench.next_lr(0.1, +1) == 0.3
-    assert bench.next_lr(1.0, +1) is None and bench.next_lr(0.001, -1) is None
+    assert next_lr(0.01, -1) == 0.003 and next_lr(0.1, +1) == 0.3
+    assert next_lr(1.0, +1) is None and next_lr(0.001, -1) is None
 
 
 def test_frozen_protocol_matches_the_documentation():
-    p = bench.BENCH
-    assert p.tasks == bench.SUITE and len(p.tasks) >= 5 and len(p.seeds) >= 5
+    p = protocols.BENCH
+    assert p.tasks == protocols.SUITE and len(p.tasks) >= 5 and len(p.seeds) >= 5
     assert set(p.strategies) >= {"full", "L2-6", "L3-6", "L4-6", "L5-6", "linear", "bvgls", "bvgts"}
     assert p.val_fraction == offline_tasks.VAL_FRACTION and not p.fixed_lrs
-    assert all(t in offline_tasks.TASKS for t in p.tasks + bench.DEMO.tasks)
+    assert all(t in offline_tasks.TASKS for t in p.tasks + protocols.DEMO.tasks)
 
 
 def test_demo_uses_the_learning_rates_the_bench_chose():
-    """The demo's fixed lrs are the bench's validation choices recorded in docs/bench-results."""
-    path = Path(__file__).resolve().parents[1] / "docs" / "bench-results" / "summary.json"
+    """The demo's fixed lrs are the bench's validation choices recorded in docs/results/offline."""
+    path = Path(__file__).resolve().parents[1] / "docs" / "results" / "offline" / "summary.json"
     chosen = {(c["task"], c["strategy"]): c["lr"] for c in json.loads(path.read_text())["cells"]}
-    demo = bench.DEMO
+    demo = protocols.DEMO
     assert {(t, s) for t, s, _ in demo.fixed_lrs} == {(t, s) for t in demo.tasks for s in demo.strategies}
     for task, strategy, lr in demo.fixed_lrs:
         assert chosen[(task, strategy)] == lr
-    same = {k: v for k, v in bench.asdict(demo).items() if k not in ("tasks", "strategies", "seeds", "search_seeds",
+    same = {k: v for k, v in asdict(demo).items() if k not in ("tasks", "strategies", "seeds", "search_seeds",
                                                                       "fixed_lrs")}
-    assert same == {k: v for k, v in bench.asdict(bench.BENCH).items() if k in same}
+    assert same == {k: v for k, v in asdict(protocols.BENCH).items() if k in same}
 
 
 def test_cli_export_task(tmp_path):
     from typer.testing import CliRunner
 
-    from bvgls.cli import get_app
+    from bvgls_lab.cli import get_app
 
     result = CliRunner().invoke(get_app(), ["export-task", "digits", str(tmp_path / "d")])
     assert result.exit_code == 0, result.output
@@ -124,3 +130,12 @@ def test_cli_export_task(tmp_path):
     assert manifest["sizes"] == {"train": 700, "test": 1097}
     result = CliRunner().invoke(get_app(), ["export-task", "nope", str(tmp_path / "e")])
     assert result.exit_code == 2 and "unknown offline task" in result.output
+
+
+def test_export_task_into_non_empty_directory(tmp_path):
+    out = tmp_path / "task"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine\n")
+    res = lab_cli("export-task", "digits", out)
+    assert_one_line_error(res, out)
+    assert sorted(os.listdir(out)) == ["notes.txt"] and (out / "notes.txt").read_text() == "mine\n"

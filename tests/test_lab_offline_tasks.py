@@ -1,6 +1,7 @@
 """The offline benchmark's source model and target tasks (bvgls.source_model, bvgls.offline_tasks)."""
 
 import gzip
+import logging
 import hashlib
 import shutil
 import struct
@@ -10,14 +11,13 @@ import pytest
 import torch
 
 import bvgls
-from bvgls import bench as offline
-from bvgls.bench import source_model
-from bvgls.bench.tasks import SPLITS, TASKS, VAL_FRACTION, build_task, export_image_folder
+from bvgls_lab import source_model
+from bvgls_lab.offline_tasks import SPLITS, TASKS, VAL_FRACTION, build_task, export_image_folder
 from bvgls.registry import DATASETS, MODELS
 
 torch.set_num_threads(1)
 
-#: (train pool, test, classes, shots) per task, as documented in docs/benchmark.md
+#: (train pool, test, classes, shots) per task, as documented in docs/experiments/offline.md
 EXPECTED = {
     "fmnist-invert": (700, 1000, 10, 20),
     "fmnist-noise": (700, 1000, 10, 20),
@@ -132,7 +132,7 @@ def test_runner_carve_gives_disjoint_few_shot_and_validation_sets(tasks):
 
 
 def test_registered_datasets_match_the_tasks(tasks):
-    splits = DATASETS.get("offline:digits")(None, download=False, input=offline.FMNIST_INPUT)
+    splits = DATASETS.get("offline:digits")(None, download=False, input=source_model.FMNIST_INPUT)
     assert (len(splits.train), len(splits.test), splits.num_classes) == (700, 1097, 10)
     x, y = splits.test[0]
     assert x.shape == (1, 28, 28) and y == int(tasks["digits"].labels["test"][0])
@@ -213,15 +213,15 @@ def _write_idx(path, array):
         f.write(header + array.tobytes())
 
 
-def test_pretrain_writes_a_loadable_checkpoint(tmp_path):
+def test_pretrain_writes_a_loadable_checkpoint(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="bvgls_lab")
     rng = np.random.default_rng(0)
     for prefix, n in (("train", 64), ("t10k", 32)):
         _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
         _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
     out = tmp_path / "ckpt.pt"
-    lines = []
-    meta = source_model.pretrain(out, epochs=1, batch_size=32, widths=(4, 8, 8, 8), data_root=str(tmp_path),
-                                 log=lines.append)
+    meta = source_model.pretrain(out, epochs=1, batch_size=32, widths=(4, 8, 8, 8), data_root=str(tmp_path))
+    lines = [r.getMessage() for r in caplog.records if r.name == source_model.logger.name]
     assert meta["sha256"] == source_model.file_sha256(out)
     assert 0.0 <= meta["source_test_accuracy"] <= 100.0 and len(lines) == 2
     model = source_model.build_fmnist_resnet(4, str(out), checkpoint_sha256=meta["sha256"])

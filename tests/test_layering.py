@@ -184,7 +184,7 @@ def test_config_rejects_bad_values():
 
 
 def test_bench_protocol_fields_pass_through_to_the_config():
-    from bvgls.bench.protocol import BENCH
+    from bvgls_lab.experiments.protocols import BENCH
 
     cfg = BENCH.training(eval_every=5)
     assert (cfg.epochs, cfg.batch_size, cfg.schedule, cfg.val_fraction) == (BENCH.epochs, BENCH.batch_size,
@@ -201,7 +201,7 @@ def test_import_bvgls_loads_the_library_only():
 
 
 def test_runner_and_bench_do_not_import_the_cli():
-    code = ("import sys, bvgls.bench.run, bvgls.bench.report, bvgls.bench.ablation, bvgls.runner.grid, "
+    code = ("import sys, bvgls_lab.experiments.run, bvgls_lab.experiments.report, bvgls_lab.experiments.ablation, bvgls.runner.grid, "
             "bvgls.runner.plots;"
             "assert not [m for m in sys.modules if m.startswith('bvgls.cli')]")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

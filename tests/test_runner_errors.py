@@ -69,7 +69,7 @@ def test_compare_rejects_non_finite_lrs(lrs, tmp_path):
     with pytest.raises(ValueError, match="lr"):
         grid.compare(["full"], {"tiny": DatasetSplits(*tiny_data(), 3)}, [0], lrs, model=tiny_model,
                      out_dir=tmp_path / "out",
-                     epochs=1, batch_size=8, val_fraction=0.3, progress=False, log=lambda s: None)
+                     epochs=1, batch_size=8, val_fraction=0.3, progress=False)
     assert not (tmp_path / "out").exists()
 
 

@@ -183,8 +183,7 @@ def test_compare_refit_and_guards(colors, tmp_path):
     from bvgls.runner.grid import compare, read_results
 
     res = compare("full,bvgls", {"colors": colors}, seeds=[0], lrs=[0.01, 0.1], model="tiny-resnet", weights=None,
-                  out_dir=tmp_path, epochs=1, batch_size=8, val_fraction=0.3, refit=True, progress=False,
-                  log=lambda s: None, extend_lrs=False)
+                  out_dir=tmp_path, epochs=1, batch_size=8, val_fraction=0.3, refit=True, progress=False, extend_lrs=False)
     rows = read_results(res.csv_path)
     assert sorted(r["phase"] for r in rows) == ["refit", "refit"] + ["search"] * 4
     for strategy in ("full", "bvgls"):
@@ -195,7 +194,7 @@ def test_compare_refit_and_guards(colors, tmp_path):
     # the same out dir with other settings is refused, not mixed in
     with pytest.raises(ValueError, match="epochs: 1 -> 2"):
         compare("full", {"colors": colors}, seeds=[0], lrs=[0.01, 0.1], model="tiny-resnet", weights=None,
-                out_dir=tmp_path, epochs=2, batch_size=8, val_fraction=0.3, progress=False, log=lambda s: None,
+                out_dir=tmp_path, epochs=2, batch_size=8, val_fraction=0.3, progress=False,
                 extend_lrs=False)
 
 
@@ -212,7 +211,7 @@ def test_compare_keep_going_records_failures(colors, tmp_path):
     register_strategy("test-broken")(lambda optimizer, groups: Broken(optimizer, groups))
     try:
         res = compare("full,test-broken", {"colors": colors}, model="tiny-resnet", weights=None, out_dir=tmp_path,
-                      epochs=1, batch_size=16, keep_going=True, progress=False, log=lambda s: None,
+                      epochs=1, batch_size=16, keep_going=True, progress=False,
                       train_options={"steps_per_epoch": 1})
     finally:
         del STRATEGIES["test-broken"]

@@ -1,4 +1,6 @@
-"""``bvgls pretrain``, ``export-task``, ``bench`` and ``demo``: the offline benchmark's commands."""
+"""The ``bvgls-lab`` command (``python -m bvgls_lab``): ``pretrain``, ``export-task``, ``bench`` and
+``demo``, the lab's experiments. Errors are worded as the ``bvgls`` command words them
+(:func:`bvgls.cli.user_errors`)."""
 
 from __future__ import annotations
 
@@ -9,9 +11,40 @@ from typing import Annotated
 
 import typer
 
-from ..bench.protocol import DEMO, SUITES, Protocol, suite
-from ..bench.tasks import TASKS, build_task, export_image_folder
-from . import CLIError, app, user_errors
+from bvgls.cli import CLIError, configure_logging, one_line_warning, user_errors
+
+from .experiments.protocols import DEMO, SUITES, Protocol, suite
+from .offline_tasks import TASKS, build_task, export_image_folder
+
+app = typer.Typer(
+    name="bvgls-lab",
+    help="The bvgls lab: the frozen accuracy experiments of BVG-LS against full, partial and linear finetuning, "
+         "their source model and tasks, and the demo.",
+    epilog="Examples: bvgls-lab demo  |  bvgls-lab bench --protocol offline --out bench-out  |  "
+           "bvgls-lab export-task digits DIR. Set BVGLS_DEBUG=1 for tracebacks.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    rich_markup_mode="rich",
+    callback=lambda: configure_logging("bvgls", "bvgls_lab"),
+)
+
+
+def get_app() -> typer.Typer:
+    """The app, with the lab's models and datasets registered (and the library's)."""
+    from bvgls import runner  # noqa: F401  (the library's models and datasets)
+
+    from . import plugin  # noqa: F401  (the lab's)
+
+    return app
+
+
+def main() -> None:
+    """Console-script entry point (``bvgls-lab``)."""
+    import warnings
+
+    warnings.formatwarning = one_line_warning
+    get_app()(prog_name="bvgls-lab")
 
 DataRoot = Annotated[str | None, typer.Option("--data-root", help=(
     "Directory with the Fashion-MNIST .gz files, or where --download puts them (default: the Debian "
@@ -33,9 +66,9 @@ def pretrain_cmd(
 ) -> None:
     """Pretrain the fmnist-resnet source model on the Fashion-MNIST train split (seeded).
 
-    The shipped checkpoint was made with: bvgls pretrain --out fmnist_resnet.pt --epochs 8 --seed 0 --threads 1
+    The shipped checkpoint was made with: bvgls-lab pretrain --out fmnist_resnet.pt --epochs 8 --seed 0 --threads 1
     """
-    from ..bench.source_model import pretrain
+    from .source_model import pretrain
 
     with user_errors():
         meta = pretrain(out, epochs=epochs, seed=seed, lr=lr, batch_size=batch_size, threads=threads,
@@ -73,7 +106,7 @@ def refuse_foreign_directory(out: Path) -> None:
 
 
 def _run(out: Path, protocol: Protocol, workers: int, data_root: str | None, download: bool) -> None:
-    from ..bench.run import run_benchmark
+    from .experiments.run import run_benchmark
 
     with user_errors():
         summary = run_benchmark(out, protocol, workers=workers, data_root=data_root, download=download)
@@ -81,7 +114,7 @@ def _run(out: Path, protocol: Protocol, workers: int, data_root: str | None, dow
 
 
 def _show(out: Path, summary: dict) -> None:
-    from ..bench.report import print_table
+    from .experiments.report import print_table
 
     typer.echo("")
     typer.echo(print_table(out))
@@ -95,7 +128,7 @@ def _show(out: Path, summary: dict) -> None:
 @app.command("bench")
 def bench_cmd(
     protocol: Annotated[str, typer.Option("--protocol", "-p", help=(
-        f"Which frozen protocol: {', '.join(SUITES)} (docs/benchmark.md, docs/benchmark-pretrained.md)."))] = "offline",
+        f"Which frozen protocol: {', '.join(SUITES)} (docs/experiments/offline.md, docs/experiments/pretrained.md)."))] = "offline",
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (resumable).")] = Path("bench-out"),
     workers: Annotated[int, typer.Option("--workers", "-j", min=1, help="Runs in parallel (one CPU core each).")] = 2,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the protocol and the number of runs only.")] = False,
@@ -103,7 +136,7 @@ def bench_cmd(
         "Rewrite the report from the runs finished in --out so far; train nothing."))] = False,
     reference: Annotated[Path | None, typer.Option("--reference", help=(
         "An earlier benchmark's runs.csv: the report checks that final runs of the same cells reproduce it "
-        "(offline-v2: docs/bench-results/runs.csv)."), exists=True, dir_okay=False)] = None,
+        "(offline-v2: docs/results/offline/runs.csv)."), exists=True, dir_okay=False)] = None,
     batch16: Annotated[Path | None, typer.Option("--batch16", help=(
         "With --protocol pretrained-batch: the --out of a `--protocol pretrained` benchmark (or its mobilenet_v2/ "
         "part); the batch-size ablation report (OUT/ablation.md) then sets its batch-16 cells beside the "
@@ -111,14 +144,14 @@ def bench_cmd(
     data_root: DataRoot = None,
     download: Download = False,
 ) -> None:
-    """Run a frozen benchmark protocol; default: the offline benchmark (docs/benchmark.md), 5 tasks x 8
+    """Run a frozen benchmark protocol; default: the offline benchmark (docs/experiments/offline.md), 5 tasks x 8
     strategies x 5 seeds, lr searched per strategy (76 min measured on 2 shared CPU cores).
 
     Writes report.md (Table A, paired differences with 95% CIs, error against training length, selection
     frequencies), summary.json and figures/ (B and C per task); a suite of several models, one such
     directory per model under --out.
     """
-    from ..bench.run import report_suite, run_suite
+    from .experiments.run import report_suite, run_suite
 
     with user_errors():
         parts = suite(protocol)
@@ -138,7 +171,7 @@ def bench_cmd(
     for (part, _), summary in zip(parts, summaries):
         _show(out if len(parts) == 1 else out / part, summary)
     if batch16 is not None:
-        from ..bench.ablation import write_batch_ablation
+        from .experiments.ablation import write_batch_ablation
 
         with user_errors():
             write_batch_ablation(batch16, out, out / "ablation.md")
@@ -147,7 +180,7 @@ def bench_cmd(
 
 def _check_batch16(protocol: str, batch16: Path) -> None:
     """``--batch16`` goes with the batch-128 arm and must hold part M of ``pretrained``."""
-    from ..bench.ablation import B16_PART, locate_part
+    from .experiments.ablation import B16_PART, locate_part
 
     if protocol != "pretrained-batch":
         raise CLIError(f"--batch16 goes with --protocol pretrained-batch (the ablation's batch-128 arm), "
@@ -169,8 +202,8 @@ def demo_cmd(
     real ImageNet MobileNetV2 on a few-shot clip-art task (or, with --suite fmnist or where that is not set
     up, of a Fashion-MNIST-pretrained ResNet on two few-shot tasks), each strategy at the lr the benchmark
     chose; prints Table A and the figures' paths."""
-    from ..bench.protocol import demo
-    from ..bench.run import missing_assets
+    from .experiments.protocols import demo
+    from .experiments.run import missing_assets
 
     with user_errors():
         protocol = demo(suite)

@@ -1,4 +1,4 @@
-"""Offline few-shot target tasks for ``fmnist-resnet`` (docs/benchmark.md has the frozen protocol).
+"""Offline few-shot target tasks for ``fmnist-resnet`` (docs/experiments/offline.md has the frozen protocol).
 
 Every task is built only from data the source model was never trained on, and covers
 one of the three kinds of distribution shift after which different depths of
@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..registry import DATASETS, DatasetSplits, ModelInput
+from bvgls.registry import DATASETS, DatasetSplits, ModelInput
 from .source_model import FMNIST_CLASSES, read_fashion_mnist
 
 IMAGE_SIZE = 28
@@ -89,7 +89,7 @@ class FewShotTask:
         """Datasets for :func:`bvgls.runner.loop.finetune` (train = the whole pool: pass
         ``val_fraction=task.val_fraction``), with ``bvgls.runner.data``'s transforms for ``input``
         (default: 28x28 grey, Fashion-MNIST mean/std) and ``augment`` on the train split."""
-        from ..runner.data import ArrayImages, TransformedDataset, make_transform
+        from bvgls.runner.data import ArrayImages, TransformedDataset, make_transform
         from .source_model import FMNIST_INPUT
 
         input = input or FMNIST_INPUT

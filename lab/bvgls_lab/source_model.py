@@ -16,6 +16,7 @@ download, but only when asked for (``download=True``).
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -24,9 +25,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..pretrained.assets import sha256_file as file_sha256
-from ..registry import MODELS, ModelInput
-from ..runner.data import FASHION_MNIST_CLASSES, read_fashion_mnist
+from .pretrained.assets import sha256_file as file_sha256
+from bvgls.registry import MODELS, ModelInput
+from bvgls.runner.data import FASHION_MNIST_CLASSES, read_fashion_mnist
+
+logger = logging.getLogger(__name__)
 
 #: Fashion-MNIST's train-split pixel mean / std (of values in [0, 1]).
 FMNIST_MEAN, FMNIST_STD = (0.2860,), (0.3530,)
@@ -35,7 +38,7 @@ FMNIST_CLASSES = FASHION_MNIST_CLASSES
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets"
 CHECKPOINT_NAME = "fmnist_resnet.pt"
-#: SHA-256 of the shipped ``assets/fmnist_resnet.pt`` (made by ``bvgls pretrain``, see docs/benchmark.md).
+#: SHA-256 of the shipped ``assets/fmnist_resnet.pt`` (made by ``bvgls pretrain``, see docs/experiments/offline.md).
 CHECKPOINT_SHA256 = "70b3a30be710cbfff2971522474acbfa8a02cdcb48cd44df83397fc6a4d309ca"
 
 DEFAULT_WIDTHS = (32, 64, 128, 256)
@@ -103,7 +106,7 @@ def load_checkpoint(path: str | os.PathLike, sha256: str | None = None) -> dict:
         if actual != sha256:
             raise ChecksumError(f"checkpoint {path} has SHA-256 {actual}, expected {sha256}: the file is "
                                 "damaged or was replaced. Reinstall bvgls, or re-create it with "
-                                "`bvgls pretrain` (see docs/benchmark.md) and pass its path as weights.")
+                                "`bvgls pretrain` (see docs/experiments/offline.md) and pass its path as weights.")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ValueError(f"{path} is not an fmnist-resnet checkpoint (no 'state_dict' entry)")
@@ -176,7 +179,7 @@ def _augment(x: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch
 def pretrain(out: str | os.PathLike, *, epochs: int = 8, batch_size: int = 128, lr: float = 0.1,
              weight_decay: float = 5e-4, seed: int = 0, widths: tuple[int, ...] = DEFAULT_WIDTHS,
              blocks: int = 1, data_root: str | None = None, download: bool = False,
-             threads: int | None = None, log: Callable[[str], None] | None = None) -> dict:
+             threads: int | None = None) -> dict:
     """Pretrain ``fmnist-resnet`` on the Fashion-MNIST train split and save it to ``out``.
 
     Recipe: SGD (momentum 0.9, Nesterov, weight decay 5e-4 except BN/bias), batch 128,
@@ -185,7 +188,6 @@ def pretrain(out: str | os.PathLike, *, epochs: int = 8, batch_size: int = 128, 
     final source accuracy. Returns the metadata saved with the weights (accuracy, time,
     SHA-256 of the written file).
     """
-    log = log or (lambda line: print(line, flush=True))
     speed_up_cpu()
     if threads:
         torch.set_num_threads(int(threads))
@@ -219,7 +221,7 @@ def pretrain(out: str | os.PathLike, *, epochs: int = 8, batch_size: int = 128, 
             scheduler.step()
             total += loss.item()
         acc = evaluate_accuracy(model, test_x, test_y)
-        log(f"epoch {epoch + 1}/{epochs}  train loss {total / steps_per_epoch:.4f}  "
+        logger.info(f"epoch {epoch + 1}/{epochs}  train loss {total / steps_per_epoch:.4f}  "
             f"source test accuracy {acc:.2f}%  ({time.time() - start:.0f} s)")
     runtime = time.time() - start
     model = model.to(memory_format=torch.contiguous_format)
@@ -237,5 +239,5 @@ def pretrain(out: str | os.PathLike, *, epochs: int = 8, batch_size: int = 128, 
     torch.save(ckpt, tmp)
     os.replace(tmp, out)
     meta["sha256"] = file_sha256(out)
-    log(f"saved {out}  sha256 {meta['sha256']}  source test accuracy {acc:.2f}%  runtime {runtime:.0f} s")
+    logger.info(f"saved {out}  sha256 {meta['sha256']}  source test accuracy {acc:.2f}%  runtime {runtime:.0f} s")
     return meta

@@ -1,4 +1,4 @@
-"""The batch-size / learning-rate ablation of docs/benchmark-pretrained.md ("Ablation: batch size
+"""The batch-size / learning-rate ablation of docs/experiments/pretrained.md ("Ablation: batch size
 and learning rate", issue 12 part 6). Its batch-16 arm is part M of ``pretrained`` (only the
 full, bvgls and L6-10 cells on the two clip-art tasks), its batch-128 arm is ``pretrained-batch``.
 :func:`write_batch_ablation` sets the two side by side -- test errors, chosen lrs, the validation
@@ -16,9 +16,9 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..runner.grid import collect_results, mean_std_text, text_grid_lines
-from ..runner.rundir import History
-from .protocol import Protocol, suite
+from bvgls.runner.grid import collect_results, mean_std_text, text_grid_lines
+from bvgls.runner.rundir import History
+from .protocols import Protocol, suite
 from .report import errors_by_seed, final_rows, fmt_ci, lr_cell_text, paired_differences
 from .run import cell_records, protocol_differences
 
@@ -344,7 +344,7 @@ def update_lines(arms: list[Arm]) -> list[str]:
 
 
 def statement_lines(verdicts: dict, gaps: list[str]) -> list[str]:
-    lines = ["## The three judged statements (docs/benchmark-pretrained.md)", ""]
+    lines = ["## The three judged statements (docs/experiments/pretrained.md)", ""]
     if gaps:
         lines += ["**Preliminary**: judged on the runs finished so far (some cells are incomplete, listed at the "
                   "top); a verdict may change when they finish.", ""]
@@ -380,7 +380,7 @@ def plot_val_grids(path: Path, arms: list[Arm]) -> str | None:
     if not tasks:
         return None
     try:
-        from ..runner.plots import new_figure, save_figure
+        from bvgls.runner.plots import new_figure, save_figure
 
         fig = new_figure((5.0 * len(tasks), 4.0))
     except ImportError:

@@ -1,6 +1,6 @@
 """The benchmarks' protocols: everything a run depends on, each frozen in a document before it
-was run -- :data:`BENCH` (``docs/benchmark.md``), :data:`BENCH_V2` (its "Protocol version 2"),
-:data:`PRETRAINED` and :data:`PRETRAINED_BATCH` (``docs/benchmark-pretrained.md``) and its pilot
+was run -- :data:`BENCH` (``docs/experiments/offline.md``), :data:`BENCH_V2` (its "Protocol version 2"),
+:data:`PRETRAINED` and :data:`PRETRAINED_BATCH` (``docs/experiments/pretrained.md``) and its pilot
 subset :data:`PRETRAINED_PILOT` -- and the demos' cut-down versions. :data:`SUITES` names them for
 ``bvgls bench --protocol``: a suite is one or more (part, protocol) pairs, one per model."""
 
@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
-from ..runner.config import FinetuneConfig
-from ..runner.lrsearch import LR_LADDER, TIE_BREAKS
-from .tasks import VAL_FRACTION
+from bvgls.runner.config import FinetuneConfig
+from bvgls.runner.lrsearch import LR_LADDER, TIE_BREAKS
+from ..offline_tasks import VAL_FRACTION
 
 #: training options the protocol fixes (not protocol fields: they do not change between protocols)
 BENCH_FIXED = {"optimizer": "sgd", "nesterov": True, "channels_last": True, "num_workers": 0, "device": "cpu",
@@ -86,9 +86,9 @@ class Protocol:
 POOLS = ("train", "train+val")
 
 
-#: the frozen protocol of docs/benchmark.md
+#: the frozen protocol of docs/experiments/offline.md
 BENCH = Protocol()
-#: v1's chosen lrs for full and bvgls (docs/bench-results/runs.csv, final runs); version 2 re-runs them only
+#: v1's chosen lrs for full and bvgls (docs/results/offline/runs.csv, final runs); version 2 re-runs them only
 V1_CHOSEN_LRS = (
     ("fmnist-invert", "full", 0.003), ("fmnist-invert", "bvgls", 0.01),
     ("fmnist-noise", "full", 0.001), ("fmnist-noise", "bvgls", 0.003),
@@ -96,11 +96,11 @@ V1_CHOSEN_LRS = (
     ("font-letters", "full", 0.03), ("font-letters", "bvgls", 0.1),
     ("fmnist-pairs", "full", 0.003), ("fmnist-pairs", "bvgls", 0.003))
 LEAN_V2 = ("bvgls:probe=10", "bvgls:static=50")
-#: docs/benchmark.md, "Protocol version 2" (as revised before any run): v1's setting; full and bvgls
+#: docs/experiments/offline.md, "Protocol version 2" (as revised before any run): v1's setting; full and bvgls
 #: re-run at v1's chosen lrs (final runs only), the lean variants with their own v1-style lr search
 BENCH_V2 = replace(BENCH, strategies=("full", "bvgls") + LEAN_V2, fixed_lrs=V1_CHOSEN_LRS)
 
-#: docs/benchmark-pretrained.md: shared by its parts
+#: docs/experiments/pretrained.md: shared by its parts
 PT_COMMON = dict(
     seeds=(0, 1, 2, 3, 4), search_seeds=(0,), lrs=(0.003, 0.01, 0.03, 0.1), extend_grid=True,
     epochs=12, batch_size=16, eval_every=3, schedule="constant", momentum=0.9, weight_decay=5e-4,
@@ -108,11 +108,11 @@ PT_COMMON = dict(
     val_fraction="manifest", tie_break="val_loss", lr_ladder=LR_LADDER)
 PT_STRATEGIES_M = ("full", "L6-10", "L8-10", "linear", "bvgls", "bvgts", "auto-rgn", "auto-snr", "lisa", "llrd",
                    "bvgls:probe=10", "bvgls:static=30")
-#: the pilot subset run before the full protocol (docs/benchmark-pretrained.md, "Pilot"), at the grid
+#: the pilot subset run before the full protocol (docs/experiments/pretrained.md, "Pilot"), at the grid
 #: as first frozen (final seeds cut from 0-2 to 0-1 during the run, as the pilot's text provides)
 PRETRAINED_PILOT = Protocol(model="mobilenet_v2", tasks=("clipart-fine",), strategies=(
     "full", "L6-10", "linear", "bvgls", "bvgls:probe=10", "auto-snr"), **{**PT_COMMON, "seeds": (0, 1)})
-#: the amendment made after the pilot, before the first full run (docs/benchmark-pretrained.md,
+#: the amendment made after the pilot, before the first full run (docs/experiments/pretrained.md,
 #: "Amendment"): four of the pilot's six choices sat at 0.001, the bottom of the ladder, so the grid
 #: starts one step lower and the ladder reaches down to 1e-4
 PT_AMENDED_LRS = dict(lrs=(0.001, 0.003, 0.01, 0.03), lr_ladder=(0.0001, 0.0003) + LR_LADDER)
@@ -121,10 +121,10 @@ PRETRAINED_M = Protocol(model="mobilenet_v2", tasks=("clipart-fine", "clipart-co
 PRETRAINED_E = replace(PRETRAINED_M, model="efficientnet_lite0", tasks=("clipart-fine",),
                        strategies=("full", "L5-9", "linear", "bvgls", "bvgls:probe=10"))
 #: the batch-size ablation's batch-128 arm (its batch-16 arm is PRETRAINED_M's full, bvgls and L6-10 cells);
-#: final seeds cut from 0-4 to 0-2 before the arm started, to end within the session (docs/benchmark-pretrained.md)
+#: final seeds cut from 0-4 to 0-2 before the arm started, to end within the session (docs/experiments/pretrained.md)
 PRETRAINED_BATCH = replace(PRETRAINED_M, strategies=("full", "bvgls", "L6-10"), batch_size=128, seeds=(0, 1, 2),
                            lrs=(0.01, 0.03, 0.1, 0.3, 1.0), lr_ladder=PRETRAINED_M.lr_ladder + (3.0,))
-#: the lrs the full protocol's validation search chose on clipart-fine (docs/pretrained-bench/mobilenet_v2/
+#: the lrs the full protocol's validation search chose on clipart-fine (docs/results/pretrained/mobilenet_v2/
 #: summary.json; the pilot had chosen the same), for the demo
 BENCH_CHOSEN_LRS = (("clipart-fine", "full", 0.001), ("clipart-fine", "L6-10", 0.001),
                     ("clipart-fine", "linear", 0.003), ("clipart-fine", "bvgls", 0.003))
@@ -149,7 +149,7 @@ def suite(name: str) -> tuple[tuple[str, Protocol], ...]:
 
 
 #: ``bvgls demo``: two tasks (input-level and label-level shift), one seed, four strategies, each at the lr
-#: that ``bvgls bench``'s validation search chose for it (docs/benchmark.md), so no search: the demo's
+#: that ``bvgls bench``'s validation search chose for it (docs/experiments/offline.md), so no search: the demo's
 #: numbers are the bench's seed-0 runs of these cells.
 DEMO = Protocol(tasks=("fmnist-invert", "fmnist-pairs"), strategies=("full", "L3-6", "linear", "bvgls"),
                 seeds=(0,), search_seeds=(), fixed_lrs=(
@@ -159,7 +159,7 @@ DEMO = Protocol(tasks=("fmnist-invert", "fmnist-pairs"), strategies=("full", "L3
                     ("fmnist-pairs", "linear", 0.01), ("fmnist-pairs", "bvgls", 0.003)))
 #: ``bvgls demo`` (the default): the real ImageNet MobileNetV2 on real clip art -- part M of the pretrained
 #: protocol on clipart-fine, seed 0, four strategies, each at the lr its validation search chose
-#: (docs/pretrained-bench), so no search: the demo's numbers are the benchmark's seed-0 runs of these cells.
+#: (docs/results/pretrained), so no search: the demo's numbers are the benchmark's seed-0 runs of these cells.
 DEMO_PRETRAINED = replace(PRETRAINED_M, tasks=("clipart-fine",), strategies=("full", "L6-10", "linear", "bvgls"),
                           seeds=(0,), search_seeds=(), fixed_lrs=BENCH_CHOSEN_LRS)
 #: ``bvgls demo --suite NAME``

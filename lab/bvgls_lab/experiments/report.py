@@ -21,11 +21,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..runner.grid import collect_results, table_a_lines, text_grid_lines
-from ..runner.plots import new_figure, plot_losses, plot_selection, save_figure
-from ..runner.rundir import History
-from ..strategies import is_partial_spec
-from .protocol import SELECTIVE, Protocol
+from bvgls.runner.grid import collect_results, table_a_lines, text_grid_lines
+from bvgls.runner.plots import new_figure, plot_losses, plot_selection, save_figure
+from bvgls.runner.rundir import History
+from bvgls.strategies import is_partial_spec
+from .protocols import SELECTIVE, Protocol
 
 #: adaptive peers also compared with the fixed baselines, as BVG-LS is
 PEERS = ("auto-snr", "auto-rgn")
@@ -176,7 +176,7 @@ def write_report(out: str | os.PathLike, protocol: Protocol, cells: Sequence[dic
 
 def write_runs_csv(out: Path) -> None:
     """Every finished run, search then final, as one table (``runs.csv``)."""
-    from ..runner.grid import RESULT_COLUMNS
+    from bvgls.runner.grid import RESULT_COLUMNS
 
     columns = [c for c in RESULT_COLUMNS if c != "chosen"]
     rows = [r for part in ("search", "final") if (out / part).is_dir() for r in collect_results(str(out / part))]
@@ -403,7 +403,7 @@ def _side(lo: float, hi: float) -> str:
 
 
 def _claims_section(out, rows, tasks, strategies, errors, summary) -> list[str]:
-    """The paper's claims A, B and C as docs/benchmark-pretrained.md judges them (where the
+    """The paper's claims A, B and C as docs/experiments/pretrained.md judges them (where the
     strategies they need were run)."""
     if not {"bvgls", "full"} <= set(strategies):
         return []

