@@ -1,12 +1,12 @@
 """Peer layer-selection strategies on the offline benchmark (the frozen protocol of docs/experiments/offline.md).
 
     python benchmarks/peers.py --out peers-out                       # 3 tasks x 9 strategies x 5 seeds
-    python benchmarks/peers.py --out peers-out --reuse bench-out     # reuse finished runs of `bvgls bench`
+    python benchmarks/peers.py --out peers-out --reuse bench-out     # reuse finished runs of `bvgls-lab bench`
 
-Same model, tasks, training and lr search as ``bvgls bench``, with the strategies
+Same model, tasks, training and lr search as ``bvgls-lab bench``, with the strategies
 full, linear, L4-6, bvgls, auto-rgn, lisa, bcd-cyclic, gradual-unfreeze and llrd, on one task
 per kind of shift (the first of each in the suite's order). ``--reuse DIR`` copies the
-finished runs of strategies both share from a ``bvgls bench`` output directory; the runner
+finished runs of strategies both share from a ``bvgls-lab bench`` output directory; the runner
 skips finished runs, so the results are the same as running them again.
 """
 
@@ -37,7 +37,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("peers-out"))
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--reuse", type=Path, help="a `bvgls bench` output directory")
+    ap.add_argument("--reuse", type=Path, help="a `bvgls-lab bench` output directory")
     args = ap.parse_args()
     if args.reuse:
         reuse_runs(args.reuse, args.out)

@@ -1,4 +1,4 @@
-"""Core guarantees of every strategy (issue 10): optimizer group state survives the
+"""Core guarantees of every strategy: optimizer group state survives the
 selection steps, non-finite steps are skipped, one strategy per optimizer, strict and
 atomic state dicts, no step without gradients, FSDP2 without set-up refused."""
 

@@ -1,4 +1,4 @@
-"""Issue 10, items 5, 7, 9, 10: the QA cases, through the real ``bvgls`` command in a subprocess.
+"""User mistakes and unsafe files, through the real ``bvgls`` command in a subprocess.
 
 Every user mistake must end with exit code != 0 and ONE line ``error: ...`` that names the
 problem (the file, the option, the directory), never a traceback, and nothing already written
@@ -109,7 +109,7 @@ def compare_dir(colors, tmp_path_factory):
 
 # ---------------------------------------------------------------------- item 10: bad data
 def test_corrupt_images_are_refused_before_training(colors, tmp_path):
-    # issue 10 item 10: a corrupt image in train/ or test/ -> one line naming the file, before any epoch
+    # a corrupt image in train/ or test/ -> one line naming the file, before any epoch
     # (test/ surfaced only after a whole epoch). One invocation: the line names every bad file.
     data = tmp_path / "data"
     shutil.copytree(colors, data)
@@ -124,7 +124,7 @@ def test_corrupt_images_are_refused_before_training(colors, tmp_path):
 
 
 def test_one_class_dataset_is_refused(tmp_path):
-    # issue 10 item 10: a 1-class dataset was accepted and reported 0% error
+    # a 1-class dataset was accepted and reported 0% error
     data = write_image_folder(tmp_path / "one", train_per_class=3, test_per_class=2, size=16)
     for split in ("train", "test"):
         shutil.rmtree(data / split / "green")
@@ -143,7 +143,7 @@ def two_runs(whole_run, tmp_path):
 @pytest.mark.parametrize("command,target", [("finetune", "file"), ("finetune", "read-only"), ("compare", "read-only"),
                                             ("plot", "file")])  # one helper serves every command and case
 def test_out_that_cannot_be_written(command, target, colors, tmp_path, request):
-    # issue 10 item 10: --out pointing at an existing file or a read-only place
+    # --out pointing at an existing file or a read-only place
     if target == "file":
         out = tmp_path / "taken.txt"
         out.write_text("keep me\n")
@@ -165,7 +165,7 @@ def test_out_that_cannot_be_written(command, target, colors, tmp_path, request):
 # ---------------------------------------------------------------------- item 10: --device
 @pytest.mark.parametrize("device", ["cuda", "mps", "foo"])
 def test_unavailable_device(device, colors, tmp_path):
-    # issue 10 item 10: --device cuda|mps|foo where unavailable
+    # --device cuda|mps|foo where unavailable
     if device == "cuda" and torch.cuda.is_available():
         pytest.skip("cuda is available here")
     mps = getattr(torch.backends, "mps", None)
@@ -180,7 +180,7 @@ def test_unavailable_device(device, colors, tmp_path):
 @pytest.mark.parametrize("content", ["random", "text"])
 @pytest.mark.parametrize("option", ["--model", "--weights"])
 def test_unreadable_model_or_weights_file(option, content, colors, tmp_path):
-    # issue 10 item 10: random bytes or text as --weights/--model ("error: 101" is not a message)
+    # random bytes or text as --weights/--model ("error: 101" is not a message)
     path = tmp_path / "thing.pt"
     if content == "random":
         path.write_bytes(random.Random(0).randbytes(4096))
@@ -194,7 +194,7 @@ def test_unreadable_model_or_weights_file(option, content, colors, tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
 def test_damaged_checkpoint_on_resume(damage, stopped_run, tmp_path):
-    # issue 10 item 10: a truncated, garbage or empty checkpoint (an empty one printed only "Aborted.")
+    # a truncated, garbage or empty checkpoint (an empty one printed only "Aborted.")
     run = copy_run(stopped_run, tmp_path / "run")
     ckpt = run / "checkpoint.pt"
     data = ckpt.read_bytes()
@@ -207,7 +207,7 @@ def test_damaged_checkpoint_on_resume(damage, stopped_run, tmp_path):
 
 
 def test_plot_names_truncated_metrics_file(whole_run, tmp_path):
-    # issue 10 item 10: a truncated metrics.jsonl in plot (name the file)
+    # a truncated metrics.jsonl in plot (name the file)
     run = copy_run(whole_run, tmp_path / "run")
     path = run / "metrics.jsonl"
     text = path.read_text()
@@ -218,7 +218,7 @@ def test_plot_names_truncated_metrics_file(whole_run, tmp_path):
 
 # ---------------------------------------------------------------------- item 10: compare grid
 def test_stray_single_lr_run_is_named(compare_dir, colors, tmp_path):
-    # issue 10 item 10: a stray single-lr run locks a compare directory (name the directory),
+    # a stray single-lr run locks a compare directory (name the directory),
     # and the refusal comes before training a run that could never be reported
     out = copy_run(compare_dir, tmp_path / "out")
     res = bvgls("compare", "--data", colors, "--out", out, "--strategies", "full", "--seeds", "0", "--lrs", "0.1",
@@ -228,7 +228,7 @@ def test_stray_single_lr_run_is_named(compare_dir, colors, tmp_path):
 
 
 def test_strategy_list_whitespace_is_stripped(colors, tmp_path):
-    # issue 10 item 10: --strategies "full, bvgls" recorded " bvgls" with a leading space
+    # --strategies "full, bvgls" recorded " bvgls" with a leading space
     out = tmp_path / "out"
     res = bvgls("compare", "--data", colors, "--out", out, "--strategies", "full, bvgls", "--seeds", "0",
                 "--lrs", "0.05", "--epochs", "1", *MODEL, "--no-progress")
@@ -247,7 +247,7 @@ def test_strategy_list_whitespace_is_stripped(colors, tmp_path):
     ("compare", "--momentum", "nan"),
 ])
 def test_non_finite_setting_is_rejected_up_front(command, option, value, colors, tmp_path):
-    # issue 10 item 5: reject --lr inf, --momentum nan and the like before anything runs
+    # reject --lr inf, --momentum nan and the like before anything runs
     out = tmp_path / "out"
     args = (*MODEL, "--no-progress")
     if command == "finetune":
@@ -260,7 +260,7 @@ def test_non_finite_setting_is_rejected_up_front(command, option, value, colors,
 
 
 def test_diverged_finetune_is_reported(colors, tmp_path):
-    # issue 10 item 5: --lr 1e30 trains to NaN; finetune crashed at the end formatting None
+    # --lr 1e30 trains to NaN; finetune crashed at the end formatting None
     run = tmp_path / "run"
     res = bvgls("finetune", "--data", colors, "--epochs", "1", "--out", run, "--strategy", "full",
                 *MODEL, "--no-progress", "--lr", "1e30")
@@ -271,7 +271,7 @@ def test_diverged_finetune_is_reported(colors, tmp_path):
 
 
 def test_diverged_compare_run_is_marked(colors, tmp_path):
-    # issue 10 item 5: in compare a NaN model got a plausible test error in table.md
+    # in compare a NaN model got a plausible test error in table.md
     out = tmp_path / "out"
     res = bvgls("compare", "--data", colors, "--out", out, "--strategies", "full", "--seeds", "0", "--lrs", "1e30",
                 "--epochs", "1", *MODEL, "--no-progress")
@@ -284,7 +284,7 @@ def test_diverged_compare_run_is_marked(colors, tmp_path):
 
 # ---------------------------------------------------------------------- item 7: reruns and resumes
 def test_compare_rerun_with_other_augment(compare_dir, colors, tmp_path):
-    # issue 10 item 7: --augment is not checked on a rerun: seeds with different augmentation were averaged
+    # --augment is not checked on a rerun: seeds with different augmentation were averaged
     out = copy_run(compare_dir, tmp_path / "out")
     res = bvgls("compare", "--data", colors, "--out", out, "--strategies", "full", "--seeds", "0", "--lrs", "0.05",
                 "--epochs", "1", "--augment", "light", *MODEL, "--no-progress")
@@ -296,7 +296,7 @@ def test_compare_rerun_with_other_augment(compare_dir, colors, tmp_path):
 
 
 def test_compare_lrs_beyond_six_digits_do_not_share_a_run(colors, tmp_path):
-    # issue 10 item 7: lrs that differ beyond 6 significant digits shared one run directory
+    # lrs that differ beyond 6 significant digits shared one run directory
     out = tmp_path / "out"
     res = bvgls("compare", "--data", colors, "--out", out, "--strategies", "full", "--seeds", "0",
                 "--lrs", "0.0123456,0.01234561", "--no-extend-lrs", "--val-fraction", "0.34", "--epochs", "1", *MODEL,
@@ -307,7 +307,7 @@ def test_compare_lrs_beyond_six_digits_do_not_share_a_run(colors, tmp_path):
 
 
 def test_resume_refuses_changed_settings(stopped_run, tmp_path):
-    # issue 10 item 7: --resume silently ignored a changed --epochs / --lr (one line names every change);
+    # --resume silently ignored a changed --epochs / --lr (one line names every change);
     # an option repeated with its recorded value (--batch-size 8) is fine
     run = copy_run(stopped_run, tmp_path / "run")
     before = (run / "metrics.jsonl").read_text()
@@ -318,7 +318,7 @@ def test_resume_refuses_changed_settings(stopped_run, tmp_path):
 
 
 def test_resume_with_other_workers_is_exact_or_refused(stopped_run, whole_run, tmp_path):
-    # issue 10 item 7: changing --workers on resume broke exact reproduction (augmentation streams differ)
+    # changing --workers on resume broke exact reproduction (augmentation streams differ)
     run = copy_run(stopped_run, tmp_path / "run")
     res = bvgls("finetune", "--resume", run, "--workers", "1", "--no-progress")
     if res.returncode != 0:
@@ -329,7 +329,7 @@ def test_resume_with_other_workers_is_exact_or_refused(stopped_run, whole_run, t
 
 # ---------------------------------------------------------------------- item 9: unsafe loading
 def test_resume_never_unpickles_an_untrusted_checkpoint(stopped_run, tmp_path):
-    # issue 10 item 9: _load_checkpoint retried torch.load(weights_only=False): --resume ran the file's code
+    # _load_checkpoint retried torch.load(weights_only=False): --resume ran the file's code
     run = copy_run(stopped_run, tmp_path / "run")
     marker = tmp_path / MARKER_NAME
     ckpt = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
@@ -345,7 +345,7 @@ def test_resume_never_unpickles_an_untrusted_checkpoint(stopped_run, tmp_path):
 
 
 def test_pickled_model_file_needs_trust_flag(colors, tmp_path):
-    # issue 10 item 9: model files given as a pickled nn.Module were unpickled by design
+    # model files given as a pickled nn.Module were unpickled by design
     from torch import nn
 
     marker = tmp_path / MARKER_NAME
@@ -365,7 +365,7 @@ def test_pickled_model_file_needs_trust_flag(colors, tmp_path):
 
 
 def test_written_files_load_with_weights_only(whole_run):
-    # issue 10 item 9: every file bvgls writes must load with weights_only=True
+    # every file bvgls writes must load with weights_only=True
     for name in ("checkpoint.pt", "model.pt"):
         obj = torch.load(whole_run / name, map_location="cpu", weights_only=True)
         assert isinstance(obj, dict) and obj.get("format", "").startswith("bvgls-")

@@ -1,4 +1,4 @@
-"""``bvgls probe`` through the real command in a subprocess (issue 11)."""
+"""``bvgls probe`` through the real command in a subprocess."""
 
 import os
 import re

@@ -1,4 +1,4 @@
-"""Lean selection through the Hugging Face Trainer and Lightning callbacks (issue 11): the
+"""Lean selection through the Hugging Face Trainer and Lightning callbacks: the
 freeze of a step is in place before its forward pass, frozen weights do not change, and
 ``requires_grad`` is restored when training ends."""
 

@@ -1,4 +1,4 @@
-"""The runner/CLI redesign (issue 9) and typed strategy options (issue 10, item 6): options are
+"""Typed strategy options and the one declaration of every training option: options are
 validated the same way for every strategy, compare's lr search extends past an edge, one config
 declares every training option, and the layers import only downward."""
 

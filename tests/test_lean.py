@@ -1,4 +1,4 @@
-"""Lean selection (issue 11): freezing autograd sees, BVG-LS probe / static steps, lazy state.
+"""Lean selection: freezing autograd sees, BVG-LS probe / static steps, lazy state.
 
 The refusal of lean mode under torch.distributed is tested with 2 gloo processes in
 tests/test_core_reliability.py::test_unsupported_distributed_cases_fail_clearly.

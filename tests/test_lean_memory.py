@@ -1,4 +1,4 @@
-"""Issue 11, memory: what each lean-memory option allocates, and that it changes nothing else.
+"""Lean selection, memory: what each lean-memory option allocates, and that it changes nothing else.
 
 ``release_state`` frees a frozen group's optimizer state; ``ema=bfloat16`` halves BVG-LS's
 statistics buffer; ``full_backward_chunks`` runs a full backward pass in chunks (same gradient).

@@ -1,4 +1,4 @@
-"""Issue 10, items 5, 7, 9, 10: the library side of the QA cases (runner API, strategies).
+"""User mistakes and unsafe files, the library side (runner API, strategies).
 
 Bad arguments raise ValueError/TypeError with a message naming the problem, before anything is
 trained or written; no file is unpickled unless the caller trusts it; a diverged run is flagged.
@@ -57,7 +57,7 @@ def run(out_dir=None, **kw):
     ("label_smoothing", math.nan), ("warmup_epochs", math.nan),
 ])
 def test_finetune_rejects_non_finite_settings_up_front(option, value, tmp_path):
-    # issue 10 item 5: non-finite hyper-parameters are refused before anything is trained or written
+    # non-finite hyper-parameters are refused before anything is trained or written
     with pytest.raises(ValueError, match=option):
         run(tmp_path / "run", **{option: value})
     assert not (tmp_path / "run").exists()
@@ -65,7 +65,7 @@ def test_finetune_rejects_non_finite_settings_up_front(option, value, tmp_path):
 
 @pytest.mark.parametrize("lrs", [[math.inf], [0.01, math.nan]])
 def test_compare_rejects_non_finite_lrs(lrs, tmp_path):
-    # issue 10 item 5: compare --lrs inf
+    # compare --lrs inf
     with pytest.raises(ValueError, match="lr"):
         grid.compare(["full"], {"tiny": DatasetSplits(*tiny_data(), 3)}, [0], lrs, model=tiny_model,
                      out_dir=tmp_path / "out",
@@ -74,7 +74,7 @@ def test_compare_rejects_non_finite_lrs(lrs, tmp_path):
 
 
 def test_diverged_run_is_flagged(tmp_path):
-    # issue 10 item 5: lr 1e30 trains to NaN silently
+    # lr 1e30 trains to NaN silently
     history = run(tmp_path / "run", lr=1e30)
     assert history.diverged is True
     assert history.final.get("diverged") is True
@@ -82,7 +82,7 @@ def test_diverged_run_is_flagged(tmp_path):
 
 # ---------------------------------------------------------------------- item 7
 def test_run_dirs_of_close_lrs_differ_and_common_lrs_keep_their_names(tmp_path):
-    # issue 10 item 7: lrs that differ beyond 6 significant digits shared one run directory
+    # lrs that differ beyond 6 significant digits shared one run directory
     a = grid.run_dir_for(str(tmp_path), "d", "full", 0.0123456, 0)
     b = grid.run_dir_for(str(tmp_path), "d", "full", 0.01234561, 0)
     assert a != b
@@ -100,7 +100,7 @@ def stopped(tmp_path_factory):
 
 
 def test_resume_with_other_workers_is_refused(stopped, tmp_path):
-    # issue 10 item 7: the augmentation stream depends on the worker count (recorded resolved: 0 on CPU),
+    # the augmentation stream depends on the worker count (recorded resolved: 0 on CPU),
     # so the library (and compare, which resumes through it) refuses another one
     out = tmp_path / "run"
     shutil.copytree(stopped, out)
@@ -116,7 +116,7 @@ def test_resume_with_other_workers_is_refused(stopped, tmp_path):
 
 
 def test_resume_never_unpickles_an_untrusted_checkpoint(stopped, tmp_path):
-    # issue 10 item 9: _load_checkpoint retried torch.load(weights_only=False) after any failure
+    # _load_checkpoint retried torch.load(weights_only=False) after any failure
     out = tmp_path / "run"
     shutil.copytree(stopped, out)
     marker = tmp_path / "marker"
@@ -129,7 +129,7 @@ def test_resume_never_unpickles_an_untrusted_checkpoint(stopped, tmp_path):
 
 
 def test_pickled_model_file_is_refused_without_trust(tmp_path):
-    # issue 10 item 9: build_model unpickled a whole nn.Module by design
+    # build_model unpickled a whole nn.Module by design
     marker = tmp_path / "marker"
     net = tiny_model()
     net.payload = MakesMarker(marker)
@@ -144,7 +144,7 @@ def test_pickled_model_file_is_refused_without_trust(tmp_path):
 
 @pytest.mark.parametrize("spec", sorted(bvgls.STRATEGIES))
 def test_every_strategy_state_loads_with_weights_only(spec, tmp_path):
-    # issue 10 item 9: checkpoints must load with weights_only=True, whatever the strategy
+    # checkpoints must load with weights_only=True, whatever the strategy
     net = tiny_model()
     groups = bvgls.layer_groups(net)
     opt = torch.optim.SGD(groups.param_groups(), lr=0.01, momentum=0.9)
@@ -161,7 +161,7 @@ def test_every_strategy_state_loads_with_weights_only(spec, tmp_path):
 
 # ---------------------------------------------------------------------- item 10
 def test_step_before_any_backward_is_not_counted():
-    # issue 10 item 10: step() before any backward() counted an empty step (core: base.py)
+    # step() before any backward() counted an empty step (core: base.py)
     net = tiny_model()
     groups = bvgls.layer_groups(net)
     opt = torch.optim.SGD(groups.param_groups(), lr=0.01)
@@ -174,7 +174,7 @@ def test_step_before_any_backward_is_not_counted():
 
 
 def test_one_class_image_folder_is_refused(tmp_path):
-    # issue 10 item 10: a 1-class dataset was accepted and reported 0% error
+    # a 1-class dataset was accepted and reported 0% error
     root = write_image_folder(tmp_path / "one", train_per_class=2, test_per_class=1, size=8)
     for split in ("train", "test"):
         shutil.rmtree(root / split / "green")
@@ -184,7 +184,7 @@ def test_one_class_image_folder_is_refused(tmp_path):
 
 
 def test_one_class_data_is_refused_by_finetune(tmp_path):
-    # issue 10 item 10: the loop itself refuses a task with a single label
+    # the loop itself refuses a task with a single label
     x = torch.randn(8, 3, 16, 16)
     one = TensorDataset(x, torch.zeros(8, dtype=torch.long))
     with pytest.raises(ValueError, match="class"):
@@ -195,7 +195,7 @@ def test_one_class_data_is_refused_by_finetune(tmp_path):
 
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_corrupt_image_is_named_when_loading(split, tmp_path):
-    # issue 10 item 10: a corrupt image surfaced as a 155-line UnidentifiedImageError (test/: after an epoch)
+    # a corrupt image surfaced as a 155-line UnidentifiedImageError (test/: after an epoch)
     root = write_image_folder(tmp_path / "colors", train_per_class=2, test_per_class=1, size=8)
     (root / split / "red" / "bad.png").write_bytes(b"not an image")
     with pytest.raises(ValueError, match="bad.png"):

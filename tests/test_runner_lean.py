@@ -1,4 +1,4 @@
-"""Lean selection wired through the package (issue 11): ``step_report()`` and the tracker,
+"""Lean selection wired through the package: ``step_report()`` and the tracker,
 ``bvgls.probe`` after ``import bvgls``, the finetune runner (accumulation, AMP skip, resume,
 channels_last) and the Hugging Face / Lightning callbacks."""
 
@@ -124,7 +124,7 @@ def test_probe_module_is_loaded_by_import_bvgls():
     assert out.stdout.split() == ["recommend", "False"]
 
 
-# ---------------------------------------------------------------------- few updates per group (issue 12, part 6)
+# ---------------------------------------------------------------------- few updates per group
 def test_expected_updates_per_group_follow_the_stated_rule():
     model = mlp()  # 4 groups
     assert strategy_for("bvgls", model)[1].expected_updates(100) == pytest.approx(25.0)

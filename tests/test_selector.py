@@ -1,4 +1,4 @@
-"""BVG-LS / BVG-TS against the formula of METHOD.md and the behaviour users rely on."""
+"""BVG-LS / BVG-TS against the method's formula (docs/method.md) and the behaviour users rely on."""
 
 import copy
 import math

@@ -7,7 +7,7 @@ model: a ResNet with exactly the paper's six layer groups (``conv1``/``bn1`` ste
 Fashion-MNIST *train* split only. The checkpoint ships in ``bvgls/assets`` with its
 SHA-256 (checked on every load); :func:`pretrain` is the seeded recipe that made it::
 
-    bvgls pretrain --out fmnist_resnet.pt --epochs 8 --seed 0 --threads 1   # ~13 min, one CPU thread
+    bvgls-lab pretrain --out fmnist_resnet.pt --epochs 8 --seed 0 --threads 1   # ~13 min, one CPU thread
 
 Fashion-MNIST is read from the Debian package ``dataset-fashion-mnist``
 (``/usr/share/datasets/fashion-mnist/*.gz``) when present, else from a torchvision
@@ -38,7 +38,7 @@ FMNIST_CLASSES = FASHION_MNIST_CLASSES
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets"
 CHECKPOINT_NAME = "fmnist_resnet.pt"
-#: SHA-256 of the shipped ``assets/fmnist_resnet.pt`` (made by ``bvgls pretrain``, see docs/experiments/offline.md).
+#: SHA-256 of the shipped ``assets/fmnist_resnet.pt`` (made by ``bvgls-lab pretrain``, see docs/experiments/offline.md).
 CHECKPOINT_SHA256 = "70b3a30be710cbfff2971522474acbfa8a02cdcb48cd44df83397fc6a4d309ca"
 
 DEFAULT_WIDTHS = (32, 64, 128, 256)
@@ -100,13 +100,13 @@ def load_checkpoint(path: str | os.PathLike, sha256: str | None = None) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"fmnist-resnet checkpoint {path} does not exist; make one with "
-                                f"`bvgls pretrain --out {path}`")
+                                f"`bvgls-lab pretrain --out {path}`")
     if sha256 is not None:
         actual = file_sha256(path)
         if actual != sha256:
             raise ChecksumError(f"checkpoint {path} has SHA-256 {actual}, expected {sha256}: the file is "
                                 "damaged or was replaced. Reinstall bvgls, or re-create it with "
-                                "`bvgls pretrain` (see docs/experiments/offline.md) and pass its path as weights.")
+                                "`bvgls-lab pretrain` (see docs/experiments/offline.md) and pass its path as weights.")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ValueError(f"{path} is not an fmnist-resnet checkpoint (no 'state_dict' entry)")
@@ -123,7 +123,7 @@ def build_fmnist_resnet(num_classes: int, weights: str | None = None, *,
         num_classes: classes of the new head (a fresh ``nn.Linear`` replaces the source head).
         weights: ``None`` / ``"none"``: random init; ``"DEFAULT"`` / ``"fmnist"``: the shipped
             checkpoint (SHA-256 verified); any other string: the path of a checkpoint
-            written by ``bvgls pretrain`` (verified only if ``checkpoint_sha256`` is given).
+            written by ``bvgls-lab pretrain`` (verified only if ``checkpoint_sha256`` is given).
     """
     if weights is None or str(weights).lower() == "none":
         return FMNISTResNet(num_classes)

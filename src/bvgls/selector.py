@@ -1,6 +1,6 @@
 """BVG-LS and BVG-TS: update the groups whose gradient bias-variance ratio is largest.
 
-Spec: ``shared/METHOD.md``. Per parameter tensor we keep one per-element buffer ``m``
+The method: ``docs/method.md``. Per parameter tensor we keep one per-element buffer ``m``
 (EMA of the gradient) and one scalar ``s`` (EMA of ``||g||^2``), since
 ``sum(v)`` over a tensor is linear in the EMA. For a group ``l`` and per-tensor
 bias-correction ``c = 1 / (1 - a^t)``::

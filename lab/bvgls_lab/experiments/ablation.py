@@ -1,5 +1,5 @@
 """The batch-size / learning-rate ablation of docs/experiments/pretrained.md ("Ablation: batch size
-and learning rate", issue 12 part 6). Its batch-16 arm is part M of ``pretrained`` (only the
+and learning rate"). Its batch-16 arm is part M of ``pretrained`` (only the
 full, bvgls and L6-10 cells on the two clip-art tasks), its batch-128 arm is ``pretrained-batch``.
 :func:`write_batch_ablation` sets the two side by side -- test errors, chosen lrs, the validation
 error over every searched grid (a table and a figure), paired differences to full finetuning at
@@ -77,7 +77,7 @@ def locate_part(path: str | os.PathLike, suite_name: str, part: str) -> tuple[Pa
     protocol = dict(suite(suite_name))[part]
     path = Path(path)
     if not path.is_dir():
-        raise ValueError(f"{path} is not a directory (expected the --out of `bvgls bench --protocol {suite_name}`)")
+        raise ValueError(f"{path} is not a directory (expected the --out of `bvgls-lab bench --protocol {suite_name}`)")
     for candidate in (path, path / part):
         diff = protocol_differences(candidate, protocol)
         if diff == []:
@@ -206,7 +206,7 @@ def write_batch_ablation(b16_dir: str | os.PathLike, b128_dir: str | os.PathLike
     """The ablation report from the runs finished so far in both arms: ``out_file`` (markdown;
     default ``<batch-128 part>/ablation.md``), its numbers next to it as ``.json`` and, where
     matplotlib is installed, ``figures/ablation_val_error.png`` beside it. ``b16_dir``: the
-    ``--out`` of ``bvgls bench --protocol pretrained`` or its ``mobilenet_v2`` part; ``b128_dir``:
+    ``--out`` of ``bvgls-lab bench --protocol pretrained`` or its ``mobilenet_v2`` part; ``b128_dir``:
     that of ``--protocol pretrained-batch``. Returns the numbers."""
     b16 = load_arm(*locate_part(b16_dir, *B16_PART))
     b128 = load_arm(*locate_part(b128_dir, *B128_PART))
@@ -216,7 +216,7 @@ def write_batch_ablation(b16_dir: str | os.PathLike, b128_dir: str | os.PathLike
     versus = {s: {arm.batch: versus_full(arm, s) for arm in arms} for s in VERSUS_FULL}
     dod = {s: difference_of_differences(b16, b128, s) for s in VERSUS_FULL}
     verdicts = {"steps": judge_steps(dod["bvgls"]), "lr": judge_lr(arms), "competitive": judge_competitive(arms)}
-    lines = ["# Ablation: batch size and learning rate (issue 12, part 6)", "",
+    lines = ["# Ablation: batch size and learning rate", "",
              f"Batch 16: `{b16.path}` (part M of `pretrained`: its {', '.join(STRATEGIES)} cells on "
              f"{' and '.join(TASKS)}); batch 128: `{b128.path}` (`pretrained-batch`). Test and validation "
              "errors in %; paired differences in points, mean [95% t-interval], paired by seed (the same "

@@ -2,7 +2,7 @@
 was run -- :data:`BENCH` (``docs/experiments/offline.md``), :data:`BENCH_V2` (its "Protocol version 2"),
 :data:`PRETRAINED` and :data:`PRETRAINED_BATCH` (``docs/experiments/pretrained.md``) and its pilot
 subset :data:`PRETRAINED_PILOT` -- and the demos' cut-down versions. :data:`SUITES` names them for
-``bvgls bench --protocol``: a suite is one or more (part, protocol) pairs, one per model."""
+``bvgls-lab bench --protocol``: a suite is one or more (part, protocol) pairs, one per model."""
 
 from __future__ import annotations
 
@@ -121,7 +121,7 @@ PRETRAINED_M = Protocol(model="mobilenet_v2", tasks=("clipart-fine", "clipart-co
 PRETRAINED_E = replace(PRETRAINED_M, model="efficientnet_lite0", tasks=("clipart-fine",),
                        strategies=("full", "L5-9", "linear", "bvgls", "bvgls:probe=10"))
 #: the batch-size ablation's batch-128 arm (its batch-16 arm is PRETRAINED_M's full, bvgls and L6-10 cells);
-#: final seeds cut from 0-4 to 0-2 before the arm started, to end within the session (docs/experiments/pretrained.md)
+#: final seeds cut from 0-4 to 0-2 before the arm started, to fit the time the arm had (docs/experiments/pretrained.md)
 PRETRAINED_BATCH = replace(PRETRAINED_M, strategies=("full", "bvgls", "L6-10"), batch_size=128, seeds=(0, 1, 2),
                            lrs=(0.01, 0.03, 0.1, 0.3, 1.0), lr_ladder=PRETRAINED_M.lr_ladder + (3.0,))
 #: the lrs the full protocol's validation search chose on clipart-fine (docs/results/pretrained/mobilenet_v2/
@@ -131,7 +131,7 @@ BENCH_CHOSEN_LRS = (("clipart-fine", "full", 0.001), ("clipart-fine", "L6-10", 0
 #: the stage-group count each model's partial specs (L6-10, L8-10, L5-9) assume
 EXPECTED_GROUPS = {"mobilenet_v2": 10, "efficientnet_lite0": 9}
 
-#: ``bvgls bench --protocol NAME``: (part, protocol) pairs, run one after the other
+#: ``bvgls-lab bench --protocol NAME``: (part, protocol) pairs, run one after the other
 SUITES: dict[str, tuple[tuple[str, Protocol], ...]] = {
     "offline": (("fmnist-resnet", BENCH),),
     "offline-v2": (("fmnist-resnet", BENCH_V2),),
@@ -148,8 +148,8 @@ def suite(name: str) -> tuple[tuple[str, Protocol], ...]:
     return SUITES[name]
 
 
-#: ``bvgls demo``: two tasks (input-level and label-level shift), one seed, four strategies, each at the lr
-#: that ``bvgls bench``'s validation search chose for it (docs/experiments/offline.md), so no search: the demo's
+#: ``bvgls-lab demo``: two tasks (input-level and label-level shift), one seed, four strategies, each at the lr
+#: that ``bvgls-lab bench``'s validation search chose for it (docs/experiments/offline.md), so no search: the demo's
 #: numbers are the bench's seed-0 runs of these cells.
 DEMO = Protocol(tasks=("fmnist-invert", "fmnist-pairs"), strategies=("full", "L3-6", "linear", "bvgls"),
                 seeds=(0,), search_seeds=(), fixed_lrs=(
@@ -157,12 +157,12 @@ DEMO = Protocol(tasks=("fmnist-invert", "fmnist-pairs"), strategies=("full", "L3
                     ("fmnist-invert", "linear", 0.03), ("fmnist-invert", "bvgls", 0.01),
                     ("fmnist-pairs", "full", 0.003), ("fmnist-pairs", "L3-6", 0.003),
                     ("fmnist-pairs", "linear", 0.01), ("fmnist-pairs", "bvgls", 0.003)))
-#: ``bvgls demo`` (the default): the real ImageNet MobileNetV2 on real clip art -- part M of the pretrained
+#: ``bvgls-lab demo`` (the default): the real ImageNet MobileNetV2 on real clip art -- part M of the pretrained
 #: protocol on clipart-fine, seed 0, four strategies, each at the lr its validation search chose
 #: (docs/results/pretrained), so no search: the demo's numbers are the benchmark's seed-0 runs of these cells.
 DEMO_PRETRAINED = replace(PRETRAINED_M, tasks=("clipart-fine",), strategies=("full", "L6-10", "linear", "bvgls"),
                           seeds=(0,), search_seeds=(), fixed_lrs=BENCH_CHOSEN_LRS)
-#: ``bvgls demo --suite NAME``
+#: ``bvgls-lab demo --suite NAME``
 DEMOS = {"pretrained": DEMO_PRETRAINED, "fmnist": DEMO}
 
 

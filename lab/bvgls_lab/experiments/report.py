@@ -29,7 +29,7 @@ from .protocols import SELECTIVE, Protocol
 
 #: adaptive peers also compared with the fixed baselines, as BVG-LS is
 PEERS = ("auto-snr", "auto-rgn")
-#: the lean verdict (issue 11): mean difference to bvgls at most this many points ...
+#: the lean verdict: mean difference to bvgls at most this many points ...
 LEAN_MARGIN = 0.3
 #: ... and the final runs' total wall time at most this fraction of full finetuning's
 LEAN_COST = 0.6
@@ -287,7 +287,7 @@ def paired_differences(tasks, errors, a: str, b: str) -> dict[str, tuple[float, 
 
 
 def lean_keeps_accuracy(mean: float, lo: float) -> bool:
-    """Issue 11's rule: mean at most +0.3 points, and the 95% interval includes 0 or lies below it."""
+    """The lean rule: mean at most +0.3 points, and the 95% interval includes 0 or lies below it."""
     return mean <= LEAN_MARGIN and not lo > 0
 
 
@@ -299,7 +299,7 @@ def _pairs_section(tasks, strategies, errors, summary) -> list[str]:
     if not others:
         return []
     lines = ["## Against BVG-LS (test error points, paired by seed; negative = better than bvgls)", "",
-             f"Lean verdict (issue 11): *keeps the accuracy* iff the mean is at most +{LEAN_MARGIN} points and "
+             f"Lean verdict: *keeps the accuracy* iff the mean is at most +{LEAN_MARGIN} points and "
              "the 95% interval includes 0 or lies below it (judged on the average over tasks, or on the one task).", ""]
     keys = [t for t in tasks] + (["average"] if len(tasks) > 1 else [])
     lines.append("| Difference | " + " | ".join(keys) + " | verdict |")

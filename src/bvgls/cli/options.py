@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 
 import typer
 
-from ..runner.config import SettingError, cli_fields
+from ..runner.config import TRAINING, SettingError, cli_fields
 
 KW = inspect.Parameter.KEYWORD_ONLY
 
@@ -26,6 +26,11 @@ KW = inspect.Parameter.KEYWORD_ONLY
 def param(name: str, annotation: Any, default: Any = inspect.Parameter.empty) -> inspect.Parameter:
     """One command parameter (``annotation``: ``Annotated[type, typer.Option(...)]``)."""
     return inspect.Parameter(name, KW, default=default, annotation=annotation)
+
+
+def opt(*flags: str, panel: str = TRAINING, **kwargs) -> Any:
+    """A command's own ``typer.Option`` in the help panel ``panel``."""
+    return typer.Option(*flags, rich_help_panel=panel, **kwargs)
 
 
 def _cli_type(hint: Any, choices: Sequence[str] | None) -> Any:
@@ -44,14 +49,15 @@ def field_flags(f: dataclasses.Field) -> tuple[str, ...]:
 
 
 def field_param(cls: type, f: dataclasses.Field) -> inspect.Parameter:
-    """The typer option of one field of the dataclass ``cls`` (flags, help, panel, bounds and
-    choices from the field's metadata; default: its ``cli_default`` or default)."""
+    """The typer option of one field of the dataclass ``cls`` (flags, help, panel and choices from
+    the field's metadata; default: its ``cli_default`` or default). Its bounds are not given to
+    typer: the dataclass checks them when the command builds it (:func:`make_config`), so the
+    command line and the Python API refuse the same values with the same words."""
     meta = f.metadata
     default = meta["cli_default"] if meta["cli_default"] is not dataclasses.MISSING else f.default
     if default is None and meta["choices"] and "none" in meta["choices"]:
         default = "none"
-    bounds = {k: meta[k] for k in ("min", "max") if meta[k] is not None}
-    option = typer.Option(*field_flags(f), help=meta["help"], rich_help_panel=meta["panel"], **bounds)
+    option = typer.Option(*field_flags(f), help=meta["help"], rich_help_panel=meta["panel"])
     hint = typing.get_type_hints(cls)[f.name]
     return param(f.name, Annotated[_cli_type(hint, meta["choices"]), option], default)
 

@@ -7,26 +7,26 @@ from typing import Annotated, Any
 
 from ..runner.config import MODEL_AND_DATA, DataOptions, FinetuneConfig
 from . import CLIError, app, user_errors
-from .options import command, field_params, param, split_values
-from .train import MODEL_HELP, _opt
+from .options import command, field_params, opt, param, split_values
+from .train import MODEL_HELP
 
 #: training options of the config that a probe uses (the others do not apply to a short SGD run)
 PROBE_FIELDS = ("batch_size", "momentum", "weight_decay", "device", "num_workers")
 
 PROBE_OWN = [
-    param("model", Annotated[str, _opt("--model", "-m", panel=MODEL_AND_DATA, help=MODEL_HELP)]),
-    param("data", Annotated[str, _opt("--data", "-d", panel=MODEL_AND_DATA, help=(
+    param("model", Annotated[str, opt("--model", "-m", panel=MODEL_AND_DATA, help=MODEL_HELP)]),
+    param("data", Annotated[str, opt("--data", "-d", panel=MODEL_AND_DATA, help=(
         "Registered dataset (see `bvgls list`) or an ImageFolder root with train/ and test/ (or val/)."))]),
-    param("steps", Annotated[int, _opt("--steps", "-n", min=1, help=(
+    param("steps", Annotated[int, opt("--steps", "-n", min=1, help=(
         "Optimizer steps of the probe run (every step a BVG-LS step with statistics)."))], 50),
-    param("lr", Annotated[float, _opt("--lr", min=0.0, help="Learning rate of the probe run (SGD, Nesterov).")],
+    param("lr", Annotated[float, opt("--lr", min=0.0, help="Learning rate of the probe run (SGD, Nesterov).")],
           0.01),
-    param("groups", Annotated[str, _opt("--groups", panel=MODEL_AND_DATA, help=(
+    param("groups", Annotated[str, opt("--groups", panel=MODEL_AND_DATA, help=(
         "Grouping scheme (see `bvgls list`; auto detects)."))], "auto"),
-    param("k", Annotated[int, _opt("--k", min=1, help="Groups selected per step (BVG-LS k).")], 1),
-    param("coverage", Annotated[float, _opt("--coverage", min=0.0, max=1.0, help=(
+    param("k", Annotated[int, opt("--k", min=1, help="Groups selected per step (BVG-LS k).")], 1),
+    param("coverage", Annotated[float, opt("--coverage", min=0.0, max=1.0, help=(
         "Share of the selections the recommended range (ending at the head) must hold."))], 0.8),
-    param("seed", Annotated[int, _opt("--seed", help="Seeds init of the head and the order of the batches.")],
+    param("seed", Annotated[int, opt("--seed", help="Seeds init of the head and the order of the batches.")],
           0),
 ]
 

@@ -12,7 +12,7 @@ import typer
 
 from ..runner.config import MODEL_AND_DATA, OUTPUT, RESULT, TRAINING, DataOptions, FinetuneConfig
 from . import CLIError, app, check_tensorboard, console, numbers, user_errors
-from .options import command, make_config, param, split_values
+from .options import command, make_config, opt, param, split_values
 
 MODEL_HELP = ("Registered name (see `bvgls list`), timm:<name>, or a model file (a bvgls model.pt, or a pickled "
               "nn.Module with --trust-pickle).")
@@ -24,31 +24,27 @@ RESUME_RUNTIME = tuple(f.name for f in dataclasses.fields(FinetuneConfig)
                        if f.metadata["kind"] != RESULT and f.name not in RESUME_KEEPS) + ("tensorboard", "stop_after")
 
 
-def _opt(*flags: str, panel: str = TRAINING, **kwargs) -> Any:
-    return typer.Option(*flags, rich_help_panel=panel, **kwargs)
-
-
 # ---------------------------------------------------------------------- finetune
 FINETUNE_OWN = [
     param("ctx", typer.Context),  # to tell the options typed on the command line (resume)
-    param("model", Annotated[str | None, _opt("--model", "-m", panel=MODEL_AND_DATA, help=MODEL_HELP)], None),
-    param("data", Annotated[str | None, _opt("--data", "-d", panel=MODEL_AND_DATA, help=(
+    param("model", Annotated[str | None, opt("--model", "-m", panel=MODEL_AND_DATA, help=MODEL_HELP)], None),
+    param("data", Annotated[str | None, opt("--data", "-d", panel=MODEL_AND_DATA, help=(
         "Registered dataset (see `bvgls list`) or an ImageFolder root with train/ and test/ (or val/)."))], None),
-    param("strategy", Annotated[str, _opt("--strategy", "-s", help=(
+    param("strategy", Annotated[str, opt("--strategy", "-s", help=(
         "bvgls, bvgls:k=2, bvgts, full, linear, L<a>-<b> (groups a..b, 1-indexed), or any registered one."))],
           "bvgls"),
-    param("lr", Annotated[float, _opt("--lr", help="Base learning rate (paper, WRN-50-2: 0.01).")], 0.01),
-    param("seed", Annotated[int, _opt("--seed", help="Seeds init of the head, shuffling, augmentation.")], 0),
-    param("out", Annotated[Path | None, _opt("--out", "-o", panel=OUTPUT, help=(
+    param("lr", Annotated[float, opt("--lr", help="Base learning rate (paper, WRN-50-2: 0.01).")], 0.01),
+    param("seed", Annotated[int, opt("--seed", help="Seeds init of the head, shuffling, augmentation.")], 0),
+    param("out", Annotated[Path | None, opt("--out", "-o", panel=OUTPUT, help=(
         "Run directory (config.json, metrics.jsonl, checkpoint.pt, model.pt, result.json); "
         "default runs/<data>_<strategy>_seed<seed>."))], None),
-    param("resume", Annotated[Path | None, _opt("--resume", panel=OUTPUT, help=(
+    param("resume", Annotated[Path | None, opt("--resume", panel=OUTPUT, help=(
         "Continue the interrupted run in this directory with its recorded settings."))], None),
-    param("stop_after", Annotated[int | None, _opt("--stop-after", min=1, panel=OUTPUT, help=(
+    param("stop_after", Annotated[int | None, opt("--stop-after", min=1, panel=OUTPUT, help=(
         "Exit after this many epochs (for time-limited jobs); continue later with --resume."))], None),
-    param("keep_checkpoint", Annotated[bool, _opt("--keep-checkpoint", panel=OUTPUT, help=(
+    param("keep_checkpoint", Annotated[bool, opt("--keep-checkpoint", panel=OUTPUT, help=(
         "Keep checkpoint.pt after the run finished."))], False),
-    param("tensorboard", Annotated[bool, _opt("--tensorboard", panel=OUTPUT, help=(
+    param("tensorboard", Annotated[bool, opt("--tensorboard", panel=OUTPUT, help=(
         "Also log to RUN_DIR/tensorboard (needs the tensorboard package)."))], False),
 ]
 
@@ -176,24 +172,24 @@ def report_finetune(out, history, run_dir: str, epochs: int) -> None:
 
 # ---------------------------------------------------------------------- compare
 COMPARE_OWN = [
-    param("data", Annotated[str, _opt("--data", "-d", panel=MODEL_AND_DATA, help=(
+    param("data", Annotated[str, opt("--data", "-d", panel=MODEL_AND_DATA, help=(
         "Comma-separated datasets (registered names or ImageFolder roots)."))]),
-    param("out", Annotated[Path, _opt("--out", "-o", panel=OUTPUT, help=(
+    param("out", Annotated[Path, opt("--out", "-o", panel=OUTPUT, help=(
         "Output directory: runs/, results.csv, table.md. Rerunning skips finished runs."))]),
-    param("model", Annotated[str, _opt("--model", "-m", panel=MODEL_AND_DATA, help=MODEL_HELP)], "wide_resnet50_2"),
-    param("strategies", Annotated[str, _opt("--strategies", "-s", help=(
+    param("model", Annotated[str, opt("--model", "-m", panel=MODEL_AND_DATA, help=MODEL_HELP)], "wide_resnet50_2"),
+    param("strategies", Annotated[str, opt("--strategies", "-s", help=(
         "Comma-separated strategy specs (columns of the table)."))], "full,L2-6,L3-6,L4-6,L5-6,linear,bvgls"),
-    param("seeds", Annotated[str, _opt("--seeds", help="Comma-separated seeds.")], "0,1,2"),
-    param("lrs", Annotated[str, _opt("--lrs", "--lr", help=(
+    param("seeds", Annotated[str, opt("--seeds", help="Comma-separated seeds.")], "0,1,2"),
+    param("lrs", Annotated[str, opt("--lrs", "--lr", help=(
         "Comma-separated base learning rates; several need --val-fraction and each strategy gets the one "
         "with the lowest validation error (the grid is extended past an edge, see --extend-lrs)."))], "0.01"),
-    param("extend_lrs", Annotated[bool, _opt("--extend-lrs/--no-extend-lrs", help=(
+    param("extend_lrs", Annotated[bool, opt("--extend-lrs/--no-extend-lrs", help=(
         "When a strategy's chosen lr is at an end of the grid, also try the next lr of the ladder "
         "0.001, 0.003, ..., 1.0 beyond it, until the choice is interior (or a run diverges, or the "
         "ladder ends)."))], True),
-    param("refit", Annotated[bool, _opt("--refit", help=(
+    param("refit", Annotated[bool, opt("--refit", help=(
         "After choosing the lr, retrain at it on the full training set and report those runs."))], False),
-    param("keep_going", Annotated[bool, _opt("--keep-going", panel=OUTPUT, help=(
+    param("keep_going", Annotated[bool, opt("--keep-going", panel=OUTPUT, help=(
         "Continue with the other runs when one fails (exit code 1 at the end)."))], False),
 ]
 

@@ -286,7 +286,7 @@ def attach_strategy(model, groups, strategy, cfg: FinetuneConfig):
     return groups, opt, strat
 
 
-#: below this many expected updates per group, a selection strategy is warned about (issue 12, part 6)
+#: below this many expected updates per group, a selection strategy is warned about
 FEW_UPDATES = 30
 
 
