@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from tiny_models import batch, mlp
 from torch import nn
 
 import bvgls
 from bvgls import distributed as bdist
-from tiny_models import batch, mlp
 
 
 def backward(model, step):

@@ -8,10 +8,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from tolerances import assert_selected_on_the_stepped_gradients  # noqa: E402
+
 import bvgls  # noqa: E402
 from bvgls.integrations.hf import STATE_FILE, BVGLSCallback, attach  # noqa: E402
 from bvgls.reference import NaiveBVR  # noqa: E402
-from tolerances import assert_selected_on_the_stepped_gradients  # noqa: E402
 
 T = transformers
 VOCAB, SEQ, N = 50, 8, 16

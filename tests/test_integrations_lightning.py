@@ -6,11 +6,12 @@ from torch import nn
 
 L = pytest.importorskip("lightning")
 
+from lightning.pytorch.loggers import Logger  # noqa: E402
+from tolerances import assert_selected_on_the_stepped_gradients  # noqa: E402
+
 import bvgls  # noqa: E402
 from bvgls.integrations.lightning import BVGLSCallback  # noqa: E402
 from bvgls.reference import NaiveBVR  # noqa: E402
-from lightning.pytorch.loggers import Logger  # noqa: E402
-from tolerances import assert_selected_on_the_stepped_gradients  # noqa: E402
 
 STEPS = 6
 

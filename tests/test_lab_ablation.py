@@ -11,13 +11,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+from test_lab_protocols import lab_cli
 
+from bvgls.runner import rundir
+from bvgls.runner.rundir import History
 from bvgls_lab.experiments import ablation
 from bvgls_lab.experiments.protocols import PRETRAINED_BATCH, PRETRAINED_M
 from bvgls_lab.experiments.report import t_quantile
-from bvgls.runner import rundir
-from bvgls.runner.rundir import History
-from test_lab_protocols import lab_cli
 
 REPO = Path(__file__).resolve().parents[1]
 GROUPS = ["stem"] + [f"stage{i}" for i in range(1, 8)] + ["final", "head"]

@@ -1,22 +1,21 @@
 """bvgls_lab.experiments: a tiny end-to-end benchmark run, the statistics, and the CLI commands."""
 
 import json
-import os
 import math
+import os
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
-
-from dataclasses import asdict
-
-from bvgls.runner.lrsearch import LR_LADDER, next_lr
-from bvgls_lab.experiments import protocols, run
-from bvgls_lab.experiments.report import paired_ci, print_table
 from test_cli_errors import assert_one_line_error
 from test_lab_protocols import lab_cli
+
+from bvgls.runner.lrsearch import LR_LADDER, next_lr
 from bvgls_lab import offline_tasks
+from bvgls_lab.experiments import protocols, run
+from bvgls_lab.experiments.report import paired_ci, print_table
 from bvgls_lab.offline_tasks import FewShotTask
 
 torch.set_num_threads(1)
@@ -40,7 +39,8 @@ def tiny_task(monkeypatch):
 
 
 def test_tiny_benchmark_end_to_end(tiny_task, tmp_path):
-    protocol = protocols.Protocol(tasks=("tiny",), strategies=("full", "bvgls", "linear"), seeds=(0, 1), search_seeds=(0,),
+    protocol = protocols.Protocol(tasks=("tiny",), strategies=("full", "bvgls", "linear"), seeds=(0, 1),
+                                  search_seeds=(0,),
                               lrs=(0.01, 0.03), epochs=2, eval_every=1, batch_size=4, weights="none",
                               fixed_lrs=(("tiny", "linear", 0.05),))
     summary = run.run_benchmark(tmp_path, protocol, workers=1)

@@ -1,8 +1,8 @@
 """The offline benchmark's source model and target tasks (bvgls.source_model, bvgls.offline_tasks)."""
 
 import gzip
-import logging
 import hashlib
+import logging
 import shutil
 import struct
 
@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import bvgls
+from bvgls.registry import DATASETS, MODELS
 from bvgls_lab import source_model
 from bvgls_lab.offline_tasks import SPLITS, TASKS, VAL_FRACTION, build_task, export_image_folder
-from bvgls.registry import DATASETS, MODELS
 
 torch.set_num_threads(1)
 
@@ -115,7 +115,7 @@ def test_construction_is_deterministic_by_seed(tasks, name):
 
 
 def test_runner_carve_gives_disjoint_few_shot_and_validation_sets(tasks):
-    from bvgls.runner.data import validation_split, targets_of
+    from bvgls.runner.data import targets_of, validation_split
 
     task = tasks["fmnist-pairs"]
     splits = task.splits()

@@ -252,8 +252,8 @@ def test_emoji_task_trains_on_noto_and_tests_on_twemoji_of_other_emoji(tmp_path)
 
 # ---------------------------------------------------------------------- registrations
 def test_tasks_are_registered_and_a_missing_one_says_how_to_build_it(isolated):
-    from bvgls.runner.data import DatasetError, load_dataset
     from bvgls.registry import DATASETS, MODELS
+    from bvgls.runner.data import DatasetError, load_dataset
 
     assert {"emoji-vendor", "emoji-sub", "clipart-coarse", "clipart-fine"} <= set(DATASETS.names())
     assert {"mobilenet_v2", "efficientnet_lite0", "convnext_tiny", "maxvit_t"} <= set(MODELS.names())
@@ -262,8 +262,8 @@ def test_tasks_are_registered_and_a_missing_one_says_how_to_build_it(isolated):
 
 
 def test_registered_task_loads_a_built_folder_from_the_data_root(tmp_path, fake_clipart, isolated):
-    from bvgls.runner.data import load_dataset
     from bvgls.registry import ModelInput
+    from bvgls.runner.data import load_dataset
 
     tasks.build_task("clipart-fine", isolated / "tasks" / "clipart-fine", source_root=fake_clipart)
     splits = load_dataset("clipart-fine", input=ModelInput(size=112))

@@ -16,10 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
-from bvgls_lab.experiments import protocols
-from bvgls_lab.experiments import run as bench_run
 from bvgls.registry import ModelInput
 from bvgls.runner.config import DataOptions
+from bvgls_lab.experiments import protocols
+from bvgls_lab.experiments import run as bench_run
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -144,7 +144,7 @@ def _fake_task(root: Path, per_class: dict[str, int]) -> Path:
     rng = np.random.default_rng(0)
     path = root / "clipart-fine"
     counts = {}
-    for ci, cls in enumerate(("a", "b")):
+    for cls in ("a", "b"):
         counts[cls] = dict(per_class)
         for split, n in per_class.items():
             (path / split / cls).mkdir(parents=True, exist_ok=True)

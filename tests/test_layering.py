@@ -201,7 +201,8 @@ def test_import_bvgls_loads_the_library_only():
 
 
 def test_runner_and_bench_do_not_import_the_cli():
-    code = ("import sys, bvgls_lab.experiments.run, bvgls_lab.experiments.report, bvgls_lab.experiments.ablation, bvgls.runner.grid, "
+    code = ("import sys, bvgls_lab.experiments.run, bvgls_lab.experiments.report, bvgls_lab.experiments.ablation, "
+            "bvgls.runner.grid, "
             "bvgls.runner.plots;"
             "assert not [m for m in sys.modules if m.startswith('bvgls.cli')]")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

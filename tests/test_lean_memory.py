@@ -12,11 +12,11 @@ import sys
 
 import pytest
 import torch
+from tiny_models import batch, mlp, one_step, tensor_data
 from torch import nn
 
 import bvgls
 from bvgls.runner.callbacks import Callback
-from tiny_models import batch, mlp, one_step, tensor_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,9 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from bvgls.runner.data import ArrayImages, DatasetError, load_dataset, make_transform, read_idx, targets_of, validation_split
-from bvgls.runner.models import ModelError, build_model, save_model_file
 from bvgls.registry import DATASETS, MODELS, ModelInput
+from bvgls.runner.data import (
+    ArrayImages,
+    DatasetError,
+    load_dataset,
+    make_transform,
+    read_idx,
+    targets_of,
+    validation_split,
+)
+from bvgls.runner.models import ModelError, build_model, save_model_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

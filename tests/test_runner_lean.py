@@ -4,12 +4,12 @@ channels_last) and the Hugging Face / Lightning callbacks."""
 
 import pytest
 import torch
+from tiny_models import tensor_data
 from torch import nn
 
 import bvgls
 from bvgls.runner.callbacks import Callback
 from bvgls.runner.tracker import SelectionTracker
-from tiny_models import tensor_data
 
 
 def mlp(seed=0):
@@ -72,7 +72,7 @@ def test_step_report_marks_probe_steps_and_the_informative_groups():
     opt, s = strategy_for("bvgls:probe=3", model)
     reports = train(model, opt, s, 7)
     assert [r[0].probed for r in reports] == [True, False, False, True, False, False, True]
-    for report, ratios, informative, variance in reports:
+    for _report, ratios, informative, variance in reports:
         assert torch.equal(informative, torch.isfinite(ratios) & (variance > s.eps))
     assert torch.equal(reports[1][1], reports[0][1])  # between probes: the last probe's ratios
     first = reports[0][2]
@@ -293,7 +293,8 @@ def test_finetune_lean_channels_last():
 
     model = build_model("tiny-cnn", 3, None)
     g = torch.Generator().manual_seed(0)
-    ds = torch.utils.data.TensorDataset(torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 3, (32,), generator=g))
+    ds = torch.utils.data.TensorDataset(torch.randn(32, 3, 32, 32, generator=g),
+                                        torch.randint(0, 3, (32,), generator=g))
     rec = Recorder()
     bvgls.finetune(model, (ds, ds), "bvgls:probe=2", epochs=1, batch_size=4, lr=0.05, channels_last=True,
                    progress=False, callbacks=[rec])

@@ -11,8 +11,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 from bvgls.runner.data import load_dataset
-from bvgls.runner.models import build_model
 from bvgls.runner.loop import Callback, History, evaluate, finetune, seed_everything
+from bvgls.runner.models import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -183,7 +183,8 @@ def test_compare_refit_and_guards(colors, tmp_path):
     from bvgls.runner.grid import compare, read_results
 
     res = compare("full,bvgls", {"colors": colors}, seeds=[0], lrs=[0.01, 0.1], model="tiny-resnet", weights=None,
-                  out_dir=tmp_path, epochs=1, batch_size=8, val_fraction=0.3, refit=True, progress=False, extend_lrs=False)
+                  out_dir=tmp_path, epochs=1, batch_size=8, val_fraction=0.3, refit=True, progress=False,
+                  extend_lrs=False)
     rows = read_results(res.csv_path)
     assert sorted(r["phase"] for r in rows) == ["refit", "refit"] + ["search"] * 4
     for strategy in ("full", "bvgls"):
@@ -199,9 +200,8 @@ def test_compare_refit_and_guards(colors, tmp_path):
 
 
 def test_compare_keep_going_records_failures(colors, tmp_path):
-    from bvgls.runner.grid import compare
-
     from bvgls.base import GroupStrategy
+    from bvgls.runner.grid import compare
     from bvgls.strategies import STRATEGIES, register_strategy
 
     class Broken(GroupStrategy):  # builds fine (passes the up-front check), fails in the first step

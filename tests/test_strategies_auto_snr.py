@@ -350,7 +350,7 @@ def test_auto_snr_trains_a_torchvision_resnet_with_adamw():
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
     frozen_before = {id(p): p.detach().clone() for p in normalization_parameters(model)}
     head_before = model.fc.weight.detach().clone()
-    for t in range(3):
+    for _ in range(3):
         s.on_epoch_start(0)
         loss = nn.functional.cross_entropy(model(x), y)
         opt.zero_grad()

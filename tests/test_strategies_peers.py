@@ -11,7 +11,7 @@ from torch import nn
 
 import bvgls
 from bvgls import layer_groups, make_strategy
-from bvgls.strategies.peers import AutoRGN, BlockCoordinateDescent, GradualUnfreezing, LISA, normalization_parameters
+from bvgls.strategies.peers import LISA, AutoRGN, BlockCoordinateDescent, GradualUnfreezing, normalization_parameters
 
 torch.set_num_threads(1)
 LR = 0.1
@@ -442,7 +442,7 @@ def test_peers_train_a_torchvision_resnet(spec):
         assert {id(p) for p, n in zip(s.params, s.is_norm) if n} == {id(p) for p in normalization_parameters(model)}
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
     losses = []
-    for t in range(4):
+    for _ in range(4):
         s.on_epoch_start(0)
         loss = nn.functional.cross_entropy(model(x), y)
         opt.zero_grad()

@@ -62,7 +62,7 @@ def pretrain_cmd(
         "torch threads; 1 is fastest on a shared machine."))] = 1,
     data_root: Annotated[str | None, typer.Option("--data-root", help=(
         "Directory with the Fashion-MNIST .gz files (default: the Debian package's)."))] = None,
-    download: Annotated[bool, typer.Option("--download", help="Fetch Fashion-MNIST with torchvision if missing.")] = False,
+    download: Download = False,
 ) -> None:
     """Pretrain the fmnist-resnet source model on the Fashion-MNIST train split (seeded).
 
@@ -128,7 +128,8 @@ def _show(out: Path, summary: dict) -> None:
 @app.command("bench")
 def bench_cmd(
     protocol: Annotated[str, typer.Option("--protocol", "-p", help=(
-        f"Which frozen protocol: {', '.join(SUITES)} (docs/experiments/offline.md, docs/experiments/pretrained.md)."))] = "offline",
+        f"Which frozen protocol: {', '.join(SUITES)} (docs/experiments/offline.md, "
+        "docs/experiments/pretrained.md)."))] = "offline",
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (resumable).")] = Path("bench-out"),
     workers: Annotated[int, typer.Option("--workers", "-j", min=1, help="Runs in parallel (one CPU core each).")] = 2,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the protocol and the number of runs only.")] = False,
@@ -162,8 +163,8 @@ def bench_cmd(
             typer.echo(f"{part}: " + json.dumps(asdict(p), indent=2))
             searched = sum(p.fixed_lr(t, s) is None for t in p.tasks for s in p.strategies)
             cells = len(p.tasks) * len(p.strategies)
-            typer.echo(f"{cells} cells; {searched * len(p.search_seeds) * len(p.lrs)} search runs (+{len(p.search_seeds)} "
-                       f"per grid extension) and {cells * len(p.seeds)} final runs")
+            typer.echo(f"{cells} cells; {searched * len(p.search_seeds) * len(p.lrs)} search runs "
+                       f"(+{len(p.search_seeds)} per grid extension) and {cells * len(p.seeds)} final runs")
         return
     with user_errors():
         summaries = report_suite(out, protocol, reference) if report_only else \

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from bvgls.registry import DATASETS, DatasetSplits, ModelInput
+
 from .source_model import FMNIST_CLASSES, read_fashion_mnist
 
 IMAGE_SIZE = 28
@@ -90,6 +91,7 @@ class FewShotTask:
         ``val_fraction=task.val_fraction``), with ``bvgls.runner.data``'s transforms for ``input``
         (default: 28x28 grey, Fashion-MNIST mean/std) and ``augment`` on the train split."""
         from bvgls.runner.data import ArrayImages, TransformedDataset, make_transform
+
         from .source_model import FMNIST_INPUT
 
         input = input or FMNIST_INPUT
@@ -152,8 +154,9 @@ def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     k = torch.exp(-t ** 2 / (2 * sigma ** 2))
     k = k / k.sum()
     x = x[:, None]
-    x = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (radius, radius, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
-    x = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (0, 0, radius, radius), mode="replicate"), k.view(1, 1, -1, 1))
+    conv2d, pad = torch.nn.functional.conv2d, torch.nn.functional.pad
+    x = conv2d(pad(x, (radius, radius, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    x = conv2d(pad(x, (0, 0, radius, radius), mode="replicate"), k.view(1, 1, -1, 1))
     return x[:, 0]
 
 
@@ -291,7 +294,8 @@ def font_letters(seed: int = 0, data_root: str | None = None, download: bool = F
     families = font_families(font_dirs)
     if len(families) < 6:
         raise FileNotFoundError(f"font-letters needs at least 6 font families under {', '.join(font_dirs)}, "
-                                f"found {len(families)}: install fonts-dejavu-core, fonts-liberation, fonts-freefont-ttf")
+                                f"found {len(families)}: install fonts-dejavu-core, fonts-liberation, "
+                                "fonts-freefont-ttf")
     rng = np.random.default_rng(seed)
     names = sorted(families)
     order = [names[i] for i in rng.permutation(len(names))]
@@ -369,7 +373,8 @@ def export_image_folder(task: FewShotTask | str, out_dir: str | os.PathLike, *, 
     """Write ``task`` as ``out_dir/{train,test}/<NN_class>/<i>.png`` plus ``task.json``.
 
     ``train/`` is the pool of few shots + validation images: runs carve the validation set
-    out of it with ``--val-fraction`` (``task.json`` records the value). Class folders are numbered so that ``torchvision.datasets.ImageFolder``'s sorted order
+    out of it with ``--val-fraction`` (``task.json`` records the value). Class folders are numbered so that
+    ``torchvision.datasets.ImageFolder``'s sorted order
     gives the task's label order. Returns ``out_dir``.
     """
     from PIL import Image

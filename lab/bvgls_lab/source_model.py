@@ -4,7 +4,7 @@ The paper finetunes ImageNet-pretrained WideResNet-50-2. Neither ImageNet weight
 the paper's target sets can be had offline, so the project pretrains its own source
 model: a ResNet with exactly the paper's six layer groups (``conv1``/``bn1`` stem,
 ``layer1``..``layer4``, ``fc``; one torchvision ``BasicBlock`` per stage), trained on the
-Fashion-MNIST *train* split only. The checkpoint ships in ``bvgls/assets`` with its
+Fashion-MNIST *train* split only. The checkpoint ships in ``bvgls_lab/assets`` with its
 SHA-256 (checked on every load); :func:`pretrain` is the seeded recipe that made it::
 
     bvgls-lab pretrain --out fmnist_resnet.pt --epochs 8 --seed 0 --threads 1   # ~13 min, one CPU thread
@@ -19,15 +19,15 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .pretrained.assets import sha256_file as file_sha256
 from bvgls.registry import MODELS, ModelInput
 from bvgls.runner.data import FASHION_MNIST_CLASSES, read_fashion_mnist
+
+from .pretrained.assets import sha256_file as file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ FMNIST_MEAN, FMNIST_STD = (0.2860,), (0.3530,)
 FMNIST_INPUT = ModelInput(size=28, channels=1, mean=FMNIST_MEAN, std=FMNIST_STD)
 FMNIST_CLASSES = FASHION_MNIST_CLASSES
 
-ASSET_DIR = Path(__file__).resolve().parent.parent / "assets"
+ASSET_DIR = Path(__file__).resolve().parent / "assets"
 CHECKPOINT_NAME = "fmnist_resnet.pt"
 #: SHA-256 of the shipped ``assets/fmnist_resnet.pt`` (made by ``bvgls-lab pretrain``, see docs/experiments/offline.md).
 CHECKPOINT_SHA256 = "70b3a30be710cbfff2971522474acbfa8a02cdcb48cd44df83397fc6a4d309ca"

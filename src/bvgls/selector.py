@@ -247,9 +247,10 @@ class BVGLS(GroupStrategy):
         in float64, are accurate to about 1e-7 at the same speed.
         """
         pieces, owners = [], []
-        for i, x in enumerate(tensors):
+        for x in tensors:
             n = x.numel()
-            if n > 2 * _CHUNK and (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))):
+            dense = x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+            if n > 2 * _CHUNK and dense:
                 parts = x.as_strided((n,), (1,), x.storage_offset()).split(_CHUNK)  # memory order: same norm
             else:
                 parts = (x,)

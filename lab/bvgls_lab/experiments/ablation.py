@@ -18,6 +18,7 @@ from pathlib import Path
 
 from bvgls.runner.grid import collect_results, mean_std_text, text_grid_lines
 from bvgls.runner.rundir import History
+
 from .protocols import Protocol, suite
 from .report import errors_by_seed, final_rows, fmt_ci, lr_cell_text, paired_differences
 from .run import cell_records, protocol_differences
@@ -363,7 +364,8 @@ def ablation_numbers(arms: list[Arm], versus: dict, dod: dict, verdicts: dict, f
             "path": str(arm.path),
             "test_error": {f"{t} {s}": e for (t, s), e in arm.errors.items()},
             "cells": {f"{t} {s}": c for (t, s), c in arm.cells.items()},
-            "val_error": {f"{t} {s}": {format(lr, "g"): v for lr, v in g.items()} for (t, s), g in arm.val_grid.items()},
+            "val_error": {f"{t} {s}": {format(lr, "g"): v for lr, v in g.items()}
+                          for (t, s), g in arm.val_grid.items()},
             "updates": {f"{t} {s}": vars(u) for (t, s), u in arm.updates.items()},
         } for arm in arms},
         "versus_full": {s: {b: ci(d) for b, d in by_batch.items()} for s, by_batch in versus.items()},

@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields, replace
 
 from bvgls.runner.config import FinetuneConfig
 from bvgls.runner.lrsearch import LR_LADDER, TIE_BREAKS
+
 from ..offline_tasks import VAL_FRACTION
 
 #: training options the protocol fixes (not protocol fields: they do not change between protocols)

@@ -25,6 +25,7 @@ from bvgls.runner.grid import collect_results, table_a_lines, text_grid_lines
 from bvgls.runner.plots import new_figure, plot_losses, plot_selection, save_figure
 from bvgls.runner.rundir import History
 from bvgls.strategies import is_partial_spec
+
 from .protocols import SELECTIVE, Protocol
 
 #: adaptive peers also compared with the fixed baselines, as BVG-LS is
@@ -134,9 +135,10 @@ def write_report(out: str | os.PathLike, protocol: Protocol, cells: Sequence[dic
     summary: dict[str, Any] = {"protocol": asdict(protocol), "tasks": tasks, "strategies": strategies,
                                "cells": list(cell_info.values()), "table": {}, "differences": {}}
     for (t, s), by_seed in errors.items():
-        summary["table"].setdefault(t, {})[s] = {"mean": statistics.fmean(by_seed.values()) if by_seed else None,
-                                                 "std": statistics.stdev(by_seed.values()) if len(by_seed) > 1 else None,
-                                                 "by_seed": by_seed}
+        summary["table"].setdefault(t, {})[s] = {
+            "mean": statistics.fmean(by_seed.values()) if by_seed else None,
+            "std": statistics.stdev(by_seed.values()) if len(by_seed) > 1 else None,
+            "by_seed": by_seed}
     diff_lines = _difference_section(tasks, strategies, errors, means, summary)
     lines += diff_lines
     lines += _pairs_section(tasks, strategies, errors, summary)
@@ -166,7 +168,8 @@ def write_report(out: str | os.PathLike, protocol: Protocol, cells: Sequence[dic
               f"torch {env['torch']} ({env['threads']} thread(s) per run)", f"- date: {env['date']}"]
     if summary.get("wall_s") is not None:
         lines.append(f"- total wall time: {summary['wall_s'] / 60:.1f} min")
-    lines.append(f"- runs: {len(rows)} reported" + (f"; {_count_search(out)} in the lr search" if (out / 'search').is_dir() else ""))
+    searched = f"; {_count_search(out)} in the lr search" if (out / "search").is_dir() else ""
+    lines.append(f"- runs: {len(rows)} reported" + searched)
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
@@ -334,7 +337,8 @@ def _cost_section(out, rows, strategies, summary) -> list[str]:
     for s in strategies:
         wall, train = _run_seconds([r for r in rows if r["strategy"] == s])
         search = sum(float(r["wall_s"]) for r in search_rows if r["strategy"] == s and r.get("wall_s") is not None)
-        cost[s] = {"runs": sum(r["strategy"] == s for r in rows), "wall_s": wall, "train_s": train, "search_wall_s": search}
+        cost[s] = {"runs": sum(r["strategy"] == s for r in rows), "wall_s": wall, "train_s": train,
+                   "search_wall_s": search}
     full = cost["full"]
     lines = [f"## Cost of the final runs (sum over tasks and seeds; ratio to full finetuning's; lean target <= "
              f"{LEAN_COST}x wall)", "", "| Strategy | runs | wall_s | × full | train_s | × full | lr-search wall_s |",
@@ -381,8 +385,11 @@ def _search_section(out, tasks, strategies, summary) -> list[str]:
     summary["search_val_error"] = {f"{t} {s}": {format(lr, "g"): statistics.fmean(v) for lr, v in sorted(c.items())}
                                    for (t, s), c in by_cell.items()}
     lines = ["## lr search: mean final validation error (%) at every lr tried", ""]
-    for (t, s), c in sorted(by_cell.items(), key=lambda kv: (tasks.index(kv[0][0]) if kv[0][0] in tasks else 99,
-                                                               strategies.index(kv[0][1]) if kv[0][1] in strategies else 99)):
+    def order(kv):
+        (t, s), _ = kv
+        return tasks.index(t) if t in tasks else 99, strategies.index(s) if s in strategies else 99
+
+    for (t, s), c in sorted(by_cell.items(), key=order):
         lines.append(f"- {t} / {s}: " + ", ".join(f"{lr:g}: {statistics.fmean(v):.1f}" for lr, v in sorted(c.items())))
     return lines + [""]
 
@@ -411,7 +418,8 @@ def _claims_section(out, rows, tasks, strategies, errors, summary) -> list[str]:
     partial = [s for s in strategies if is_partial_spec(s)]
     vs_full = paired_differences(tasks, errors, "bvgls", "full")
     if partial:
-        best = {t: min((s for s in partial if errors.get((t, s))), key=lambda s: statistics.fmean(errors[(t, s)].values()))
+        best = {t: min((s for s in partial if errors.get((t, s))),
+                       key=lambda s, t=t: statistics.fmean(errors[(t, s)].values()))
                 for t in tasks}
         per_task = {t: paired_differences([t], errors, "bvgls", best[t]).get(t) for t in tasks}
         key = "average" if len(tasks) > 1 else tasks[0]
@@ -419,7 +427,8 @@ def _claims_section(out, rows, tasks, strategies, errors, summary) -> list[str]:
                                        "bvgls", "best").get(key))
         below = [d is not None and not math.isnan(d[2]) and d[2] < 0 for d in (vs_full.get(key), part_avg)]
         above = [d is not None and not math.isnan(d[1]) and d[1] > 0 for d in (vs_full.get(key), part_avg)]
-        verdict = "contradicted" if any(above) else {2: "reproduced", 1: "partly reproduced", 0: "not reproduced"}[sum(below)]
+        verdicts = {2: "reproduced", 1: "partly reproduced", 0: "not reproduced"}
+        verdict = "contradicted" if any(above) else verdicts[sum(below)]
         claims["A"] = verdict
         lines.append(f"- **A** (BVG-LS beats full finetuning and the best partial strategy): **{verdict}** "
                      f"(bvgls − full {fmt_ci(*vs_full[key][:3])}, bvgls − best partial {fmt_ci(*part_avg[:3])}, "
@@ -427,18 +436,19 @@ def _claims_section(out, rows, tasks, strategies, errors, summary) -> list[str]:
                          f"{t} vs full {_side(*vs_full[t][1:3])}, vs {best[t]} {_side(*per_task[t][1:3])}"
                          for t in tasks if t in vs_full and per_task[t]))
     loss = {t: (_first_eval_losses(rows, t, "bvgls"), _first_eval_losses(rows, t, "full")) for t in tasks}
-    diffs = {t: paired_ci([b[k] - f[k] for k in sorted(set(b) & set(f))]) for t, (b, f) in loss.items() if set(b) & set(f)}
+    diffs = {t: paired_ci([b[k] - f[k] for k in sorted(set(b) & set(f))])
+             for t, (b, f) in loss.items() if set(b) & set(f)}
     if diffs:
         lower = all(m < 0 for m, _, _ in diffs.values()) and len(diffs) == len(tasks)
         one_ci = any(not math.isnan(hi) and hi < 0 for _, _, hi in diffs.values())
         claims["B"] = "reproduced" if lower and one_ci else "not reproduced"
         lines.append(f"- **B** (faster test-loss descent: lower test loss than full at the first evaluation on every "
-                     f"task, interval below 0 on at least one): **{claims['B']}** (bvgls − full test loss: " + "; ".join(
-                         f"{t} {fmt_ci(*d)}" for t, d in diffs.items()) + ")")
+                     f"task, interval below 0 on at least one): **{claims['B']}** (bvgls − full test loss: "
+                     + "; ".join(f"{t} {fmt_ci(*d)}" for t, d in diffs.items()) + ")")
     selection = summary.get("selection", {}).get("bvgls", {})
     if selection:
         holds = []
-        for t, v in selection.items():
+        for v in selection.values():
             order = sorted(range(len(v["first_epoch"])), key=lambda i: -v["first_epoch"][i])
             holds.append((order[0] == len(order) - 1, order[1] == 0))
         head, stem = all(h for h, _ in holds), all(s for _, s in holds)

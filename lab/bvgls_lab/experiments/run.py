@@ -5,21 +5,20 @@ then the final runs at the chosen lr. A suite (several models) runs its parts on
 from __future__ import annotations
 
 import functools
-import logging
 import hashlib
 import json
+import logging
 import os
 import time
-from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from bvgls.runner.grid import compare as run_grid
 from bvgls.runner.lrsearch import LR_LADDER, next_lr  # noqa: F401  (re-exported: the benchmark's ladder)
-from .protocols import BENCH, EXPECTED_GROUPS, Protocol, suite
+
 from ..offline_tasks import TASKS, export_image_folder
+from .protocols import BENCH, EXPECTED_GROUPS, Protocol, suite
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +119,8 @@ def run_benchmark(out_dir: str | os.PathLike, protocol: Protocol = BENCH, *, wor
     ``workers`` processes run (task, strategy) cells in parallel, each with ``threads`` torch
     threads. ``data_root``/``download``: where Fashion-MNIST is, or may be fetched to, when the
     Debian package is not installed. ``reference``: an earlier benchmark's ``runs.csv`` that the
-    final runs of the same cells are compared with in the report. Returns the summary that is also written to ``out_dir/summary.json``.
+    final runs of the same cells are compared with in the report. Returns the summary that is also written to
+    ``out_dir/summary.json``.
     """
     from .report import write_report
 
@@ -139,7 +139,7 @@ def run_benchmark(out_dir: str | os.PathLike, protocol: Protocol = BENCH, *, wor
         (out / "tasks.json").write_text(json.dumps(tasks, indent=2) + "\n")
     cells = [Cell(t, s, data_dirs[t], str(out), protocol, threads, tasks.get(t, {}).get("val_fraction", 0.0)
                   if protocol.val_fraction == "manifest" else protocol.val_fraction)
-             for s in protocol.strategies for t in protocol.tasks]  # strategy by strategy: a cut-short run has whole ones
+             for s in protocol.strategies for t in protocol.tasks]  # by strategy: a cut-short run has whole ones
     logger.info(f"{len(cells)} (task, strategy) cells: {plan_text(protocol, cells)}, {workers} at a time; "
         f"logs in {out / 'logs'}")
     results = []
@@ -243,7 +243,8 @@ def check_model(protocol: Protocol) -> None:
     groups = layer_groups(build_model(protocol.model, 2, "none"))
     if len(groups) != expected:
         raise ValueError(f"{protocol.model} has {len(groups)} groups ({', '.join(groups.names)}), the protocol's "
-                         f"partial strategies assume {expected}: the grouping changed; the protocol cannot run as frozen")
+                         f"partial strategies assume {expected}: the grouping changed; the protocol cannot run "
+                         "as frozen")
 
 
 def locate_task(name: str, protocol: Protocol) -> dict:
@@ -283,7 +284,8 @@ def plan_text(protocol: Protocol, cells: list[Cell]) -> str:
 
 
 def cell_line(res: dict, done: int, total: int, start: float) -> str:
-    return (f"[{done}/{total}] {res['task']} {res['strategy']}: lr {res['lr']:g} (grid {', '.join(f'{x:g}' for x in res['grid'])}"
+    grid = ", ".join(f"{x:g}" for x in res["grid"])
+    return (f"[{done}/{total}] {res['task']} {res['strategy']}: lr {res['lr']:g} (grid {grid}"
             f"{', EDGE' if res['edge'] else ''}) {res['wall_s']:.0f} s; {(time.time() - start) / 60:.1f} min so far")
 
 

@@ -122,7 +122,8 @@ def format_table(results: list[ProbeResult]) -> str:
 def main(argv: list[str] | None = None) -> int:
     from .image_tasks import task_names
 
-    parser = argparse.ArgumentParser(prog="python -m bvgls_lab.pretrained.calibrate", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bvgls_lab.pretrained.calibrate",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", default=",".join(task_names()), help="comma-separated tasks (default: all)")
     parser.add_argument("--backbone", default="mobilenet_v2", help="a registered model (default mobilenet_v2)")
     parser.add_argument("--size", type=int, default=128, help="input resolution in px (default 128)")

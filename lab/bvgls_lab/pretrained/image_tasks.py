@@ -18,8 +18,8 @@ and where each image came from). The draw is deterministic given the seed:
 
 from __future__ import annotations
 
-import logging
 import json
+import logging
 import os
 import shutil
 import struct
@@ -455,8 +455,8 @@ def load_val(name: str, root: str | os.PathLike | None = None, input=None, augme
     """The task's fixed validation split, with the test transform (no augmentation)."""
     from torchvision.datasets import ImageFolder
 
-    from bvgls.runner.data import TransformedDataset, make_transform
     from bvgls.registry import ModelInput
+    from bvgls.runner.data import TransformedDataset, make_transform
 
     base = ImageFolder(str(task_path(name, root) / "val"))
     return TransformedDataset(base, make_transform(input or ModelInput(), False, augment))

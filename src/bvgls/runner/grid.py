@@ -18,13 +18,13 @@ best lr: one that updates one group per step may want a different lr than full f
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import math
 import os
 import re
 import statistics
 from collections.abc import Callable, Mapping, Sequence
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -185,7 +185,8 @@ class Grid:
         self.done += 1
         if rundir.is_finished(run_dir):
             return
-        logger.info(f"[{self.done}/{self.total}] {label} {spec.text} lr={lr_text(lr)} seed={seed} ({phase}) -> {run_dir}")
+        logger.info(f"[{self.done}/{self.total}] {label} {spec.text} lr={lr_text(lr)} seed={seed} ({phase}) "
+                    f"-> {run_dir}")
         seed_everything(seed)
         net = self.build(splits.num_classes)
         try:
@@ -315,8 +316,8 @@ def compare(
         input = dataclasses.replace(input or ModelInput(), size=image_size)
     del probe
     search = len(lrs) > 1
-    title = (f"# Table A: {model_label}, {cfg.epochs} epochs, batch {cfg.batch_size}, "
-             f"{'lr chosen on a ' + format(cfg.val_fraction, 'g') + ' validation split' if search else 'lr ' + lr_text(lrs[0])}"
+    lr_part = f"lr chosen on a {cfg.val_fraction:g} validation split" if search else "lr " + lr_text(lrs[0])
+    title = (f"# Table A: {model_label}, {cfg.epochs} epochs, batch {cfg.batch_size}, {lr_part}"
              f"{', refit on the full training set' if refit else ''}")
     identity = {"model": model_label, "weights": weights if isinstance(model, str) else None, "augment": augment,
                 "image_size": image_size}
@@ -471,7 +472,8 @@ def table_a_lines(row_names: Sequence[str], columns: Sequence[str], cells: Mappi
     mean of each row in bold, and with several rows an average row over the columns that have
     every row. ``extra``: one more text column after the row name (e.g. the kind of shift)."""
     lead = f"| {header} | " + (f"{extra_header} | " if extra is not None else "")
-    lines = [lead + " | ".join(columns) + " |", "|---|" + ("---|" if extra is not None else "") + "---:|" * len(columns)]
+    rule = "|---|" + ("---|" if extra is not None else "") + "---:|" * len(columns)
+    lines = [lead + " | ".join(columns) + " |", rule]
 
     def row(name: str, means: Mapping[str, float], texts: Mapping[str, str], extra_text: str | None) -> str:
         best = min(means.values()) if means else None

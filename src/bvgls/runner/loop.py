@@ -40,7 +40,6 @@ from ..strategies import StrategySpec, make_strategy
 from . import rundir
 from .callbacks import Callback, TensorBoardLogger, TrainState, as_callback
 from .config import FinetuneConfig, field_defaults, result_keys
-from .models import save_model
 from .rundir import History
 from .tracker import SelectionTracker
 

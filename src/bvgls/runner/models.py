@@ -54,7 +54,8 @@ def _weights_name(weights: Any) -> str | None:
 
 
 def _is_file_spec(text: str | None) -> bool:
-    return bool(text) and (os.path.sep in text or text.endswith((".pt", ".pth", ".ckpt", ".bin")) or os.path.isfile(text))
+    suffixes = (".pt", ".pth", ".ckpt", ".bin")
+    return bool(text) and (os.path.sep in text or text.endswith(suffixes) or os.path.isfile(text))
 
 
 # ---------------------------------------------------------------------- public entry point

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
 CHECKPOINT_FORMAT = "bvgls-checkpoint-v1"
 CHECKPOINT_FILE = "checkpoint.pt"

@@ -59,7 +59,8 @@ def full_finetuning(optimizer, groups=None) -> FixedGroups:
     return FixedGroups(optimizer, range(n), groups, freeze=False, label="full")
 
 
-def partial_finetuning(optimizer, first: int, last: int | None = None, groups=None, *, freeze: bool = True) -> FixedGroups:
+def partial_finetuning(optimizer, first: int, last: int | None = None, groups=None, *,
+                       freeze: bool = True) -> FixedGroups:
     """Groups ``first..last`` (1-indexed, inclusive; ``last`` defaults to the last group)."""
     n = count_groups(optimizer, groups)
     last = n if last is None else last

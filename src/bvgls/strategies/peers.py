@@ -22,7 +22,8 @@ groups the next step does not update get ``requires_grad=False`` as soon as the
 current step ends, so backward computes no gradient for them and stops below the
 lowest active group. ``freeze`` defaults to the value of ``skip``; ``freeze=False``
 keeps every gradient (the groups then only skip the optimizer step), and
-``skip=False`` (learning-rate-0 steps, which need the gradients) implies it. Strategies that act per epoch need the training loop to call
+``skip=False`` (learning-rate-0 steps, which need the gradients) implies it. Strategies that act per epoch need the
+training loop to call
 ``strategy.on_epoch_start(epoch)`` (0-based); calling it again with the same epoch
 number (e.g. after resuming mid-epoch) does nothing. See ``docs/strategies.md``.
 """
@@ -474,7 +475,8 @@ class LISA(_PeerStrategy):
         self.window = int(state["window"])
 
     def __repr__(self):
-        return f"LISA(K={self.K}, gamma={self.gamma}, seed={self.seed}, groups={self.num_groups}, steps={self.num_steps})"
+        return (f"LISA(K={self.K}, gamma={self.gamma}, seed={self.seed}, groups={self.num_groups}, "
+                f"steps={self.num_steps})")
 
 
 # ---------------------------------------------------------------------- block coordinate descent
@@ -577,7 +579,8 @@ class BlockCoordinateDescent(_PeerStrategy):
         self.block = int(state["block"])
 
     def __repr__(self):
-        return f"BlockCoordinateDescent(K={self.K}, order={self.order!r}, groups={self.num_groups}, steps={self.num_steps})"
+        return (f"BlockCoordinateDescent(K={self.K}, order={self.order!r}, groups={self.num_groups}, "
+                f"steps={self.num_steps})")
 
 
 # ---------------------------------------------------------------------- gradual unfreezing
@@ -700,7 +703,8 @@ def _lisa(optimizer, groups=None, K=20, gamma=2, seed=0, skip=True, freeze=None)
 
 
 @register_strategy("bcd-cyclic", help="block coordinate descent (BAdam): one group at a time, next every K steps; "
-                                      "options K=50, order=descending|ascending|random, seed=0, reset_state=True, freeze=True")
+                                      "options K=50, order=descending|ascending|random, seed=0, reset_state=True, "
+                                      "freeze=True")
 def _bcd_cyclic(optimizer, groups=None, K=50, order="descending", seed=0, reset_state=True, skip=True,
                 freeze=None):
     return BlockCoordinateDescent(optimizer, groups, K=K, order=order, seed=seed, reset_state=reset_state,
@@ -713,6 +717,7 @@ def _gradual_unfreeze(optimizer, groups=None, every=None, skip=True, freeze=None
     return GradualUnfreezing(optimizer, groups, every=every, skip_unselected=skip, freeze=freeze)
 
 
-@register_strategy("llrd", help="layer-wise lr decay (BEiT/timm): lr of group l = lr * decay^(L-1-l); option decay=0.75")
+@register_strategy("llrd", help="layer-wise lr decay (BEiT/timm): lr of group l = lr * decay^(L-1-l); "
+                                "option decay=0.75")
 def _llrd(optimizer, groups=None, decay=0.75):
     return LayerwiseLRDecay(optimizer, groups, decay=decay)
