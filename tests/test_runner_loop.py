@@ -212,7 +212,7 @@ def test_compare_keep_going_records_failures(colors, tmp_path):
     try:
         res = compare("full,test-broken", {"colors": colors}, model="tiny-resnet", weights=None, out_dir=tmp_path,
                       epochs=1, batch_size=16, keep_going=True, progress=False,
-                      train_options={"steps_per_epoch": 1})
+                      steps_per_epoch=1)
     finally:
         del STRATEGIES["test-broken"]
     assert len(res.failed) == 1 and "boom" in res.failed[0]

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bvgls.runner.grid import GRID_AXES
 from bvgls.runner.grid import compare as run_grid
 from bvgls.runner.lrsearch import LR_LADDER, next_lr  # noqa: F401  (re-exported: the benchmark's ladder)
 
@@ -42,7 +43,8 @@ class Cell:
 
     def grid_options(self, eval_every: int) -> dict:
         p = self.protocol
-        return dict(model=p.model, settings=p.training(eval_every, self.val_fraction), weights=p.weights,
+        return dict(model=p.model, **p.training(eval_every, self.val_fraction).options(without=GRID_AXES),
+                    weights=p.weights,
                     augment=p.augment, image_size=p.image_size, tie_break=p.tie_break, lr_ladder=p.lr_ladder)
 
 

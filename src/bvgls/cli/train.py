@@ -142,7 +142,7 @@ def run_finetune(p: dict[str, Any]) -> None:
     config = {"model": p["model"], "weights": data_options.weights, "image_size": data_options.image_size,
               "dataset": splits.name, "data": p["data"], "num_classes": splits.num_classes,
               "cli": {k: v for k, v in p.items() if k not in ("resume", "trust_pickle")}}
-    history = train(net, splits, spec, settings=settings, out_dir=run_dir, resume=resuming,
+    history = train(net, splits, spec, **settings.options(without=("strategy",)), out_dir=run_dir, resume=resuming,
                     stop_after=p["stop_after"], keep_checkpoint=p["keep_checkpoint"], save_model=True,
                     tensorboard=p["tensorboard"], config=config)
     report_finetune(out, history, run_dir, settings.epochs)

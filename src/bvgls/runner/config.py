@@ -22,7 +22,7 @@ import functools
 import math
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,6 +113,11 @@ class FinetuneConfig:
 
     def replace(self, **changes) -> FinetuneConfig:
         return dataclasses.replace(self, **changes)
+
+    def options(self, *, without: Sequence[str] = ()) -> dict[str, Any]:
+        """The fields as the keyword options :func:`~bvgls.runner.loop.finetune` and
+        :func:`~bvgls.runner.grid.compare` take, less the names in ``without``."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in without}
 
     def record(self) -> dict[str, Any]:
         """The ``result`` and ``recorded`` options as plain JSON values (for ``config.json``)."""

@@ -190,7 +190,8 @@ class Grid:
         seed_everything(seed)
         net = self.build(splits.num_classes)
         try:
-            history = finetune(net, splits, spec, settings=cfg, out_dir=run_dir, resume=True, config=record)
+            history = finetune(net, splits, spec, out_dir=run_dir, resume=True, config=record,
+                               **cfg.options(without=("strategy",)))
         except Exception as e:  # with keep_going a failed run must not stop the grid
             if not self.keep_going:
                 raise
@@ -253,7 +254,6 @@ def compare(
     *,
     model: str | Callable[[int], nn.Module],
     out_dir: str | os.PathLike,
-    settings: FinetuneConfig | None = None,
     weights: str | None = "DEFAULT",
     refit: bool = False,
     extend_lrs: bool = True,
@@ -263,39 +263,60 @@ def compare(
     image_size: int | None = None,
     tie_break: str = "lr",
     lr_ladder: Sequence[float] = LR_LADDER,
-    train_options: Mapping[str, Any] | None = None,
     keep_going: bool = False,
     **options: Any,
 ) -> CompareResult:
     """Run every (dataset, strategy, seed, lr) and write ``results.csv`` and ``table.md``.
 
-    Args:
-        strategies: specs (``"full,L3-6,bvgls"`` or a list), see :func:`bvgls.make_strategy`.
-        datasets: names/paths (``load_dataset``), ``(label, DatasetSplits)`` pairs, or a dict
-            label -> DatasetSplits or ``fn(model_input) -> DatasetSplits``.
-        seeds: one run per seed (seeds the head's init, shuffling and augmentation).
-        lrs: base learning rates; more than one needs ``val_fraction`` (see module docstring).
-        model: a model spec for :func:`bvgls.runner.models.build_model`, or ``fn(num_classes) -> nn.Module``.
-        out_dir: where runs, ``results.csv`` and ``table.md`` go; rerunning skips finished runs.
-        settings, **options: the training options (:class:`~bvgls.runner.config.FinetuneConfig`
-            and its field names: ``epochs``, ``batch_size``, ``val_fraction``, ``optimizer``, ...);
-            ``train_options``: the same as a mapping.
-        weights: weights for a model spec (``DEFAULT``, ``none``, a file).
-        refit: after choosing the lr, train again on the full training set at that lr.
-        extend_lrs: extend the lr grid past an edge (see module docstring).
-        data_root, download, augment: passed to :func:`bvgls.runner.data.load_dataset`.
-        image_size: train/test crop size in px instead of the model's own input size.
-        tie_break: lr choice among equal mean validation errors: ``"lr"`` (the smaller lr) or
-            ``"val_loss"`` (the lower mean final validation loss, then the smaller lr).
-        lr_ladder: the values a grid may be extended to (:data:`~bvgls.runner.lrsearch.LR_LADDER`).
-        keep_going: log a failed run and continue with the others (default: raise).
+    ``strategies``: specs (``"full,L3-6,bvgls"`` or a list, see :func:`bvgls.make_strategy`); ``datasets``:
+    names/paths (``load_dataset``), ``(label, DatasetSplits)`` pairs, or a dict label -> DatasetSplits or
+    ``fn(model_input) -> DatasetSplits``; one run per seed (it seeds the head's init, shuffling and
+    augmentation) and base learning rate (several need ``val_fraction``, see the module docstring).
+    ``model``: a model spec (:func:`~bvgls.runner.models.build_model`, with ``weights``: ``DEFAULT``,
+    ``none``, a file) or ``fn(num_classes) -> nn.Module``. ``out_dir``: where runs, ``results.csv`` and
+    ``table.md`` go; rerunning skips finished runs. ``**options``: the training options,
+    :class:`~bvgls.runner.config.FinetuneConfig`'s field names (``epochs``, ``batch_size``,
+    ``val_fraction``, ...) but the grid's own ``lr``, ``seed`` and ``strategy``; a config ``cfg`` passes as
+    ``**cfg.options(without=GRID_AXES)``. ``refit``: after choosing the lr, train again on the full
+    training set at that lr; ``extend_lrs``: extend the lr grid past an edge, along ``lr_ladder``;
+    ``tie_break``: lr choice among equal mean validation errors, ``"lr"`` (the smaller lr) or
+    ``"val_loss"`` (the lower mean final validation loss, then the smaller lr). ``data_root``,
+    ``download``, ``augment``: for :func:`bvgls.runner.data.load_dataset`; ``image_size``: crop size
+    in px instead of the model's own. ``keep_going``: log a failed run and continue with the others
+    (default: raise). Progress lines go to the ``bvgls.runner.grid`` logger.
     """
-    options = {**dict(train_options or {}), **options}
-    for reserved in ("lr", "seed", "strategy"):
+    lrs = check_lrs(lrs)
+    cfg, specs, seeds = check_compare_arguments(strategies, seeds, lrs, refit, tie_break, image_size, options)
+    entries = dataset_entries(datasets)
+    rundir.prepare_out_dir(out_dir)
+    if len(lrs) == 1:  # a directory of single-lr runs must not mix lrs
+        check_no_stray_runs(str(out_dir), [label for label, _ in entries], [s.text for s in specs], lrs[0])
+    model_label, build = model_builder(model, weights, cfg.trust_pickle)
+    specs, input = check_model_fit(specs, build, image_size)  # before any data is loaded
+    identity = dict(model=model_label, weights=weights if isinstance(model, str) else None, augment=augment,
+                    image_size=image_size)
+    grid = Grid(str(out_dir), specs, [label for label, _ in entries], seeds, cfg, identity, build,
+                keep_going=keep_going, title=table_title(model_label, cfg, lrs, refit),
+                total=len(entries) * len(specs) * len(seeds) * len(lrs), tie_break=tie_break, lr_ladder=lr_ladder)
+    for label, source in entries:
+        splits = load_source(source, input, data_root, download, augment)
+        run_dataset(grid, label, splits, lrs, search=len(lrs) > 1, refit=refit, extend=extend_lrs)
+    result = grid.write()
+    result.failed, result.searches = grid.failed, grid.searches
+    return result
+
+
+#: the options a grid sets per run itself, refused among compare's training options
+GRID_AXES = ("lr", "seed", "strategy")
+
+
+def check_compare_arguments(strategies, seeds, lrs, refit, tie_break, image_size, options):
+    """What :func:`compare` refuses before building anything; returns the config (lr: a
+    placeholder, set per run), the parsed strategies and the seeds."""
+    for reserved in GRID_AXES:
         if reserved in options:
             raise ValueError(f"compare takes {reserved!r} from its own arguments (lrs, seeds, strategies)")
-    lrs = check_lrs(lrs)
-    cfg = FinetuneConfig(**{**(vars(settings) if settings else {}), "lr": 1.0, **options})
+    cfg = FinetuneConfig(**{"lr": 1.0, **options})
     specs = parse_strategies(strategies)
     seeds = [int(s) for s in seeds]
     check_grid_arguments(specs, seeds, lrs, cfg.val_fraction, refit)
@@ -304,32 +325,25 @@ def compare(
         raise ValueError(f"unknown tie_break {tie_break!r}; known: {', '.join(TIE_BREAKS)}")
     if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
         raise ValueError(f"image_size must be a positive int, got {image_size!r}")
-    entries = dataset_entries(datasets)
-    rundir.prepare_out_dir(out_dir)
-    if len(lrs) == 1:
-        check_no_stray_runs(str(out_dir), [label for label, _ in entries], [s.text for s in specs], lrs[0])
-    model_label, build = model_builder(model, weights, cfg.trust_pickle)
-    probe = build(2)  # the model's input spec, and its groups for checking the strategies
-    specs = check_strategies(specs, probe)
-    input = probe.bvgls_input if hasattr(probe, "bvgls_input") else None
+    return cfg, specs, seeds
+
+
+def check_model_fit(specs, build, image_size):
+    """Build the model once with a 2-class head (the shape model): the strategies must fit its
+    groups; returns them and its input spec (with ``image_size``)."""
+    shape_model = build(2)
+    specs = check_strategies(specs, shape_model)
+    input = shape_model.bvgls_input if hasattr(shape_model, "bvgls_input") else None
     if image_size is not None:
         input = dataclasses.replace(input or ModelInput(), size=image_size)
-    del probe
+    return specs, input
+
+
+def table_title(model_label: str, cfg: FinetuneConfig, lrs: Sequence[float], refit: bool) -> str:
     search = len(lrs) > 1
     lr_part = f"lr chosen on a {cfg.val_fraction:g} validation split" if search else "lr " + lr_text(lrs[0])
-    title = (f"# Table A: {model_label}, {cfg.epochs} epochs, batch {cfg.batch_size}, {lr_part}"
-             f"{', refit on the full training set' if refit else ''}")
-    identity = {"model": model_label, "weights": weights if isinstance(model, str) else None, "augment": augment,
-                "image_size": image_size}
-    grid = Grid(str(out_dir), specs, [label for label, _ in entries], seeds, cfg, identity, build,
-                keep_going=keep_going, title=title, total=len(entries) * len(specs) * len(seeds) * len(lrs),
-                tie_break=tie_break, lr_ladder=lr_ladder)
-    for label, source in entries:
-        splits = load_source(source, input, data_root, download, augment)
-        run_dataset(grid, label, splits, lrs, search=search, refit=refit, extend=extend_lrs)
-    result = grid.write()
-    result.failed, result.searches = grid.failed, grid.searches
-    return result
+    return (f"# Table A: {model_label}, {cfg.epochs} epochs, batch {cfg.batch_size}, {lr_part}"
+            f"{', refit on the full training set' if refit else ''}")
 
 
 def check_grid_arguments(specs, seeds, lrs, val_fraction, refit) -> None:
