@@ -111,7 +111,7 @@ def build(tmp_path: Path, *, needs_steps: bool, bvgls_lr_128: float = 0.3) -> tu
     grids16 = {c: B16_GRID + ((0.0003,) if c[1] == "full" else ()) for c in chosen16}
     a = write_arm(tmp_path / "A" / "mobilenet_v2", PRETRAINED_M, arm_errors(small if needs_steps else large, 0.0),
                   chosen16, grids16)
-    chosen128 = {(t, s): 0.1 for t in ablation.TASKS for s in ablation.STRATEGIES}
+    chosen128 = {(t, s): 0.1 for t in ablation.TASKS for s in ablation.ABLATION_STRATEGIES}
     chosen128.update({(FINE, "bvgls"): 0.3, (COARSE, "bvgls"): bvgls_lr_128, (FINE, "L6-10"): 3.0})
     grids128 = {c: B128_GRID + ((3.0,) if c == (FINE, "L6-10") else ()) for c in chosen128}
     b = write_arm(tmp_path / "B", PRETRAINED_BATCH, arm_errors(large if needs_steps else small, 2.0), chosen128,

@@ -175,7 +175,7 @@ def test_model_has_the_papers_six_groups():
 
 
 def test_shipped_checkpoint_is_a_trained_source_model():
-    ckpt = source_model.load_checkpoint(source_model.ASSET_DIR / source_model.CHECKPOINT_NAME,
+    ckpt = source_model.load_source_checkpoint(source_model.ASSET_DIR / source_model.CHECKPOINT_NAME,
                                         source_model.CHECKPOINT_SHA256)
     assert (source_model.ASSET_DIR / source_model.CHECKPOINT_NAME).stat().st_size < 20 * 2**20
     net = source_model.FMNISTResNet(10)
@@ -198,12 +198,12 @@ def test_tampered_checkpoint_is_refused(tmp_path, monkeypatch):
     data[len(data) // 2] ^= 0xFF
     bad.write_bytes(bytes(data))
     with pytest.raises(source_model.ChecksumError, match="SHA-256 .* expected"):
-        source_model.load_checkpoint(bad, source_model.CHECKPOINT_SHA256)
+        source_model.load_source_checkpoint(bad, source_model.CHECKPOINT_SHA256)
     monkeypatch.setattr(source_model, "ASSET_DIR", bad_dir)
-    with pytest.raises(source_model.ChecksumError, match="bvgls pretrain"):
+    with pytest.raises(source_model.ChecksumError, match="bvgls-lab pretrain"):
         source_model.build_fmnist_resnet(10, "DEFAULT")
-    with pytest.raises(FileNotFoundError, match="bvgls pretrain"):
-        source_model.load_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(FileNotFoundError, match="bvgls-lab pretrain"):
+        source_model.load_source_checkpoint(tmp_path / "missing.pt")
 
 
 def _write_idx(path, array):

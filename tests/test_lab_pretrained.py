@@ -150,7 +150,7 @@ def fake_clipart(tmp_path):
 def test_clipart_task_is_a_deterministic_few_shot_imagefolder(tmp_path, fake_clipart):
     from PIL import Image
 
-    out = tasks.build_task("clipart-fine", tmp_path / "a", seed=0, source_root=fake_clipart)
+    out = tasks.build_image_task("clipart-fine", tmp_path / "a", seed=0, source_root=fake_clipart)
     manifest = json.loads((out / "manifest.json").read_text())
     spec = tasks.TASK_SPECS["clipart-fine"]
     assert manifest["classes"] == list(spec.classes) and manifest["format"] == tasks.TASK_FORMAT
@@ -175,21 +175,21 @@ def test_clipart_task_is_a_deterministic_few_shot_imagefolder(tmp_path, fake_cli
     assert image.getpixel((tasks.RESOLUTION - 1, tasks.RESOLUTION - 1)) == (255, 255, 255)  # transparent -> white
     assert all(r["source_sha256"] for r in manifest["images"])
     # same seed, same task; another seed, another draw
-    again = tasks.build_task("clipart-fine", tmp_path / "b", seed=0, source_root=fake_clipart)
+    again = tasks.build_image_task("clipart-fine", tmp_path / "b", seed=0, source_root=fake_clipart)
     for path in sorted(p for p in out.rglob("*.png")):
         assert (again / path.relative_to(out)).read_bytes() == path.read_bytes()
-    other = tasks.build_task("clipart-fine", tmp_path / "c", seed=1, source_root=fake_clipart)
+    other = tasks.build_image_task("clipart-fine", tmp_path / "c", seed=1, source_root=fake_clipart)
     assert {p.name for p in (other / "train" / "music").iterdir()} != sources["train", "music"]
 
 
 def test_build_task_is_idempotent_and_rebuilds_on_a_new_seed(tmp_path, fake_clipart, caplog):
     caplog.set_level(logging.INFO, logger="bvgls_lab")
-    out = tasks.build_task("clipart-fine", tmp_path / "t", seed=0, source_root=fake_clipart)
+    out = tasks.build_image_task("clipart-fine", tmp_path / "t", seed=0, source_root=fake_clipart)
     stamp = (out / "manifest.json").stat().st_mtime_ns
-    tasks.build_task("clipart-fine", tmp_path / "t", seed=0, source_root=fake_clipart)
+    tasks.build_image_task("clipart-fine", tmp_path / "t", seed=0, source_root=fake_clipart)
     logs = caplog.messages
     assert logs[-1].startswith("clipart-fine: present at") and (out / "manifest.json").stat().st_mtime_ns == stamp
-    tasks.build_task("clipart-fine", tmp_path / "t", seed=3, source_root=fake_clipart)
+    tasks.build_image_task("clipart-fine", tmp_path / "t", seed=3, source_root=fake_clipart)
     assert json.loads((out / "manifest.json").read_text())["seed"] == 3
 
 
@@ -197,7 +197,7 @@ def test_a_class_too_small_for_the_split_is_an_error(tmp_path, fake_clipart):
     for f in sorted((fake_clipart / "plants/flowers").iterdir())[:12]:  # 26 -> 14 < 6 val + 8 test + 2
         f.unlink()
     with pytest.raises(ValueError, match="too small for clipart-fine"):
-        tasks.build_task("clipart-fine", tmp_path / "x", source_root=fake_clipart)
+        tasks.build_image_task("clipart-fine", tmp_path / "x", source_root=fake_clipart)
 
 
 def test_build_task_never_overwrites_a_folder_it_did_not_write(tmp_path, fake_clipart):
@@ -205,7 +205,7 @@ def test_build_task_never_overwrites_a_folder_it_did_not_write(tmp_path, fake_cl
     precious.mkdir()
     (precious / "notes.txt").write_text("keep me")
     with pytest.raises(ValueError, match="is not a bvgls task folder"):
-        tasks.build_task("clipart-fine", precious, source_root=fake_clipart)
+        tasks.build_image_task("clipart-fine", precious, source_root=fake_clipart)
     assert (precious / "notes.txt").read_text() == "keep me"
 
 
@@ -236,7 +236,7 @@ def _fake_emoji_tree(root: Path) -> None:
 def test_emoji_task_trains_on_noto_and_tests_on_twemoji_of_other_emoji(tmp_path):
     pytest.importorskip("cairosvg")
     _fake_emoji_tree(tmp_path / "node_modules")
-    out = tasks.build_task("emoji-sub", tmp_path / "e", source_root=tmp_path / "node_modules")
+    out = tasks.build_image_task("emoji-sub", tmp_path / "e", source_root=tmp_path / "node_modules")
     manifest = json.loads((out / "manifest.json").read_text())
     assert any("only-noto" in s and "not drawn by both vendors" in s for s in manifest["skipped"])
     by_split = {}
@@ -265,7 +265,7 @@ def test_registered_task_loads_a_built_folder_from_the_data_root(tmp_path, fake_
     from bvgls.registry import ModelInput
     from bvgls.runner.data import load_dataset
 
-    tasks.build_task("clipart-fine", isolated / "tasks" / "clipart-fine", source_root=fake_clipart)
+    tasks.build_image_task("clipart-fine", isolated / "tasks" / "clipart-fine", source_root=fake_clipart)
     splits = load_dataset("clipart-fine", input=ModelInput(size=112))
     assert splits.name == "clipart-fine" and splits.classes == sorted(tasks.TASK_SPECS["clipart-fine"].classes)
     x, y = splits.train[0]

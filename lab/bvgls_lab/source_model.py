@@ -27,6 +27,7 @@ from torch import nn
 from bvgls.registry import MODELS, ModelInput
 from bvgls.runner.data import FASHION_MNIST_CLASSES, read_fashion_mnist
 
+from .pretrained.assets import ChecksumError  # noqa: F401  (raised here for a damaged checkpoint)
 from .pretrained.assets import sha256_file as file_sha256
 
 logger = logging.getLogger(__name__)
@@ -42,10 +43,6 @@ CHECKPOINT_NAME = "fmnist_resnet.pt"
 CHECKPOINT_SHA256 = "70b3a30be710cbfff2971522474acbfa8a02cdcb48cd44df83397fc6a4d309ca"
 
 DEFAULT_WIDTHS = (32, 64, 128, 256)
-
-
-class ChecksumError(RuntimeError):
-    """A checkpoint's SHA-256 is not the one recorded for it."""
 
 
 # ---------------------------------------------------------------------- model
@@ -95,7 +92,7 @@ class FMNISTResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def load_checkpoint(path: str | os.PathLike, sha256: str | None = None) -> dict:
+def load_source_checkpoint(path: str | os.PathLike, sha256: str | None = None) -> dict:
     """Read a checkpoint written by :func:`pretrain`, verifying its SHA-256 when given."""
     path = Path(path)
     if not path.is_file():
@@ -105,7 +102,7 @@ def load_checkpoint(path: str | os.PathLike, sha256: str | None = None) -> dict:
         actual = file_sha256(path)
         if actual != sha256:
             raise ChecksumError(f"checkpoint {path} has SHA-256 {actual}, expected {sha256}: the file is "
-                                "damaged or was replaced. Reinstall bvgls, or re-create it with "
+                                "damaged or was replaced. Reinstall the lab, or re-create it with "
                                 "`bvgls-lab pretrain` (see docs/experiments/offline.md) and pass its path as weights.")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
@@ -128,9 +125,9 @@ def build_fmnist_resnet(num_classes: int, weights: str | None = None, *,
     if weights is None or str(weights).lower() == "none":
         return FMNISTResNet(num_classes)
     if str(weights).upper() == "DEFAULT" or str(weights).lower() == "fmnist":
-        ckpt = load_checkpoint(ASSET_DIR / CHECKPOINT_NAME, CHECKPOINT_SHA256)
+        ckpt = load_source_checkpoint(ASSET_DIR / CHECKPOINT_NAME, CHECKPOINT_SHA256)
     else:
-        ckpt = load_checkpoint(weights, checkpoint_sha256)
+        ckpt = load_source_checkpoint(weights, checkpoint_sha256)
     config = ckpt.get("config", {})
     model = FMNISTResNet(int(config.get("num_classes", 10)), tuple(config.get("widths", DEFAULT_WIDTHS)),
                          int(config.get("blocks", 1)))

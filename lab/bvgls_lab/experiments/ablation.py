@@ -24,8 +24,8 @@ from .report import errors_by_seed, final_rows, fmt_ci, lr_cell_text, paired_dif
 from .run import cell_records, protocol_differences
 
 TASKS = ("clipart-fine", "clipart-coarse")
-STRATEGIES = ("full", "bvgls", "L6-10")
-CELLS = tuple((t, s) for t in TASKS for s in STRATEGIES)
+ABLATION_STRATEGIES = ("full", "bvgls", "L6-10")
+CELLS = tuple((t, s) for t in TASKS for s in ABLATION_STRATEGIES)
 #: the strategies compared with full finetuning
 VERSUS_FULL = ("bvgls", "L6-10")
 #: statement 2: BVG-LS's chosen lr is at least this multiple of full finetuning's
@@ -218,7 +218,7 @@ def write_batch_ablation(b16_dir: str | os.PathLike, b128_dir: str | os.PathLike
     dod = {s: difference_of_differences(b16, b128, s) for s in VERSUS_FULL}
     verdicts = {"steps": judge_steps(dod["bvgls"]), "lr": judge_lr(arms), "competitive": judge_competitive(arms)}
     lines = ["# Ablation: batch size and learning rate", "",
-             f"Batch 16: `{b16.path}` (part M of `pretrained`: its {', '.join(STRATEGIES)} cells on "
+             f"Batch 16: `{b16.path}` (part M of `pretrained`: its {', '.join(ABLATION_STRATEGIES)} cells on "
              f"{' and '.join(TASKS)}); batch 128: `{b128.path}` (`pretrained-batch`). Test and validation "
              "errors in %; paired differences in points, mean [95% t-interval], paired by seed (the same "
              "few-shot draw), negative = better than full finetuning.", ""]
@@ -263,7 +263,7 @@ def error_lines(arms: list[Arm]) -> list[str]:
         errors = arm.errors.get((t, s), {})
         return mean_std_text(list(errors.values())) + (f" (n={len(errors)})" if errors else "")
 
-    return (["## Test error (%), mean ± std over seeds", ""] + text_grid_lines(list(rows), STRATEGIES, text,
+    return (["## Test error (%), mean ± std over seeds", ""] + text_grid_lines(list(rows), ABLATION_STRATEGIES, text,
                                                                                 header="Task, batch") + [""])
 
 
@@ -278,7 +278,7 @@ def lr_lines(arms: list[Arm]) -> list[str]:
         return f"{mine['lr'] / full['lr']:.3g}x" if mine and full else "–"
 
     return (["## Chosen lr (searched grid in brackets; **EDGE** = still at an end of it)", ""] +
-            text_grid_lines(list(rows), STRATEGIES + ("bvgls ÷ full",), text, header="Task, batch") + [""])
+            text_grid_lines(list(rows), ABLATION_STRATEGIES + ("bvgls ÷ full",), text, header="Task, batch") + [""])
 
 
 def grid_lines(arms: list[Arm], figure: str | None, where: Path) -> list[str]:
@@ -286,13 +286,13 @@ def grid_lines(arms: list[Arm], figure: str | None, where: Path) -> list[str]:
     lines = ["## Validation error (%) over the searched grid (search seeds' mean; **bold** = chosen, div = "
              "diverged, – = not tried)", ""]
     for t in TASKS:
-        lrs = sorted({lr for arm in arms for s in STRATEGIES for lr in arm.val_grid.get((t, s), {})})
+        lrs = sorted({lr for arm in arms for s in ABLATION_STRATEGIES for lr in arm.val_grid.get((t, s), {})})
         if not lrs:
             lines += [f"{t}: no search run has finished.", ""]
             continue
         lines += [f"{t}:", "", "| Strategy, batch | " + " | ".join(f"{lr:g}" for lr in lrs) + " |",
                   "|---|" + "---:|" * len(lrs)]
-        for s in STRATEGIES:
+        for s in ABLATION_STRATEGIES:
             for arm in arms:
                 grid, chosen = arm.val_grid.get((t, s), {}), arm.cells.get((t, s), {}).get("lr")
                 texts = ["–" if lr not in grid else "div" if math.isinf(grid[lr]) else
@@ -336,7 +336,7 @@ def update_lines(arms: list[Arm]) -> list[str]:
              "", "| Task, batch, strategy | steps | mean per group | " + " | ".join(groups) + " |",
              "|---|---:|---:|" + "---:|" * len(groups)]
     for t, arm in row_names(arms):
-        for s in STRATEGIES:
+        for s in ABLATION_STRATEGIES:
             u = arm.updates.get((t, s))
             if u is not None:
                 lines.append(f"| {t}, {arm.name}, {s} | {u.steps:.0f} | {statistics.fmean(u.per_group):.1f} | "
@@ -378,7 +378,7 @@ def ablation_numbers(arms: list[Arm], versus: dict, dod: dict, verdicts: dict, f
 def plot_val_grids(path: Path, arms: list[Arm]) -> str | None:
     """Validation error against lr per task, one curve per strategy and batch size; None without
     matplotlib or without a finished search run."""
-    tasks = [t for t in TASKS if any(arm.val_grid.get((t, s)) for arm in arms for s in STRATEGIES)]
+    tasks = [t for t in TASKS if any(arm.val_grid.get((t, s)) for arm in arms for s in ABLATION_STRATEGIES)]
     if not tasks:
         return None
     try:
@@ -389,7 +389,7 @@ def plot_val_grids(path: Path, arms: list[Arm]) -> str | None:
         return None
     axes = fig.subplots(1, len(tasks), squeeze=False)[0]
     for ax, t in zip(axes, tasks):
-        for color, s in zip(("C1", "C0", "C2"), STRATEGIES):
+        for color, s in zip(("C1", "C0", "C2"), ABLATION_STRATEGIES):
             for style, arm in zip(("-", "--"), arms):
                 grid = arm.val_grid.get((t, s), {})
                 points = [(lr, v) for lr, v in grid.items() if math.isfinite(v)]

@@ -17,7 +17,7 @@ from ..offline_tasks import VAL_FRACTION
 BENCH_FIXED = {"optimizer": "sgd", "nesterov": True, "channels_last": True, "num_workers": 0, "device": "cpu",
                "progress": False}
 SUITE = ("fmnist-invert", "fmnist-noise", "digits", "font-letters", "fmnist-pairs")
-STRATEGIES = ("full", "L2-6", "L3-6", "L4-6", "L5-6", "linear", "bvgls", "bvgts")
+BENCH_STRATEGIES = ("full", "L2-6", "L3-6", "L4-6", "L5-6", "linear", "bvgls", "bvgts")
 PARTIAL = ("L2-6", "L3-6", "L4-6", "L5-6")
 SELECTIVE = ("bvgls", "bvgts")
 
@@ -27,7 +27,7 @@ class Protocol:
     """Everything a benchmark run depends on (recorded in ``protocol.json``)."""
 
     tasks: tuple[str, ...] = SUITE
-    strategies: tuple[str, ...] = STRATEGIES
+    strategies: tuple[str, ...] = BENCH_STRATEGIES
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     search_seeds: tuple[int, ...] = (0, 1)
     lrs: tuple[float, ...] = (0.01, 0.03, 0.1)

@@ -11,7 +11,7 @@ apt-get) at set-up time, checked, and cached locally; nothing is committed:
 - :mod:`bvgls_lab.pretrained.register`: their model and dataset registrations (imported lazily
   by :data:`bvgls.registry.MODELS` / :data:`bvgls.registry.DATASETS`);
 - ``python -m bvgls_lab.pretrained.setup`` (what ``scripts/setup_pretrained.sh`` runs) builds all
-  that can be built; ``python -m bvgls_lab.pretrained.calibrate`` runs the linear-probe check.
+  that can be built; ``python -m bvgls_lab.pretrained.calibrate`` runs the frozen-feature check.
 
 See ``docs/experiments/pretrained-assets.md``. Importing this package imports nothing heavy.
 """

@@ -1,7 +1,7 @@
 """``python -m bvgls_lab.pretrained.calibrate``: is a task worth finetuning an ImageNet backbone on?
 
-A linear probe (scikit-learn logistic regression, its ``C`` chosen on the task's val split) on the
-backbone's pooled features, with the task's own few-shot training draw, once with the ImageNet
+A linear classifier on frozen features (scikit-learn logistic regression, its ``C`` chosen on the
+task's val split) on the backbone's pooled features, with the task's own few-shot training draw, once with the ImageNet
 weights and once with a random init of the same network. A task is kept when the pretrained
 features clearly beat random ones and are far from chance:
 
@@ -120,11 +120,11 @@ def format_table(results: list[ProbeResult]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .image_tasks import task_names
+    from .image_tasks import image_task_names
 
     parser = argparse.ArgumentParser(prog="python -m bvgls_lab.pretrained.calibrate",
                                      description=__doc__.split("\n")[0])
-    parser.add_argument("--tasks", default=",".join(task_names()), help="comma-separated tasks (default: all)")
+    parser.add_argument("--tasks", default=",".join(image_task_names()), help="comma-separated tasks (default: all)")
     parser.add_argument("--backbone", default="mobilenet_v2", help="a registered model (default mobilenet_v2)")
     parser.add_argument("--size", type=int, default=128, help="input resolution in px (default 128)")
     parser.add_argument("--json", help="also write the results to this JSON file")

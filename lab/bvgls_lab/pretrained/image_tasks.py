@@ -1,6 +1,6 @@
 """Few-shot target tasks built from package-registry data: emoji across vendors, Open Clip Art topics.
 
-Each task is written by :func:`build_task` as an ImageFolder (``train/``, ``val/``, ``test/``,
+Each task is written by :func:`build_image_task` as an ImageFolder (``train/``, ``val/``, ``test/``,
 one folder per class, 144 px RGB PNGs on white, so 112-128 px crops are possible) with a
 ``manifest.json`` (counts per class, sources with versions, licences and SHA-256 of the inputs,
 and where each image came from). The draw is deterministic given the seed:
@@ -101,7 +101,7 @@ TASK_SPECS: dict[str, TaskSpec] = {spec.name: spec for spec in (
 )}
 
 
-def task_names() -> list[str]:
+def image_task_names() -> list[str]:
     return list(TASK_SPECS)
 
 
@@ -311,7 +311,7 @@ def ensure_sources(source: str) -> Path:
     return root
 
 
-def build_task(name: str, out_dir: str | os.PathLike | None = None, seed: int = 0, *,
+def build_image_task(name: str, out_dir: str | os.PathLike | None = None, seed: int = 0, *,
                source_root: str | os.PathLike | None = None) -> Path:
     """Build task ``name`` as an ImageFolder with a manifest in ``out_dir`` (default
     ``<tasks dir>/<name>``); idempotent: an existing build of the same spec and seed is kept.
@@ -421,7 +421,7 @@ def build_all(names: Iterable[str] | None = None, seed: int = 0) -> dict:
     done: dict[str, str] = {}
     for name in names or TASK_SPECS:
         try:
-            done[name] = str(build_task(name, seed=seed))
+            done[name] = str(build_image_task(name, seed=seed))
         except AssetUnavailable as e:
             done[name] = f"skipped: {e}"
             logger.info(f"{name}: skipped: {e}")

@@ -47,12 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.only != "tasks":
         results.update(setup_weights())
     if args.only != "weights":
-        from .image_tasks import build_all, task_names
+        from .image_tasks import build_all, image_task_names
 
-        names = [t.strip() for t in args.tasks.split(",")] if args.tasks else task_names()
-        unknown = [t for t in names if t not in task_names()]
+        names = [t.strip() for t in args.tasks.split(",")] if args.tasks else image_task_names()
+        unknown = [t for t in names if t not in image_task_names()]
         if unknown:
-            print(f"error: unknown task(s) {', '.join(unknown)}; known: {', '.join(task_names())}", file=sys.stderr)
+            print(f"error: unknown task(s) {', '.join(unknown)}; known: {', '.join(image_task_names())}",
+                  file=sys.stderr)
             return 2
         results.update(build_all(names, seed=args.seed))
     skipped = [k for k, v in results.items() if v.startswith("skipped")]

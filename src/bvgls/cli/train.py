@@ -130,11 +130,11 @@ def run_finetune(p: dict[str, Any]) -> None:
         refuse_used_run_dir(run_dir)
     prepare_out_dir(run_dir)
     trust = settings.trust_pickle
-    probe = build_model(p["model"], 2, data_options.weights, trust_pickle=trust)
-    [spec] = check_strategies([p["strategy"]], probe)
+    shape_model = build_model(p["model"], 2, data_options.weights, trust_pickle=trust)  # input spec and groups
+    [spec] = check_strategies([p["strategy"]], shape_model)
     splits = load_dataset(p["data"], data_options.data_root, data_options.download,
-                          data_options.model_input(probe.bvgls_input), augment=data_options.augment_override)
-    del probe
+                          data_options.model_input(shape_model.bvgls_input), augment=data_options.augment_override)
+    del shape_model
     seed_everything(settings.seed)
     net = build_model(p["model"], splits.num_classes, data_options.weights, trust_pickle=trust)
     out.print(f"[bold]{spec.text}[/] on [bold]{splits.name}[/] ({len(splits.train)} train / "

@@ -200,10 +200,10 @@ def make_strategy(spec: str | StrategySpec, optimizer: torch.optim.Optimizer,
 
 # the other strategy modules register themselves; they import this module's registry, so they come last
 from . import auto_snr, peers  # noqa: E402,F401  (auto-snr; auto-rgn, lisa, bcd-cyclic, gradual-unfreeze, llrd)
-from .baselines import FixedGroups, full_finetuning, linear_probing, partial_finetuning  # noqa: E402
+from .baselines import FixedGroups, full_finetuning, linear_finetuning, partial_finetuning  # noqa: E402
 
 __all__ = [
     "STRATEGIES", "FixedGroups", "StrategyEntry", "StrategySpec", "full_finetuning", "is_partial_spec",
-    "linear_probing", "make_strategy", "parse_spec", "parse_strategy", "partial_finetuning", "register_strategy",
+    "linear_finetuning", "make_strategy", "parse_spec", "parse_strategy", "partial_finetuning", "register_strategy",
     "strategy_names", "strategy_needs_all_gradients",
 ]
