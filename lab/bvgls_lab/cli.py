@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from bvgls.cli import CLIError, configure_logging, one_line_warning, user_errors
+from bvgls.cli import CLIError, configure_logging, one_line_warning, user_errors, with_paragraph_help
 
 from .experiments.protocols import DEMO, SUITES, Protocol, suite
 from .offline_tasks import TASKS, build_task, export_image_folder
@@ -36,7 +36,7 @@ def get_app() -> typer.Typer:
 
     from . import plugin  # noqa: F401  (the lab's)
 
-    return app
+    return with_paragraph_help(app)
 
 
 def main() -> None:

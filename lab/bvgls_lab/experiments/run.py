@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bvgls.runner.grid import GRID_AXES
+from bvgls.runner.config import GRID_AXES
 from bvgls.runner.grid import compare as run_grid
 from bvgls.runner.lrsearch import LR_LADDER, next_lr  # noqa: F401  (re-exported: the benchmark's ladder)
 

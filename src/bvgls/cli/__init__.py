@@ -90,7 +90,21 @@ def configure_logging(*names: str, level: int = logging.INFO) -> None:
 def get_app() -> typer.Typer:
     """The app with every plugin's commands attached."""
     load_plugins()
-    return app
+    return with_paragraph_help(app)
+
+
+def with_paragraph_help(typer_app: typer.Typer) -> typer.Typer:
+    """Give every command whose help comes from its docstring that help with the source's line
+    breaks joined within each paragraph: typer's rich help keeps single line breaks, and the
+    docstrings are wrapped at the source's line length, not the terminal's."""
+    import inspect
+
+    for command_info in typer_app.registered_commands:
+        callback = command_info.callback
+        if command_info.help is None and callback is not None and callback.__doc__:
+            paragraphs = inspect.getdoc(callback).split("\n\n")
+            command_info.help = "\n\n".join(" ".join(p.split()) for p in paragraphs)
+    return typer_app
 
 
 def main() -> None:

@@ -10,12 +10,10 @@ from typing import Annotated, Any
 
 import typer
 
-from ..runner.config import MODEL_AND_DATA, OUTPUT, RESULT, DataOptions, FinetuneConfig
+from ..runner.config import GRID_AXES, OUTPUT, RESULT, DataOptions, FinetuneConfig
 from . import CLIError, app, check_tensorboard, console, numbers, user_errors
-from .options import command, make_config, opt, param, split_values
+from .options import SHARED, command, make_config, opt, param, require, split_values
 
-MODEL_HELP = ("Registered name (see `bvgls list`), timm:<name>, or a model file (a bvgls model.pt, or a pickled "
-              "nn.Module with --trust-pickle).")
 #: runtime options that must still not change on resume: with DataLoader workers the augmentation
 #: draws from per-worker streams, so another count would not reproduce the uninterrupted run
 RESUME_KEEPS = ("num_workers",)
@@ -27,14 +25,8 @@ RESUME_RUNTIME = tuple(f.name for f in dataclasses.fields(FinetuneConfig)
 # ---------------------------------------------------------------------- finetune
 FINETUNE_OWN = [
     param("ctx", typer.Context),  # to tell the options typed on the command line (resume)
-    param("model", Annotated[str | None, opt("--model", "-m", panel=MODEL_AND_DATA, help=MODEL_HELP)], None),
-    param("data", Annotated[str | None, opt("--data", "-d", panel=MODEL_AND_DATA, help=(
-        "Registered dataset (see `bvgls list`) or an ImageFolder root with train/ and test/ (or val/)."))], None),
-    param("strategy", Annotated[str, opt("--strategy", "-s", help=(
-        "bvgls, bvgls:k=2, bvgts, full, linear, L<a>-<b> (groups a..b, 1-indexed), or any registered one."))],
-          "bvgls"),
-    param("lr", Annotated[float, opt("--lr", help="Base learning rate (paper, WRN-50-2: 0.01).")], 0.01),
-    param("seed", Annotated[int, opt("--seed", help="Seeds init of the head, shuffling, augmentation.")], 0),
+    SHARED["model"],
+    SHARED["data"],
     param("out", Annotated[Path | None, opt("--out", "-o", panel=OUTPUT, help=(
         "Run directory (config.json, metrics.jsonl, checkpoint.pt, model.pt, result.json); "
         "default runs/<data>_<strategy>_seed<seed>."))], None),
@@ -175,11 +167,10 @@ def report_finetune(out, history, run_dir: str, epochs: int) -> None:
 
 # ---------------------------------------------------------------------- compare
 COMPARE_OWN = [
-    param("data", Annotated[str, opt("--data", "-d", panel=MODEL_AND_DATA, help=(
-        "Comma-separated datasets (registered names or ImageFolder roots)."))]),
     param("out", Annotated[Path, opt("--out", "-o", panel=OUTPUT, help=(
         "Output directory: runs/, results.csv, table.md. Rerunning skips finished runs."))]),
-    param("model", Annotated[str, opt("--model", "-m", panel=MODEL_AND_DATA, help=MODEL_HELP)], "wide_resnet50_2"),
+    SHARED["model"],
+    SHARED["data"],
     param("strategies", Annotated[str, opt("--strategies", "-s", help=(
         "Comma-separated strategy specs (columns of the table)."))], "full,L2-6,L3-6,L4-6,L5-6,linear,bvgls"),
     param("seeds", Annotated[str, opt("--seeds", help="Comma-separated seeds.")], "0,1,2"),
@@ -197,7 +188,7 @@ COMPARE_OWN = [
 ]
 
 
-@command(app, COMPARE_OWN, FinetuneConfig, DataOptions, no_args_is_help=True)
+@command(app, COMPARE_OWN, FinetuneConfig, DataOptions, without=GRID_AXES, no_args_is_help=True)
 def compare(**values: Any) -> None:
     """Run strategies x datasets x seeds (x learning rates) and write the paper's Table A.
 
@@ -212,6 +203,7 @@ def compare(**values: Any) -> None:
     from ..runner.grid import check_lrs
 
     with user_errors():
+        require(values, "model", "data")
         lrs = check_lrs(numbers(values["lrs"], "--lrs"), "--lrs")
         make_config(FinetuneConfig, values, lr=lrs[0])  # the numbers, checked with their flags
         options = split_values(values, FinetuneConfig)

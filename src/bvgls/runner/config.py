@@ -31,6 +31,9 @@ SCHEDULES = ("cosine", "constant")
 AMP_MODES = ("none", "bf16", "fp16")
 AUGMENTS = ("default", "paper", "light", "none")
 
+#: the options a grid of runs (``compare``) sets per run itself, so not among its training options
+GRID_AXES = ("lr", "seed", "strategy")
+
 MODEL_AND_DATA, TRAINING, SPEED, OUTPUT = "Model and data", "Training", "Speed", "Output"
 RESULT, RECORDED, RUNTIME = "result", "recorded", "runtime"
 
@@ -42,8 +45,9 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, flags: tuple[s
     """A config field with its CLI and bookkeeping metadata, and the checks of its value: the
     field's type, ``min``/``max`` (inclusive, or exclusive with ``min_open``/``max_open``) and
     ``choices``. Those checks run when the dataclass is built (:func:`check_fields`), from Python
-    and from the command line alike. ``cli=False``: the commands declare it themselves (e.g.
-    ``--lrs`` in compare). ``cli_default``: the CLI's default for a field the Python API requires."""
+    and from the command line alike. ``cli=False``: not a command-line option (set by the
+    command, e.g. the evaluation cadence). ``cli_default``: the CLI's default for a field the
+    Python API requires."""
     meta = {"help": help, "flags": flags, "kind": kind, "panel": panel, "cli": cli, "cli_default": cli_default,
             "min": min, "max": max, "min_open": min_open, "max_open": max_open, "choices": choices}
     return field(default=default, metadata=meta)
@@ -54,8 +58,9 @@ class FinetuneConfig:
     """The options of one finetuning run (see the module docstring for the field kinds)."""
 
     epochs: int = option(help="Epochs (paper: 50).", flags=("--epochs", "-e"), min=1, cli_default=50)
-    lr: float = option(help="Base learning rate.", cli=False, min=0.0, min_open=True)
-    strategy: str = option("bvgls", "Strategy spec.", cli=False)
+    lr: float = option(help="Base learning rate (paper, WRN-50-2: 0.01).", min=0.0, min_open=True, cli_default=0.01)
+    strategy: str = option("bvgls", "bvgls, bvgls:k=2, bvgts, full, linear, L<a>-<b> (groups a..b, 1-indexed), or any "
+                                    "registered one.", flags=("--strategy", "-s"))
     batch_size: int = option(128, "Examples per step (paper: 128).", flags=("--batch-size", "-b"), min=1)
     optimizer: str | Callable = option("sgd", "sgd: momentum + Nesterov, as in the paper; or adamw.",
                                        choices=OPTIMIZERS)
@@ -73,7 +78,7 @@ class FinetuneConfig:
         panel=SPEED, min=1)
     label_smoothing: float = option(0.0, "Label smoothing of the training loss.", min=0.0, max=1.0)
     steps_per_epoch: int | None = option(None, "Cap on steps per epoch (smoke tests).", min=1)
-    seed: int = option(0, "Seeds init of the head, shuffling, augmentation.", cli=False)
+    seed: int = option(0, "Seeds init of the head, shuffling, augmentation.")
     val_fraction: float = option(0.0, "Hold out this fraction of the training set as a validation split "
                                       "(reported every epoch; compare chooses the lr on it, never on the test set).",
                                 min=0.0, max=1.0, max_open=True)
@@ -210,9 +215,9 @@ def field_defaults(cls: type = FinetuneConfig) -> dict[str, Any]:
     return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
 
 
-def cli_fields(cls: type) -> list[dataclasses.Field]:
-    """The fields the shared CLI options are generated from."""
-    return [f for f in dataclasses.fields(cls) if f.metadata.get("cli")]
+def cli_fields(cls: type, without: Sequence[str] = ()) -> list[dataclasses.Field]:
+    """The fields the shared CLI options are generated from (less those named in ``without``)."""
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("cli") and f.name not in without]
 
 
 @dataclass(kw_only=True)

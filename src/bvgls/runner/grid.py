@@ -33,7 +33,7 @@ from torch import nn
 from ..registry import ModelInput
 from ..strategies import StrategySpec, parse_spec
 from . import rundir
-from .config import FinetuneConfig, result_keys
+from .config import GRID_AXES, FinetuneConfig, result_keys
 from .loop import finetune, resolve_device, seed_everything
 from .lrsearch import LR_LADDER, TIE_BREAKS, LrChoice, search_lr
 
@@ -304,10 +304,6 @@ def compare(
     result = grid.write()
     result.failed, result.searches = grid.failed, grid.searches
     return result
-
-
-#: the options a grid sets per run itself, refused among compare's training options
-GRID_AXES = ("lr", "seed", "strategy")
 
 
 def check_compare_arguments(strategies, seeds, lrs, refit, tie_break, image_size, options):
