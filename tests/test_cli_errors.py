@@ -107,7 +107,7 @@ def compare_dir(colors, tmp_path_factory):
     return out
 
 
-# ---------------------------------------------------------------------- item 10: bad data
+# ---------------------------------------------------------------------- bad data
 def test_corrupt_images_are_refused_before_training(colors, tmp_path):
     # a corrupt image in train/ or test/ -> one line naming the file, before any epoch
     # (test/ surfaced only after a whole epoch). One invocation: the line names every bad file.
@@ -134,7 +134,7 @@ def test_one_class_dataset_is_refused(tmp_path):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-# ---------------------------------------------------------------------- item 10: --out
+# ---------------------------------------------------------------------- --out
 @pytest.fixture
 def two_runs(whole_run, tmp_path):
     return [copy_run(whole_run, tmp_path / "a"), copy_run(whole_run, tmp_path / "b")]
@@ -162,7 +162,7 @@ def test_out_that_cannot_be_written(command, target, colors, tmp_path, request):
         assert out.read_text() == "keep me\n"
 
 
-# ---------------------------------------------------------------------- item 10: --device
+# ---------------------------------------------------------------------- --device
 @pytest.mark.parametrize("device", ["cuda", "mps", "foo"])
 def test_unavailable_device(device, colors, tmp_path):
     # --device cuda|mps|foo where unavailable
@@ -176,7 +176,7 @@ def test_unavailable_device(device, colors, tmp_path):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-# ---------------------------------------------------------------------- item 10: unreadable files
+# ---------------------------------------------------------------------- unreadable files
 @pytest.mark.parametrize("content", ["random", "text"])
 @pytest.mark.parametrize("option", ["--model", "--weights"])
 def test_unreadable_model_or_weights_file(option, content, colors, tmp_path):
@@ -216,7 +216,7 @@ def test_plot_names_truncated_metrics_file(whole_run, tmp_path):
     assert_one_line_error(res, path)
 
 
-# ---------------------------------------------------------------------- item 10: compare grid
+# ---------------------------------------------------------------------- compare grid
 def test_stray_single_lr_run_is_named(compare_dir, colors, tmp_path):
     # a stray single-lr run locks a compare directory (name the directory),
     # and the refusal comes before training a run that could never be reported
@@ -238,7 +238,7 @@ def test_strategy_list_whitespace_is_stripped(colors, tmp_path):
     assert config["strategy"] == "bvgls"
 
 
-# ---------------------------------------------------------------------- item 5: non-finite settings
+# ---------------------------------------------------------------------- non-finite settings
 @pytest.mark.parametrize("command,option,value", [
     ("finetune", "--lr", "inf"),
     ("finetune", "--lr", "nan"),
@@ -282,7 +282,7 @@ def test_diverged_compare_run_is_marked(colors, tmp_path):
     assert "diverged" in (out / "table.md").read_text()
 
 
-# ---------------------------------------------------------------------- item 7: reruns and resumes
+# ---------------------------------------------------------------------- reruns and resumes
 def test_compare_rerun_with_other_augment(compare_dir, colors, tmp_path):
     # --augment is not checked on a rerun: seeds with different augmentation were averaged
     out = copy_run(compare_dir, tmp_path / "out")
@@ -327,7 +327,7 @@ def test_resume_with_other_workers_is_exact_or_refused(stopped_run, whole_run, t
         assert metrics(run) == metrics(whole_run)
 
 
-# ---------------------------------------------------------------------- item 9: unsafe loading
+# ---------------------------------------------------------------------- unsafe loading
 def test_resume_never_unpickles_an_untrusted_checkpoint(stopped_run, tmp_path):
     # _load_checkpoint retried torch.load(weights_only=False): --resume ran the file's code
     run = copy_run(stopped_run, tmp_path / "run")

@@ -51,7 +51,7 @@ def run(out_dir=None, **kw):
     return bvgls.finetune(tiny_model(), tiny_data(), options.pop("strategy", "full"), **options)
 
 
-# ---------------------------------------------------------------------- item 5
+# ---------------------------------------------------------------------- non-finite settings
 @pytest.mark.parametrize("option,value", [
     ("lr", math.inf), ("lr", math.nan), ("lr", -0.1), ("momentum", math.nan), ("weight_decay", math.inf),
     ("label_smoothing", math.nan), ("warmup_epochs", math.nan),
@@ -80,7 +80,7 @@ def test_diverged_run_is_flagged(tmp_path):
     assert history.final.get("diverged") is True
 
 
-# ---------------------------------------------------------------------- item 7
+# ---------------------------------------------------------------------- reruns and resumes
 def test_run_dirs_of_close_lrs_differ_and_common_lrs_keep_their_names(tmp_path):
     # lrs that differ beyond 6 significant digits shared one run directory
     a = grid.run_dir_for(str(tmp_path), "d", "full", 0.0123456, 0)
@@ -112,7 +112,7 @@ def test_resume_with_other_workers_is_refused(stopped, tmp_path):
     assert history.finished
 
 
-# ---------------------------------------------------------------------- item 9
+# ---------------------------------------------------------------------- unsafe loading
 
 
 def test_resume_never_unpickles_an_untrusted_checkpoint(stopped, tmp_path):
@@ -159,7 +159,7 @@ def test_every_strategy_state_loads_with_weights_only(spec, tmp_path):
     assert loaded["strategy"]["num_steps"] == 2
 
 
-# ---------------------------------------------------------------------- item 10
+# ---------------------------------------------------------------------- bad input
 def test_step_before_any_backward_is_not_counted():
     # step() before any backward() counted an empty step (core: base.py)
     net = tiny_model()
