@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -86,7 +86,12 @@ def _seed(value: Any) -> int:
 
 
 class _PeerStrategy(GroupStrategy):
-    """Shared plumbing: the epoch counter, option checks on resume, 0/1 scales."""
+    """Shared plumbing: the epoch counter, option checks on resume, 0/1 scales, and the state of
+    the random draws (``_rng``, when a strategy has one) and of :attr:`_state_fields`."""
+
+    #: the attributes a strategy's state dict holds besides the shared ones, each with the function
+    #: that turns a saved value back into the attribute's (lists are saved as copies)
+    _state_fields: dict[str, Callable[[Any], Any]] = {}
 
     def __init__(self, optimizer, groups, *, skip_unselected: bool):
         super().__init__(optimizer, groups, skip_unselected=skip_unselected)
@@ -128,6 +133,10 @@ class _PeerStrategy(GroupStrategy):
         self._ensure_plan()
         return self._active()
 
+    def _plan(self) -> list[float]:
+        """Scale 1 for the groups step ``num_steps`` updates, 0 for the others."""
+        return self._binary(self._upcoming_active())
+
     def _step_finished(self) -> None:
         if self.lean:
             self._ensure_plan()  # plan the next step now, so its frozen groups are known before its forward
@@ -135,6 +144,11 @@ class _PeerStrategy(GroupStrategy):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["epoch"] = self.epoch
+        if hasattr(self, "_rng"):
+            state["rng"] = self._rng_state(self._rng)
+        for name in self._state_fields:
+            value = getattr(self, name)
+            state[name] = list(value) if isinstance(value, list) else value
         return state
 
     def _check_state(self, state: Mapping[str, Any]) -> None:
@@ -145,6 +159,10 @@ class _PeerStrategy(GroupStrategy):
     def _set_state(self, state: Mapping[str, Any]) -> None:
         super()._set_state(state)
         self.epoch = None if state["epoch"] is None else int(state["epoch"])
+        if hasattr(self, "_rng"):
+            self._rng.set_state(state["rng"].clone())
+        for name, restore in self._state_fields.items():
+            setattr(self, name, restore(state[name]))
 
     def _rng_state(self, rng: torch.Generator) -> torch.Tensor:
         return rng.get_state().clone()
@@ -422,6 +440,8 @@ class LISA(_PeerStrategy):
         freeze: freeze the inactive groups for real (default: ``skip_unselected``).
     """
 
+    _state_fields = {"active": lambda v: [int(i) for i in v], "window": int}
+
     def __init__(self, optimizer: torch.optim.Optimizer, groups: GroupsSpec = None, *,
                  K: int = 20, gamma: int = 2, seed: int = 0, skip_unselected: bool = True,
                  freeze: bool | None = None):
@@ -459,20 +479,6 @@ class LISA(_PeerStrategy):
     def _active(self):
         return self.active
 
-    def _plan(self):
-        self._ensure_plan()
-        return self._binary(self.active)
-
-    def state_dict(self):
-        state = super().state_dict()
-        state.update(rng=self._rng_state(self._rng), active=list(self.active), window=self.window)
-        return state
-
-    def _set_state(self, state):
-        super()._set_state(state)
-        self._rng.set_state(state["rng"].clone())
-        self.active = [int(i) for i in state["active"]]
-        self.window = int(state["window"])
 
     def __repr__(self):
         return (f"LISA(K={self.K}, gamma={self.gamma}, seed={self.seed}, groups={self.num_groups}, "
@@ -508,6 +514,9 @@ class BlockCoordinateDescent(_PeerStrategy):
         reset_state: clear the optimizer state of a group when it becomes active.
         freeze: freeze the inactive groups for real (default: ``skip_unselected``).
     """
+
+    _state_fields = {"cycle": lambda v: [int(i) for i in v], "position": int,
+                     "active": lambda v: None if v is None else int(v), "block": int}
 
     ORDERS = ("ascending", "descending", "random")
 
@@ -560,23 +569,6 @@ class BlockCoordinateDescent(_PeerStrategy):
     def _active(self):
         return [self.active]
 
-    def _plan(self):
-        self._ensure_plan()
-        return self._binary([self.active])
-
-    def state_dict(self):
-        state = super().state_dict()
-        state.update(rng=self._rng_state(self._rng), cycle=list(self.cycle), position=self.position,
-                     active=self.active, block=self.block)
-        return state
-
-    def _set_state(self, state):
-        super()._set_state(state)
-        self._rng.set_state(state["rng"].clone())
-        self.cycle = [int(i) for i in state["cycle"]]
-        self.position = int(state["position"])
-        self.active = None if state["active"] is None else int(state["active"])
-        self.block = int(state["block"])
 
     def __repr__(self):
         return (f"BlockCoordinateDescent(K={self.K}, order={self.order!r}, groups={self.num_groups}, "
