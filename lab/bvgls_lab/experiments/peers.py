@@ -1,7 +1,7 @@
 """Peer layer-selection strategies on the offline benchmark (the frozen protocol of docs/experiments/offline.md).
 
-    python -m bvgls_lab.experiments.peers --out peers-out                       # 3 tasks x 9 strategies x 5 seeds
-    python -m bvgls_lab.experiments.peers --out peers-out --reuse bench-out     # reuse finished runs of `bvgls-lab bench`
+    python -m bvgls_lab.experiments.peers --out peers-out                    # 3 tasks x 9 strategies x 5 seeds
+    python -m bvgls_lab.experiments.peers --out peers-out --reuse bench-out  # reuse the runs of `bvgls-lab bench`
 
 Same model, tasks, training and lr search as ``bvgls-lab bench``, with the strategies
 full, linear, L4-6, bvgls, auto-rgn, lisa, bcd-cyclic, gradual-unfreeze and llrd, on one task

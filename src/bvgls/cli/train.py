@@ -12,7 +12,7 @@ import typer
 
 from ..runner.config import GRID_AXES, OUTPUT, RESULT, DataOptions, FinetuneConfig
 from . import CLIError, app, check_tensorboard, console, numbers, user_errors
-from .options import SHARED, command, make_config, opt, param, require, split_values
+from .options import SHARED, command, make_config, opt, param, require
 
 #: runtime options that must still not change on resume: with DataLoader workers the augmentation
 #: draws from per-worker streams, so another count would not reproduce the uninterrupted run
@@ -22,7 +22,25 @@ RESUME_RUNTIME = tuple(f.name for f in dataclasses.fields(FinetuneConfig)
                        if f.metadata["kind"] != RESULT and f.name not in RESUME_KEEPS) + ("tensorboard", "stop_after")
 
 
+def typed(cls: type, values: dict[str, Any]) -> Any:
+    """The dataclass ``cls`` of a command's own options, from its values."""
+    return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
+
+
 # ---------------------------------------------------------------------- finetune
+@dataclasses.dataclass(frozen=True)
+class FinetuneRun:
+    """``bvgls finetune``'s own options (the training and data options are its configs)."""
+
+    model: str
+    data: str
+    out: str | None
+    resume: str | None
+    stop_after: int | None
+    keep_checkpoint: bool
+    tensorboard: bool
+
+
 FINETUNE_OWN = [
     param("ctx", typer.Context),  # to tell the options typed on the command line (resume)
     SHARED["model"],
@@ -56,7 +74,10 @@ def finetune(**values: Any) -> None:
             values = recorded_values(values["resume"], values, ctx)
         elif values["model"] is None or values["data"] is None:
             raise CLIError("--model and --data are required (or --resume RUN_DIR)")
-        run_finetune(values)
+        run = typed(FinetuneRun, values)
+        settings, data_options = make_config(FinetuneConfig, values), make_config(DataOptions, values)
+        cli_record = {k: v for k, v in values.items() if k not in ("resume", "trust_pickle")}
+        run_finetune(run, settings, data_options, cli_record)
 
 
 def recorded_values(run_dir: str, given: dict[str, Any], ctx: typer.Context) -> dict[str, Any]:
@@ -101,7 +122,10 @@ def refuse_changed_options(given: dict[str, Any], recorded: dict[str, Any], ctx:
                        f"settings{why}; a resumed run keeps its settings (start a new --out to change them)")
 
 
-def run_finetune(p: dict[str, Any]) -> None:
+def run_finetune(run: FinetuneRun, settings: FinetuneConfig, data_options: DataOptions,
+                 cli_record: dict[str, Any]) -> None:
+    """One finetuning run from the command's typed options; ``cli_record``: the command line's
+    values, recorded in ``config.json`` for ``--resume``."""
     from ..runner.data import dataset_label, load_dataset
     from ..runner.grid import check_strategies, slug
     from ..runner.loop import finetune as train
@@ -110,33 +134,31 @@ def run_finetune(p: dict[str, Any]) -> None:
     from ..runner.rundir import prepare_out_dir
 
     out = console()
-    settings = make_config(FinetuneConfig, p)
-    data_options = make_config(DataOptions, p)
-    if p["tensorboard"]:
+    if run.tensorboard:
         check_tensorboard()
     resolve_device(settings.device)
-    resuming = p["resume"] is not None
-    default_dir = f"{slug(dataset_label(p['data']))}_{slug(p['strategy'])}_seed{p['seed']}"
-    run_dir = p["out"] or os.path.join("runs", default_dir)
+    resuming = run.resume is not None
+    default_dir = f"{slug(dataset_label(run.data))}_{slug(settings.strategy)}_seed{settings.seed}"
+    run_dir = run.out or os.path.join("runs", default_dir)
     if not resuming:
         refuse_used_run_dir(run_dir)
     prepare_out_dir(run_dir)
     trust = settings.trust_pickle
-    shape_model = build_model(p["model"], 2, data_options.weights, trust_pickle=trust)  # input spec and groups
-    [spec] = check_strategies([p["strategy"]], shape_model)
-    splits = load_dataset(p["data"], data_options.data_root, data_options.download,
+    shape_model = build_model(run.model, 2, data_options.weights, trust_pickle=trust)  # input spec and groups
+    [spec] = check_strategies([settings.strategy], shape_model)
+    splits = load_dataset(run.data, data_options.data_root, data_options.download,
                           data_options.model_input(shape_model.bvgls_input), augment=data_options.augment_override)
     del shape_model
     seed_everything(settings.seed)
-    net = build_model(p["model"], splits.num_classes, data_options.weights, trust_pickle=trust)
+    net = build_model(run.model, splits.num_classes, data_options.weights, trust_pickle=trust)
     out.print(f"[bold]{spec.text}[/] on [bold]{splits.name}[/] ({len(splits.train)} train / "
-              f"{len(splits.test)} test, {splits.num_classes} classes) with {p['model']} -> {run_dir}")
-    config = {"model": p["model"], "weights": data_options.weights, "image_size": data_options.image_size,
-              "dataset": splits.name, "data": p["data"], "num_classes": splits.num_classes,
-              "cli": {k: v for k, v in p.items() if k not in ("resume", "trust_pickle")}}
+              f"{len(splits.test)} test, {splits.num_classes} classes) with {run.model} -> {run_dir}")
+    config = {"model": run.model, "weights": data_options.weights, "image_size": data_options.image_size,
+              "dataset": splits.name, "data": run.data, "num_classes": splits.num_classes,
+              "cli": cli_record}
     history = train(net, splits, spec, **settings.options(without=("strategy",)), out_dir=run_dir, resume=resuming,
-                    stop_after=p["stop_after"], keep_checkpoint=p["keep_checkpoint"], save_model=True,
-                    tensorboard=p["tensorboard"], config=config)
+                    stop_after=run.stop_after, keep_checkpoint=run.keep_checkpoint, save_model=True,
+                    tensorboard=run.tensorboard, config=config)
     report_finetune(out, history, run_dir, settings.epochs)
 
 
@@ -166,6 +188,21 @@ def report_finetune(out, history, run_dir: str, epochs: int) -> None:
 
 
 # ---------------------------------------------------------------------- compare
+@dataclasses.dataclass(frozen=True)
+class CompareGrid:
+    """``bvgls compare``'s own options, parsed (the training and data options are its configs)."""
+
+    model: str
+    data: str
+    out: Path
+    strategies: str
+    seeds: list[int]
+    lrs: list[float]
+    extend_lrs: bool
+    refit: bool
+    keep_going: bool
+
+
 COMPARE_OWN = [
     param("out", Annotated[Path, opt("--out", "-o", panel=OUTPUT, help=(
         "Output directory: runs/, results.csv, table.md. Rerunning skips finished runs."))]),
@@ -197,23 +234,21 @@ def compare(**values: Any) -> None:
     best per row in bold, and the lr each strategy used. Rerunning with the same --out skips finished runs and
     resumes interrupted ones.
     """
+    from ..runner.grid import check_lrs
     from ..runner.grid import compare as run_grid
 
     out = console()
-    from ..runner.grid import check_lrs
-
     with user_errors():
         require(values, "model", "data")
         lrs = check_lrs(numbers(values["lrs"], "--lrs"), "--lrs")
-        make_config(FinetuneConfig, values, lr=lrs[0])  # the numbers, checked with their flags
-        options = split_values(values, FinetuneConfig)
+        grid = typed(CompareGrid, {**values, "lrs": lrs, "seeds": numbers(values["seeds"], "--seeds", int)})
+        settings = make_config(FinetuneConfig, values, lr=lrs[0])  # the lr is set per run by the grid
         data_options = make_config(DataOptions, values)
         result = run_grid(
-            values["strategies"], values["data"], numbers(values["seeds"], "--seeds", int), lrs,
-            model=values["model"], out_dir=values["out"], weights=data_options.weights, refit=values["refit"],
-            extend_lrs=values["extend_lrs"], data_root=data_options.data_root, download=data_options.download,
-            augment=data_options.augment_override, image_size=data_options.image_size, keep_going=values["keep_going"],
-            **options)
+            grid.strategies, grid.data, grid.seeds, grid.lrs, model=grid.model, out_dir=grid.out,
+            weights=data_options.weights, refit=grid.refit, extend_lrs=grid.extend_lrs,
+            data_root=data_options.data_root, download=data_options.download, augment=data_options.augment_override,
+            image_size=data_options.image_size, keep_going=grid.keep_going, **settings.options(without=GRID_AXES))
     out.print(result.table, markup=False)
     out.print(f"wrote {result.csv_path} and {result.table_path}")
     if result.failed:
