@@ -1,4 +1,4 @@
-"""The one learning-rate search, shared by ``bvgls compare`` and ``bvgls-lab bench``.
+"""The one learning-rate search, shared by ``bvgls compare`` and the lab's experiments.
 
 Each (dataset, strategy) gets its own lr: the one with the lowest mean final validation
 error over seeds. Strategies that update each group only part of the time need not share
