@@ -171,7 +171,7 @@ def test_the_manifest_fraction_carves_a_validation_set_of_the_task_s_size_from_t
     assert val[0][0].shape == (3, 8, 8)
     other, _ = validation_split(splits, info["val_fraction"], seed=2)
     assert sorted(train.indices) != sorted(other.indices)  # each seed re-draws the shots
-    assert cell.grid_options(eval_every=3)["settings"].val_fraction == pytest.approx(1 / 3)
+    assert cell.grid_options(eval_every=3)["val_fraction"] == pytest.approx(1 / 3)
 
 
 def test_tie_break_and_ladder_of_the_lr_search():
