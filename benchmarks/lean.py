@@ -18,7 +18,8 @@ depends on it). Ratios are against ``full`` of the same run.
 A variant ``SPEC@N`` runs every step whose backward runs through the whole network (the
 first group trains: every step of ``full`` and paper ``bvgls``, the probe steps of lean
 ``bvgls`` and its steps that train the stem) in ``N`` chunks of the batch, backward one at
-a time (the runner's ``full_backward_chunks``): the same gradient at a lower activation peak. The memory options of lean BVG-LS are spec options:
+a time (the runner's ``full_backward_chunks``): the same gradient at a lower activation peak. The memory options of
+lean BVG-LS are spec options:
 ``release_state=true`` (a frozen group's optimizer state is freed) and ``ema=bfloat16``
 (the statistics buffer in bfloat16); ``--memory`` runs the variants that compare them.
 

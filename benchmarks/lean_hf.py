@@ -69,7 +69,8 @@ def measure(spec: str, args) -> dict:
         trainer.callback_handler.callbacks.insert(0, trainer.callback_handler.callbacks.pop())
     trainer.train()
     (wall1, cpu1), (wall0, cpu0) = clock.marks[total], clock.marks[args.warmup]
-    return {"spec": spec, "step_s": (wall1 - wall0) / args.steps, "cpu_s": (cpu1 - cpu0) / args.steps, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    return {"spec": spec, "step_s": (wall1 - wall0) / args.steps, "cpu_s": (cpu1 - cpu0) / args.steps,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "groups": groups, "frequency": frequency}
 
 

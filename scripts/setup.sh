@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Idempotent set-up for a fresh machine, per command: system data packages, PyTorch, and bvgls with
-# the extras that command needs.
-# Usage: bash scripts/setup.sh [cli|test]   (default cli: the main job, `bvgls demo`; test: the test suite)
+# Idempotent set-up for a fresh machine, per command: system data packages, PyTorch, bvgls with the
+# extras that command needs, and the lab beside it (lab/: the experiments, the demo, the pretrained set-up).
+# Usage: bash scripts/setup.sh [cli|test]   (default cli: the main job, `bvgls-lab demo`; test: the test suite)
 # Safe to run again: every step checks first and does nothing that is already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,8 +9,8 @@ PY=${PYTHON:-python3}
 
 # what each extra set installs, and the modules that show it is installed
 case "${1:-cli}" in
-  cli)  extras="cli";  modules="bvgls, torchvision, typer, rich, tqdm, matplotlib, sklearn" ;;
-  test) extras="test"; modules="bvgls, torchvision, typer, rich, tqdm, matplotlib, sklearn, pytest, timm, transformers, accelerate, lightning, tensorboard, schedulefree, prodigyopt" ;;
+  cli)  extras="cli";  modules="bvgls, bvgls_lab, torchvision, typer, rich, tqdm, matplotlib, sklearn" ;;
+  test) extras="test"; modules="bvgls, bvgls_lab, torchvision, typer, rich, tqdm, matplotlib, sklearn, pytest, timm, transformers, accelerate, lightning, tensorboard, schedulefree, prodigyopt, ruff" ;;
   *) echo "setup: error: unknown extra set '$1' (expected cli or test)" >&2; exit 2 ;;
 esac
 
@@ -35,12 +35,15 @@ if ! $PY -c "import torch, torchvision, sys; sys.exit(not (torch.__version__.sta
   $PY -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 fi
 
-# bvgls itself, editable, with this command's extras; one marker per extra set, so installing the
-# test extras does not count as having installed the CLI's and a changed pyproject.toml reinstalls.
+# bvgls itself, editable, with this command's extras, then the lab (its dependencies are bvgls's cli
+# extras, installed by either set); one marker per extra set, so installing the test extras does not
+# count as having installed the CLI's, and a changed pyproject.toml reinstalls.
 marker=".setup-done-$extras"
-if ! $PY -c "import $modules" 2>/dev/null || [ ! -f "$marker" ] || [ pyproject.toml -nt "$marker" ]; then
-  echo "setup: installing bvgls[$extras]"
+if ! $PY -c "import $modules" 2>/dev/null || [ ! -f "$marker" ] || [ pyproject.toml -nt "$marker" ] \
+    || [ lab/pyproject.toml -nt "$marker" ]; then
+  echo "setup: installing bvgls[$extras] and the lab (lab/)"
   $PY -m pip install -q -e ".[$extras]"
+  $PY -m pip install -q --no-deps -e lab/
   touch "$marker"
 fi
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up (idempotently: the test extras and data) and run the test suite.
+# Set up (idempotently: the test extras, the lab and data), lint, and run the test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
+${PYTHON:-python3} -m ruff check src tests lab benchmarks
 exec ${PYTHON:-python3} -m pytest -q "$@"

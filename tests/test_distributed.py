@@ -16,11 +16,11 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn  # noqa: F401  before init_process_group, or the gloo group outlives destroy (see the example)
 import torch.multiprocessing as mp
+from tolerances import assert_ratios_match, clear_top_k
 from torch import nn
 
 import bvgls
 from bvgls import distributed as bdist
-from tolerances import assert_ratios_match, clear_top_k
 
 WORLD = 2
 STEPS = 6

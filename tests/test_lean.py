@@ -1,4 +1,4 @@
-"""Lean selection (issue 11): freezing autograd sees, BVG-LS probe / static steps, lazy state.
+"""Lean selection: freezing autograd sees, BVG-LS probe / static steps, lazy state.
 
 The refusal of lean mode under torch.distributed is tested with 2 gloo processes in
 tests/test_core_reliability.py::test_unsupported_distributed_cases_fail_clearly.
@@ -8,12 +8,12 @@ import io
 
 import pytest
 import torch
+from tiny_models import batch, mlp, one_step
 from torch import nn
 
 import bvgls
 from bvgls.probe import recommend, recommend_range
 from bvgls.reference import NaiveBVR
-from tiny_models import batch, mlp, one_step
 
 LEAN = ["lisa:K=2:gamma=1", "bcd-cyclic:K=2", "gradual-unfreeze:every=3", "bvgls:probe=3", "bvgls:static=4:probe=2"]
 

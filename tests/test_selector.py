@@ -1,15 +1,15 @@
-"""BVG-LS / BVG-TS against the formula of METHOD.md and the behaviour users rely on."""
+"""BVG-LS / BVG-TS against the method's formula (docs/method.md) and the behaviour users rely on."""
 
 import copy
 import math
 
 import pytest
 import torch
+from tolerances import assert_ratios_match, clear_top_k, largest_bias
 from torch import nn
 
 import bvgls
 from bvgls.reference import NaiveBVR
-from tolerances import assert_ratios_match, clear_top_k, largest_bias
 
 
 def small_cnn(channels_last=False):
@@ -102,7 +102,7 @@ def test_matches_naive_on_large_tensors_that_are_chunked():
     opt = torch.optim.SGD([{"params": [w]}, {"params": [v]}], lr=0.0)
     sel = bvgls.BVGLS(opt)
     naive = NaiveBVR([[w], [v]])
-    for step in range(5):
+    for _ in range(5):
         w.grad = torch.randn(300_000) * 0.01 + 0.004
         v.grad = (torch.randn(1000, 300) * 0.01 + 0.002).t()
         ref = naive.update()
@@ -210,7 +210,8 @@ def test_grad_scaler_skipped_step_does_not_touch_statistics():
 
 def test_none_grads_are_skipped_and_gradless_groups_never_selected():
     a, b, c = (nn.Parameter(torch.zeros(4)) for _ in range(3))
-    opt = torch.optim.SGD([{"params": [a]}, {"params": [b, c]}, {"params": [torch.nn.Parameter(torch.zeros(2))]}], lr=1.0)
+    opt = torch.optim.SGD([{"params": [a]}, {"params": [b, c]}, {"params": [torch.nn.Parameter(torch.zeros(2))]}],
+                          lr=1.0)
     sel = bvgls.BVGLS(opt, k=2)
     naive = NaiveBVR([[a], [b, c], opt.param_groups[2]["params"]])
     torch.manual_seed(0)

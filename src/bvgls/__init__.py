@@ -4,7 +4,7 @@
 training runner (:func:`finetune`, :func:`compare`, :class:`History`) is imported on first use.
 """
 
-from . import probe
+from . import probe  # noqa: F401  (bvgls.probe is usable after import bvgls)
 from .base import GroupStrategy, StepReport
 from .grouping import LayerGroups, grouping_names, layer_groups, register_grouping
 from .selector import BVGLS, BVGTS
@@ -12,7 +12,7 @@ from .strategies import (
     STRATEGIES,
     FixedGroups,
     full_finetuning,
-    linear_probing,
+    linear_finetuning,
     make_strategy,
     parse_strategy,
     partial_finetuning,
@@ -28,7 +28,7 @@ _RUNNER_EXPORTS = {"finetune": "bvgls.runner.loop", "History": "bvgls.runner.loo
 
 __all__ = [
     "BVGLS", "BVGTS", "FixedGroups", "GroupStrategy", "History", "LayerGroups", "STRATEGIES", "StepReport", "compare",
-    "finetune", "full_finetuning", "grouping_names", "layer_groups", "linear_probing", "make_strategy",
+    "finetune", "full_finetuning", "grouping_names", "layer_groups", "linear_finetuning", "make_strategy",
     "parse_strategy", "partial_finetuning", "register_grouping", "register_strategy", "strategy_names",
 ]
 

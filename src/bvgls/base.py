@@ -336,7 +336,8 @@ class GroupStrategy(metaclass=_AttachAfterInit):
             return replaced
         scales = [float(s) for s in planned]
         if len(scales) != self.num_groups:
-            raise RuntimeError(f"{type(self).__name__}._plan returned {len(scales)} scales for {self.num_groups} groups")
+            raise RuntimeError(f"{type(self).__name__}._plan returned {len(scales)} scales for "
+                               f"{self.num_groups} groups")
         self.num_steps += 1
         self.scales = scales
         self.selected = [i for i, s in enumerate(scales) if s > 0]

@@ -96,7 +96,7 @@ class GroupingScheme(Entry):
 
 
 GROUPING_SCHEMES: Registry = Registry("grouping scheme", entry_type=GroupingScheme,
-                                      title="grouping schemes (--grouping)")
+                                      title="grouping schemes (--groups)")
 
 
 def register_grouping(name: str, detect: Callable[[nn.Module], bool] | None = None):

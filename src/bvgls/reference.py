@@ -1,4 +1,4 @@
-"""A naive, per-parameter implementation of METHOD.md's formula, kept as the baseline.
+"""A naive, per-parameter implementation of the method's formula (docs/method.md), kept as the baseline.
 
 It is written the way the formula reads (and the way the authors' code is organised):
 two per-element EMA buffers per tensor, a Python loop over parameters and a

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -27,25 +26,13 @@ class Registry(Generic[T]):
     entry. ``forms`` are spellings that are not single names (``L<a>-<b>``, ``timm:<name>``),
     listed with the names by :meth:`rows` (what ``bvgls list`` prints)."""
 
-    def __init__(self, kind: str, lazy_modules: tuple[str, ...] = (), *, entry_type: type[Entry] = Entry,
-                 title: str = "", forms: dict[str, str] | None = None):
+    def __init__(self, kind: str, *, entry_type: type[Entry] = Entry, title: str = "",
+                 forms: dict[str, str] | None = None):
         self.kind = kind
         self.title = title or f"{kind}s"
         self.entry_type = entry_type
         self.forms = dict(forms or {})
         self._entries: dict[str, Entry] = {}
-        # modules that register more entries, imported on the first lookup (they need
-        # torchvision, which ``import bvgls`` must not)
-        self._lazy_modules = lazy_modules
-
-    def _load_lazy(self) -> None:
-        modules, self._lazy_modules = self._lazy_modules, ()
-        for name in modules:
-            importlib.import_module(name)
-
-    def add_lazy_module(self, module: str) -> None:
-        """Import ``module`` (which registers entries) on the first lookup."""
-        self._lazy_modules = (*self._lazy_modules, module)
 
     def register(self, name: str, help: str = "", **fields: Any):
         def deco(fn: Callable[..., T]) -> Callable[..., T]:
@@ -58,7 +45,6 @@ class Registry(Generic[T]):
         return self[name].build
 
     def __getitem__(self, name: str) -> Entry:
-        self._load_lazy()
         try:
             return self._entries[name]
         except KeyError:
@@ -68,23 +54,19 @@ class Registry(Generic[T]):
         del self._entries[name]
 
     def __contains__(self, name: object) -> bool:
-        self._load_lazy()
         return name in self._entries
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
     def __len__(self) -> int:
-        self._load_lazy()
         return len(self._entries)
 
     def entries(self) -> list[Entry]:
         """The entries in registration order."""
-        self._load_lazy()
         return list(self._entries.values())
 
     def names(self) -> list[str]:
-        self._load_lazy()
         return sorted(self._entries)
 
     def help(self, name: str) -> str:
@@ -117,9 +99,14 @@ class ModelInput:
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
 
 
+# The library's own entries are registered by :mod:`bvgls.runner.models` and :mod:`bvgls.runner.data`
+# (imported with :mod:`bvgls.runner`); other packages add theirs through the ``bvgls.plugins``
+# entry point group, which the command line loads (:func:`bvgls.cli.load_plugins`). A lookup
+# here imports nothing.
+
 #: name -> build(num_classes: int, weights: str | None = None) -> nn.Module (with .bvgls_input)
-MODELS: Registry = Registry("model", lazy_modules=("bvgls.bench", "bvgls.pretrained.register"), title="models (--model)", forms={
+MODELS: Registry = Registry("model", title="models (--model)", forms={
     "timm:<name>": "any timm model (needs timm)", "<model file>": "bvgls model.pt or a pickled nn.Module"})
 #: name -> build(root: str, *, download: bool, input: ModelInput) -> DatasetSplits
-DATASETS: Registry = Registry("dataset", lazy_modules=("bvgls.bench", "bvgls.pretrained.register"), title="datasets (--data)", forms={
+DATASETS: Registry = Registry("dataset", title="datasets (--data)", forms={
     "<directory>": "ImageFolder root with train/ and test/ (or val/)"})

@@ -1,6 +1,6 @@
 """BVG-LS and BVG-TS: update the groups whose gradient bias-variance ratio is largest.
 
-Spec: ``shared/METHOD.md``. Per parameter tensor we keep one per-element buffer ``m``
+The method: ``docs/method.md``. Per parameter tensor we keep one per-element buffer ``m``
 (EMA of the gradient) and one scalar ``s`` (EMA of ``||g||^2``), since
 ``sum(v)`` over a tensor is linear in the EMA. For a group ``l`` and per-tensor
 bias-correction ``c = 1 / (1 - a^t)``::
@@ -247,9 +247,10 @@ class BVGLS(GroupStrategy):
         in float64, are accurate to about 1e-7 at the same speed.
         """
         pieces, owners = [], []
-        for i, x in enumerate(tensors):
+        for x in tensors:
             n = x.numel()
-            if n > 2 * _CHUNK and (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))):
+            dense = x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+            if n > 2 * _CHUNK and dense:
                 parts = x.as_strided((n,), (1,), x.storage_offset()).split(_CHUNK)  # memory order: same norm
             else:
                 parts = (x,)

@@ -1,22 +1,20 @@
-"""The ``bvgls`` command line: finetune, compare, plot, groups, list.
+"""The ``bvgls`` command line: finetune, compare, plot, groups, list, probe.
 
 Built on typer (help rendered by rich). The commands live in :mod:`.train` (finetune,
-compare), :mod:`.info` (plot, groups, list) and :mod:`.bench` (pretrain, export-task, bench,
-demo); the training options are generated from :class:`bvgls.runner.config.FinetuneConfig`
-(:mod:`.options`). This package imports the runner and the benchmark, never the reverse.
-Adding commands from another module::
+compare), :mod:`.info` (plot, groups, list) and :mod:`.probe` (probe); the options are generated
+from the runner's config dataclasses (:mod:`.options`). This package imports the runner, never
+the reverse.
 
-    # src/bvgls/mymodule.py
-    from bvgls.cli import app
+Other packages extend the command line, and the model, dataset and strategy registries,
+through one route: a module named in the ``bvgls.plugins`` entry point group of their
+distribution, e.g. in its ``pyproject.toml``::
 
-    @app.command()
-    def mycommand(...): ...
+    [project.entry-points."bvgls.plugins"]
+    mypkg = "mypkg.bvgls_plugin"
 
-and list the module in :data:`PLUGIN_MODULES` (or expose it through the ``bvgls.plugins``
-entry-point group, or name it in the ``BVGLS_PLUGINS`` environment variable, comma
-separated). :func:`main` imports those modules before parsing the command line, so they can
-register commands, models (``bvgls.registry.MODELS``), datasets and strategies. Tests call
-``typer.testing.CliRunner().invoke(get_app(), [...])``.
+:func:`main` imports those modules (:func:`load_plugins`) before parsing the command line, so
+they can register models (``bvgls.registry.MODELS``), datasets, strategies, or commands
+(``@bvgls.cli.app.command()``). Tests call ``typer.testing.CliRunner().invoke(get_app(), [...])``.
 
 Bad input (unknown names, missing data, a strategy that does not fit the model) ends with a
 one-line ``error: ...`` and exit code 2; set ``BVGLS_DEBUG=1`` to see the traceback instead.
@@ -24,17 +22,14 @@ one-line ``error: ...`` and exit code 2; set ``BVGLS_DEBUG=1`` to see the traceb
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
+import logging
 import os
+import sys
 from contextlib import contextmanager
 
 import typer
 
-#: modules imported before the command line is parsed; they may add commands to ``app`` and
-#: entries to the model / dataset / strategy registries. Missing optional ones are skipped.
-PLUGIN_MODULES: list[str] = ["bvgls.runner.models", "bvgls.runner.data"]
-OPTIONAL_PLUGIN_MODULES: list[str] = []
+#: the entry point group through which other packages add models, datasets, strategies and commands
 ENTRY_POINT_GROUP = "bvgls.plugins"
 
 app = typer.Typer(
@@ -48,35 +43,68 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,
     rich_markup_mode="rich",
+    callback=lambda: configure_logging(),
 )
 
 _plugins_loaded = False
 
 
 def load_plugins() -> None:
-    """Import :data:`PLUGIN_MODULES`, present :data:`OPTIONAL_PLUGIN_MODULES`, ``BVGLS_PLUGINS``
-    and the ``bvgls.plugins`` entry points (once)."""
+    """Register the library's models and datasets (the runner) and import every module of the
+    ``bvgls.plugins`` entry point group (once)."""
     global _plugins_loaded
     if _plugins_loaded:
         return
     _plugins_loaded = True
-    for name in PLUGIN_MODULES:
-        importlib.import_module(name)
-    for name in OPTIONAL_PLUGIN_MODULES:
-        if importlib.util.find_spec(name) is not None:
-            importlib.import_module(name)
-    for name in filter(None, (s.strip() for s in os.environ.get("BVGLS_PLUGINS", "").split(","))):
-        importlib.import_module(name)
     from importlib.metadata import entry_points
+
+    from .. import runner  # noqa: F401  (the library's models and datasets)
 
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         ep.load()
 
 
+class StdoutHandler(logging.StreamHandler):
+    """Log records as plain lines on the current ``sys.stdout`` (looked up at each record, so a
+    test runner that swaps ``sys.stdout`` sees them)."""
+
+    def __init__(self):
+        super().__init__(sys.stdout)
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stdout
+        super().emit(record)
+
+
+def configure_logging(*names: str, level: int = logging.INFO) -> None:
+    """Show the progress lines of the loggers ``names`` (default: the library's, ``bvgls``) on
+    stdout: the library only logs, the command line decides where the lines go. Idempotent."""
+    for name in names or ("bvgls",):
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        if not any(isinstance(h, StdoutHandler) for h in logger.handlers):
+            logger.addHandler(StdoutHandler())
+
+
 def get_app() -> typer.Typer:
     """The app with every plugin's commands attached."""
     load_plugins()
-    return app
+    return with_paragraph_help(app)
+
+
+def with_paragraph_help(typer_app: typer.Typer) -> typer.Typer:
+    """Give every command whose help comes from its docstring that help with the source's line
+    breaks joined within each paragraph: typer's rich help keeps single line breaks, and the
+    docstrings are wrapped at the source's line length, not the terminal's."""
+    import inspect
+
+    for command_info in typer_app.registered_commands:
+        callback = command_info.callback
+        if command_info.help is None and callback is not None and callback.__doc__:
+            paragraphs = inspect.getdoc(callback).split("\n\n")
+            command_info.help = "\n\n".join(" ".join(p.split()) for p in paragraphs)
+    return typer_app
 
 
 def main() -> None:
@@ -144,4 +172,4 @@ def check_tensorboard() -> None:
         raise CLIError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
 
 
-from . import train, info, bench, probe  # noqa: E402,F401  (register the commands)
+from . import info, probe, train  # noqa: E402,F401  (register the commands)

@@ -7,10 +7,9 @@ from typing import Annotated, Any
 
 import typer
 
-from ..runner.config import FinetuneConfig
+from ..runner.config import DataOptions, FinetuneConfig
 from . import app, console, user_errors
-from .options import command, field_params, param
-from .train import MODEL_HELP
+from .options import SHARED, command, field_params, param, require
 
 
 @app.command(no_args_is_help=True)
@@ -21,7 +20,10 @@ def plot(
 ) -> None:
     """Draw loss curves and selection-frequency heatmaps as PNGs next to the metrics.
 
-    Each run directory gets loss.png (train/test loss and test error per epoch), selection.png (each group's selection frequency per epoch) and bvr.png (mean BVR per group). Several run directories also get loss_compare.png (e.g. BVG-LS against full finetuning); a compare directory gets plots/loss_<dataset>.png and plots/selection_<dataset>_<strategy>.png.
+    Each run directory gets loss.png (train/test loss and test error per epoch), selection.png (each group's
+    selection frequency per epoch) and bvr.png (mean BVR per group). Several run directories also get
+    loss_compare.png (e.g. BVG-LS against full finetuning); a compare directory gets plots/loss_<dataset>.png and
+    plots/selection_<dataset>_<strategy>.png.
     """
     from ..runner.plots import plot_paths
 
@@ -32,11 +34,10 @@ def plot(
 
 
 GROUPS_OWN = [
-    param("model", Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)]),
-    param("weights", Annotated[str, typer.Option("--weights", help=(
-        "Weights to build the model with; the grouping does not depend on them."))], "none"),
+    SHARED["model"],
+    *field_params(DataOptions, ["weights"]),
     param("num_classes", Annotated[int, typer.Option("--num-classes", min=1, help="Classes of the head.")], 1000),
-    param("grouping", Annotated[str, typer.Option("--grouping", help="Grouping scheme (auto detects).")], "auto"),
+    SHARED["groups"],
     param("strategy", Annotated[str | None, typer.Option("--strategy", "-s", help=(
         "Also show which groups this strategy trains (e.g. L3-6)."))], None),
     *field_params(FinetuneConfig, ["trust_pickle"]),
@@ -50,9 +51,10 @@ def groups(**values: Any) -> None:
     from ..runner.models import build_model
 
     with user_errors():
+        require(values, "model")
         net = build_model(values["model"], values["num_classes"], values["weights"],
                           trust_pickle=values["trust_pickle"])
-        lg = layer_groups(net, values["grouping"])
+        lg = layer_groups(net, values["groups"])
         typer.echo(lg.describe())
         strategy = values["strategy"]
         if strategy:

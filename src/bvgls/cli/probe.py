@@ -5,29 +5,22 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from ..runner.config import MODEL_AND_DATA, DataOptions, FinetuneConfig
+from ..runner.config import DataOptions, FinetuneConfig
 from . import CLIError, app, user_errors
-from .options import command, field_params, param, split_values
-from .train import MODEL_HELP, _opt
+from .options import SHARED, command, field_params, make_config, opt, param, require
 
 #: training options of the config that a probe uses (the others do not apply to a short SGD run)
-PROBE_FIELDS = ("batch_size", "momentum", "weight_decay", "device", "num_workers")
+PROBE_FIELDS = ("lr", "seed", "batch_size", "momentum", "weight_decay", "device", "num_workers")
 
 PROBE_OWN = [
-    param("model", Annotated[str, _opt("--model", "-m", panel=MODEL_AND_DATA, help=MODEL_HELP)]),
-    param("data", Annotated[str, _opt("--data", "-d", panel=MODEL_AND_DATA, help=(
-        "Registered dataset (see `bvgls list`) or an ImageFolder root with train/ and test/ (or val/)."))]),
-    param("steps", Annotated[int, _opt("--steps", "-n", min=1, help=(
+    SHARED["model"],
+    SHARED["data"],
+    param("steps", Annotated[int, opt("--steps", "-n", min=1, help=(
         "Optimizer steps of the probe run (every step a BVG-LS step with statistics)."))], 50),
-    param("lr", Annotated[float, _opt("--lr", min=0.0, help="Learning rate of the probe run (SGD, Nesterov).")],
-          0.01),
-    param("groups", Annotated[str, _opt("--groups", panel=MODEL_AND_DATA, help=(
-        "Grouping scheme (see `bvgls list`; auto detects)."))], "auto"),
-    param("k", Annotated[int, _opt("--k", min=1, help="Groups selected per step (BVG-LS k).")], 1),
-    param("coverage", Annotated[float, _opt("--coverage", min=0.0, max=1.0, help=(
+    SHARED["groups"],
+    param("k", Annotated[int, opt("--k", min=1, help="Groups selected per step (BVG-LS k).")], 1),
+    param("coverage", Annotated[float, opt("--coverage", min=0.0, max=1.0, help=(
         "Share of the selections the recommended range (ending at the head) must hold."))], 0.8),
-    param("seed", Annotated[int, _opt("--seed", help="Seeds init of the head and the order of the batches.")],
-          0),
 ]
 
 
@@ -39,7 +32,10 @@ def probe_fields() -> list:
 def probe(**values: Any) -> None:
     """Which layers should I finetune? Run BVG-LS for --steps steps and recommend a fixed L<a>-<b>.
 
-    Prints, per layer group, the fraction of steps in which it was selected and its mean bias-variance ratio (over the steps where it is defined and its variance is not clamped), then the shortest range of groups ending at the head that holds --coverage of the selections, as a strategy spec for `bvgls finetune --strategy`. The model is not saved.
+    Prints, per layer group, the fraction of steps in which it was selected and its mean bias-variance ratio (over
+    the steps where it is defined and its variance is not clamped), then the shortest range of groups ending at the
+    head that holds --coverage of the selections, as a strategy spec for `bvgls finetune --strategy`. The model is
+    not saved.
     """
     with user_errors():
         report = run_probe(values)
@@ -58,7 +54,9 @@ def run_probe(p: dict[str, Any]):
 
     if p["coverage"] <= 0:
         raise CLIError(f"--coverage must be in (0, 1], got {p['coverage']}")
-    data_options = DataOptions(**split_values(p, DataOptions))
+    require(p, "model", "data")
+    make_config(FinetuneConfig, p, epochs=1)  # the training options, checked with their flags
+    data_options = make_config(DataOptions, p)
     shape = build_model(p["model"], 2, data_options.weights)
     layer_groups(shape, p["groups"])  # an unknown or unfitting scheme fails before the data is loaded
     splits = load_dataset(p["data"], data_options.data_root, data_options.download, shape.bvgls_input,

@@ -10,12 +10,10 @@ from typing import Annotated, Any
 
 import typer
 
-from ..runner.config import MODEL_AND_DATA, OUTPUT, RESULT, TRAINING, DataOptions, FinetuneConfig
+from ..runner.config import GRID_AXES, OUTPUT, RESULT, DataOptions, FinetuneConfig
 from . import CLIError, app, check_tensorboard, console, numbers, user_errors
-from .options import command, make_config, param, split_values
+from .options import SHARED, command, make_config, opt, param, require
 
-MODEL_HELP = ("Registered name (see `bvgls list`), timm:<name>, or a model file (a bvgls model.pt, or a pickled "
-              "nn.Module with --trust-pickle).")
 #: runtime options that must still not change on resume: with DataLoader workers the augmentation
 #: draws from per-worker streams, so another count would not reproduce the uninterrupted run
 RESUME_KEEPS = ("num_workers",)
@@ -24,31 +22,39 @@ RESUME_RUNTIME = tuple(f.name for f in dataclasses.fields(FinetuneConfig)
                        if f.metadata["kind"] != RESULT and f.name not in RESUME_KEEPS) + ("tensorboard", "stop_after")
 
 
-def _opt(*flags: str, panel: str = TRAINING, **kwargs) -> Any:
-    return typer.Option(*flags, rich_help_panel=panel, **kwargs)
+def typed(cls: type, values: dict[str, Any]) -> Any:
+    """The dataclass ``cls`` of a command's own options, from its values."""
+    return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
 
 
 # ---------------------------------------------------------------------- finetune
+@dataclasses.dataclass(frozen=True)
+class FinetuneRun:
+    """``bvgls finetune``'s own options (the training and data options are its configs)."""
+
+    model: str
+    data: str
+    out: str | None
+    resume: str | None
+    stop_after: int | None
+    keep_checkpoint: bool
+    tensorboard: bool
+
+
 FINETUNE_OWN = [
     param("ctx", typer.Context),  # to tell the options typed on the command line (resume)
-    param("model", Annotated[str | None, _opt("--model", "-m", panel=MODEL_AND_DATA, help=MODEL_HELP)], None),
-    param("data", Annotated[str | None, _opt("--data", "-d", panel=MODEL_AND_DATA, help=(
-        "Registered dataset (see `bvgls list`) or an ImageFolder root with train/ and test/ (or val/)."))], None),
-    param("strategy", Annotated[str, _opt("--strategy", "-s", help=(
-        "bvgls, bvgls:k=2, bvgts, full, linear, L<a>-<b> (groups a..b, 1-indexed), or any registered one."))],
-          "bvgls"),
-    param("lr", Annotated[float, _opt("--lr", help="Base learning rate (paper, WRN-50-2: 0.01).")], 0.01),
-    param("seed", Annotated[int, _opt("--seed", help="Seeds init of the head, shuffling, augmentation.")], 0),
-    param("out", Annotated[Path | None, _opt("--out", "-o", panel=OUTPUT, help=(
+    SHARED["model"],
+    SHARED["data"],
+    param("out", Annotated[Path | None, opt("--out", "-o", panel=OUTPUT, help=(
         "Run directory (config.json, metrics.jsonl, checkpoint.pt, model.pt, result.json); "
         "default runs/<data>_<strategy>_seed<seed>."))], None),
-    param("resume", Annotated[Path | None, _opt("--resume", panel=OUTPUT, help=(
+    param("resume", Annotated[Path | None, opt("--resume", panel=OUTPUT, help=(
         "Continue the interrupted run in this directory with its recorded settings."))], None),
-    param("stop_after", Annotated[int | None, _opt("--stop-after", min=1, panel=OUTPUT, help=(
+    param("stop_after", Annotated[int | None, opt("--stop-after", min=1, panel=OUTPUT, help=(
         "Exit after this many epochs (for time-limited jobs); continue later with --resume."))], None),
-    param("keep_checkpoint", Annotated[bool, _opt("--keep-checkpoint", panel=OUTPUT, help=(
+    param("keep_checkpoint", Annotated[bool, opt("--keep-checkpoint", panel=OUTPUT, help=(
         "Keep checkpoint.pt after the run finished."))], False),
-    param("tensorboard", Annotated[bool, _opt("--tensorboard", panel=OUTPUT, help=(
+    param("tensorboard", Annotated[bool, opt("--tensorboard", panel=OUTPUT, help=(
         "Also log to RUN_DIR/tensorboard (needs the tensorboard package)."))], False),
 ]
 
@@ -57,7 +63,9 @@ FINETUNE_OWN = [
 def finetune(**values: Any) -> None:
     """Finetune one model on one dataset with one strategy.
 
-    Writes in the run directory: config.json (resolved settings), metrics.jsonl (per epoch: losses, test error %, lr, wall time, selection frequency and mean BVR of every group), an atomic checkpoint.pt after every epoch, and model.pt + result.json at the end.
+    Writes in the run directory: config.json (resolved settings), metrics.jsonl (per epoch: losses, test error %,
+    lr, wall time, selection frequency and mean BVR of every group), an atomic checkpoint.pt after every epoch, and
+    model.pt + result.json at the end.
     """
     ctx = values.pop("ctx")
     values = {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
@@ -66,7 +74,10 @@ def finetune(**values: Any) -> None:
             values = recorded_values(values["resume"], values, ctx)
         elif values["model"] is None or values["data"] is None:
             raise CLIError("--model and --data are required (or --resume RUN_DIR)")
-        run_finetune(values)
+        run = typed(FinetuneRun, values)
+        settings, data_options = make_config(FinetuneConfig, values), make_config(DataOptions, values)
+        cli_record = {k: v for k, v in values.items() if k not in ("resume", "trust_pickle")}
+        run_finetune(run, settings, data_options, cli_record)
 
 
 def recorded_values(run_dir: str, given: dict[str, Any], ctx: typer.Context) -> dict[str, Any]:
@@ -111,7 +122,10 @@ def refuse_changed_options(given: dict[str, Any], recorded: dict[str, Any], ctx:
                        f"settings{why}; a resumed run keeps its settings (start a new --out to change them)")
 
 
-def run_finetune(p: dict[str, Any]) -> None:
+def run_finetune(run: FinetuneRun, settings: FinetuneConfig, data_options: DataOptions,
+                 cli_record: dict[str, Any]) -> None:
+    """One finetuning run from the command's typed options; ``cli_record``: the command line's
+    values, recorded in ``config.json`` for ``--resume``."""
     from ..runner.data import dataset_label, load_dataset
     from ..runner.grid import check_strategies, slug
     from ..runner.loop import finetune as train
@@ -120,32 +134,31 @@ def run_finetune(p: dict[str, Any]) -> None:
     from ..runner.rundir import prepare_out_dir
 
     out = console()
-    settings = make_config(FinetuneConfig, p)
-    data_options = make_config(DataOptions, p)
-    if p["tensorboard"]:
+    if run.tensorboard:
         check_tensorboard()
     resolve_device(settings.device)
-    resuming = p["resume"] is not None
-    run_dir = p["out"] or os.path.join("runs", f"{slug(dataset_label(p['data']))}_{slug(p['strategy'])}_seed{p['seed']}")
+    resuming = run.resume is not None
+    default_dir = f"{slug(dataset_label(run.data))}_{slug(settings.strategy)}_seed{settings.seed}"
+    run_dir = run.out or os.path.join("runs", default_dir)
     if not resuming:
         refuse_used_run_dir(run_dir)
     prepare_out_dir(run_dir)
     trust = settings.trust_pickle
-    probe = build_model(p["model"], 2, data_options.weights, trust_pickle=trust)
-    [spec] = check_strategies([p["strategy"]], probe)
-    splits = load_dataset(p["data"], data_options.data_root, data_options.download,
-                          data_options.model_input(probe.bvgls_input), augment=data_options.augment_override)
-    del probe
+    shape_model = build_model(run.model, 2, data_options.weights, trust_pickle=trust)  # input spec and groups
+    [spec] = check_strategies([settings.strategy], shape_model)
+    splits = load_dataset(run.data, data_options.data_root, data_options.download,
+                          data_options.model_input(shape_model.bvgls_input), augment=data_options.augment_override)
+    del shape_model
     seed_everything(settings.seed)
-    net = build_model(p["model"], splits.num_classes, data_options.weights, trust_pickle=trust)
+    net = build_model(run.model, splits.num_classes, data_options.weights, trust_pickle=trust)
     out.print(f"[bold]{spec.text}[/] on [bold]{splits.name}[/] ({len(splits.train)} train / "
-              f"{len(splits.test)} test, {splits.num_classes} classes) with {p['model']} -> {run_dir}")
-    config = {"model": p["model"], "weights": data_options.weights, "image_size": data_options.image_size,
-              "dataset": splits.name, "data": p["data"], "num_classes": splits.num_classes,
-              "cli": {k: v for k, v in p.items() if k not in ("resume", "trust_pickle")}}
-    history = train(net, splits, spec, settings=settings, out_dir=run_dir, resume=resuming,
-                    stop_after=p["stop_after"], keep_checkpoint=p["keep_checkpoint"], save_model=True,
-                    tensorboard=p["tensorboard"], config=config)
+              f"{len(splits.test)} test, {splits.num_classes} classes) with {run.model} -> {run_dir}")
+    config = {"model": run.model, "weights": data_options.weights, "image_size": data_options.image_size,
+              "dataset": splits.name, "data": run.data, "num_classes": splits.num_classes,
+              "cli": cli_record}
+    history = train(net, splits, spec, **settings.options(without=("strategy",)), out_dir=run_dir, resume=resuming,
+                    stop_after=run.stop_after, keep_checkpoint=run.keep_checkpoint, save_model=True,
+                    tensorboard=run.tensorboard, config=config)
     report_finetune(out, history, run_dir, settings.epochs)
 
 
@@ -175,51 +188,67 @@ def report_finetune(out, history, run_dir: str, epochs: int) -> None:
 
 
 # ---------------------------------------------------------------------- compare
+@dataclasses.dataclass(frozen=True)
+class CompareGrid:
+    """``bvgls compare``'s own options, parsed (the training and data options are its configs)."""
+
+    model: str
+    data: str
+    out: Path
+    strategies: str
+    seeds: list[int]
+    lrs: list[float]
+    extend_lrs: bool
+    refit: bool
+    keep_going: bool
+
+
 COMPARE_OWN = [
-    param("data", Annotated[str, _opt("--data", "-d", panel=MODEL_AND_DATA, help=(
-        "Comma-separated datasets (registered names or ImageFolder roots)."))]),
-    param("out", Annotated[Path, _opt("--out", "-o", panel=OUTPUT, help=(
+    param("out", Annotated[Path, opt("--out", "-o", panel=OUTPUT, help=(
         "Output directory: runs/, results.csv, table.md. Rerunning skips finished runs."))]),
-    param("model", Annotated[str, _opt("--model", "-m", panel=MODEL_AND_DATA, help=MODEL_HELP)], "wide_resnet50_2"),
-    param("strategies", Annotated[str, _opt("--strategies", "-s", help=(
+    SHARED["model"],
+    SHARED["data"],
+    param("strategies", Annotated[str, opt("--strategies", "-s", help=(
         "Comma-separated strategy specs (columns of the table)."))], "full,L2-6,L3-6,L4-6,L5-6,linear,bvgls"),
-    param("seeds", Annotated[str, _opt("--seeds", help="Comma-separated seeds.")], "0,1,2"),
-    param("lrs", Annotated[str, _opt("--lrs", "--lr", help=(
+    param("seeds", Annotated[str, opt("--seeds", help="Comma-separated seeds.")], "0,1,2"),
+    param("lrs", Annotated[str, opt("--lrs", "--lr", help=(
         "Comma-separated base learning rates; several need --val-fraction and each strategy gets the one "
         "with the lowest validation error (the grid is extended past an edge, see --extend-lrs)."))], "0.01"),
-    param("extend_lrs", Annotated[bool, _opt("--extend-lrs/--no-extend-lrs", help=(
+    param("extend_lrs", Annotated[bool, opt("--extend-lrs/--no-extend-lrs", help=(
         "When a strategy's chosen lr is at an end of the grid, also try the next lr of the ladder "
         "0.001, 0.003, ..., 1.0 beyond it, until the choice is interior (or a run diverges, or the "
         "ladder ends)."))], True),
-    param("refit", Annotated[bool, _opt("--refit", help=(
+    param("refit", Annotated[bool, opt("--refit", help=(
         "After choosing the lr, retrain at it on the full training set and report those runs."))], False),
-    param("keep_going", Annotated[bool, _opt("--keep-going", panel=OUTPUT, help=(
+    param("keep_going", Annotated[bool, opt("--keep-going", panel=OUTPUT, help=(
         "Continue with the other runs when one fails (exit code 1 at the end)."))], False),
 ]
 
 
-@command(app, COMPARE_OWN, FinetuneConfig, DataOptions, no_args_is_help=True)
+@command(app, COMPARE_OWN, FinetuneConfig, DataOptions, without=GRID_AXES, no_args_is_help=True)
 def compare(**values: Any) -> None:
     """Run strategies x datasets x seeds (x learning rates) and write the paper's Table A.
 
-    results.csv has one row per finished run (dataset, strategy, seed, lr, test_error in %, test_loss, val_error, epochs, wall_s, ...); table.md gives the test error mean ± std per dataset and strategy, an average row, the best per row in bold, and the lr each strategy used. Rerunning with the same --out skips finished runs and resumes interrupted ones.
+    results.csv has one row per finished run (dataset, strategy, seed, lr, test_error in %, test_loss, val_error,
+    epochs, wall_s, ...); table.md gives the test error mean ± std per dataset and strategy, an average row, the
+    best per row in bold, and the lr each strategy used. Rerunning with the same --out skips finished runs and
+    resumes interrupted ones.
     """
+    from ..runner.grid import check_lrs
     from ..runner.grid import compare as run_grid
 
     out = console()
-    from ..runner.grid import check_lrs
-
     with user_errors():
+        require(values, "model", "data")
         lrs = check_lrs(numbers(values["lrs"], "--lrs"), "--lrs")
-        make_config(FinetuneConfig, values, lr=lrs[0])  # the numbers, checked with their flags
-        options = split_values(values, FinetuneConfig)
+        grid = typed(CompareGrid, {**values, "lrs": lrs, "seeds": numbers(values["seeds"], "--seeds", int)})
+        settings = make_config(FinetuneConfig, values, lr=lrs[0])  # the lr is set per run by the grid
         data_options = make_config(DataOptions, values)
         result = run_grid(
-            values["strategies"], values["data"], numbers(values["seeds"], "--seeds", int), lrs,
-            model=values["model"], out_dir=values["out"], weights=data_options.weights, refit=values["refit"],
-            extend_lrs=values["extend_lrs"], data_root=data_options.data_root, download=data_options.download,
-            augment=data_options.augment_override, image_size=data_options.image_size, keep_going=values["keep_going"],
-            log=lambda s: out.print(s, markup=False), **options)
+            grid.strategies, grid.data, grid.seeds, grid.lrs, model=grid.model, out_dir=grid.out,
+            weights=data_options.weights, refit=grid.refit, extend_lrs=grid.extend_lrs,
+            data_root=data_options.data_root, download=data_options.download, augment=data_options.augment_override,
+            image_size=data_options.image_size, keep_going=grid.keep_going, **settings.options(without=GRID_AXES))
     out.print(result.table, markup=False)
     out.print(f"wrote {result.csv_path} and {result.table_path}")
     if result.failed:

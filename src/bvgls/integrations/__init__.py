@@ -24,7 +24,7 @@ from ..runner.tracker import SelectionTracker
 from ..strategies import make_strategy
 
 #: a spec string ("bvgls", "bvgls:k=2", "L3-6", ...) or ``factory(optimizer, groups=...) -> GroupStrategy``
-StrategySpec = Any
+StrategyArg = Any
 
 __all__ = ["SelectionTracker", "build_strategy", "detach", "init_attachment", "model_groups", "unwrap_optimizer"]
 
@@ -79,7 +79,7 @@ def model_groups(model: nn.Module, groups: Any = None) -> GroupsSpec:
     return groups
 
 
-def build_strategy(strategy: StrategySpec, optimizer: Any, model: nn.Module | None,
+def build_strategy(strategy: StrategyArg, optimizer: Any, model: nn.Module | None,
                    groups: Any = None) -> GroupStrategy:
     """Attach ``strategy`` to ``optimizer`` (unwrapped), grouping ``model``'s parameters.
 
@@ -102,7 +102,7 @@ def build_strategy(strategy: StrategySpec, optimizer: Any, model: nn.Module | No
                     f"got {type(strategy).__name__}")
 
 
-def init_attachment(callback: Any, strategy: StrategySpec, groups: Any, log_prefix: str,
+def init_attachment(callback: Any, strategy: StrategyArg, groups: Any, log_prefix: str,
                     verify_selection_every: int) -> None:
     """The attributes both framework callbacks hold: what to attach, how to log, and (once
     attached) ``.strategy``, ``.tracker`` and ``.mode``."""

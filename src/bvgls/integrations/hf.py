@@ -33,7 +33,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .. import distributed
-from . import SelectionTracker, StrategySpec, build_strategy, detach, init_attachment
+from . import SelectionTracker, StrategyArg, build_strategy, detach, init_attachment
 
 __all__ = ["BVGLSCallback", "attach"]
 
@@ -61,7 +61,7 @@ class BVGLSCallback(TrainerCallback):
     ``.mode`` (``"single"``, ``"ddp"`` or ``"fsdp"``), ``.tracker``.
     """
 
-    def __init__(self, strategy: StrategySpec = "bvgls", groups: Any = None, *, log_prefix: str = "bvgls/",
+    def __init__(self, strategy: StrategyArg = "bvgls", groups: Any = None, *, log_prefix: str = "bvgls/",
                  verify_selection_every: int = 0, save_state: bool = True):
         init_attachment(self, strategy, groups, log_prefix, verify_selection_every)
         self.save_state = save_state
@@ -128,7 +128,7 @@ class BVGLSCallback(TrainerCallback):
         self.tracker = None
 
 
-def attach(trainer, strategy: StrategySpec = "bvgls", groups: Any = None, **options) -> BVGLSCallback:
+def attach(trainer, strategy: StrategyArg = "bvgls", groups: Any = None, **options) -> BVGLSCallback:
     """Add a :class:`BVGLSCallback` to ``trainer`` and return it.
 
     It goes first in the Trainer's callback list, so that the reporting integrations

@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from .. import distributed
-from . import SelectionTracker, StrategySpec, build_strategy, detach, init_attachment, unwrap_optimizer
+from . import SelectionTracker, StrategyArg, build_strategy, detach, init_attachment, unwrap_optimizer
 
 __all__ = ["BVGLSCallback"]
 
@@ -49,7 +49,7 @@ class BVGLSCallback(Callback):
     (``"single"``, ``"ddp"`` or ``"fsdp"``), ``.tracker``.
     """
 
-    def __init__(self, strategy: StrategySpec = "bvgls", groups: Any = None, *, optimizer_index: int = 0,
+    def __init__(self, strategy: StrategyArg = "bvgls", groups: Any = None, *, optimizer_index: int = 0,
                  log_every_n_steps: int | None = None, log_prefix: str = "bvgls/", verify_selection_every: int = 0):
         if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 0):
             raise ValueError(f"log_every_n_steps must be a non-negative int or None, got {log_every_n_steps!r}")

@@ -18,8 +18,11 @@ loop validates and records them, the resume check and the grid's reuse check rea
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from collections.abc import Callable, Mapping
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,18 +31,25 @@ SCHEDULES = ("cosine", "constant")
 AMP_MODES = ("none", "bf16", "fp16")
 AUGMENTS = ("default", "paper", "light", "none")
 
+#: the options a grid of runs (``compare``) sets per run itself, so not among its training options
+GRID_AXES = ("lr", "seed", "strategy")
+
 MODEL_AND_DATA, TRAINING, SPEED, OUTPUT = "Model and data", "Training", "Speed", "Output"
 RESULT, RECORDED, RUNTIME = "result", "recorded", "runtime"
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, flags: tuple[str, ...] | None = None,
            kind: str = RESULT, panel: str = TRAINING, cli: bool = True, cli_default: Any = dataclasses.MISSING,
-           min: float | None = None, max: float | None = None, choices: tuple[str, ...] | None = None):
-    """A config field with its CLI and bookkeeping metadata. ``cli=False``: the commands declare
-    it themselves (e.g. ``--lr`` in finetune, ``--lrs`` in compare). ``cli_default``: the CLI's
-    default for a field the Python API requires."""
+           min: float | None = None, max: float | None = None, min_open: bool = False, max_open: bool = False,
+           choices: tuple[str, ...] | None = None):
+    """A config field with its CLI and bookkeeping metadata, and the checks of its value: the
+    field's type, ``min``/``max`` (inclusive, or exclusive with ``min_open``/``max_open``) and
+    ``choices``. Those checks run when the dataclass is built (:func:`check_fields`), from Python
+    and from the command line alike. ``cli=False``: not a command-line option (set by the
+    command, e.g. the evaluation cadence). ``cli_default``: the CLI's default for a field the
+    Python API requires."""
     meta = {"help": help, "flags": flags, "kind": kind, "panel": panel, "cli": cli, "cli_default": cli_default,
-            "min": min, "max": max, "choices": choices}
+            "min": min, "max": max, "min_open": min_open, "max_open": max_open, "choices": choices}
     return field(default=default, metadata=meta)
 
 
@@ -48,16 +58,17 @@ class FinetuneConfig:
     """The options of one finetuning run (see the module docstring for the field kinds)."""
 
     epochs: int = option(help="Epochs (paper: 50).", flags=("--epochs", "-e"), min=1, cli_default=50)
-    lr: float = option(help="Base learning rate.", cli=False)
-    strategy: str = option("bvgls", "Strategy spec.", cli=False)
+    lr: float = option(help="Base learning rate (paper, WRN-50-2: 0.01).", min=0.0, min_open=True, cli_default=0.01)
+    strategy: str = option("bvgls", "bvgls, bvgls:k=2, bvgts, full, linear, L<a>-<b> (groups a..b, 1-indexed), or any "
+                                    "registered one.", flags=("--strategy", "-s"))
     batch_size: int = option(128, "Examples per step (paper: 128).", flags=("--batch-size", "-b"), min=1)
     optimizer: str | Callable = option("sgd", "sgd: momentum + Nesterov, as in the paper; or adamw.",
                                        choices=OPTIMIZERS)
-    momentum: float = option(0.9, "SGD momentum.")
+    momentum: float = option(0.9, "SGD momentum.", min=0.0, max=1.0, max_open=True)
     nesterov: bool = option(True, "Nesterov momentum (SGD).", cli=False)
-    weight_decay: float = option(5e-4, "Weight decay (paper: 5e-4).")
+    weight_decay: float = option(5e-4, "Weight decay (paper: 5e-4).", min=0.0)
     schedule: str = option("cosine", "Learning-rate schedule, per step.", choices=SCHEDULES)
-    warmup_epochs: float = option(0.0, "Linear warmup length in epochs.")
+    warmup_epochs: float = option(0.0, "Linear warmup length in epochs.", min=0.0)
     grad_accum: int = option(1, "Micro-batches per optimizer step.", min=1)
     full_backward_chunks: int = option(
         1, "Split the batch of every step whose backward runs through the whole network (the first group trains: "
@@ -65,16 +76,18 @@ class FinetuneConfig:
            "stem) into this many chunks, backward one at a time: the same gradient (batch-norm layers see the "
            "smaller chunks) at a lower activation-memory peak.",
         panel=SPEED, min=1)
-    label_smoothing: float = option(0.0, "Label smoothing of the training loss.")
+    label_smoothing: float = option(0.0, "Label smoothing of the training loss.", min=0.0, max=1.0)
     steps_per_epoch: int | None = option(None, "Cap on steps per epoch (smoke tests).", min=1)
-    seed: int = option(0, "Seeds init of the head, shuffling, augmentation.", cli=False)
+    seed: int = option(0, "Seeds init of the head, shuffling, augmentation.")
     val_fraction: float = option(0.0, "Hold out this fraction of the training set as a validation split "
-                                      "(reported every epoch; compare chooses the lr on it, never on the test set).")
+                                      "(reported every epoch; compare chooses the lr on it, never on the test set).",
+                                min=0.0, max=1.0, max_open=True)
     amp: str | None = option(None, "Mixed precision: bf16 or fp16 (GPU).", panel=SPEED, choices=AMP_MODES)
     channels_last: bool = option(False, "NHWC memory format (faster convolutions on CPU and GPUs).",
                                  flags=("--channels-last/--no-channels-last",), panel=SPEED)
     device: str = option("auto", "auto (cuda > mps > cpu), cpu, cuda:1, ...", kind=RECORDED, panel=SPEED)
-    eval_every: int = option(1, "Evaluate every this many epochs (and after the last).", kind=RECORDED, cli=False)
+    eval_every: int = option(1, "Evaluate every this many epochs (and after the last).", kind=RECORDED, cli=False,
+                            min=1)
     num_workers: int | None = option(None, "DataLoader workers; default 0 on CPU, up to 8 on a GPU.",
                                      flags=("--workers",), kind=RUNTIME, panel=SPEED, min=0)
     progress: bool = option(True, "A progress bar per epoch.", flags=("--progress/--no-progress",), kind=RUNTIME,
@@ -88,23 +101,7 @@ class FinetuneConfig:
             self.amp = None
         if self.device is None:
             self.device = "auto"
-        self.validate()
-
-    def validate(self) -> None:
-        """One ValueError naming the first bad option."""
-        if not isinstance(self.epochs, int) or self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        for name, (low, high) in NUMBER_RANGES.items():
-            check_number(name, getattr(self, name), low, high)
-        if self.batch_size < 1 or self.grad_accum < 1 or self.eval_every < 1 or self.full_backward_chunks < 1:
-            raise ValueError("batch_size, grad_accum, full_backward_chunks and eval_every must be >= 1")
-        for name in ("schedule", "amp"):
-            choices = self.field_meta(name)["choices"]
-            value = getattr(self, name)
-            if value is not None and value not in choices:
-                raise ValueError(f"unknown {name} {value!r}; known: {', '.join(choices)}")
-        if isinstance(self.optimizer, str) and self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; known: {', '.join(OPTIMIZERS)} (or a callable)")
+        check_fields(self)
 
     # ------------------------------------------------------------------ metadata
     @classmethod
@@ -122,6 +119,11 @@ class FinetuneConfig:
     def replace(self, **changes) -> FinetuneConfig:
         return dataclasses.replace(self, **changes)
 
+    def options(self, *, without: Sequence[str] = ()) -> dict[str, Any]:
+        """The fields as the keyword options :func:`~bvgls.runner.loop.finetune` and
+        :func:`~bvgls.runner.grid.compare` take, less the names in ``without``."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in without}
+
     def record(self) -> dict[str, Any]:
         """The ``result`` and ``recorded`` options as plain JSON values (for ``config.json``)."""
         out = {}
@@ -135,39 +137,72 @@ class FinetuneConfig:
 
 _MISSING = object()
 
-#: the float options' ranges: (low, high), ``(x, True)`` meaning inclusive; None: unbounded
-NUMBER_RANGES: dict[str, tuple[tuple[float, bool] | None, tuple[float, bool] | None]] = {
-    "lr": ((0.0, False), None),
-    "momentum": ((0.0, True), (1.0, False)),
-    "weight_decay": ((0.0, True), None),
-    "warmup_epochs": ((0.0, True), None),
-    "label_smoothing": ((0.0, True), (1.0, True)),
-    "val_fraction": ((0.0, True), (1.0, False)),
-}
-
 
 class SettingError(ValueError):
-    """A number option outside its range; :meth:`for_option` words it for a command-line flag."""
+    """An option whose value is refused by its field's declaration; :meth:`for_option` words it
+    for a command-line flag. ``choices``: the value is not one of them."""
 
-    def __init__(self, name: str, requirement: str, value: Any):
-        self.name, self.requirement, self.value = name, requirement, value
+    def __init__(self, name: str, requirement: str, value: Any, choices: tuple[str, ...] | None = None):
+        self.name, self.requirement, self.value, self.choices = name, requirement, value, choices
         super().__init__(self.for_option(name))
 
     def for_option(self, option: str) -> str:
-        return f"{option} must be {self.requirement} (a finite number), got {self.value!r}"
+        if self.choices:
+            return f"unknown {option} {self.value!r}; known: {', '.join(self.choices)}"
+        return f"{option} must be {self.requirement}, got {self.value!r}"
 
 
-def check_number(name: str, value: Any, low: tuple[float, bool] | None, high: tuple[float, bool] | None) -> None:
-    """Raise :class:`SettingError` unless ``value`` is a finite real number within ``low``/``high``."""
-    parts = [f"{'>=' if low[1] else '>'} {low[0]:g}"] if low else []
-    parts += [f"{'<=' if high[1] else '<'} {high[0]:g}"] if high else []
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and low:
-        ok = value >= low[0] if low[1] else value > low[0]
-    if ok and high:
-        ok = value <= high[0] if high[1] else value < high[0]
-    if not ok:
-        raise SettingError(name, " and ".join(parts), value)
+def check_fields(obj: Any) -> None:
+    """Check every field of the dataclass ``obj`` against its declaration (type, bounds,
+    choices); :class:`SettingError` naming the first bad one."""
+    hints = _type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        check_value(f.name, getattr(obj, f.name), hints[f.name], f.metadata)
+
+
+def check_value(name: str, value: Any, hint: Any, meta: Mapping[str, Any]) -> None:
+    """One field's value against its type hint and its metadata's ``min``/``max``/``choices``."""
+    kinds = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if value is None and type(None) in kinds:
+        return
+    number = next((k for k in (bool, int, float) if k in kinds), None)
+    if number is not None and not (_is_a(value, number) and _within(value, meta)):
+        bounds = _bounds_text(meta)
+        raise SettingError(name, f"{bounds} ({_NOUNS[number]})" if bounds else _NOUNS[number], value)
+    choices = meta.get("choices")
+    if choices and isinstance(value, str) and value not in choices:
+        raise SettingError(name, "", value, choices=tuple(choices))
+
+
+_NOUNS = {bool: "true or false", int: "an integer", float: "a finite number"}
+
+
+def _is_a(value: Any, kind: type) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+        return False
+    return kind is int or math.isfinite(value)
+
+
+def _within(value: float, meta: Mapping[str, Any]) -> bool:
+    if isinstance(value, bool):
+        return True
+    low, high = meta.get("min"), meta.get("max")
+    if low is not None and (value <= low if meta.get("min_open") else value < low):
+        return False
+    return high is None or (value < high if meta.get("max_open") else value <= high)
+
+
+def _bounds_text(meta: Mapping[str, Any]) -> str:
+    parts = [] if meta.get("min") is None else [f"{'>' if meta.get('min_open') else '>='} {meta['min']:g}"]
+    parts += [] if meta.get("max") is None else [f"{'<' if meta.get('max_open') else '<='} {meta['max']:g}"]
+    return " and ".join(parts)
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
 def result_keys(cls: type = FinetuneConfig) -> tuple[str, ...]:
@@ -180,9 +215,9 @@ def field_defaults(cls: type = FinetuneConfig) -> dict[str, Any]:
     return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
 
 
-def cli_fields(cls: type) -> list[dataclasses.Field]:
-    """The fields the shared CLI options are generated from."""
-    return [f for f in dataclasses.fields(cls) if f.metadata.get("cli")]
+def cli_fields(cls: type, without: Sequence[str] = ()) -> list[dataclasses.Field]:
+    """The fields the shared CLI options are generated from (less those named in ``without``)."""
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("cli") and f.name not in without]
 
 
 @dataclass(kw_only=True)
@@ -199,6 +234,9 @@ class DataOptions:
                                      "default: the dataset's own.", panel=MODEL_AND_DATA, choices=AUGMENTS)
     image_size: int | None = option(None, "Train and test crop size in px (default: the model's own input size).",
                                     panel=MODEL_AND_DATA, min=1)
+
+    def __post_init__(self):
+        check_fields(self)
 
     @property
     def augment_override(self) -> str | None:

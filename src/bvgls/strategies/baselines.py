@@ -59,7 +59,8 @@ def full_finetuning(optimizer, groups=None) -> FixedGroups:
     return FixedGroups(optimizer, range(n), groups, freeze=False, label="full")
 
 
-def partial_finetuning(optimizer, first: int, last: int | None = None, groups=None, *, freeze: bool = True) -> FixedGroups:
+def partial_finetuning(optimizer, first: int, last: int | None = None, groups=None, *,
+                       freeze: bool = True) -> FixedGroups:
     """Groups ``first..last`` (1-indexed, inclusive; ``last`` defaults to the last group)."""
     n = count_groups(optimizer, groups)
     last = n if last is None else last
@@ -69,7 +70,7 @@ def partial_finetuning(optimizer, first: int, last: int | None = None, groups=No
     return FixedGroups(optimizer, range(first - 1, last), groups, freeze=freeze, label=f"L{first}-{last}")
 
 
-def linear_probing(optimizer, groups=None, *, freeze: bool = True) -> FixedGroups:
+def linear_finetuning(optimizer, groups=None, *, freeze: bool = True) -> FixedGroups:
     """The last group (the head) only."""
     n = count_groups(optimizer, groups)
     return FixedGroups(optimizer, [n - 1], groups, freeze=freeze, label="linear")
@@ -85,7 +86,7 @@ def _full(optimizer, groups=None) -> FixedGroups:
 @register_strategy("linear")
 def _linear(optimizer, groups=None, freeze=True) -> FixedGroups:
     """Linear probing: only the last group (head)."""
-    return linear_probing(optimizer, groups, freeze=freeze)
+    return linear_finetuning(optimizer, groups, freeze=freeze)
 
 
 #: ``bvgls:ema=...``: the gradient EMA's dtype ("param": each parameter's own)

@@ -22,7 +22,8 @@ groups the next step does not update get ``requires_grad=False`` as soon as the
 current step ends, so backward computes no gradient for them and stops below the
 lowest active group. ``freeze`` defaults to the value of ``skip``; ``freeze=False``
 keeps every gradient (the groups then only skip the optimizer step), and
-``skip=False`` (learning-rate-0 steps, which need the gradients) implies it. Strategies that act per epoch need the training loop to call
+``skip=False`` (learning-rate-0 steps, which need the gradients) implies it. Strategies that act per epoch need the
+training loop to call
 ``strategy.on_epoch_start(epoch)`` (0-based); calling it again with the same epoch
 number (e.g. after resuming mid-epoch) does nothing. See ``docs/strategies.md``.
 """
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -85,7 +86,12 @@ def _seed(value: Any) -> int:
 
 
 class _PeerStrategy(GroupStrategy):
-    """Shared plumbing: the epoch counter, option checks on resume, 0/1 scales."""
+    """Shared plumbing: the epoch counter, option checks on resume, 0/1 scales, and the state of
+    the random draws (``_rng``, when a strategy has one) and of :attr:`_state_fields`."""
+
+    #: the attributes a strategy's state dict holds besides the shared ones, each with the function
+    #: that turns a saved value back into the attribute's (lists are saved as copies)
+    _state_fields: dict[str, Callable[[Any], Any]] = {}
 
     def __init__(self, optimizer, groups, *, skip_unselected: bool):
         super().__init__(optimizer, groups, skip_unselected=skip_unselected)
@@ -127,6 +133,10 @@ class _PeerStrategy(GroupStrategy):
         self._ensure_plan()
         return self._active()
 
+    def _plan(self) -> list[float]:
+        """Scale 1 for the groups step ``num_steps`` updates, 0 for the others."""
+        return self._binary(self._upcoming_active())
+
     def _step_finished(self) -> None:
         if self.lean:
             self._ensure_plan()  # plan the next step now, so its frozen groups are known before its forward
@@ -134,6 +144,11 @@ class _PeerStrategy(GroupStrategy):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["epoch"] = self.epoch
+        if hasattr(self, "_rng"):
+            state["rng"] = self._rng_state(self._rng)
+        for name in self._state_fields:
+            value = getattr(self, name)
+            state[name] = list(value) if isinstance(value, list) else value
         return state
 
     def _check_state(self, state: Mapping[str, Any]) -> None:
@@ -144,6 +159,10 @@ class _PeerStrategy(GroupStrategy):
     def _set_state(self, state: Mapping[str, Any]) -> None:
         super()._set_state(state)
         self.epoch = None if state["epoch"] is None else int(state["epoch"])
+        if hasattr(self, "_rng"):
+            self._rng.set_state(state["rng"].clone())
+        for name, restore in self._state_fields.items():
+            setattr(self, name, restore(state[name]))
 
     def _rng_state(self, rng: torch.Generator) -> torch.Tensor:
         return rng.get_state().clone()
@@ -421,6 +440,8 @@ class LISA(_PeerStrategy):
         freeze: freeze the inactive groups for real (default: ``skip_unselected``).
     """
 
+    _state_fields = {"active": lambda v: [int(i) for i in v], "window": int}
+
     def __init__(self, optimizer: torch.optim.Optimizer, groups: GroupsSpec = None, *,
                  K: int = 20, gamma: int = 2, seed: int = 0, skip_unselected: bool = True,
                  freeze: bool | None = None):
@@ -458,23 +479,10 @@ class LISA(_PeerStrategy):
     def _active(self):
         return self.active
 
-    def _plan(self):
-        self._ensure_plan()
-        return self._binary(self.active)
-
-    def state_dict(self):
-        state = super().state_dict()
-        state.update(rng=self._rng_state(self._rng), active=list(self.active), window=self.window)
-        return state
-
-    def _set_state(self, state):
-        super()._set_state(state)
-        self._rng.set_state(state["rng"].clone())
-        self.active = [int(i) for i in state["active"]]
-        self.window = int(state["window"])
 
     def __repr__(self):
-        return f"LISA(K={self.K}, gamma={self.gamma}, seed={self.seed}, groups={self.num_groups}, steps={self.num_steps})"
+        return (f"LISA(K={self.K}, gamma={self.gamma}, seed={self.seed}, groups={self.num_groups}, "
+                f"steps={self.num_steps})")
 
 
 # ---------------------------------------------------------------------- block coordinate descent
@@ -506,6 +514,9 @@ class BlockCoordinateDescent(_PeerStrategy):
         reset_state: clear the optimizer state of a group when it becomes active.
         freeze: freeze the inactive groups for real (default: ``skip_unselected``).
     """
+
+    _state_fields = {"cycle": lambda v: [int(i) for i in v], "position": int,
+                     "active": lambda v: None if v is None else int(v), "block": int}
 
     ORDERS = ("ascending", "descending", "random")
 
@@ -558,26 +569,10 @@ class BlockCoordinateDescent(_PeerStrategy):
     def _active(self):
         return [self.active]
 
-    def _plan(self):
-        self._ensure_plan()
-        return self._binary([self.active])
-
-    def state_dict(self):
-        state = super().state_dict()
-        state.update(rng=self._rng_state(self._rng), cycle=list(self.cycle), position=self.position,
-                     active=self.active, block=self.block)
-        return state
-
-    def _set_state(self, state):
-        super()._set_state(state)
-        self._rng.set_state(state["rng"].clone())
-        self.cycle = [int(i) for i in state["cycle"]]
-        self.position = int(state["position"])
-        self.active = None if state["active"] is None else int(state["active"])
-        self.block = int(state["block"])
 
     def __repr__(self):
-        return f"BlockCoordinateDescent(K={self.K}, order={self.order!r}, groups={self.num_groups}, steps={self.num_steps})"
+        return (f"BlockCoordinateDescent(K={self.K}, order={self.order!r}, groups={self.num_groups}, "
+                f"steps={self.num_steps})")
 
 
 # ---------------------------------------------------------------------- gradual unfreezing
@@ -700,7 +695,8 @@ def _lisa(optimizer, groups=None, K=20, gamma=2, seed=0, skip=True, freeze=None)
 
 
 @register_strategy("bcd-cyclic", help="block coordinate descent (BAdam): one group at a time, next every K steps; "
-                                      "options K=50, order=descending|ascending|random, seed=0, reset_state=True, freeze=True")
+                                      "options K=50, order=descending|ascending|random, seed=0, reset_state=True, "
+                                      "freeze=True")
 def _bcd_cyclic(optimizer, groups=None, K=50, order="descending", seed=0, reset_state=True, skip=True,
                 freeze=None):
     return BlockCoordinateDescent(optimizer, groups, K=K, order=order, seed=seed, reset_state=reset_state,
@@ -713,6 +709,7 @@ def _gradual_unfreeze(optimizer, groups=None, every=None, skip=True, freeze=None
     return GradualUnfreezing(optimizer, groups, every=every, skip_unselected=skip, freeze=freeze)
 
 
-@register_strategy("llrd", help="layer-wise lr decay (BEiT/timm): lr of group l = lr * decay^(L-1-l); option decay=0.75")
+@register_strategy("llrd", help="layer-wise lr decay (BEiT/timm): lr of group l = lr * decay^(L-1-l); "
+                                "option decay=0.75")
 def _llrd(optimizer, groups=None, decay=0.75):
     return LayerwiseLRDecay(optimizer, groups, decay=decay)
