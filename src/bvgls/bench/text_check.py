@@ -165,6 +165,7 @@ def run_one(s: RunSettings) -> dict:
             total += loss.item() * len(y)
         epoch_s.append(time.perf_counter() - start)
         losses.append(total / len(train_y))
+        print(f"epoch {epoch + 1}/{s.epochs}: train loss {losses[-1]:.4f}, {epoch_s[-1]:.1f} s", flush=True)
     freq = dict(zip(strategy.group_names, strategy.selection_frequency()))
     steps = strategy.num_steps
     strategy.remove()
