@@ -160,3 +160,19 @@ def test_missing_fortunes_names_the_setup(tmp_path, tiny_bert, capsys):
         text_check.main(["--out", str(tmp_path / "o"), "--fortunes", str(tmp_path / "none"),
                          "--model", str(tiny_bert)])
     assert "scripts/setup_text.sh" in capsys.readouterr().err
+
+
+def test_report_joins_folders_and_refuses_missing(tmp_path, capsys):
+    for name, spec, acc in (("a", "full", (0.5, 0.7)), ("b", "bvgls-fused", (0.6, 0.6))):
+        runs = [_record(1e-4, seed, 0.5, 1.0) | {"test_acc": a, "peak_rss_mb": 300.0} for seed, a in zip((1, 2), acc)]
+        arm = {"strategy": spec, "lr": 1e-4, "grid": [text_check._brief(runs[0])],
+               "runs": [text_check._brief(r) for r in runs]}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps([arm]))
+    text_check.main(["--report", str(tmp_path / "a"), str(tmp_path / "b")])
+    out = capsys.readouterr().out
+    assert "| `full` | 0.0001 | 60.0 ± 14.1 | 50.0, 70.0 | 300 [300, 300] | 299 |" in out
+    assert "| `bvgls-fused` | 0.0001 | 60.0 ± 0.0 |" in out
+    with pytest.raises(SystemExit):
+        text_check.main(["--report", str(tmp_path / "none")])
+    assert capsys.readouterr().err.startswith("error: no results.json")

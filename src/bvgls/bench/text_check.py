@@ -225,15 +225,16 @@ def _brief(r: dict) -> dict:
 
 def summarise(arms: list[dict]) -> str:
     """The Markdown table: test accuracy mean ± sd (per-seed values), peak RSS, time per epoch."""
-    lines = ["| strategy | lr (chosen on val) | test acc, mean ± sd | per seed | peak RSS (MB), mean [min, max] "
-             "| s / epoch, mean |", "|---|---|---|---|---|---|"]
+    lines = ["| strategy | lr (chosen on val) | test acc (%), mean ± sd | per seed | peak RSS (MB), mean [min, max] "
+             "| peak - ready (MB) | s / epoch, mean |", "|---|---|---|---|---|---|---|"]
     for arm in arms:
         acc = [100 * r["test_acc"] for r in arm["runs"]]
         rss = [r["peak_rss_mb"] for r in arm["runs"]]
+        added = statistics.mean(r["peak_rss_mb"] - r["rss_ready_mb"] for r in arm["runs"])
         sd = statistics.stdev(acc) if len(acc) > 1 else float("nan")
         lines.append(f"| `{arm['strategy']}` | {arm['lr']:g} | {statistics.mean(acc):.1f} ± {sd:.1f} | "
                      f"{', '.join(f'{a:.1f}' for a in acc)} | {statistics.mean(rss):.0f} [{min(rss):.0f}, "
-                     f"{max(rss):.0f}] | {statistics.mean(r['epoch_s'] for r in arm['runs']):.1f} |")
+                     f"{max(rss):.0f}] | {added:.0f} | {statistics.mean(r['epoch_s'] for r in arm['runs']):.1f} |")
     lines += ["", "lr grid (first seed): validation accuracy per lr", ""]
     for arm in arms:
         grid = ", ".join(f"{g['lr']:g}: {100 * g['val_acc']:.1f}" for g in arm["grid"])
@@ -262,6 +263,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name, default in (("epochs", 5), ("batch-size", 8), ("max-length", 64), ("train", 80), ("val", 25),
                           ("test", 50), ("data-seed", 0), ("threads", 1), ("jobs", 1)):
         p.add_argument(f"--{name}", type=int, default=default)
+    p.add_argument("--report", nargs="+", metavar="DIR", help="only print one table over these folders' results.json")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: one run's settings as JSON
     p.add_argument("--record", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -308,6 +310,12 @@ def main(argv=None) -> None:
     if args.one:
         record = run_one(RunSettings(**{**json.loads(args.one), "classes": tuple(json.loads(args.one)["classes"])}))
         Path(args.record).write_text(json.dumps(record, indent=1))
+        return
+    if args.report:
+        missing = [d for d in args.report if not (Path(d) / "results.json").is_file()]
+        if missing:
+            _fail(f"no results.json in {', '.join(missing)} (run the check there first)")
+        print(summarise([arm for d in args.report for arm in json.loads((Path(d) / "results.json").read_text())]))
         return
     base, specs, lrs, seeds = _checked(args)
     out = Path(args.out)
