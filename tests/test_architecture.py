@@ -212,3 +212,32 @@ def test_list_covers_every_registry(cli):
     assert res.exit_code == 0
     for name in ("tiny-resnet", "timm:<name>", "digits", "<directory>", "bvgls", "lisa", "L<a>-<b>", "resnet"):
         assert name in res.output, name
+
+
+#: imported by the pretrained set-up but installed another way: the PIL/numpy that torchvision
+#: requires, and cairosvg (scripts/setup_pretrained.sh installs it; the emoji tasks are optional)
+NOT_IN_THE_EXTRA = {"PIL", "numpy", "cairosvg"}
+DISTRIBUTION = {"sklearn": "scikit-learn"}
+
+
+def test_cli_extra_installs_what_the_pretrained_set_up_imports():
+    import ast
+    import re
+    import sys
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    declared = {re.split(r"[<>=!~\[ ]", r)[0].lower() for r in project["dependencies"] +
+                project["optional-dependencies"]["cli"]}
+    imported = set()
+    for path in (root / "src" / "bvgls" / "pretrained").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    third_party = {m for m in imported if m not in sys.stdlib_module_names and m != "bvgls"} - NOT_IN_THE_EXTRA
+    missing = sorted(m for m in third_party if DISTRIBUTION.get(m, m).lower() not in declared)
+    assert not missing, f"the cli extra lacks {missing}"
