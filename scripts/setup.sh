@@ -9,8 +9,8 @@ PY=${PYTHON:-python3}
 
 # what each extra set installs, and the modules that show it is installed
 case "${1:-cli}" in
-  cli)  extras="cli";  modules="bvgls, bvgls_lab, torchvision, typer, rich, tqdm, matplotlib, sklearn" ;;
-  test) extras="test"; modules="bvgls, bvgls_lab, torchvision, typer, rich, tqdm, matplotlib, sklearn, pytest, timm, transformers, accelerate, lightning, tensorboard, schedulefree, prodigyopt, ruff" ;;
+  cli)  extras="cli";  modules="bvgls, bvgls_lab, torchvision, typer, rich, tqdm, matplotlib, sklearn, timm, safetensors" ;;
+  test) extras="test"; modules="bvgls, bvgls_lab, torchvision, typer, rich, tqdm, matplotlib, sklearn, safetensors, pytest, timm, transformers, accelerate, lightning, tensorboard, schedulefree, prodigyopt, ruff" ;;
   *) echo "setup: error: unknown extra set '$1' (expected cli or test)" >&2; exit 2 ;;
 esac
 

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+pytest_plugins = ["isolation"]  # @pytest.mark.isolated: crash-prone tests run in a child process
+
 CLASSES = ("red", "green", "blue")
 
 

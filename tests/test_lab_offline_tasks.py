@@ -9,6 +9,7 @@ import struct
 import numpy as np
 import pytest
 import torch
+from isolation import AVX2_KERNELS
 
 import bvgls
 from bvgls.registry import DATASETS, MODELS
@@ -213,6 +214,7 @@ def _write_idx(path, array):
         f.write(header + array.tobytes())
 
 
+@pytest.mark.isolated(env=AVX2_KERNELS)  # its widths reach the oneDNN NHWC hazard: pretrain must avoid it
 def test_pretrain_writes_a_loadable_checkpoint(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="bvgls_lab")
     rng = np.random.default_rng(0)
@@ -224,6 +226,7 @@ def test_pretrain_writes_a_loadable_checkpoint(tmp_path, caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == source_model.logger.name]
     assert meta["sha256"] == source_model.file_sha256(out)
     assert 0.0 <= meta["source_test_accuracy"] <= 100.0 and len(lines) == 2
+    assert meta["channels_last"] is False  # the runner's policy: (4, 8, 8, 8) has 1x1 stride-2 convs from 4 and 8
     model = source_model.build_fmnist_resnet(4, str(out), checkpoint_sha256=meta["sha256"])
     assert model.fc.out_features == 4 and model.widths == (4, 8, 8, 8)
     assert model(torch.zeros(1, 1, 28, 28)).shape == (1, 4)

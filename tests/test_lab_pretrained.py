@@ -370,3 +370,35 @@ def test_built_task_matches_its_manifest(name):
         assert counts["train"] >= 2 and counts["test"] >= spec.min_test
         for split, n in counts.items():
             assert len(list((path / split / label).glob("*.png"))) == n
+
+
+#: imported by the pretrained set-up but installed another way: the PIL/numpy that torchvision
+#: requires, and cairosvg (scripts/setup_pretrained.sh installs it; the emoji tasks are optional)
+NOT_DECLARED = {"PIL", "numpy", "cairosvg"}
+DISTRIBUTION = {"sklearn": "scikit-learn"}
+
+
+def test_lab_requirements_cover_what_the_pretrained_set_up_imports():
+    import ast
+    import re
+    import sys
+    from pathlib import Path
+
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    library = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    lab = tomllib.loads((root / "lab" / "pyproject.toml").read_text())["project"]
+    declared = {re.split(r"[<>=!~\[ ]", r)[0].lower() for r in library["dependencies"] +
+                library["optional-dependencies"]["cli"] + lab["dependencies"]}
+    imported = set()
+    for path in (root / "lab" / "bvgls_lab" / "pretrained").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    ours = {"bvgls", "bvgls_lab"}
+    third_party = {m for m in imported if m not in sys.stdlib_module_names and m not in ours} - NOT_DECLARED
+    missing = sorted(m for m in third_party if DISTRIBUTION.get(m, m).lower() not in declared)
+    assert not missing, f"the lab's requirements lack {missing}"

@@ -288,6 +288,7 @@ def test_finetune_lean_resume_equals_the_uninterrupted_run(spec, tmp_path):
         assert torch.equal(a, b)
 
 
+@pytest.mark.isolated
 def test_finetune_lean_channels_last():
     from bvgls.runner.models import build_model
 

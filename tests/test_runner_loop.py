@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from isolation import AVX2_KERNELS
 from torch.utils.data import TensorDataset
 
 from bvgls.runner.data import load_dataset
@@ -187,6 +188,7 @@ def test_evaluate_matches_manual_computation():
     assert math.isclose(err, 100.0 * (out.argmax(1) != y).float().mean().item())
 
 
+@pytest.mark.isolated
 def test_bf16_autocast_and_channels_last_on_cpu(colors):
     h = finetune(fresh_model(), colors, "bvgls", epochs=1, lr=0.05, batch_size=8, amp="bf16", channels_last=True,
                  progress=False)
@@ -195,8 +197,10 @@ def test_bf16_autocast_and_channels_last_on_cpu(colors):
         finetune(fresh_model(), colors, "bvgls", epochs=1, lr=0.05, amp="fp16", device="cpu", progress=False)
 
 
+@pytest.mark.isolated(env=AVX2_KERNELS)
 def test_channels_last_guard_for_onednn_crash():
     # 1x1 stride-2 convolutions with 4-15 input channels crash oneDNN's NHWC weight gradient on CPU
+    # (its AVX2 kernels: AMD EPYC, or any x86 CPU under ONEDNN_MAX_CPU_ISA=AVX2, as here)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 16, 1, stride=2),
                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 2))
     data = TensorDataset(torch.randn(5, 3, 8, 8), torch.tensor([0, 1, 0, 1, 0]))

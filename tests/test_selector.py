@@ -73,7 +73,7 @@ def test_first_step_variance_is_exactly_zero_and_clamped():
     assert sel.selected == [1]  # largest bias wins when every variance is 0
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("channels_last", [False, pytest.param(True, marks=pytest.mark.isolated)])
 def test_matches_naive_implementation_for_20_steps(channels_last):
     model = small_cnn(channels_last)
     groups, opt, sel = make(model, lr=0.05, momentum=0.9)

@@ -26,6 +26,7 @@ from torch import nn
 
 from bvgls.registry import MODELS, ModelInput
 from bvgls.runner.data import FASHION_MNIST_CLASSES, read_fashion_mnist
+from bvgls.runner.nhwc import apply_channels_last
 
 from .pretrained.assets import ChecksumError  # noqa: F401  (raised here for a damaged checkpoint)
 from .pretrained.assets import sha256_file as file_sha256
@@ -149,7 +150,7 @@ def evaluate_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     correct = 0
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
-            x = images[i:i + batch_size].contiguous(memory_format=torch.channels_last)
+            x = images[i:i + batch_size].contiguous(memory_format=torch.channels_last)  # forward only: no hazard
             correct += (model(x).argmax(1) == labels[i:i + batch_size]).sum().item()
     return 100.0 * correct / len(images)
 
@@ -194,7 +195,10 @@ def pretrain(out: str | os.PathLike, *, epochs: int = 8, batch_size: int = 128, 
     test_x, test_y = read_fashion_mnist("test", data_root, download)
     train_x, test_x = _normalise(train_x), _normalise(test_x)
 
-    model = FMNISTResNet(10, widths, blocks).to(memory_format=torch.channels_last)
+    model = FMNISTResNet(10, widths, blocks)
+    # the runner's channels-last policy: NHWC only where oneDNN's backward cannot crash
+    channels_last, _ = apply_channels_last(model, torch.device("cpu"), True)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
     optimizer = torch.optim.SGD([{"params": decay, "weight_decay": weight_decay},
@@ -210,7 +214,7 @@ def pretrain(out: str | os.PathLike, *, epochs: int = 8, batch_size: int = 128, 
         total = 0.0
         for step in range(steps_per_epoch):
             idx = order[step * batch_size:(step + 1) * batch_size]
-            x = _augment(train_x[idx], generator).contiguous(memory_format=torch.channels_last)
+            x = _augment(train_x[idx], generator).contiguous(memory_format=memory_format)
             loss = nn.functional.cross_entropy(model(x), train_y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -226,7 +230,7 @@ def pretrain(out: str | os.PathLike, *, epochs: int = 8, batch_size: int = 128, 
         "recipe": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
                    "seed": seed, "schedule": "OneCycleLR(pct_start=0.15)", "augment": "translate2+hflip"},
         "source_test_accuracy": acc, "runtime_s": round(runtime, 1), "torch": str(torch.__version__),
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "channels_last": channels_last,
     }
     ckpt = {"state_dict": {k: v.contiguous() for k, v in model.state_dict().items()},
             "config": {"num_classes": 10, "widths": list(widths), "blocks": blocks}, "meta": meta}

@@ -40,22 +40,69 @@ class ProbeReport:
     spec: str                       # the recommended fixed spec, ``L<a>-<b>``
     coverage: float
     nonfinite_steps: int = 0
+    selections: list[list[int]] = field(default_factory=list)  # the groups selected at each step
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"groups": self.group_names, "steps": self.steps, "frequency": self.frequency,
+                "interval": [list(wilson_interval(f, self.steps)) for f in self.frequency],
                 "mean_bvr": self.mean_bvr, "spec": self.spec, "coverage": self.coverage,
-                "nonfinite_steps": self.nonfinite_steps}
+                "half_specs": list(self.half_specs()), "nonfinite_steps": self.nonfinite_steps,
+                "selections": self.selections}
+
+    def half_specs(self) -> tuple[str | None, str | None]:
+        """The recommendation from the first and from the second half of the steps alone
+        (None where a half selected nothing); agreement is the probe's stability check."""
+        half = len(self.selections) // 2
+        if half == 0:
+            return None, None
+        n = len(self.group_names)
+        return tuple(_spec_or_none(frequency_of(part, n), self.coverage)
+                     for part in (self.selections[:half], self.selections[half:]))
 
     def __str__(self) -> str:
         width = max(len("group"), *(len(n) for n in self.group_names))
-        lines = [f"{'#':>3}  {'group':<{width}}  {'selected':>8}  {'mean BVR':>10}"]
+        lines = [f"{'#':>3}  {'group':<{width}}  {'selected':>8}  {'95% interval':>13}  {'mean BVR':>10}"]
         for i, (name, f, b) in enumerate(zip(self.group_names, self.frequency, self.mean_bvr), 1):
             bvr = "-" if b is None else f"{b:10.4g}"
-            lines.append(f"{i:>3}  {name:<{width}}  {f:8.1%}  {bvr:>10}")
+            low, high = wilson_interval(f, self.steps)
+            lines.append(f"{i:>3}  {name:<{width}}  {f:8.1%}  {f'{low:.0%}-{high:.0%}':>13}  {bvr:>10}")
         lines.append(f"recommended: {self.spec} (the shortest range ending at the head that holds "
                      f"{self.coverage:.0%} of the selections over {self.steps} steps)")
+        lines.append(self.stability_line())
         return "\n".join(lines)
+
+    def stability_line(self) -> str:
+        first, second = self.half_specs()
+        if first is None or second is None:
+            return "stability: too few steps to compare the two halves of the run"
+        verdict = "stable: both halves agree" if first == second == self.spec else \
+            "NOT stable: the halves disagree, so the recommendation depends on the steps drawn; run more --steps"
+        return (f"stability: first half of the steps -> {first}, second half -> {second} ({verdict}); "
+                "intervals: Wilson 95% per group, treating steps as independent (they are not: read them as "
+                "a lower bound on the uncertainty)")
+
+
+def wilson_interval(frequency: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion ``frequency`` observed over ``n`` trials."""
+    if n <= 0:
+        return 0.0, 1.0
+    centre = (frequency + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(frequency * (1 - frequency) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def frequency_of(selections: list[list[int]], num_groups: int) -> list[float]:
+    """Fraction of the steps in ``selections`` in which each group was selected."""
+    counts = [0] * num_groups
+    for step in selections:
+        for i in step:
+            counts[i] += 1
+    return [c / max(len(selections), 1) for c in counts]
+
+
+def _spec_or_none(frequency: list[float], coverage: float) -> str | None:
+    return recommend_range(frequency, coverage) if sum(frequency) > 0 else None
 
 
 def recommend_range(frequency: list[float], coverage: float = 0.8) -> str:
@@ -92,7 +139,8 @@ def _batches(loader: Iterable, steps: int):
 def recommend(model: nn.Module, loader: Iterable, steps: int, groups: GroupsSpec | Callable | None = None, *,
               loss_fn: Callable = nn.functional.cross_entropy, lr: float = 0.01, momentum: float = 0.9,
               weight_decay: float = 5e-4, k: int = 1, alpha: float = 0.9, coverage: float = 0.8,
-              device: torch.device | str | None = None, copy_model: bool = True) -> ProbeReport:
+              device: torch.device | str | None = None, copy_model: bool = True,
+              on_step: Callable[[int], None] | None = None) -> ProbeReport:
     """Run BVG-LS for ``steps`` steps and recommend which layer groups to finetune.
 
     Args:
@@ -107,6 +155,7 @@ def recommend(model: nn.Module, loader: Iterable, steps: int, groups: GroupsSpec
         k, alpha: BVG-LS options.
         coverage: share of the selections the recommended range must hold.
         device: where to run (default: where the model's parameters are).
+        on_step: called with the number of steps done after each step (a progress bar).
     """
     from .grouping import layer_groups  # grouping pulls in model-family rules: only when needed
 
@@ -129,8 +178,9 @@ def recommend(model: nn.Module, loader: Iterable, steps: int, groups: GroupsSpec
     selector = BVGLS(opt, k=k, alpha=alpha, groups=chosen)
     bvr_sum = torch.zeros(selector.num_groups, dtype=torch.float64)
     bvr_n = torch.zeros(selector.num_groups, dtype=torch.float64)
+    selections: list[list[int]] = []
     try:
-        for x, y in _batches(loader, steps):
+        for done, (x, y) in enumerate(_batches(loader, steps), 1):
             opt.zero_grad(set_to_none=True)
             loss_fn(work(x.to(device)), y.to(device)).backward()
             before = selector.num_steps
@@ -140,6 +190,9 @@ def recommend(model: nn.Module, loader: Iterable, steps: int, groups: GroupsSpec
                 valid = ~torch.isnan(ratios) & (selector.variance.double().cpu() > selector.eps)
                 bvr_sum += torch.where(valid, ratios, 0.0)
                 bvr_n += valid
+                selections.append(list(selector.selected))
+            if on_step is not None:
+                on_step(done)
     finally:
         selector.remove()
     mean = [None if n == 0 else s / n for s, n in zip(bvr_sum.tolist(), bvr_n.tolist())]
@@ -147,4 +200,4 @@ def recommend(model: nn.Module, loader: Iterable, steps: int, groups: GroupsSpec
     return ProbeReport(group_names=list(selector.group_names), steps=selector.num_steps, frequency=frequency,
                        mean_bvr=[None if m is None or not math.isfinite(m) else m for m in mean],
                        spec=recommend_range(frequency, coverage), coverage=coverage,
-                       nonfinite_steps=selector.nonfinite_steps)
+                       nonfinite_steps=selector.nonfinite_steps, selections=selections)

@@ -125,6 +125,7 @@ def _setup(s: RunSettings):
     """Task, tokenizer, encoded splits, model, groups, optimizer, strategy, scheduler for run ``s``."""
     import torch
     import transformers
+
     import bvgls
     task = build_fortune_task(s.fortunes, s.classes, train=s.train, val=s.val, test=s.test, seed=s.data_seed)
     tokenizer = transformers.AutoTokenizer.from_pretrained(s.model, local_files_only=True)
@@ -144,6 +145,7 @@ def _setup(s: RunSettings):
 def run_one(s: RunSettings) -> dict:
     """Train and evaluate one run in this process; returns its record (accuracies, timings, memory)."""
     import torch
+
     import bvgls
     torch.set_num_threads(s.threads)
     task, tokenizer, encoded, model, groups, opt, strategy, sched = _setup(s)

@@ -3,14 +3,25 @@ selection frequency and recommends a fixed ``L<a>-<b>`` spec (:func:`bvgls.probe
 
 from __future__ import annotations
 
+import json
+import os
+import sys
 from typing import Annotated, Any
 
-from ..runner.config import DataOptions, FinetuneConfig
+from ..runner.config import MODEL_AND_DATA, DataOptions, FinetuneConfig
 from . import CLIError, app, user_errors
 from .options import SHARED, command, field_params, make_config, opt, param, require
 
 #: training options of the config that a probe uses (the others do not apply to a short SGD run)
-PROBE_FIELDS = ("lr", "seed", "batch_size", "momentum", "weight_decay", "device", "num_workers")
+PROBE_FIELDS = ("lr", "seed", "momentum", "weight_decay", "device", "num_workers", "progress")
+#: data options it uses; --image-size is its own (its default depends on the device)
+PROBE_DATA_FIELDS = ("weights", "data_root", "download", "augment")
+#: on CPU a probe runs small: step time and activation memory grow with batch x size^2, and the
+#: selection statistics need steps more than pixels (MobileNetV2, 20 steps: about 0.6 CPU-s a
+#: step and 1 GB peak at 16 x 128 px, against 1.9 CPU-s and 2.4 GB at 16 x 224 px)
+CPU_BATCH, CPU_IMAGE_SIZE = 16, 128
+#: on an accelerator: the model's own input size and a batch that keeps the statistics' noise low
+ACCELERATOR_BATCH = 64
 
 PROBE_OWN = [
     SHARED["model"],
@@ -21,14 +32,23 @@ PROBE_OWN = [
     param("k", Annotated[int, opt("--k", min=1, help="Groups selected per step (BVG-LS k).")], 1),
     param("coverage", Annotated[float, opt("--coverage", min=0.0, max=1.0, help=(
         "Share of the selections the recommended range (ending at the head) must hold."))], 0.8),
+    param("batch_size", Annotated[int | None, opt("--batch-size", "-b", min=1, help=(
+        f"Examples per step (default: {CPU_BATCH} on CPU, {ACCELERATOR_BATCH} on a GPU)."))], None),
+    param("image_size", Annotated[int | None, opt("--image-size", min=1, panel=MODEL_AND_DATA, help=(
+        f"Crop size in px (default: {CPU_IMAGE_SIZE} on CPU, or the model's own if smaller; the model's own "
+        "input size on a GPU)."))], None),
+    param("json_out", Annotated[str | None, opt("--json", help=(
+        "Also write the report (frequencies, intervals, per-step selections, settings) to this JSON file."))],
+          None),
 ]
 
 
 def probe_fields() -> list:
-    return [p for p in field_params(FinetuneConfig) if p.name in PROBE_FIELDS]
+    return [p for p in field_params(FinetuneConfig) if p.name in PROBE_FIELDS] + \
+        field_params(DataOptions, PROBE_DATA_FIELDS)
 
 
-@command(app, PROBE_OWN + probe_fields(), DataOptions, no_args_is_help=True)
+@command(app, PROBE_OWN + probe_fields(), no_args_is_help=True)
 def probe(**values: Any) -> None:
     """Which layers should I finetune? Run BVG-LS for --steps steps and recommend a fixed L<a>-<b>.
 
@@ -40,9 +60,31 @@ def probe(**values: Any) -> None:
     with user_errors():
         report = run_probe(values)
     print(report)
+    print(f"settings: batch {report.extra['batch_size']}, {report.extra['image_size']} px, "
+          f"{report.steps} steps, lr {values['lr']:g}, device {report.extra['device']}", file=sys.stderr)
+
+
+def probe_sizes(device, model_size: int, batch_size: int | None, image_size: int | None) -> tuple[int, int]:
+    """The batch size and crop size of a probe: the given ones, else the device's defaults."""
+    on_cpu = device.type == "cpu"
+    batch = batch_size or (CPU_BATCH if on_cpu else ACCELERATOR_BATCH)
+    size = image_size or (min(CPU_IMAGE_SIZE, model_size) if on_cpu else model_size)
+    return batch, size
+
+
+def step_bar(enabled: bool, steps: int):
+    """A progress bar on stderr advanced by ``on_step(done)``; (None, None) when disabled."""
+    if not enabled:
+        return None, None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=steps, desc="probe", unit="step", file=sys.stderr, dynamic_ncols=True)
+    return bar, lambda done: bar.update(done - bar.n)
 
 
 def run_probe(p: dict[str, Any]):
+    import dataclasses
+
     import torch
     from torch.utils.data import DataLoader
 
@@ -51,22 +93,43 @@ def run_probe(p: dict[str, Any]):
     from ..runner.data import load_dataset
     from ..runner.loop import resolve_device, seed_everything
     from ..runner.models import build_model
+    from ..selector import BVGLS
 
     if p["coverage"] <= 0:
         raise CLIError(f"--coverage must be in (0, 1], got {p['coverage']}")
     require(p, "model", "data")
-    make_config(FinetuneConfig, p, epochs=1)  # the training options, checked with their flags
+    make_config(FinetuneConfig, p, epochs=1, batch_size=1)  # the training options, checked with their flags
     data_options = make_config(DataOptions, p)
+    device = resolve_device(p["device"])
     shape = build_model(p["model"], 2, data_options.weights)
-    layer_groups(shape, p["groups"])  # an unknown or unfitting scheme fails before the data is loaded
-    splits = load_dataset(p["data"], data_options.data_root, data_options.download, shape.bvgls_input,
-                          augment=data_options.augment_override)
+    # an unknown or unfitting scheme, or a k above the groups, fails before the data is loaded
+    groups = layer_groups(shape, p["groups"])
+    BVGLS._check_k(p["k"], sum(1 for _, params in groups.named_param_lists() if params))
+    batch, size = probe_sizes(device, int(shape.bvgls_input.size), p["batch_size"], p["image_size"])
+    splits = load_dataset(p["data"], data_options.data_root, data_options.download,
+                          dataclasses.replace(shape.bvgls_input, size=size), augment=data_options.augment_override)
     del shape
+    example_shape = list(splits.train[0][0].shape)  # what the model is fed (before seeding: it draws a crop)
     seed_everything(p["seed"])
     net = build_model(p["model"], splits.num_classes, data_options.weights)
-    workers = p["num_workers"] or 0
-    loader = DataLoader(splits.train, batch_size=p["batch_size"], shuffle=True, num_workers=workers,
+    workers = p["num_workers"] if p["num_workers"] is not None else (0 if device.type == "cpu" else
+                                                                     min(8, os.cpu_count() or 1))
+    loader = DataLoader(splits.train, batch_size=batch, shuffle=True, num_workers=workers,
                         generator=torch.Generator().manual_seed(p["seed"]))
-    return recommend(net, loader, p["steps"], groups=lambda m: layer_groups(m, p["groups"]), lr=p["lr"],
-                     momentum=p["momentum"], weight_decay=p["weight_decay"], k=p["k"], coverage=p["coverage"],
-                     device=resolve_device(p["device"]), copy_model=False)
+    bar, on_step = step_bar(p["progress"], p["steps"])
+    flush = device.type == "cpu" and torch.set_flush_denormal(True)  # as the runner: denormals slow CPU steps
+    try:
+        report = recommend(net, loader, p["steps"], groups=lambda m: layer_groups(m, p["groups"]), lr=p["lr"],
+                           momentum=p["momentum"], weight_decay=p["weight_decay"], k=p["k"],
+                           coverage=p["coverage"], device=device, copy_model=False, on_step=on_step)
+    finally:
+        if bar is not None:
+            bar.close()
+        if flush:
+            torch.set_flush_denormal(False)
+    report.extra.update(batch_size=batch, image_size=size, example_shape=example_shape, device=str(device),
+                        model=p["model"], data=p["data"], seed=p["seed"], lr=p["lr"])
+    if p["json_out"]:
+        with open(p["json_out"], "w") as f:
+            json.dump({**report.to_dict(), "settings": report.extra}, f)
+    return report

@@ -41,6 +41,7 @@ from . import rundir
 from .callbacks import Callback, TensorBoardLogger, TrainState, as_callback
 from .config import FinetuneConfig, field_defaults, result_keys
 from .models import save_model as write_model_file
+from .nhwc import apply_channels_last, nhwc_crash_hazard  # noqa: F401  (re-exported)
 from .rundir import History
 from .tracker import SelectionTracker
 
@@ -182,15 +183,6 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: torch.dt
     return total / n, 100.0 * errors / n
 
 
-def nhwc_crash_hazard(model: nn.Module) -> str | None:
-    """The first 1x1 strided conv with 4-15 input channels (segfaults in NHWC backward on CPU, torch 2.14)."""
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Conv2d) and mod.kernel_size == (1, 1) and max(mod.stride) > 1 \
-                and 3 < mod.in_channels < 16:
-            return name
-    return None
-
-
 # ---------------------------------------------------------------------- the run
 @dataclass
 class Run:
@@ -270,17 +262,11 @@ def resolve_workers(cfg: FinetuneConfig, device: torch.device) -> int:
 
 
 def prepare_model(model: nn.Module, cfg: FinetuneConfig, device: torch.device) -> bool:
-    """Move ``model`` to ``device`` (NHWC if asked and safe); returns whether channels_last is on."""
+    """Move ``model`` to ``device`` (NHWC if asked and safe: :mod:`.nhwc`); returns whether channels_last is on."""
     model.to(device)
-    channels_last = cfg.channels_last
-    hazard = nhwc_crash_hazard(model) if channels_last and device.type == "cpu" else None
-    if hazard:
-        warnings.warn(f"channels_last disabled: on CPU, oneDNN's weight gradient of 1x1 strided convolutions with "
-                      f"fewer than 16 input channels ({hazard}) can crash the process (uxlfoundation/oneDNN#6035)",
-                      stacklevel=3)
-        channels_last = False
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    channels_last, refusal = apply_channels_last(model, device, cfg.channels_last)
+    if refusal:
+        warnings.warn(f"channels_last disabled: {refusal}", stacklevel=3)
     return channels_last
 
 
