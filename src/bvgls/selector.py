@@ -459,11 +459,11 @@ class BVGLS(GroupStrategy):
         return report
 
     def _statistics_bytes(self) -> list[int]:
-        """Per tensor: its gradient EMA and its share of the per-tensor scalars (running sum of
+        """Per tensor with statistics: its gradient EMA and its per-tensor scalars (running sum of
         squares, step count and, fused, ``||m||^2``)."""
         scalars = (self._sq, self._t) + ((self._msq,) if self.fused else ())
         per_tensor = sum(v.element_size() for v in scalars)
-        return [per_tensor + (0 if m is None else m.numel() * m.element_size()) for m in self._m]
+        return [0 if m is None else per_tensor + m.numel() * m.element_size() for m in self._m]
 
     # ------------------------------------------------------------------ state
     def _options(self) -> dict[str, Any]:
