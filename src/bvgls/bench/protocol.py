@@ -100,6 +100,11 @@ LEAN_V2 = ("bvgls:probe=10", "bvgls:static=50")
 #: re-run at v1's chosen lrs (final runs only), the lean variants with their own v1-style lr search
 BENCH_V2 = replace(BENCH, strategies=("full", "bvgls") + LEAN_V2, fixed_lrs=V1_CHOSEN_LRS)
 
+#: docs/benchmark.md, "Protocol: fused BVG-LS" (frozen before it was run): v1's setting; bvgls re-run at
+#: v1's chosen lrs (final runs only), bvgls:fused=true with its own v1-style lr search
+BENCH_FUSED = replace(BENCH, strategies=("bvgls", "bvgls:fused=true"),
+                      fixed_lrs=tuple(c for c in V1_CHOSEN_LRS if c[1] == "bvgls"))
+
 #: docs/benchmark-pretrained.md: shared by its parts
 PT_COMMON = dict(
     seeds=(0, 1, 2, 3, 4), search_seeds=(0,), lrs=(0.003, 0.01, 0.03, 0.1), extend_grid=True,
@@ -135,6 +140,7 @@ EXPECTED_GROUPS = {"mobilenet_v2": 10, "efficientnet_lite0": 9}
 SUITES: dict[str, tuple[tuple[str, Protocol], ...]] = {
     "offline": (("fmnist-resnet", BENCH),),
     "offline-v2": (("fmnist-resnet", BENCH_V2),),
+    "offline-fused": (("fmnist-resnet", BENCH_FUSED),),
     "pretrained": (("mobilenet_v2", PRETRAINED_M), ("efficientnet_lite0", PRETRAINED_E)),
     "pretrained-batch": (("mobilenet_v2-b128", PRETRAINED_BATCH),),
     "pretrained-pilot": (("mobilenet_v2", PRETRAINED_PILOT),),
