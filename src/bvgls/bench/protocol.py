@@ -101,8 +101,9 @@ LEAN_V2 = ("bvgls:probe=10", "bvgls:static=50")
 BENCH_V2 = replace(BENCH, strategies=("full", "bvgls") + LEAN_V2, fixed_lrs=V1_CHOSEN_LRS)
 
 #: docs/benchmark.md, "Protocol: fused BVG-LS" (frozen before it was run): v1's setting; bvgls re-run at
-#: v1's chosen lrs (final runs only), bvgls:fused=true with its own v1-style lr search
-BENCH_FUSED = replace(BENCH, strategies=("bvgls", "bvgls:fused=true"),
+#: v1's chosen lrs (final runs only), bvgls:fused=true with its own v1-style lr search; final seeds 0-2 (cut from
+#: 0-4 before the run, for the time left in the session)
+BENCH_FUSED = replace(BENCH, strategies=("bvgls", "bvgls:fused=true"), seeds=(0, 1, 2),
                       fixed_lrs=tuple(c for c in V1_CHOSEN_LRS if c[1] == "bvgls"))
 
 #: docs/benchmark-pretrained.md: shared by its parts
