@@ -13,8 +13,10 @@ one warm-up optimizer step, then ``--steps`` timed optimizer steps (forward, bac
 Memory: the child's peak RSS (``ru_maxrss`` from ``os.wait4``, the kernel's high-water mark of
 the process: weights, gradients, optimizer and strategy state, activations, Python and library
 overhead). The parent polls the child's RSS every 50 ms and kills it above ``--cap-gib`` (default
-18 GiB) or when the machine's available memory falls below ``--reserve-gib``: such a run is
-reported as "over cap" = did not complete. Variants run one at a time.
+18 GiB) or when the machine's available memory falls below ``--reserve-gib`` (0.25 GiB); the child
+also sets its ``oom_score_adj`` to 1000, so that the kernel's out-of-memory killer picks it before any
+other process. Such a run is reported as "over cap" / "machine low on memory" / "killed by the
+kernel" = did not complete. Variants run one at a time.
 
 Time: wall and CPU seconds per timed step. For ``probe=P`` variants the timed steps after the
 warm-up are not probe steps (the warm-up is the probe); their per-step time is also reported
@@ -71,10 +73,22 @@ def strategy_spec(variant: str, num_groups: int) -> str:
     return f"L{num_groups - 1}-{num_groups}" if variant == "last" else variant
 
 
+def volunteer_for_oom_killer() -> None:
+    """Ask the kernel to kill this process first if the machine runs out of memory, so that an
+    out-of-memory never hits the other processes (raising one's own score needs no privilege)."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError:
+        pass
+
+
 def measure(args) -> dict:
     import torch
 
     import bvgls
+
+    volunteer_for_oom_killer()
 
     torch.set_num_threads(args.threads)
     model = build(args.size)
@@ -196,7 +210,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cap-gib", type=float, default=18.0)
-    ap.add_argument("--reserve-gib", type=float, default=1.0)
+    ap.add_argument("--reserve-gib", type=float, default=0.25,
+                    help="also kill the child when the machine's available memory falls below this")
     ap.add_argument("--json", help="append every result to this JSON-lines file")
     ap.add_argument("--tmp", default="/tmp")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
