@@ -138,6 +138,7 @@ def run_child(size: str, variant: str, args) -> dict:
         child = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True)
     killed = None
     cap_kib, reserve_kib = args.cap_gib * 2 ** 20, args.reserve_gib * 2 ** 20
+    available = read_kib("/proc/meminfo", "MemAvailable") or 0  # what the machine's other jobs left free
     t0 = time.perf_counter()
     while True:  # os.wait4 (not Popen.poll) reaps the child: its rusage holds the peak RSS
         pid, status, usage = os.wait4(child.pid, os.WNOHANG)
@@ -152,6 +153,7 @@ def run_child(size: str, variant: str, args) -> dict:
     child.returncode = status
     stderr = child.stderr.read()
     base = {"size": size, "variant": variant, "peak_rss_gib": usage.ru_maxrss / 2 ** 20,
+            "available_gib_at_start": available / 2 ** 20,
             "seconds": round(time.perf_counter() - t0, 1)}
     if killed or status != 0:
         reason = killed or ("killed by the kernel (OOM?)" if os.WIFSIGNALED(status) else stderr.strip()[-800:])
@@ -206,6 +208,7 @@ def main() -> None:
     ap.add_argument("--variants", nargs="*", default=VARIANTS)
     ap.add_argument("--grow", action="store_true", help="climb GROW for full and bvgls-fused until a size fails")
     ap.add_argument("--grow-sizes", nargs="*", default=GROW)
+    ap.add_argument("--grow-variants", nargs="*", default=GROW_VARIANTS)
     ap.add_argument("--steps", type=int, default=5, help="timed optimizer steps after one warm-up step")
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
@@ -221,7 +224,7 @@ def main() -> None:
         print(json.dumps(measure(args)))
         return
     print(f"# {describe_machine()}; cap {args.cap_gib} GiB; torch threads {args.threads}", flush=True)
-    plan = ([(s, v) for v in GROW_VARIANTS for s in args.grow_sizes] if args.grow
+    plan = ([(s, v) for v in args.grow_variants for s in args.grow_sizes] if args.grow
             else [(s, v) for s in args.sizes for v in args.variants])
     results, failed = [], set()
     for size, variant in plan:

@@ -189,6 +189,7 @@ class BVGLS(GroupStrategy):
         # fused mode: ||m||^2 of each tensor after its last fold, the tensors folded since the last
         # step and whether all their gradients were finite (a 0-dim tensor: no host sync per tensor)
         self._msq = torch.zeros(n, dtype=self._stat_dtype, device=self._device)
+        self._arange = torch.arange(n, device=self._device)
         self._fold_set: set[int] = set()
         self._fold_ok: torch.Tensor | None = None
         if self.fused:
@@ -407,7 +408,7 @@ class BVGLS(GroupStrategy):
             raise ValueError(f"{type(self).__name__} does not support sparse gradients")
         if self._m[i] is None:
             self._m[i] = torch.zeros_like(g, dtype=self.ema_dtype, memory_format=torch.preserve_format)
-        index = torch.tensor([i], device=self._device)
+        index = self._arange[i:i + 1]  # a view: no host-to-device copy per tensor
         ok, m_sq = self._fold_tensors(index, [g], [self._m[i]])
         self._msq.index_copy_(0, index, m_sq)
         self._fold_ok = ok if self._fold_ok is None else self._fold_ok & ok
