@@ -195,7 +195,7 @@ def describe_machine() -> str:
 
 
 def report(results: list[dict], log) -> None:
-    full_of = {r["size"]: r for r in results if r["variant"] == "full"}
+    full_of = {r["size"]: r for r in results if r["variant"] == "full" and r["completed"]}
     print(HEADER, file=log)
     for r in results:
         print(row(r, full_of.get(r["size"])), file=log)
@@ -217,11 +217,15 @@ def main() -> None:
                     help="also kill the child when the machine's available memory falls below this")
     ap.add_argument("--json", help="append every result to this JSON-lines file")
     ap.add_argument("--tmp", default="/tmp")
+    ap.add_argument("--table", nargs="*", help="print the table of these --json files and exit")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--size", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(measure(args)))
+        return
+    if args.table:
+        report([json.loads(line) for path in args.table for line in open(path) if line.strip()], sys.stdout)
         return
     print(f"# {describe_machine()}; cap {args.cap_gib} GiB; torch threads {args.threads}", flush=True)
     plan = ([(s, v) for v in args.grow_variants for s in args.grow_sizes] if args.grow
