@@ -100,11 +100,12 @@ LEAN_V2 = ("bvgls:probe=10", "bvgls:static=50")
 #: re-run at v1's chosen lrs (final runs only), the lean variants with their own v1-style lr search
 BENCH_V2 = replace(BENCH, strategies=("full", "bvgls") + LEAN_V2, fixed_lrs=V1_CHOSEN_LRS)
 
-#: docs/benchmark.md, "Protocol: fused BVG-LS" (frozen before it was run): v1's setting; bvgls re-run at
-#: v1's chosen lrs (final runs only), bvgls:fused=true with its own v1-style lr search; final seeds 0-2 (cut from
-#: 0-4 before the run, for the time left in the session)
+#: docs/benchmark.md, "Protocol: fused BVG-LS" (frozen before it was run): v1's setting; bvgls and
+#: bvgls:fused=true both at the lrs v1's validation search chose for bvgls (final runs only: the fused lr
+#: search was cut, as the amendment there records, before any fused run); final seeds 0-2
+_BVGLS_LRS = tuple(c for c in V1_CHOSEN_LRS if c[1] == "bvgls")
 BENCH_FUSED = replace(BENCH, strategies=("bvgls", "bvgls:fused=true"), seeds=(0, 1, 2),
-                      fixed_lrs=tuple(c for c in V1_CHOSEN_LRS if c[1] == "bvgls"))
+                      fixed_lrs=_BVGLS_LRS + tuple((t, "bvgls:fused=true", lr) for t, _, lr in _BVGLS_LRS))
 
 #: docs/benchmark-pretrained.md: shared by its parts
 PT_COMMON = dict(
