@@ -33,6 +33,15 @@ changes only when an optimizer step ends.
 step); after step ``N`` the ``k`` groups selected most often on the probe steps
 (ties: the group nearer the head) are kept for the rest of the run, the others
 frozen, and the gradient EMAs are freed (no statistics are needed any more).
+
+**Fused** (``fused=True``): each tensor's gradient is folded into ``m``, ``s`` and ``t`` by
+a post-accumulate-grad hook as soon as autograd has produced it (the same kernels as above,
+one tensor at a time), and freed unless its group is updated in this step, so the gradients
+of the other groups never coexist. The groups updated at step t are therefore the top-k
+after step t-1 (with ``probe=P``: after the previous probe): step 0 only gathers statistics
+and updates nothing; unselected groups are skipped (``bvgls-skip``). Gradient accumulation,
+GradScaler and torch.distributed are refused (``FUSED_*`` messages). A non-finite gradient
+skips the step, but the finite gradients of that step have already been folded.
 """
 
 from __future__ import annotations
@@ -134,6 +143,9 @@ class BVGLS(GroupStrategy):
         ema_dtype: dtype of the gradient EMA ``m``, e.g. ``torch.bfloat16`` to halve
             the statistics buffer; None = each parameter's dtype. The EMA update runs
             in float32 and is rounded once per step.
+        fused: fold each gradient into the statistics during backward and free it unless
+            its group is trained in this step; the selection lags one step (see the module
+            docstring). One backward pass per optimizer step; not with a GradScaler or DDP/FSDP.
     """
 
     needs_all_gradients = True
