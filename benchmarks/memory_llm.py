@@ -98,7 +98,7 @@ def measure(args) -> dict:
     strategy = bvgls.make_strategy(strategy_spec(args.worker, len(groups)), opt, groups)
     gen = torch.Generator().manual_seed(1)
     rss_built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    walls, cpus = [], []
+    walls, cpus, hwm, trained = [], [], [], []
     for _ in range(1 + args.steps):
         ids = torch.randint(0, model.config.vocab_size, (1, args.seq), generator=gen)
         t0, c0 = time.perf_counter(), time.process_time()
@@ -107,6 +107,8 @@ def measure(args) -> dict:
         opt.zero_grad(set_to_none=True)
         walls.append(time.perf_counter() - t0)
         cpus.append(time.process_time() - c0)
+        hwm.append((read_kib("/proc/self/status", "VmHWM") or 0) / 2 ** 20)  # the peak so far, after each step
+        trained.append(strategy.describe_selection())
     state = strategy.state_bytes()
     return {"size": args.size, "variant": args.worker, "params": sum(p.numel() for p in model.parameters()),
             "groups": len(groups), "wall_s": walls, "cpu_s": cpus, "probe": getattr(strategy, "probe", 1),
@@ -114,7 +116,7 @@ def measure(args) -> dict:
             "rss_after_build_gib": rss_built,
             "optimizer_state_gib": sum(state["optimizer"].values()) / 2 ** 30,
             "strategy_state_gib": sum(state["strategy"].values()) / 2 ** 30,
-            "updates": sum(strategy.counts)}
+            "updates": sum(strategy.counts), "peak_after_step_gib": hwm, "trained": trained}
 
 
 # ---------------------------------------------------------------------- the parent
