@@ -165,6 +165,55 @@ def test_trainer_updates_only_the_selected_group(tmp_path, build, data, optim):
 
 
 
+class FusedMonitor(T.TrainerCallback):
+    """At each optimizer step: the groups holding a gradient, the groups the step moves, and the
+    selection the strategy had chosen for it at the end of the previous step."""
+
+    def __init__(self, bvgls_callback):
+        self.cb, self.steps, self.chosen = bvgls_callback, [], []
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        groups = self.cb.strategy.group_params
+        self.chosen = list(self.cb.strategy.probe_selection)
+        self.with_grad = [g for g, ps in enumerate(groups) if any(p.grad is not None for p in ps)]
+        self.before = [[p.detach().clone() for p in ps] for ps in groups]
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        groups = self.cb.strategy.group_params
+        moved = [g for g, (bs, ps) in enumerate(zip(self.before, groups))
+                 if any(not torch.equal(b, p) for b, p in zip(bs, ps))]
+        self.steps.append({"chosen": self.chosen, "with_grad": self.with_grad, "moved": moved,
+                           "selected": list(self.cb.strategy.selected)})
+
+
+def test_trainer_runs_fused_bvgls_with_the_lagged_selection(tmp_path):
+    targs = T.TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4,
+                                learning_rate=0.05, optim="adamw_torch", max_grad_norm=0.0, report_to="none",
+                                use_cpu=True, disable_tqdm=True, save_strategy="no", seed=0)
+    trainer = T.Trainer(model=tiny_gpt2(), args=targs, train_dataset=language_modelling_data())
+    callback = attach(trainer, "bvgls:fused=true")
+    monitor = FusedMonitor(callback)
+    trainer.add_callback(monitor)
+    trainer.train()
+    assert len(monitor.steps) == 6 and monitor.steps[0]["chosen"] == [] and monitor.steps[0]["moved"] == []
+    for step in monitor.steps:  # only the group chosen at the previous step keeps a gradient and moves
+        assert step["with_grad"] == step["moved"] == step["selected"] == step["chosen"]
+    assert all(len(step["chosen"]) == 1 for step in monitor.steps[1:])
+
+
+@pytest.mark.parametrize("args, message", [
+    ({}, "max_grad_norm=1.0 clips .* set max_grad_norm=0"),
+    ({"max_grad_norm": 0.0, "gradient_accumulation_steps": 2}, "set gradient_accumulation_steps=1")])
+def test_trainer_refuses_fused_settings_it_cannot_follow(tmp_path, args, message):
+    targs = T.TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4,
+                                report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="no", **args)
+    trainer = T.Trainer(model=tiny_gpt2(), args=targs, train_dataset=language_modelling_data())
+    callback = attach(trainer, "bvgls-fused")
+    with pytest.raises(ValueError, match=message):
+        trainer.train()
+    assert not callback.strategy._handles  # refused before any step: hooks removed
+
+
 def test_trainer_logs_selection_frequency_and_bvr(tmp_path):
     trainer, callback, monitor = run_trainer(tmp_path, tiny_bert(), text_classification_data())
     names = callback.strategy.group_names

@@ -172,3 +172,22 @@ def test_graded_strategy_logs_its_mean_scales():
     names = callback.strategy.group_names
     assert [metrics[f"bvgls/scale/{n}"] for n in names] == pytest.approx([0.25, 0.5, 1.0])
     assert [metrics[f"bvgls/freq/{n}"] for n in names] == [1.0, 1.0, 1.0]
+
+
+def test_fused_bvgls_runs_and_moves_only_the_lagged_selection():
+    callback = BVGLSCallback("bvgls:fused=true")
+    trainer, logger, monitor = fit(TinyModule("adamw"), callback)
+    assert callback.strategy.num_steps == len(monitor.steps) == STEPS
+    assert not any(any(m) for m in monitor.steps[0]["moved"]) and monitor.steps[0]["selected"] == []
+    for step in monitor.steps[1:]:
+        assert len(step["selected"]) == 1
+        for g, moved in enumerate(step["moved"]):
+            assert all(moved) if g in step["selected"] else not any(moved)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"gradient_clip_val": 1.0}, "set gradient_clip_val=0"),
+    ({"accumulate_grad_batches": 2}, "set accumulate_grad_batches=1")])
+def test_fused_refuses_clipping_and_accumulation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        fit(TinyModule("adamw"), BVGLSCallback("bvgls-fused"), **kwargs)

@@ -17,7 +17,7 @@ from bvgls.runner.models import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TIMING_KEYS = ("train_s", "eval_s", "wall_s")
+TIMING_KEYS = ("train_s", "eval_s", "wall_s", "peak_mem_mb")
 
 
 @pytest.fixture(scope="module")
@@ -263,3 +263,22 @@ def test_compare_keep_going_records_failures(colors, tmp_path):
         del STRATEGIES["test-broken"]
     assert len(res.failed) == 1 and "boom" in res.failed[0]
     assert [r["strategy"] for r in res.rows] == ["full"]
+
+
+def test_fused_bvgls_resumes_exactly_and_records_peak_memory(colors, tmp_path):
+    kwargs = dict(epochs=3, lr=0.05, batch_size=8, progress=False, seed=3)
+    spec = "bvgls-fused:probe=3"
+    full = finetune(fresh_model(3), colors, spec, out_dir=tmp_path / "a", **kwargs)
+    finetune(fresh_model(3), colors, spec, out_dir=tmp_path / "b", stop_after=1, **kwargs)
+    resumed = finetune(fresh_model(99), colors, spec, out_dir=tmp_path / "b", resume=True, **kwargs)
+    assert untimed(resumed) == untimed(full)
+    assert sum(full.epochs[0]["selection_frequency"]) == 0.75  # the first of 4 steps only gathers statistics
+    assert all(r["peak_mem_mb"] > 0 for r in full.epochs)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"grad_accum": 2}, "grad_accum=1"), ({"full_backward_chunks": 2}, "full_backward_chunks=1")])
+def test_fused_refuses_several_backward_passes_per_step(colors, options, message):
+    with pytest.raises(ValueError, match=message):
+        finetune(fresh_model(), colors, "bvgls:fused=true", epochs=1, lr=0.05, batch_size=8, progress=False,
+                 **options)

@@ -203,6 +203,7 @@ class GroupStrategy(metaclass=_AttachAfterInit):
         self._change: _StepChange | None = None
         self._skipped = False
         self._warned_nonfinite = False
+        self._nonfinite_effect = "weights, optimizer state and statistics untouched"  # what a skipped step keeps
         self._handles: list = []
 
     @staticmethod
@@ -355,7 +356,7 @@ class GroupStrategy(metaclass=_AttachAfterInit):
         if not self._warned_nonfinite:
             self._warned_nonfinite = True
             warnings.warn(f"{type(self).__name__}: a gradient holds nan/inf after {self.num_steps} steps; the step "
-                          "was skipped (weights, optimizer state and statistics untouched) and is counted in "
+                          f"was skipped ({self._nonfinite_effect}) and is counted in "
                           ".nonfinite_steps (warned once)", RuntimeWarning, stacklevel=4)
         self._change = _StepChange(self.optimizer.param_groups)
         self.optimizer.param_groups = [dict(g, params=[]) for g in self.optimizer.param_groups]

@@ -33,15 +33,26 @@ changes only when an optimizer step ends.
 step); after step ``N`` the ``k`` groups selected most often on the probe steps
 (ties: the group nearer the head) are kept for the rest of the run, the others
 frozen, and the gradient EMAs are freed (no statistics are needed any more).
+
+**Fused** (``fused=True``): each tensor's gradient is folded into ``m``, ``s`` and ``t`` by
+a post-accumulate-grad hook as soon as autograd has produced it (the same kernels as above,
+one tensor at a time), and freed unless its group is updated in this step, so the gradients
+of the other groups never coexist. The groups updated at step t are therefore the top-k
+after step t-1 (with ``probe=P``: after the previous probe): step 0 only gathers statistics
+and updates nothing; unselected groups are skipped (``bvgls-skip``). Gradient accumulation,
+GradScaler and torch.distributed are refused (``FUSED_*`` messages). A non-finite gradient
+skips the step, but the finite gradients of that step have already been folded.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from .base import GroupsSpec, GroupStrategy, StepReport, as_named_lists, is_sharded, local_tensor
 
@@ -69,6 +80,36 @@ def _norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
             for i, n in zip(indices, torch._foreach_norm([tensors[i] for i in indices], **kwargs)):
                 out[i] = n.float()
     return out
+
+
+FUSED_DISTRIBUTED = ("fused=true is not supported under torch.distributed (DDP / FSDP2): their reducers need every "
+                     "gradient after the backward pass, and fused mode frees the unselected ones during it; use "
+                     "fused=false (e.g. bvgls:probe=10:release_state=true:ema=bfloat16)")
+FUSED_TWICE = ("fused=true folds each gradient into the statistics once per optimizer step, as autograd accumulates "
+               "it, but this backward pass reached a parameter already folded since the last optimizer step "
+               "(gradient accumulation, several backward passes per step, or a GradScaler that skipped a step): "
+               "run one backward pass per optimizer step, or use fused=false")
+FUSED_SCALER = ("fused=true cannot run under a GradScaler: the gradients it folds during backward are still scaled, "
+                "and a step the scaler skips for an overflow has already been folded; use bfloat16 autocast without "
+                "a scaler, or fused=false")
+
+
+def refuse_distributed_fused() -> None:
+    """Fused mode frees gradients during backward, which DDP's and FSDP's reducers need afterwards."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise ValueError(FUSED_DISTRIBUTED)
+
+
+def called_by_grad_scaler(depth: int = 16) -> bool:
+    """Is this call inside ``GradScaler.step`` (a frame whose ``self`` is a GradScaler)?"""
+    frame = sys._getframe(1)
+    for _ in range(depth):
+        if frame is None:
+            return False
+        if isinstance(frame.f_locals.get("self"), torch.amp.GradScaler):
+            return True
+        frame = frame.f_back
+    return False
 
 
 class BVGLS(GroupStrategy):
@@ -102,6 +143,9 @@ class BVGLS(GroupStrategy):
         ema_dtype: dtype of the gradient EMA ``m``, e.g. ``torch.bfloat16`` to halve
             the statistics buffer; None = each parameter's dtype. The EMA update runs
             in float32 and is rounded once per step.
+        fused: fold each gradient into the statistics during backward and free it unless
+            its group is trained in this step; the selection lags one step (see the module
+            docstring). One backward pass per optimizer step; not with a GradScaler or DDP/FSDP.
     """
 
     needs_all_gradients = True
@@ -109,12 +153,14 @@ class BVGLS(GroupStrategy):
     def __init__(self, optimizer: torch.optim.Optimizer, k: int = 1, alpha: float = 0.9,
                  groups: GroupsSpec = None, *, skip_unselected: bool = False, eps: float = 1e-10,
                  reduce_sums: SumReducer | None = None, probe: int = 1, static: int | None = None,
-                 release_state: bool = False, ema_dtype: torch.dtype | None = None):
+                 release_state: bool = False, ema_dtype: torch.dtype | None = None, fused: bool = False):
         if not 0.0 < float(alpha) < 1.0:
             raise ValueError(f"alpha must be in (0, 1), got {alpha}")
         self.probe = _positive_int("probe (steps between two probe steps)", probe)
         self.static = None if static is None else _positive_int("static (probing steps before fixing)", static)
-        super().__init__(optimizer, groups, skip_unselected=skip_unselected)
+        self.fused = bool(fused)
+        # fused: an unselected group's gradient is freed during backward, so it cannot step at lr 0
+        super().__init__(optimizer, groups, skip_unselected=skip_unselected or self.fused)
         nonempty = sum(1 for ps in self.group_params if ps)
         if nonempty < 2:
             raise ValueError(f"{type(self).__name__} needs at least 2 non-empty groups to select between, "
@@ -137,6 +183,8 @@ class BVGLS(GroupStrategy):
         # float64 for the per-tensor scalars: bias and variance are differences of sums
         self._stat_dtype = torch.float32 if self._device.type == "mps" else torch.float64
         self._sharded = any(is_sharded(p) for p in self.params)
+        if self.fused and (self._sharded or reduce_sums is not None):
+            raise ValueError(FUSED_DISTRIBUTED)
         self._m: list[torch.Tensor | None] = [None] * n
         self._sq = torch.zeros(n, dtype=self._stat_dtype, device=self._device)
         self._t = torch.zeros(n, dtype=self._stat_dtype, device=self._device)
@@ -150,6 +198,16 @@ class BVGLS(GroupStrategy):
         self.probe_counts = [0] * self.num_groups  # selections on probe steps
         self.static_groups: list[int] | None = None  # the groups kept after ``static`` steps
         self.probed = False  # did the last optimizer.step() update the statistics (``ratios`` are its own)?
+        # fused mode: ||m||^2 of each tensor after its last fold, the tensors folded since the last
+        # step and whether all their gradients were finite (a 0-dim tensor: no host sync per tensor)
+        self._msq = torch.zeros(n, dtype=self._stat_dtype, device=self._device)
+        self._arange = torch.arange(n, device=self._device)
+        self._fold_set: set[int] = set()
+        self._fold_ok: torch.Tensor | None = None
+        if self.fused:
+            self._nonfinite_effect = ("weights and optimizer state untouched; the finite gradients of the step "
+                                      "were already folded into the statistics, as fused mode frees them during "
+                                      "backward")
 
     @staticmethod
     def _check_k(k, nonempty):
@@ -162,7 +220,10 @@ class BVGLS(GroupStrategy):
 
     # ------------------------------------------------------------------ statistics
     def _present(self) -> tuple[list[int], torch.Tensor, torch.Tensor, int]:
-        idx = [i for i, p in enumerate(self.params) if p.grad is not None]
+        return self._index_info([i for i, p in enumerate(self.params) if p.grad is not None])
+
+    def _index_info(self, idx: list[int]) -> tuple[list[int], torch.Tensor, torch.Tensor, int]:
+        """``idx`` (tensor indices), as a device index, the mask of groups they cover and its count."""
         key = tuple(idx)
         cached = self._index_cache.get(key)
         if cached is None:
@@ -198,6 +259,13 @@ class BVGLS(GroupStrategy):
             if self._m[i] is None:
                 self._m[i] = torch.zeros_like(g, dtype=self.ema_dtype, memory_format=torch.preserve_format)
         ms = [self._m[i] for i in idx]
+        ok, m_sq = self._fold_tensors(index, grads, ms)
+        return self._set_ratios(index, group_mask, m_sq, ok)
+
+    def _fold_tensors(self, index: torch.Tensor, grads: list[torch.Tensor],
+                      ms: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fold ``grads`` into their EMAs ``ms``, ``self._sq`` and ``self._t`` (at ``index``); returns the
+        0-dim finite flag (False: every statistic of these tensors untouched) and their ``||m||^2``."""
         a = self.alpha
         g_sq = self._squared_norms(grads)
         ok = g_sq.isfinite().all()
@@ -205,11 +273,18 @@ class BVGLS(GroupStrategy):
             torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
         weight = ok.to(torch.float32) * (1.0 - a)  # 0 on a non-finite step: m + 0 * (g - m) = m
         self._lerp_ema(ms, grads, weight)  # m <- a m + (1 - a) g
-        m_sq = self._squared_norms(ms)
-        t = self._t.index_add_(0, index, ok.to(self._stat_dtype).expand(len(idx))).index_select(0, index)
+        self._t.index_add_(0, index, ok.to(self._stat_dtype).expand(len(grads)))
         old_sq = self._sq.index_select(0, index)
-        sq = torch.where(ok, old_sq.mul(a).add_(g_sq, alpha=1.0 - a), old_sq)
-        self._sq.index_copy_(0, index, sq)
+        self._sq.index_copy_(0, index, torch.where(ok, old_sq.mul(a).add_(g_sq, alpha=1.0 - a), old_sq))
+        return ok, self._squared_norms(ms)
+
+    def _set_ratios(self, index: torch.Tensor, group_mask: torch.Tensor, m_sq: torch.Tensor,
+                    ok: torch.Tensor) -> torch.Tensor:
+        """The per-group bias, variance and ratios of the tensors at ``index`` (whose EMAs have just
+        been folded, ``||m||^2`` given), kept as they were unless ``ok``; returns ``ok`` (after a
+        reduction over ranks, if any)."""
+        a = self.alpha
+        t, sq = self._t.index_select(0, index), self._sq.index_select(0, index)
         correction = torch.pow(a, t).neg_().add_(1.0).reciprocal_()  # 1 / (1 - a^t)
         bias_i = m_sq.mul_(correction.square())
         # at a tensor's first step m_hat = g and v_hat = g^2 exactly: its variance is 0,
@@ -291,24 +366,88 @@ class BVGLS(GroupStrategy):
             scales[i] = 1.0
         return scales
 
+    def _top(self, ok: torch.Tensor, num_present: int) -> tuple[bool, list[int]]:
+        """The finite flag and the top-k groups by ratio, in the one host sync of a step."""
+        kk = self._num_to_select(num_present)
+        top = torch.topk(self.ratios.nan_to_num(nan=-math.inf), kk).indices if kk > 0 else ok.new_zeros(0)
+        flag, *chosen = torch.cat([ok.view(1).long(), top.long()]).tolist()
+        return bool(flag), chosen
+
     def _plan_step(self):
         self.probed = False  # stays False when the step is skipped (non-finite gradient)
+        if self.fused and self.is_probe_step():
+            return self._plan_fused_probe()
         if not self.is_probe_step():
             kept = self.static_groups if self.static_groups is not None else self.probe_selection
             if not self._gradients_finite():
                 return None
             return self._binary(kept)
-        ok = self._fold_statistics()
-        kk = self._num_to_select(self._num_present)
-        top = torch.topk(self.ratios.nan_to_num(nan=-math.inf), kk).indices if kk > 0 else ok.new_zeros(0)
-        flag, *chosen = torch.cat([ok.view(1).long(), top.long()]).tolist()  # the one host sync of a step
+        flag, chosen = self._top(self._fold_statistics(), self._num_present)
         if not flag:
             return None
+        self._record_probe(chosen)
+        return self._binary(chosen)
+
+    def _record_probe(self, chosen: list[int]) -> None:
         self.probed = True
         self.probe_selection = sorted(chosen)
         for i in chosen:
             self.probe_counts[i] += 1
-        return self._binary(chosen)
+
+    # ------------------------------------------------------------------ fused statistics
+    def _attach(self) -> None:
+        if self.fused:
+            refuse_distributed_fused()
+        super()._attach()
+        if self.fused:
+            self._handles += [p.register_post_accumulate_grad_hook(self._fold_hook(i))
+                              for i, p in enumerate(self.params)]
+
+    def _fold_hook(self, i: int) -> Callable[[torch.Tensor], None]:
+        def hook(param: torch.Tensor) -> None:
+            self._fold_now(i, param)
+        return hook
+
+    @torch.no_grad()
+    def _fold_now(self, i: int, param: torch.Tensor) -> None:
+        """Fused mode, as soon as autograd has accumulated tensor ``i``'s gradient: on a probe step
+        fold it into the statistics and free it unless its group is updated in this step."""
+        if not self.is_probe_step():
+            return  # only the trained groups compute a gradient between probes: nothing to fold
+        if i in self._fold_set:
+            raise RuntimeError(FUSED_TWICE)
+        g = param.grad
+        if g.is_sparse:
+            raise ValueError(f"{type(self).__name__} does not support sparse gradients")
+        if self._m[i] is None:
+            self._m[i] = torch.zeros_like(g, dtype=self.ema_dtype, memory_format=torch.preserve_format)
+        index = self._arange[i:i + 1]  # a view: no host-to-device copy per tensor
+        ok, m_sq = self._fold_tensors(index, [g], [self._m[i]])
+        self._msq.index_copy_(0, index, m_sq)
+        self._fold_ok = ok if self._fold_ok is None else self._fold_ok & ok
+        self._fold_set.add(i)
+        if self.param_group_index[i] not in self.probe_selection:
+            param.grad = None  # the point of fused mode: this gradient never coexists with the others
+
+    def _plan_fused_probe(self):
+        """A fused probe step: update the groups chosen at the previous probe (none at the first
+        step), and choose the next ones from the statistics the backward pass just folded."""
+        refuse_distributed_fused()
+        if called_by_grad_scaler():
+            raise RuntimeError(FUSED_SCALER)
+        folded, self._fold_set = sorted(self._fold_set), set()
+        ok, self._fold_ok = self._fold_ok, None
+        if not folded:
+            raise RuntimeError(f"{type(self).__name__}.step() called but no gradient was folded since the last "
+                               "step: call loss.backward() first; nothing was updated or counted")
+        _, index, group_mask, num_present = self._index_info(folded)
+        ok = self._set_ratios(index, group_mask, self._msq.index_select(0, index), ok)
+        kept = list(self.probe_selection)
+        flag, chosen = self._top(ok, num_present)
+        if not flag:
+            return None
+        self._record_probe(chosen)
+        return self._binary(kept)
 
     def _plan(self):
         return self._plan_step()
@@ -334,15 +473,24 @@ class BVGLS(GroupStrategy):
         return report
 
     def _statistics_bytes(self) -> list[int]:
-        return [0 if m is None else m.numel() * m.element_size() for m in self._m]
+        """Per tensor with statistics: its gradient EMA and its per-tensor scalars (running sum of
+        squares, step count and, fused, ``||m||^2``)."""
+        scalars = (self._sq, self._t) + ((self._msq,) if self.fused else ())
+        per_tensor = sum(v.element_size() for v in scalars)
+        return [0 if m is None else per_tensor + m.numel() * m.element_size() for m in self._m]
 
     # ------------------------------------------------------------------ state
     def _options(self) -> dict[str, Any]:
         return {**super()._options(), "k": self.k, "alpha": self.alpha, "eps": self.eps, "probe": self.probe,
                 "static": self.static, "release_state": self.release_frozen_state,
-                "ema_dtype": None if self.ema_dtype is None else str(self.ema_dtype).removeprefix("torch.")}
+                "ema_dtype": None if self.ema_dtype is None else str(self.ema_dtype).removeprefix("torch."),
+                # only when on: checkpoints saved before the option existed still load
+                **({"fused": True} if self.fused else {})}
 
     def state_dict(self) -> dict[str, Any]:
+        if self._fold_set:
+            raise RuntimeError("fused=true: state_dict() was called between backward() and the optimizer step, "
+                               "when this step's gradients are folded but not yet counted; save after the step")
         state = super().state_dict()
         state.update(m=[None if b is None else b.clone() for b in self._m], sq=self._sq.clone(),
                      t=self._t.clone(), ratios=self.ratios.clone(), bias=self.bias.clone(),
@@ -395,7 +543,7 @@ class BVGTS(BVGLS):
 
     def __init__(self, optimizer: torch.optim.Optimizer, fraction: float = 0.5, alpha: float = 0.9,
                  groups: GroupsSpec = None, *, skip_unselected: bool = False, eps: float = 1e-10,
-                 reduce_sums: SumReducer | None = None):
+                 reduce_sums: SumReducer | None = None, fused: bool = False):
         if not 0.0 < float(fraction) <= 1.0:
             raise ValueError(f"fraction must be in (0, 1], got {fraction}")
         self.fraction = float(fraction)
@@ -408,7 +556,7 @@ class BVGTS(BVGLS):
             groups = [(f"{name}.{j}" if len(ps) > 1 else name, [p])
                       for name, ps in as_named_lists(groups) for j, p in enumerate(ps)]
         super().__init__(optimizer, k=1, alpha=alpha, groups=groups, skip_unselected=skip_unselected,
-                         eps=eps, reduce_sums=reduce_sums)
+                         eps=eps, reduce_sums=reduce_sums, fused=fused)
         self.k = None
 
     def _num_to_select(self, num_present: int) -> int:

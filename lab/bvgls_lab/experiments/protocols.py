@@ -101,6 +101,13 @@ LEAN_V2 = ("bvgls:probe=10", "bvgls:static=50")
 #: re-run at v1's chosen lrs (final runs only), the lean variants with their own v1-style lr search
 BENCH_V2 = replace(BENCH, strategies=("full", "bvgls") + LEAN_V2, fixed_lrs=V1_CHOSEN_LRS)
 
+#: docs/experiments/offline.md, "Protocol: fused BVG-LS" (frozen before it was run): v1's setting; bvgls and
+#: bvgls:fused=true both at the lrs v1's validation search chose for bvgls (final runs only: the fused lr
+#: search was cut, as the amendment there records, before any fused run); final seeds 0-2
+_BVGLS_LRS = tuple(c for c in V1_CHOSEN_LRS if c[1] == "bvgls")
+BENCH_FUSED = replace(BENCH, strategies=("bvgls", "bvgls:fused=true"), seeds=(0, 1, 2),
+                      fixed_lrs=_BVGLS_LRS + tuple((t, "bvgls:fused=true", lr) for t, _, lr in _BVGLS_LRS))
+
 #: docs/experiments/pretrained.md: shared by its parts
 PT_COMMON = dict(
     seeds=(0, 1, 2, 3, 4), search_seeds=(0,), lrs=(0.003, 0.01, 0.03, 0.1), extend_grid=True,
@@ -136,6 +143,7 @@ EXPECTED_GROUPS = {"mobilenet_v2": 10, "efficientnet_lite0": 9}
 SUITES: dict[str, tuple[tuple[str, Protocol], ...]] = {
     "offline": (("fmnist-resnet", BENCH),),
     "offline-v2": (("fmnist-resnet", BENCH_V2),),
+    "offline-fused": (("fmnist-resnet", BENCH_FUSED),),
     "pretrained": (("mobilenet_v2", PRETRAINED_M), ("efficientnet_lite0", PRETRAINED_E)),
     "pretrained-batch": (("mobilenet_v2-b128", PRETRAINED_BATCH),),
     "pretrained-pilot": (("mobilenet_v2", PRETRAINED_PILOT),),

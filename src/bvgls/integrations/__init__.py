@@ -102,6 +102,26 @@ def build_strategy(strategy: StrategyArg, optimizer: Any, model: nn.Module | Non
                     f"got {type(strategy).__name__}")
 
 
+def refuse_fused(strategy: GroupStrategy, *, clip: float | None, accumulation: int, grad_scaler: bool,
+                 names: tuple[str, str, str]) -> None:
+    """Fused BVG-LS (``fused=true``) frees every gradient it does not update during backward and folds
+    each once per optimizer step: refuse, detaching it, a framework setting that needs all gradients
+    after backward (clipping by their norm), several backward passes per step (accumulation) or
+    scaled gradients (a GradScaler). ``names``: the framework's names of those three settings."""
+    problem = None
+    if clip:
+        problem = (f"{names[0]}={clip} clips with the norm of all gradients, which fused mode no longer holds "
+                   f"after backward; set {names[0]}=0")
+    elif accumulation > 1:
+        problem = (f"{names[1]}={accumulation} runs several backward passes per optimizer step and fused mode "
+                   f"folds each gradient once per step; set {names[1]}=1")
+    elif grad_scaler:
+        problem = f"{names[2]} uses a GradScaler, whose scaled gradients fused mode would fold; use bf16 instead"
+    if getattr(strategy, "fused", False) and problem:
+        strategy.remove()
+        raise ValueError(f"bvgls fused=true: {problem}, or use fused=false")
+
+
 def init_attachment(callback: Any, strategy: StrategyArg, groups: Any, log_prefix: str,
                     verify_selection_every: int) -> None:
     """The attributes both framework callbacks hold: what to attach, how to log, and (once

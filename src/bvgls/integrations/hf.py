@@ -18,7 +18,10 @@ of the optimizer steps since the previous log in which the group was updated) an
 
 Note: ``TrainingArguments.max_grad_norm`` (1.0 by default) clips the gradients before
 the optimizer step, so BVG-LS sees clipped gradients; the paper does not clip (set
-``max_grad_norm=0`` to match it).
+``max_grad_norm=0`` to match it). Fused BVG-LS (``bvgls:fused=true``, ``bvgls-fused``)
+folds and frees the gradients during backward, so it needs ``max_grad_norm=0``,
+``gradient_accumulation_steps=1`` and no ``fp16`` (bf16 is fine); the callback refuses
+other settings when training starts.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .. import distributed
-from . import SelectionTracker, StrategyArg, build_strategy, detach, init_attachment
+from . import SelectionTracker, StrategyArg, build_strategy, detach, init_attachment, refuse_fused
 
 __all__ = ["BVGLSCallback", "attach"]
 
@@ -72,6 +75,8 @@ class BVGLSCallback(TrainerCallback):
             raise RuntimeError("BVGLSCallback: the Trainer passed no optimizer to on_train_begin")
         self._detach()
         self.strategy = build_strategy(self.spec, optimizer, model, self.groups)
+        refuse_fused(self.strategy, clip=args.max_grad_norm, accumulation=args.gradient_accumulation_steps,
+                     grad_scaler=bool(args.fp16), names=("max_grad_norm", "gradient_accumulation_steps", "fp16"))
         self.mode = distributed.setup(self.strategy, verify_every=self.verify_selection_every,
                                       modules=[model] if model is not None else [])
         if self.save_state and state.global_step > 0:

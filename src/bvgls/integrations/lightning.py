@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from .. import distributed
-from . import SelectionTracker, StrategyArg, build_strategy, detach, init_attachment, unwrap_optimizer
+from . import SelectionTracker, StrategyArg, build_strategy, detach, init_attachment, refuse_fused, unwrap_optimizer
 
 __all__ = ["BVGLSCallback"]
 
@@ -69,6 +69,9 @@ class BVGLSCallback(Callback):
         self._detach()
         optimizer = unwrap_optimizer(optimizers[self.optimizer_index])
         self.strategy = build_strategy(self.spec, optimizer, pl_module, self.groups)
+        refuse_fused(self.strategy, clip=trainer.gradient_clip_val, accumulation=trainer.accumulate_grad_batches,
+                     grad_scaler=str(trainer.precision).startswith("16"),
+                     names=("gradient_clip_val", "accumulate_grad_batches", "precision=16-mixed"))
         if self._restored_state is not None:
             self.strategy.load_state_dict(self._restored_state)
             self._restored_state = None

@@ -300,6 +300,27 @@ def few_updates_message(strategy: GroupStrategy, total_steps: int, label: str) -
             "so few updates; train more steps (more epochs, a smaller batch size) or use a fixed strategy")
 
 
+def check_fused(strategy: GroupStrategy, cfg: FinetuneConfig) -> None:
+    """Fused BVG-LS folds each gradient once, during the one backward pass of an optimizer step, before
+    any GradScaler could unscale it: refuse what would give it other gradients."""
+    if not getattr(strategy, "fused", False):
+        return
+    if cfg.grad_accum > 1 or cfg.full_backward_chunks > 1:
+        raise ValueError(f"{cfg.strategy}: fused=true folds each gradient once per optimizer step during its one "
+                         "backward pass; set grad_accum=1 and full_backward_chunks=1, or use fused=false")
+    if cfg.amp == "fp16":
+        raise ValueError(f"{cfg.strategy}: fused=true cannot run under fp16's GradScaler (it would fold scaled "
+                         "gradients and steps the scaler skips); use amp=bf16 or none, or fused=false")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: allocated on the GPU since the epoch began, else the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    import resource  # Unix only: imported here so that importing the runner does not need it
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kibibytes on Linux
+
+
 def prepare_run(model, data, strategy, groups, cfg: FinetuneConfig, out_dir: str | None, record: dict) -> Run:
     """Everything before the first epoch, except resuming (:func:`restore_or_seed`)."""
     device = resolve_device(cfg.device)
@@ -309,6 +330,7 @@ def prepare_run(model, data, strategy, groups, cfg: FinetuneConfig, out_dir: str
     train_loader, eval_loaders, shuffle_gen, opt_steps, batches_per_epoch = make_loaders(data, cfg, device)
     channels_last = prepare_model(model, cfg, device)
     groups, opt, strat = attach_strategy(model, groups, strategy, cfg)
+    check_fused(strat, cfg)
     total_steps = opt_steps * cfg.epochs
     few = few_updates_message(strat, total_steps, cfg.strategy)
     if few:
@@ -412,6 +434,8 @@ def train_one_epoch(run: Run, epoch: int, bar=None) -> EpochTraining:
     """One pass over the training loader (at most ``opt_steps`` optimizer steps)."""
     cfg, model = run.cfg, run.model
     run.strategy.on_epoch_start(epoch)
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
     model.train()
     seed_everything(epoch_rng_seed(cfg.seed, epoch))
     run.shuffle_gen.manual_seed(epoch_seed(cfg.seed, epoch))
@@ -468,6 +492,7 @@ def epoch_record(run: Run, epoch: int, trained: EpochTraining, evals: Mapping, e
         "val_loss": finite_or_none(evals["val"][0]) if evals["val"] else None,
         "val_error": evals["val"][1] if evals["val"] else None,
         "train_s": round(train_s, 3), "eval_s": round(eval_s, 3), "wall_s": round(train_s + eval_s, 3),
+        "peak_mem_mb": round(peak_memory_mb(run.device), 1),
         "selection_frequency": freq,
         "mean_bvr": [finite_or_none(v) for v in stats["bvr"]] if run.tracker.has_ratios else None,
         "mean_scale": stats["scale"],
@@ -498,7 +523,8 @@ def epoch_summary(record: Mapping[str, Any], epochs: int) -> str:
         if record[f"{split}_error"] is not None:
             parts.append(f"{split} loss {loss_text(record[f'{split}_loss'])}, "
                          f"{split} error {record[f'{split}_error']:.2f}%")
-    return f"epoch {record['epoch']}/{epochs}: {'; '.join(parts)} ({record['wall_s']:.1f} s)"
+    memory = f", peak memory {record['peak_mem_mb']:.0f} MB" if record.get("peak_mem_mb") is not None else ""
+    return f"epoch {record['epoch']}/{epochs}: {'; '.join(parts)} ({record['wall_s']:.1f} s{memory})"
 
 
 def save_epoch(run: Run, epoch: int) -> None:

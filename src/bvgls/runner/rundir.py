@@ -32,7 +32,8 @@ class History:
 
     Epoch dicts have ``epoch`` (1-based), ``steps``, ``lr``, ``train_loss``, ``test_loss``,
     ``test_error`` (percent), ``val_loss``/``val_error`` (None without a validation split),
-    ``train_s``, ``eval_s``, ``wall_s``, ``selection_frequency`` (per strategy group),
+    ``train_s``, ``eval_s``, ``wall_s``, ``peak_mem_mb`` (peak memory so far: GPU memory allocated
+    during the epoch, or the process's peak RSS on CPU), ``selection_frequency`` (per strategy group),
     ``mean_bvr`` (per strategy group: mean over the epoch's steps, leaving out steps where the
     group's variance was still clamped to eps (its first step), None where not defined),
     ``mean_scale`` (per strategy group, the mean learning-rate multiplier; differs from the

@@ -95,15 +95,23 @@ EMA_DTYPES = {"param": None, "bfloat16": torch.bfloat16, "float16": torch.float1
 
 @register_strategy("bvgls")
 def _bvgls(optimizer, groups=None, k=1, alpha=0.9, probe=1, static=None, release_state=False,
-           ema="param") -> BVGLS:
+           ema="param", fused=False) -> BVGLS:
     """BVG-LS: the k groups with the largest gradient bias-variance ratio (paper: k=1); probe=P: statistics
     every P-th step, unselected groups frozen in between; static=N: keep the k most selected after N steps;
     release_state=True (lean only): free a frozen group's optimizer state; ema=param|bfloat16|float16: the
-    gradient EMA's dtype."""
+    gradient EMA's dtype; fused=True: fold each gradient during backward and free it (selection lags a step)."""
     if ema not in EMA_DTYPES:
         raise ValueError(f"strategy option ema must be one of {', '.join(EMA_DTYPES)}, got {ema!r}")
     return BVGLS(optimizer, k=k, alpha=alpha, groups=groups, probe=probe, static=static,
-                 release_state=release_state, ema_dtype=EMA_DTYPES[ema])
+                 release_state=release_state, ema_dtype=EMA_DTYPES[ema], fused=fused)
+
+
+@register_strategy("bvgls-fused")
+def _bvgls_fused(optimizer, groups=None, k=1, alpha=0.9, probe=10, release_state=True, ema="bfloat16") -> BVGLS:
+    """The large-model preset: bvgls:fused=true:probe=10:release_state=true:ema=bfloat16 (options can be
+    changed, e.g. bvgls-fused:probe=1)."""
+    return _bvgls(optimizer, groups, k=k, alpha=alpha, probe=probe, release_state=release_state and probe > 1,
+                  ema=ema, fused=True)
 
 
 @register_strategy("bvgls-skip")
@@ -113,6 +121,6 @@ def _bvgls_skip(optimizer, groups=None, k=1, alpha=0.9) -> BVGLS:
 
 
 @register_strategy("bvgts")
-def _bvgts(optimizer, groups=None, fraction=0.5, alpha=0.9) -> BVGTS:
-    """BVG-TS: the fraction of parameter tensors with the largest ratio."""
-    return BVGTS(optimizer, fraction=fraction, alpha=alpha, groups=groups)
+def _bvgts(optimizer, groups=None, fraction=0.5, alpha=0.9, fused=False) -> BVGTS:
+    """BVG-TS: the fraction of parameter tensors with the largest ratio; fused=True as for bvgls."""
+    return BVGTS(optimizer, fraction=fraction, alpha=alpha, groups=groups, fused=fused)

@@ -1,0 +1,213 @@
+"""Fused BVG-LS (``fused=true``): statistics folded during backward, selection one step behind.
+
+Checked against the unfused strategy (same EMA, same sums of squares on the same gradients)
+and against a lag-1 reference built from :class:`bvgls.reference.NaiveBVR`: the groups
+updated at step t are the top-k of the ratios after step t-1, none at the first step, and
+unselected groups are skipped (``bvgls-skip``), not stepped at learning rate 0.
+"""
+
+import copy
+import math
+
+import pytest
+import torch
+from tiny_models import batch, mlp, one_step
+from tolerances import clear_top_k, largest_bias
+from torch import nn
+
+import bvgls
+from bvgls.reference import NaiveBVR
+
+
+def build(spec, lr=0.1, opt="sgd", seed=0):
+    model = mlp(seed)
+    groups = bvgls.layer_groups(model)
+    if opt == "sgd":
+        optimizer = torch.optim.SGD(groups.param_groups(), lr=lr, momentum=0.9, weight_decay=1e-3)
+    else:
+        optimizer = torch.optim.AdamW(groups.param_groups(), lr=lr)
+    return model, optimizer, bvgls.make_strategy(spec, optimizer, groups)
+
+
+@pytest.mark.parametrize("spec", ["bvgls", "bvgls:probe=3", "bvgls:ema=bfloat16", "bvgts"])
+def test_fused_statistics_equal_unfused(spec):
+    """At lr 0 both runs see the same gradients: the same EMA m, sums, step counts and ratios
+    after every statistics step, and the fused selection is the unfused one of the step before."""
+    plain, fused = build(spec, lr=0.0), build(spec + ":fused=true", lr=0.0)
+    previous = []
+    for step in range(7):
+        for model, opt, s in (plain, fused):
+            one_step(model, opt, s, step)
+        p, f = plain[2], fused[2]
+        for mp, mf in zip(p._m, f._m):
+            assert (mp is None) == (mf is None)
+            if mp is not None:
+                assert torch.equal(mp, mf), f"step {step}: EMA differs"
+        assert torch.equal(p._sq, f._sq) and torch.equal(p._t, f._t), f"step {step}"
+        assert torch.equal(p.ratios.nan_to_num(-1.0), f.ratios.nan_to_num(-1.0)), f"step {step}"
+        assert f.selected == previous, f"step {step}: not the lag-1 selection"
+        previous = list(p.probe_selection)
+
+
+def reference_run(steps, k=1, lr=0.1):
+    """Lag-1 BVG-LS by hand: NaiveBVR ratios after each step choose the groups the next step updates
+    (step 1 chooses by the largest bias, as the method defines); unselected groups get no update."""
+    model = mlp()
+    groups = bvgls.layer_groups(model)
+    opt = torch.optim.SGD(groups.param_groups(), lr=lr, momentum=0.9, weight_decay=1e-3)
+    lists = [ps for _, ps in groups.named_param_lists()]
+    naive = NaiveBVR(lists)
+    chosen, trace = [], []
+    for step in range(steps):
+        opt.zero_grad()
+        x, y = batch(step)
+        nn.functional.cross_entropy(model(x), y).backward()
+        grads = [[p.grad.clone() for p in ps] for ps in lists]
+        ratios = naive.update()
+        for gi, ps in enumerate(lists):
+            if gi not in chosen:
+                for p in ps:
+                    p.grad = None
+        opt.step()
+        trace.append(list(chosen))
+        chosen = largest_bias(grads, k) if step == 0 else clear_top_k(ratios, k)
+        if chosen is None:  # a near-tie, decided by rounding: the comparison ends here
+            break
+    return model, trace
+
+
+def test_fused_selections_equal_the_lag1_reference():
+    steps = 12
+    ref_model, ref_trace = reference_run(steps)
+    assert len(ref_trace) == steps, "the reference hit a near-tie: pick other seeds"
+    model, opt, s = build("bvgls:fused=true")
+    trace = []
+    for step in range(steps):
+        one_step(model, opt, s, step)
+        trace.append(list(s.selected))
+    assert trace == ref_trace
+    assert trace[0] == [] and len({tuple(t) for t in trace[1:]}) > 1  # the first step updates nothing
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_first_step_only_gathers_statistics():
+    model, opt, s = build("bvgls:fused=true")
+    before = [p.detach().clone() for p in model.parameters()]
+    one_step(model, opt, s, 0)
+    assert s.num_steps == 1 and s.selected == [] and s.counts == [0] * s.num_groups
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert not opt.state  # nothing stepped: no optimizer state yet
+    assert len(s.probe_selection) == 1  # chosen for step 2 from step 1's statistics
+
+
+def test_only_the_updated_groups_keep_a_gradient_after_backward():
+    model, opt, s = build("bvgls:fused=true:probe=2")
+    for step in range(6):
+        opt.zero_grad()
+        x, y = batch(step)
+        nn.functional.cross_entropy(model(x), y).backward()
+        kept = {gi for gi, ps in enumerate(s.group_params) if any(p.grad is not None for p in ps)}
+        assert kept == set(s.probe_selection), f"step {step}"
+        s.step()
+
+
+def test_fused_probe_steps_fold_every_gradient_others_only_the_trained():
+    model, opt, s = build("bvgls-fused:probe=3")
+    assert s.fused and s.probe == 3 and s.release_frozen_state and s.ema_dtype == torch.bfloat16
+    for step in range(9):
+        trained_before = set(s.probe_selection)
+        frozen = set(s.frozen_groups())
+        t_before = s._t.clone()
+        one_step(model, opt, s, step)
+        if step % 3 == 0:
+            assert not frozen and torch.equal(s._t, t_before + 1), f"probe step {step} folds every tensor"
+        else:
+            assert frozen == set(s.group_names) - {s.group_names[g] for g in trained_before}
+            assert torch.equal(s._t, t_before), f"step {step} folds nothing"
+        assert s.selected == sorted(trained_before)
+        group_of = {id(p): g for p, g in zip(s.params, s.param_group_index)}
+        held = {group_of[id(p)] for p in opt.state}
+        assert held <= set(s.probe_selection) | trained_before  # release_state: only trained groups hold state
+
+
+def test_resume_continues_identically():
+    spec = "bvgls-fused:probe=2"
+    model, opt, s = build(spec, opt="adamw", lr=1e-2)
+    for step in range(5):
+        one_step(model, opt, s, step)
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), s.state_dict()))  # torch shares tensors
+    model2, opt2, s2 = build(spec, opt="adamw", lr=1e-2, seed=1)
+    model2.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    s2.load_state_dict(saved[2])
+    for step in range(5, 11):
+        for m, o, st in ((model, opt, s), (model2, opt2, s2)):
+            one_step(m, o, st, step)
+        assert s.selected == s2.selected and s.probe_selection == s2.probe_selection
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="other options"):
+        build("bvgls:probe=2:release_state=true:ema=bfloat16")[2].load_state_dict(saved[2])
+
+
+def test_state_bytes_cover_ema_sums_and_optimizer_state():
+    model, opt, s = build("bvgls-fused:probe=2", opt="adamw")
+    for step in range(2):  # step 1 trains the group chosen at step 0, which holds AdamW state
+        one_step(model, opt, s, step)
+    state = s.state_bytes()
+    ema = sum(m.numel() * 2 for m in s._m if m is not None)  # bfloat16
+    assert sum(state["strategy"].values()) == ema + len(s.params) * 3 * 8  # sq, t, ||m||^2 in float64
+    opt_bytes = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
+                    if isinstance(v, torch.Tensor))
+    assert sum(state["optimizer"].values()) == opt_bytes > 0
+
+
+def test_gradient_accumulation_is_refused():
+    model, opt, s = build("bvgls:fused=true")
+    for step in (0, 1):
+        x, y = batch(step)
+        if step == 0:
+            nn.functional.cross_entropy(model(x), y).backward()
+        else:
+            with pytest.raises(RuntimeError, match="once per optimizer step"):
+                nn.functional.cross_entropy(model(x), y).backward()
+
+
+def test_grad_scaler_is_refused():
+    model, opt, s = build("bvgls:fused=true")
+    one_step(model, opt, s, 0)  # the first step keeps no gradient, and GradScaler.step asserts on that itself
+    scaler = torch.amp.GradScaler("cpu")
+    x, y = batch(1)
+    scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+    with pytest.raises(RuntimeError, match="GradScaler"):
+        scaler.step(opt)
+
+
+def test_distributed_and_misuse_are_refused(monkeypatch):
+    model, opt, s = build("bvgls:fused=true")
+    with pytest.raises(RuntimeError, match="call loss.backward"):
+        s.step()
+    x, y = batch(0)
+    nn.functional.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="between backward"):
+        s.state_dict()
+    s.step()
+    s.remove()
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    with pytest.raises(ValueError, match="DDP / FSDP2"):
+        build("bvgls:fused=true")
+
+
+def test_nonfinite_gradient_skips_the_step_and_warns():
+    model, opt, s = build("bvgls:fused=true")
+    one_step(model, opt, s, 0)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = batch(1)
+    (nn.functional.cross_entropy(model(x), y) * math.inf).backward()
+    with pytest.warns(RuntimeWarning, match="already folded"):
+        s.step()
+    assert s.num_steps == 1 and s.nonfinite_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(m is None or m.isfinite().all() for m in s._m)
