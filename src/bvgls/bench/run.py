@@ -39,8 +39,33 @@ class Cell:
 
     def grid_options(self, eval_every: int) -> dict:
         p = self.protocol
-        return dict(model=p.model, settings=p.training(eval_every, self.val_fraction), weights=p.weights,
+        model = p.model if p.head_dropout is None else HeadDropoutModel(p.model, p.weights, p.head_dropout)
+        return dict(model=model, settings=p.training(eval_every, self.val_fraction), weights=p.weights,
                     augment=p.augment, image_size=p.image_size, tie_break=p.tie_break, lr_ladder=p.lr_ladder)
+
+
+class HeadDropoutModel:
+    """Builds ``spec`` with every Dropout of its head (modules outside ``features``) at probability
+    ``p``; a picklable, stably named model builder (its name is part of the run's identity)."""
+
+    def __init__(self, spec: str, weights: str, p: float):
+        self.spec, self.weights, self.p = spec, weights, p
+        self.__name__ = f"{spec}+head_dropout={p:g}"
+
+    def __call__(self, num_classes: int):
+        from torch import nn
+
+        from ..runner.models import build_model
+
+        model = build_model(self.spec, num_classes, self.weights)
+        features = getattr(model, "features", None)
+        inside = {id(m) for m in features.modules()} if features is not None else set()
+        dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout) and id(m) not in inside]
+        if not dropouts:
+            raise ValueError(f"{self.spec} has no Dropout in its head")
+        for m in dropouts:
+            m.p = self.p
+        return model
 
 
 def pooled_folder(path: str, input, augment: str = "light"):
@@ -82,6 +107,16 @@ def search(cell: Cell, log: Callable[[str], None]) -> tuple[float, list[float], 
     return choice.lr, choice.grid, choice.edge
 
 
+def sweep(cell: Cell, log: Callable[[str], None]) -> tuple[float, list[float]]:
+    """Every lr of the cell's grid on every seed (``sweep/``): returns (chosen lr, grid)."""
+    p = cell.protocol
+    grid = list(p.cell_grid(cell.task, cell.strategy))
+    result = run_grid([cell.strategy], {cell.task: cell.dataset()}, p.seeds, grid,
+                      out_dir=os.path.join(cell.out_dir, "sweep"), extend_lrs=False, log=log,
+                      **cell.grid_options(eval_every=p.eval_every))
+    return (result.searches[(cell.task, cell.strategy)].lr if len(grid) > 1 else grid[0]), grid
+
+
 def run_cell(cell: Cell) -> dict:
     """The lr search, then the final runs, of one (task, strategy); runs in a worker process."""
     import torch
@@ -90,6 +125,10 @@ def run_cell(cell: Cell) -> dict:
     p = cell.protocol
     log = log_to(os.path.join(cell.out_dir, "logs", f"{cell.task}__{cell.strategy}.log"))
     start = time.time()
+    if p.design == "sweep":
+        lr, grid = sweep(cell, log)
+        return {"task": cell.task, "strategy": cell.strategy, "lr": lr, "grid": grid, "edge": False,
+                "fixed": False, "wall_s": round(time.time() - start, 1)}
     lr, grid, edge = search(cell, log)
     run_grid([cell.strategy], {cell.task: cell.dataset()}, p.seeds, [lr], out_dir=os.path.join(cell.out_dir, "final"),
              log=log, **cell.grid_options(eval_every=p.eval_every))
@@ -220,7 +259,7 @@ def missing_assets(protocol: Protocol) -> str | None:
 def check_model(protocol: Protocol) -> None:
     """Refuse a model whose stage-group count is not what the protocol's partial specs assume."""
     expected = EXPECTED_GROUPS.get(protocol.model)
-    if expected is None:
+    if expected is None or protocol.groups != "auto":  # the partial specs' numbering is the stage groups'
         return
     from ..grouping import layer_groups
     from ..runner.models import build_model
