@@ -10,7 +10,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,8 @@ class Cell:
     threads: int = 1
     #: the protocol's validation fraction, resolved for this task
     val_fraction: float = 0.0
+    #: the seeds this cell runs (a sweep runs one cell per seed); None: the protocol's
+    seeds: tuple[int, ...] | None = None
 
     def dataset(self):
         """The task as ``compare`` takes it: a folder, or a loader of its pooled train+val."""
@@ -111,7 +113,7 @@ def sweep(cell: Cell, log: Callable[[str], None]) -> tuple[float, list[float]]:
     """Every lr of the cell's grid on every seed (``sweep/``): returns (chosen lr, grid)."""
     p = cell.protocol
     grid = list(p.cell_grid(cell.task, cell.strategy))
-    result = run_grid([cell.strategy], {cell.task: cell.dataset()}, p.seeds, grid,
+    result = run_grid([cell.strategy], {cell.task: cell.dataset()}, cell.seeds or p.seeds, grid,
                       out_dir=os.path.join(cell.out_dir, "sweep"), extend_lrs=False, log=log,
                       **cell.grid_options(eval_every=p.eval_every))
     return (result.searches[(cell.task, cell.strategy)].lr if len(grid) > 1 else grid[0]), grid
@@ -164,6 +166,8 @@ def run_benchmark(out_dir: str | os.PathLike, protocol: Protocol = BENCH, *, wor
     cells = [Cell(t, s, data_dirs[t], str(out), protocol, threads, tasks.get(t, {}).get("val_fraction", 0.0)
                   if protocol.val_fraction == "manifest" else protocol.val_fraction)
              for s in protocol.strategies for t in protocol.tasks]  # strategy by strategy: a cut-short run has whole ones
+    if protocol.design == "sweep":  # seed by seed: a cut-short sweep has whole seeds of every cell
+        cells = [replace(c, seeds=(seed,)) for seed in protocol.seeds for c in cells]
     log(f"{len(cells)} (task, strategy) cells: {plan_text(protocol, cells)}, {workers} at a time; "
         f"logs in {out / 'logs'}")
     results = []

@@ -132,7 +132,7 @@ def run_finetune(p: dict[str, Any]) -> None:
     prepare_out_dir(run_dir)
     trust = settings.trust_pickle
     probe = build_model(p["model"], 2, data_options.weights, trust_pickle=trust)
-    [spec] = check_strategies([p["strategy"]], probe)
+    [spec] = check_strategies([p["strategy"]], probe, settings.groups)
     splits = load_dataset(p["data"], data_options.data_root, data_options.download,
                           data_options.model_input(probe.bvgls_input), augment=data_options.augment_override)
     del probe
@@ -202,7 +202,7 @@ COMPARE_OWN = [
 def compare(**values: Any) -> None:
     """Run strategies x datasets x seeds (x learning rates) and write the paper's Table A.
 
-    results.csv has one row per finished run (dataset, strategy, seed, lr, test_error in %, test_loss, val_error, epochs, wall_s, ...); table.md gives the test error mean ± std per dataset and strategy, an average row, the best per row in bold, and the lr each strategy used. Rerunning with the same --out skips finished runs and resumes interrupted ones.
+    results.csv has one row per finished run (dataset, strategy, seed, lr, test_error in %, test_loss, val_error, epochs, wall_s, ...); table.md gives the test error mean ± std per dataset and strategy, an average row, the best per row in bold, and the lr each strategy used; where more than one lr was tried, also test and validation error at every lr (mean ± std over seeds), drawn in plots/lr_sensitivity.png. --lrs 0.01 --no-extend-lrs runs every strategy at that one shared lr, with no search. Rerunning with the same --out skips finished runs and resumes interrupted ones.
     """
     from ..runner.grid import compare as run_grid
 
@@ -222,6 +222,8 @@ def compare(**values: Any) -> None:
             log=lambda s: out.print(s, markup=False), **options)
     out.print(result.table, markup=False)
     out.print(f"wrote {result.csv_path} and {result.table_path}")
+    if result.lr_figure:
+        out.print(f"lr sensitivity (test and validation error against lr): {result.lr_figure}")
     if result.failed:
         typer.echo(f"{len(result.failed)} run(s) failed:\n  " + "\n  ".join(result.failed), err=True)
         raise typer.Exit(1)

@@ -35,6 +35,7 @@ from . import rundir
 from .config import FinetuneConfig, result_keys
 from .loop import finetune, resolve_device, seed_everything
 from .lrsearch import LR_LADDER, TIE_BREAKS, LrChoice, search_lr
+from .lrsens import FIGURE_NAME, lr_sensitivity, lr_sensitivity_lines, several_lrs
 
 RESULT_COLUMNS = ["dataset", "strategy", "seed", "lr", "test_error", "test_loss", "val_error", "val_loss",
                   "train_loss", "epochs", "wall_s", "phase", "chosen", "diverged", "run_dir"]
@@ -53,6 +54,8 @@ class CompareResult:
     failed: list[str] = field(default_factory=list)
     #: per (dataset, strategy) with an lr search: what it tried and why it stopped
     searches: dict[tuple[str, str], LrChoice] = field(default_factory=dict)
+    #: ``plots/lr_sensitivity.png`` where more than one lr was tried, else None
+    lr_figure: str | None = None
 
     @property
     def csv_path(self) -> str:
@@ -140,12 +143,13 @@ def parse_strategies(strategies: Sequence[str | StrategySpec] | str) -> list[Str
     return list({spec.text: spec for spec in specs}.values())
 
 
-def check_strategies(strategies: Sequence[str | StrategySpec], model: nn.Module) -> list[StrategySpec]:
+def check_strategies(strategies: Sequence[str | StrategySpec], model: nn.Module,
+                     scheme: str = "auto") -> list[StrategySpec]:
     """Parse ``strategies`` and raise ValueError now, not hours into a grid, for specs whose
-    options or group range do not fit ``model``'s groups."""
+    options or group range do not fit ``model``'s groups (under the grouping ``scheme``)."""
     from ..grouping import layer_groups
 
-    groups = layer_groups(model)
+    groups = layer_groups(model, scheme)
     specs = parse_strategies(list(strategies))
     for spec in specs:
         try:
@@ -308,7 +312,7 @@ def compare(
         check_no_stray_runs(str(out_dir), [label for label, _ in entries], [s.text for s in specs], lrs[0])
     model_label, build = model_builder(model, weights, cfg.trust_pickle)
     probe = build(2)  # the model's input spec, and its groups for checking the strategies
-    specs = check_strategies(specs, probe)
+    specs = check_strategies(specs, probe, cfg.groups)
     input = probe.bvgls_input if hasattr(probe, "bvgls_input") else None
     if image_size is not None:
         input = dataclasses.replace(input or ModelInput(), size=image_size)
@@ -325,9 +329,20 @@ def compare(
     for label, source in entries:
         splits = load_source(source, input, data_root, download, augment)
         run_dataset(grid, label, splits, lrs, search=search, refit=refit, extend=extend_lrs)
+    lr_figure = draw_lr_sensitivity(str(out_dir), log)  # before the last report, which names it
     result = grid.write()
-    result.failed, result.searches = grid.failed, grid.searches
+    result.failed, result.searches, result.lr_figure = grid.failed, grid.searches, lr_figure
     return result
+
+
+def draw_lr_sensitivity(out_dir: str, log: Callable[[str], Any] = print) -> str | None:
+    """``out_dir/plots/lr_sensitivity.png`` when the grid tried more than one lr somewhere (else None)."""
+    try:
+        from .plots import write_lr_sensitivity
+        return write_lr_sensitivity(collect_results(out_dir), os.path.join(out_dir, "plots"))
+    except ImportError as e:  # matplotlib is optional for a grid
+        log(f"no lr-sensitivity figure: {e}")
+        return None
 
 
 def check_grid_arguments(specs, seeds, lrs, val_fraction, refit) -> None:
@@ -557,6 +572,11 @@ def write_reports(out_dir: str | os.PathLike, *, strategies: Sequence[str] = (),
     chosen = choose_lrs(rows, tie_break)
     mark_reported(rows, chosen)
     table = format_table(rows, chosen, strategies=strategies, datasets=datasets, title=title)
+    sens = lr_sensitivity(rows)
+    if several_lrs(sens):
+        figure = os.path.join("plots", FIGURE_NAME)
+        table += "\n" + "\n".join(lr_sensitivity_lines(
+            sens, chosen, figure if os.path.isfile(os.path.join(out_dir, figure)) else None)) + "\n"
     os.makedirs(out_dir, exist_ok=True)
 
     def write_csv(tmp):
