@@ -104,6 +104,9 @@ def write_report(out: str | os.PathLike, protocol: Protocol, cells: Sequence[dic
     """Table A, paired differences, error against training length and figures B/C, from the
     finished runs in ``out`` (``report.md``, ``summary.json``, ``runs.csv``, ``figures/``).
     ``reference``: an earlier benchmark's ``runs.csv`` whose final runs the same cells must reproduce."""
+    if protocol.design == "sweep":
+        from .sweep_report import write_sweep_report
+        return write_sweep_report(out, protocol, wall_s)
     out = Path(out)
     cell_info = {(c["task"], c["strategy"]): c for c in cells}
     if not cell_info and (out / "summary.json").is_file():  # report rewritten later: keep the search facts
@@ -179,7 +182,7 @@ def write_runs_csv(out: Path) -> None:
     from ..runner.grid import RESULT_COLUMNS
 
     columns = [c for c in RESULT_COLUMNS if c != "chosen"]
-    rows = [r for part in ("search", "final") if (out / part).is_dir() for r in collect_results(str(out / part))]
+    rows = [r for part in ("search", "sweep", "final") if (out / part).is_dir() for r in collect_results(str(out / part))]
     with open(out / "runs.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -606,7 +609,9 @@ def environment() -> dict:
 def print_table(out: str | os.PathLike) -> str:
     """The Table A section of a report (for the CLI)."""
     text = (Path(out) / "report.md").read_text()
-    start = text.index("## Table A")
+    start = text.find("## Table A")
+    if start < 0:  # a sweep's report: its first table, the lr sensitivity
+        start = text.index("## ")
     end = text.find("\n## ", start + 1)
     return text[start:end if end > 0 else None].strip()
 
