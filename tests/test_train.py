@@ -104,6 +104,48 @@ def test_resume_reproduces_uninterrupted_run(colors, tmp_path):
     assert untimed(again) == untimed(full)
 
 
+def final_weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_trajectory_does_not_depend_on_the_evaluation_schedule(colors):
+    """Evaluation draws DataLoader base seeds from the global RNG, which the training set's
+    RandomResizedCrop (in the main process here) also draws from: a run's weights must not
+    depend on how often it was evaluated."""
+    kwargs = dict(epochs=3, lr=0.05, batch_size=8, progress=False, val_fraction=0.2, seed=1)
+    weights = []
+    for every in (1, 3):
+        net = fresh_model(1)
+        h = finetune(net, colors, "bvgls", eval_every=every, **kwargs)
+        assert [r["test_error"] is not None for r in h.epochs] == ([True] * 3 if every == 1 else [False, False, True])
+        weights.append(final_weights(net))
+    assert_same_weights(*weights)
+
+
+class DrawsFromGlobalRng(Callback):
+    """A user callback that consumes the global RNG between epochs."""
+
+    def on_epoch_end(self, state, record):
+        torch.rand(7)
+
+
+def test_trajectory_does_not_depend_on_other_draws_from_the_global_rng(colors):
+    kwargs = dict(epochs=2, lr=0.05, batch_size=8, progress=False, seed=2)
+    weights = []
+    for callbacks in ((), (DrawsFromGlobalRng(),)):
+        net = fresh_model(2)
+        torch.rand(3)  # something else ran in this process since the model was built
+        finetune(net, colors, "full", callbacks=callbacks, **kwargs)
+        weights.append(final_weights(net))
+    assert_same_weights(*weights)
+
+
 def test_resume_refuses_other_settings(colors, tmp_path):
     finetune(fresh_model(), colors, "bvgls", epochs=2, lr=0.05, batch_size=8, progress=False,
              out_dir=tmp_path, stop_after=1)

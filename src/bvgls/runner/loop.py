@@ -95,6 +95,15 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch) % 2**63
 
 
+def epoch_rng_seed(seed: int, epoch: int) -> int:
+    """The global RNG seed of an epoch's training: augmentation in the main process, dropout and
+    any strategy drawing from the global streams. Re-seeded every epoch so that what ran before
+    (evaluation draws DataLoader base seeds from the global stream, the caller may draw too)
+    cannot change the trajectory; distinct from :func:`epoch_seed` so shuffling and augmentation
+    are not drawn from the same stream."""
+    return (seed * 1_000_003 + epoch + 0x5EED_0000_0000) % 2**63
+
+
 def finite_or_none(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
@@ -235,7 +244,10 @@ def make_loaders(data: Any, cfg: FinetuneConfig, device: torch.device):
     def loader(ds, train: bool):
         if isinstance(ds, DataLoader):
             return ds
-        return DataLoader(ds, batch_size=cfg.batch_size, shuffle=train, generator=shuffle_gen if train else None,
+        # an evaluation loader gets its own generator: without one, each pass would draw its
+        # workers' base seed from the global RNG that training's augmentation and dropout use
+        return DataLoader(ds, batch_size=cfg.batch_size, shuffle=train,
+                          generator=shuffle_gen if train else torch.Generator(),
                           num_workers=workers, pin_memory=device.type == "cuda", drop_last=False)
 
     train_loader = loader(splits["train"], True)
@@ -414,6 +426,7 @@ def train_one_epoch(run: Run, epoch: int, bar=None) -> EpochTraining:
     cfg, model = run.cfg, run.model
     run.strategy.on_epoch_start(epoch)
     model.train()
+    seed_everything(epoch_rng_seed(cfg.seed, epoch))
     run.shuffle_gen.manual_seed(epoch_seed(cfg.seed, epoch))
     loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
     seen, last_shown, step_lr = 0, 0.0, run.optimizer.param_groups[0]["lr"]
