@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from ..runner.grid import collect_results, table_a_lines, text_grid_lines
-from ..runner.plots import new_figure, plot_losses, plot_selection, save_figure
+from ..runner.lrsens import FIGURE_NAME, lr_sensitivity, lr_sensitivity_lines, several_lrs
+from ..runner.plots import new_figure, plot_losses, plot_selection, save_figure, write_lr_sensitivity
 from ..runner.rundir import History
 from ..strategies import is_partial_spec
 from .protocol import SELECTIVE, Protocol
@@ -387,6 +388,9 @@ def _search_section(out, tasks, strategies, summary) -> list[str]:
     for (t, s), c in sorted(by_cell.items(), key=lambda kv: (tasks.index(kv[0][0]) if kv[0][0] in tasks else 99,
                                                                strategies.index(kv[0][1]) if kv[0][1] in strategies else 99)):
         lines.append(f"- {t} / {s}: " + ", ".join(f"{lr:g}: {statistics.fmean(v):.1f}" for lr, v in sorted(c.items())))
+    sens = lr_sensitivity(collect_results(str(out / "search")))
+    if several_lrs(sens):  # the search runs (its seeds, one final evaluation) at every lr, test error too
+        lines += [""] + lr_sensitivity_lines(sens, figure=f"figures/{FIGURE_NAME}")[2:]
     return lines + [""]
 
 
@@ -535,6 +539,11 @@ def _figures(out: Path, rows, tasks, strategies) -> dict[str, str]:
         if means.get((t, "bvgls")) is not None:
             written[f"C {t}"] = plot_selection(means[(t, "bvgls")], str(fig_dir / f"C_selection_{t}.png"),
                                                f"{t}: BVG-LS selection frequency per epoch (mean over seeds)")
+    search = collect_results(str(out / "search")) if (out / "search").is_dir() else []
+    lr_figure = write_lr_sensitivity(search, str(fig_dir), "lr search runs: test (solid) and validation (dashed) "
+                                     "error against lr, mean ± std over the search seeds")
+    if lr_figure:
+        written["lr sensitivity"] = lr_figure
     if any(means.get((t, "bvgls")) for t in tasks):
         written["B all tasks"] = _summary_losses(fig_dir / "B_test_loss_all.png", tasks, means)
         written["C all tasks"] = _summary_selection(fig_dir / "C_selection_all.png", tasks, means)
