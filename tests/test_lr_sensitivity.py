@@ -69,3 +69,31 @@ def test_compare_at_one_shared_lr_runs_no_search_and_draws_no_figure(cli, image_
     assert all(r["phase"] == "final" and float(r["lr"]) == 0.01 and r["val_error"] == "" for r in rows)
     assert not (out / "plots" / "lr_sensitivity.png").exists() and "lr sensitivity" not in res.stdout
     assert "Learning rate: 0.01 (no search)" in (out / "table.md").read_text()
+
+
+def test_paper_table_a_script_runs_both_modes_with_valid_options(tmp_path):
+    """scripts/paper_table_a.sh: the shared mode is one lr with no search, the tuned mode a validation
+    search; every printed compare command parses (each is re-run with --help appended: an unknown
+    option fails before the help is shown)."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "paper_table_a.sh"
+    env = {**os.environ, "PRINT_ONLY": "1", "OUT": str(tmp_path / "t")}
+    out = subprocess.run(["bash", str(script), "both"], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    commands = [shlex.split(line) for line in out.stdout.splitlines() if line.startswith("bvgls compare")]
+    assert len(commands) == 2
+    shared, tuned = commands
+    assert shared[shared.index("--lrs") + 1] == "0.01" and "--no-extend-lrs" in shared and "--val-fraction" not in shared
+    assert tuned[tuned.index("--lrs") + 1] == "0.001,0.003,0.01,0.03" and tuned[tuned.index("--val-fraction") + 1] == "0.1"
+    for cmd in commands:
+        assert cmd[cmd.index("--model") + 1] == "wide_resnet50_2" and cmd[cmd.index("--schedule") + 1] == "constant"
+        parsed = subprocess.run([sys.executable, "-m", "bvgls", *cmd[1:], "--help"], capture_output=True, text=True,
+                                timeout=120)
+        assert parsed.returncode == 0, parsed.stderr
+    bad = subprocess.run(["bash", str(script), "bogus"], capture_output=True, text=True, env=env, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: mode must be")
