@@ -115,3 +115,21 @@ def test_the_studys_protocols_are_registered_and_consistent():
     assert {p.groups for _, p in bench_protocol.suite("repro-h3")} == {"resolution"}
     with pytest.raises(ValueError, match="unknown design"):
         bench.Protocol(design="grid")
+
+
+def test_combined_report_joins_a_core_and_its_outer_lrs(tiny_task, tmp_path):
+    core = _protocol(strategies=("full", "linear"), lrs=(0.01, 0.03), eval_every=2)
+    edges = _protocol(strategies=("full", "linear"), lrs=(0.1,), seeds=(0,), eval_every=2)
+    bench.run_benchmark(tmp_path / "core", core, workers=1, log=lambda s: None)
+    bench.run_benchmark(tmp_path / "edges", edges, workers=1, log=lambda s: None)
+    summary = sweep_report.write_combined(tmp_path / "all", [(tmp_path / "core", core), (tmp_path / "edges", edges)])
+    assert summary["runs"] == 2 * 2 * 2 + 2
+    core_summary = json.loads((tmp_path / "core" / "summary.json").read_text())
+    assert summary["chosen_lr"] == core_summary["chosen_lr"]  # chosen on the core's seeds only
+    report = (tmp_path / "all" / "report.md").read_text()
+    row = next(line for line in report.splitlines() if line.startswith("| tiny | full |") and "n=" in line)
+    assert row.count("n=2") == 2 and row.count("n=1") == 1  # the outer lr has one seed, and says so
+    assert (tmp_path / "all" / "lr_sensitivity.png").is_file()
+    assert "## Robustness to the lr" in report
+    with pytest.raises(SystemExit, match="usage"):
+        sweep_report.main(["only-one"])

@@ -32,7 +32,8 @@ def test_points_are_mean_and_std_over_seeds_per_lr():
     assert several_lrs(sens) and not several_lrs(lr_sensitivity(rows[:2]))
     lines = lr_sensitivity_lines(sens, {("d", "full"): 0.01}, "plots/lr_sensitivity.png")
     assert "`plots/lr_sensitivity.png`" in lines[2]
-    assert lines[-1] == "| d | full | **12.00 ± 2.83 (14.00)** | 30.00 (31.00), 1 diverged |"
+    # the seeds differ between cells here (one diverged), so each cell says how many it averages
+    assert lines[-1] == "| d | full | **12.00 ± 2.83 (14.00) n=2** | 30.00 (31.00) n=1, 1 diverged |"
 
 
 def test_compare_draws_the_figure_when_several_lrs_were_tried(cli, image_root, tmp_path):

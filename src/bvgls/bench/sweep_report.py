@@ -279,3 +279,55 @@ def _by_epoch_section(protocol: Protocol, rows, chosen, summary) -> list[str]:
             lines.append(f"| {t} | " + " | ".join(fmt_ci(*c) for c in cells) + f" | {fmt_ci(*stop)} |")
         lines.append("")
     return lines
+
+
+# ---------------------------------------------------------------------- several sweeps together
+def write_combined(dest: str | os.PathLike, parts: Sequence[tuple[str | os.PathLike, Protocol]],
+                   chosen_from: int = 0) -> dict:
+    """One lr-sensitivity table, robustness table and figure over the runs of several sweeps of the
+    same cells at different lrs (e.g. a 3-seed core and 1-seed outer lrs), into ``dest``
+    (``report.md``, ``summary.json``, ``lr_sensitivity.png``). Each part contributes its whole seeds;
+    the chosen lrs are those of part ``chosen_from`` (the one whose seeds the choice was made on)."""
+    from ..runner.plots import write_lr_sensitivity
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    rows, chosen = [], {}
+    for k, (out, protocol) in enumerate(parts):
+        part = sweep_rows(Path(out))
+        part = [r for r in part if r["seed"] in whole_seeds(part, protocol)]
+        rows += part
+        if k == chosen_from and part:
+            chosen = choose_lrs([{**r, "phase": "search"} for r in part], protocol.tie_break)
+    sens = lr_sensitivity(rows)
+    figure = write_lr_sensitivity(rows, str(dest), "test (solid) and validation (dashed) error against lr, "
+                                  "mean ± std over seeds") if rows else None
+    summary: dict = {"parts": [str(out) for out, _ in parts], "runs": len(rows),
+                     "chosen_lr": {f"{t} {s}": lr for (t, s), lr in chosen.items()}}
+    lines = ["# Learning-rate sweep, all parts together", "",
+             f"Runs of {', '.join(str(out) for out, _ in parts)} (whole seeds of each); lr chosen on validation "
+             f"in {parts[chosen_from][0]}.", ""]
+    lines += lr_sensitivity_lines(sens, chosen, os.path.basename(figure) if figure else None) + [""]
+    lines += _robustness_section(parts[chosen_from][1], sens, chosen, summary)
+    (dest / "report.md").write_text("\n".join(lines) + "\n")
+    (dest / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m bvgls.bench.sweep_report DEST SUITE OUT``: the combined report of a suite's sweep
+    parts (``OUT/<part>``), the lr chosen in its first part."""
+    import sys
+
+    from .protocol import suite
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 3:
+        raise SystemExit("error: usage: python -m bvgls.bench.sweep_report DEST SUITE OUT")
+    dest, name, out = args
+    write_combined(dest, [(Path(out) / part, protocol) for part, protocol in suite(name)])
+    print(Path(dest) / "report.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -69,7 +69,7 @@ def several_lrs(sens: Sensitivity) -> bool:
     return any(len(points) > 1 for points in sens.values())
 
 
-def _cell_text(point: LrPoint | None, chosen: bool) -> str:
+def _cell_text(point: LrPoint | None, chosen: bool, counts: bool = False) -> str:
     if point is None:
         return "–"
     if point.test is None:
@@ -77,6 +77,8 @@ def _cell_text(point: LrPoint | None, chosen: bool) -> str:
     text = f"{point.test.mean:.2f}" + (f" ± {point.test.std:.2f}" if not math.isnan(point.test.std) else "")
     if point.val is not None:
         text += f" ({point.val.mean:.2f})"
+    if counts:
+        text += f" n={point.test.n}"
     if point.diverged:
         text += f", {point.diverged} diverged"
     return f"**{text}**" if chosen else text
@@ -85,7 +87,8 @@ def _cell_text(point: LrPoint | None, chosen: bool) -> str:
 def lr_sensitivity_lines(sens: Sensitivity, chosen: Mapping[tuple[str, str], float] | None = None,
                          figure: str | None = None) -> list[str]:
     """A markdown table: one row per (dataset, strategy), one column per lr; test error mean ± std over
-    seeds, the mean validation error in brackets; the chosen lr (where given) in bold."""
+    seeds, the mean validation error in brackets (and the number of seeds where it differs between
+    cells); the chosen lr (where given) in bold."""
     from .grid import lr_text
 
     lrs = sorted({p.lr for points in sens.values() for p in points})
@@ -95,8 +98,10 @@ def lr_sensitivity_lines(sens: Sensitivity, chosen: Mapping[tuple[str, str], flo
              + (f" Figure: `{figure}`." if figure else ""), "",
              "| Dataset | Strategy | " + " | ".join(f"lr {lr_text(x)}" for x in lrs) + " |",
              "|---|---|" + "---:|" * len(lrs)]
+    counts = len({p.test.n for points in sens.values() for p in points if p.test is not None}) > 1
     for (dataset, strategy), points in sens.items():
         at = {p.lr: p for p in points}
         pick = (chosen or {}).get((dataset, strategy))
-        lines.append(f"| {dataset} | {strategy} | " + " | ".join(_cell_text(at.get(x), x == pick) for x in lrs) + " |")
+        lines.append(f"| {dataset} | {strategy} | " + " | ".join(_cell_text(at.get(x), x == pick, counts)
+                                                                for x in lrs) + " |")
     return lines
