@@ -96,3 +96,24 @@ def test_cli_groups_prints_six_resolution_groups_for_mobilenet_v2(tmp_path):
     listed = subprocess.run([sys.executable, "-m", "bvgls", "list"], capture_output=True, text=True, env=env,
                             timeout=300)
     assert listed.returncode == 0 and "resolution" in listed.stdout
+
+
+def test_a_run_selects_among_the_resolution_groups_when_asked(image_root, tmp_path):
+    """``groups="resolution"`` (``--groups``) reaches the strategy: a compare grid's bvgls run records the
+    resolution groups, and a partial spec is checked against their number, before any training."""
+    from bvgls.runner.grid import compare
+    from bvgls.runner.models import build_model
+    from bvgls.runner.rundir import History
+
+    expected = layer_groups(build_model("tiny-resnet", 3, None), "resolution").names
+    assert expected != layer_groups(build_model("tiny-resnet", 3, None)).names  # not what auto would give
+    res = compare("bvgls", str(image_root), seeds=[0], lrs=[0.05], model="tiny-resnet", weights=None,
+                  out_dir=tmp_path / "g", epochs=1, batch_size=8, progress=False, log=lambda s: None,
+                  groups="resolution")
+    run_dir = tmp_path / "g" / res.rows[0]["run_dir"]
+    hist = History.load(run_dir)
+    assert hist.group_names == expected and hist.config["groups"] == "resolution"
+    with pytest.raises(ValueError, match=f"{len(expected)} groups"):
+        compare(f"L1-{len(expected) + 1}", str(image_root), seeds=[0], lrs=[0.05], model="tiny-resnet", weights=None,
+                out_dir=tmp_path / "h", epochs=1, batch_size=8, progress=False, log=lambda s: None,
+                groups="resolution")

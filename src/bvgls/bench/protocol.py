@@ -154,13 +154,12 @@ REPRO_SWEEP = replace(PRETRAINED_M, tasks=("clipart-fine",), strategies=("full",
 REPRO_SWEEP_EDGES = replace(REPRO_SWEEP, lrs=(0.0003, 0.03), seeds=(0,))
 #: the grouping and head arm (H3): bvgls with ``resolution`` groups, with the head's Dropout(0.2) and without;
 #: full finetuning without it (full's updates do not depend on the grouping). Each at its own lr, chosen on
-#: validation from the neighbourhood of the sweep's choice (``cell_lrs``, filled in from the sweep's result
-#: before this arm started).
+#: validation from the sweep's core lrs, seeds 0-2. Not run in the session that froze it (time).
 REPRO_H3_GROUPS = replace(REPRO_SWEEP, strategies=("bvgls",), groups="resolution")
 REPRO_H3_NODROP = replace(REPRO_SWEEP, strategies=("bvgls", "full"), groups="resolution", head_dropout=0.0)
-#: the training-length arm (H2): 48 epochs (4x), evaluated every 6, each strategy at its 12-epoch lr from the
-#: sweep; cut before it started to that one lr and seeds 0-1 (``cell_lrs`` filled in from the sweep's result)
-REPRO_H2 = replace(REPRO_SWEEP, strategies=("full", "bvgls", "L6-10"), epochs=48, eval_every=6, seeds=(0, 1))
+#: the training-length arm (H2): 48 epochs (4x), evaluated every 6, the sweep's core lrs (each strategy's
+#: 12-epoch choice and its neighbours), seeds 0-2. Not run in the session that froze it (time).
+REPRO_H2 = replace(REPRO_SWEEP, strategies=("full", "bvgls", "L6-10"), epochs=48, eval_every=6)
 #: the lrs the full protocol's validation search chose on clipart-fine (docs/pretrained-bench/mobilenet_v2/
 #: summary.json; the pilot had chosen the same), for the demo
 BENCH_CHOSEN_LRS = (("clipart-fine", "full", 0.001), ("clipart-fine", "L6-10", 0.001),
