@@ -133,3 +133,14 @@ def test_combined_report_joins_a_core_and_its_outer_lrs(tiny_task, tmp_path):
     assert "## Robustness to the lr" in report
     with pytest.raises(SystemExit, match="usage"):
         sweep_report.main(["only-one"])
+
+
+def test_report_of_a_suite_stopped_before_its_second_part(tiny_task, tmp_path, monkeypatch):
+    first = _protocol(strategies=("full", "linear"), lrs=(0.01, 0.03), eval_every=2)
+    second = _protocol(strategies=("full", "linear"), lrs=(0.1,), seeds=(0,), eval_every=2)
+    monkeypatch.setitem(bench_protocol.SUITES, "tiny-two", (("core", first), ("edges", second)))
+    bench.run_benchmark(tmp_path / "core", first, workers=1, log=lambda s: None)
+    summaries = bench.report_suite(tmp_path, "tiny-two")
+    assert summaries[1] is None and summaries[0]["seeds"] == [0, 1]
+    with pytest.raises(ValueError, match="holds no benchmark"):
+        bench.report_suite(tmp_path / "nothing-here", "tiny-two")

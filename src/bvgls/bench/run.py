@@ -193,19 +193,26 @@ def run_suite(out_dir: str | os.PathLike, name: str = "offline", **options) -> l
             for part, protocol in parts]
 
 
-def report_suite(out_dir: str | os.PathLike, name: str, reference: str | os.PathLike | None = None) -> list[dict]:
+def report_suite(out_dir: str | os.PathLike, name: str,
+                 reference: str | os.PathLike | None = None) -> list[dict | None]:
     """Rewrite the reports of a suite's parts from the runs finished so far (also of a run still going
-    or cut short: the lr of a cell comes from its final runs, the grid from its search runs)."""
+    or cut short: the lr of a cell comes from its final runs, the grid from its search runs). A later
+    part that never started (the suite was stopped before it) gets None."""
     from .report import write_report
 
     parts = suite(name)
-    summaries = []
+    started = [part for part, _ in parts if (Path(out_dir) / part / "protocol.json").is_file()]
+    summaries: list[dict | None] = []
     for part, protocol in parts:
         out = Path(out_dir) if len(parts) == 1 else Path(out_dir) / part
+        if len(parts) > 1 and started and part not in started:  # a later part that never started: nothing to report
+            summaries.append(None)
+            continue
         if not (out / "protocol.json").is_file():
             raise ValueError(f"{out} holds no benchmark (no protocol.json)")
         check_protocol(out, protocol)
-        summaries.append(write_report(out, protocol, list(cell_records(out, protocol).values()), reference=reference))
+        cells = [] if protocol.design == "sweep" else list(cell_records(out, protocol).values())  # a sweep's: its runs
+        summaries.append(write_report(out, protocol, cells, reference=reference))
     return summaries
 
 

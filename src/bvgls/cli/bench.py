@@ -140,6 +140,9 @@ def bench_cmd(
         summaries = report_suite(out, protocol, reference) if report_only else \
             run_suite(out, protocol, workers=workers, data_root=data_root, download=download, reference=reference)
     for (part, _), summary in zip(parts, summaries):
+        if summary is None:
+            typer.echo(f"{part}: not started, no report")
+            continue
         _show(out if len(parts) == 1 else out / part, summary)
     if batch16 is not None:
         from ..bench.ablation import write_batch_ablation
