@@ -31,9 +31,13 @@ OUT=${OUT:-paper_table_a}
 SEEDS=${SEEDS:-0,1,2}
 WORKERS=${WORKERS:-16}
 
-case "$MODE" in shared|tuned|both) ;; *) echo "error: mode must be shared, tuned or both, got '$MODE'" >&2; exit 2 ;; esac
+case "$MODE" in
+    shared|tuned|both) ;;
+    *) echo "error: mode must be shared, tuned or both, got '$MODE'" >&2; exit 2 ;;
+esac
 run() { if [[ "${PRINT_ONLY:-0}" == 1 ]]; then printf '%q ' "$@"; echo; else "$@"; fi; }
-if [[ "${PRINT_ONLY:-0}" != 1 ]] && ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+has_gpu() { python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; }
+if [[ "${PRINT_ONLY:-0}" != 1 ]] && ! has_gpu; then
     echo "error: no CUDA GPU visible to torch: this script needs one (about 45-57 GPU-hours for the shared mode)" >&2
     exit 2
 fi

@@ -68,7 +68,8 @@ def test_tiny_benchmark_end_to_end(tiny_task, tmp_path):
     assert json.loads((tmp_path / "protocol.json").read_text())["tasks"] == ["tiny"]
     # the search tried several lrs: its runs' test and validation error against lr, as a table and a figure
     assert "Test error (%) mean ± std over seeds at every lr tried" in report
-    assert "`figures/lr_sensitivity.png`" in report and summary["figures"]["lr sensitivity"] == "figures/lr_sensitivity.png"
+    assert "`figures/lr_sensitivity.png`" in report
+    assert summary["figures"]["lr sensitivity"] == "figures/lr_sensitivity.png"
     for key in ("B tiny", "C tiny", "B all tasks", "C all tasks", "lr sensitivity"):
         path = tmp_path / summary["figures"][key]
         with Image.open(path) as im:

@@ -89,8 +89,10 @@ def test_paper_table_a_script_runs_both_modes_with_valid_options(tmp_path):
     commands = [shlex.split(line) for line in out.stdout.splitlines() if line.startswith("bvgls compare")]
     assert len(commands) == 2
     shared, tuned = commands
-    assert shared[shared.index("--lrs") + 1] == "0.01" and "--no-extend-lrs" in shared and "--val-fraction" not in shared
-    assert tuned[tuned.index("--lrs") + 1] == "0.001,0.003,0.01,0.03" and tuned[tuned.index("--val-fraction") + 1] == "0.1"
+    assert shared[shared.index("--lrs") + 1] == "0.01" and "--no-extend-lrs" in shared
+    assert "--val-fraction" not in shared
+    assert tuned[tuned.index("--lrs") + 1] == "0.001,0.003,0.01,0.03"
+    assert tuned[tuned.index("--val-fraction") + 1] == "0.1"
     for cmd in commands:
         assert cmd[cmd.index("--model") + 1] == "wide_resnet50_2" and cmd[cmd.index("--schedule") + 1] == "constant"
         parsed = subprocess.run([sys.executable, "-m", "bvgls", *cmd[1:], "--help"], capture_output=True, text=True,

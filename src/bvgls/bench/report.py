@@ -183,7 +183,8 @@ def write_runs_csv(out: Path) -> None:
     from ..runner.grid import RESULT_COLUMNS
 
     columns = [c for c in RESULT_COLUMNS if c != "chosen"]
-    rows = [r for part in ("search", "sweep", "final") if (out / part).is_dir() for r in collect_results(str(out / part))]
+    rows = [r for part in ("search", "sweep", "final") if (out / part).is_dir()
+            for r in collect_results(str(out / part))]
     with open(out / "runs.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()

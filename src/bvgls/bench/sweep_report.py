@@ -107,8 +107,9 @@ def write_sweep_report(out: str | os.PathLike, protocol: Protocol, wall_s: float
     summary: dict = {"protocol": protocol.__class__.__name__, "seeds": seeds, "runs": len(rows), "wall_s": wall_s,
                      "chosen_lr": {f"{t} {s}": lr for (t, s), lr in chosen.items()}, "environment": environment()}
     sens = lr_sensitivity(rows)
-    figure = None if not rows else write_lr_sensitivity(rows, str(out / "figures"), f"{protocol.model}, {protocol.epochs} epochs: "
-                                  "test (solid) and validation (dashed) error against lr, mean ± std over seeds")
+    title = (f"{protocol.model}, {protocol.epochs} epochs: test (solid) and validation (dashed) error against lr, "
+             "mean ± std over seeds")
+    figure = write_lr_sensitivity(rows, str(out / "figures"), title) if rows else None
     lines = [f"# Learning-rate sweep: {protocol.model}, {', '.join(protocol.tasks)}", "",
              f"Every strategy at every lr on seeds {', '.join(map(str, seeds)) or '(none complete yet)'} "
              f"({len(rows)} runs; a seed counts only when it has finished at every lr of every strategy); "
@@ -230,7 +231,8 @@ def eval_curves(rows) -> dict[tuple[str, str, float], dict[int, dict[int, tuple[
         if r.get("diverged"):
             continue
         hist = History.load(r["path"])
-        evals = {e["epoch"]: (e["test_error"], e.get("val_error")) for e in hist.epochs if e.get("test_error") is not None}
+        evals = {e["epoch"]: (e["test_error"], e.get("val_error")) for e in hist.epochs
+                 if e.get("test_error") is not None}
         out.setdefault((r["dataset"], r["strategy"], r["lr"]), {})[r["seed"]] = evals
     return out
 
@@ -267,9 +269,11 @@ def _by_epoch_section(protocol: Protocol, rows, chosen, summary) -> list[str]:
     lines.append("")
     if "bvgls" in protocol.strategies and "full" in protocol.strategies:
         lines += ["bvgls − full (each at its chosen lr), test error paired by seed:", "",
-                  "| Task | " + " | ".join(f"ep {e}" for e in epochs) + " | at best val |", "|---|" + "---:|" * (len(epochs) + 1)]
+                  "| Task | " + " | ".join(f"ep {e}" for e in epochs) + " | at best val |",
+                  "|---|" + "---:|" * (len(epochs) + 1)]
         for t in protocol.tasks:
-            b, f = curves.get((t, "bvgls", chosen.get((t, "bvgls"))), {}), curves.get((t, "full", chosen.get((t, "full"))), {})
+            b = curves.get((t, "bvgls", chosen.get((t, "bvgls"))), {})
+            f = curves.get((t, "full", chosen.get((t, "full"))), {})
             seeds = sorted(set(b) & set(f))
             if not seeds:
                 continue

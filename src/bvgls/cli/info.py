@@ -37,7 +37,8 @@ GROUPS_OWN = [
         "Weights to build the model with; the grouping does not depend on them."))], "none"),
     param("num_classes", Annotated[int, typer.Option("--num-classes", min=1, help="Classes of the head.")], 1000),
     param("grouping", Annotated[str, typer.Option("--groups", "--grouping", help=(
-        "Grouping scheme (auto detects the model's stages; resolution: one group per feature-map resolution)."))], "auto"),
+        "Grouping scheme (auto detects the model's stages; resolution: one group per feature-map "
+        "resolution)."))], "auto"),
     param("strategy", Annotated[str | None, typer.Option("--strategy", "-s", help=(
         "Also show which groups this strategy trains (e.g. L3-6)."))], None),
     *field_params(FinetuneConfig, ["trust_pickle"]),
