@@ -113,6 +113,7 @@ def test_the_studys_protocols_are_registered_and_consistent():
         assert all(p.design == "sweep" for _, p in bench_protocol.suite(name))
     assert bench_protocol.REPRO_H2.epochs == 48 and bench_protocol.REPRO_H2.eval_every == 6
     assert {p.groups for _, p in bench_protocol.suite("repro-h3")} == {"resolution"}
+    assert [p.head_dropout for _, p in bench_protocol.suite("repro-h3")] == [None, 0.0]
     with pytest.raises(ValueError, match="unknown design"):
         bench.Protocol(design="grid")
 
