@@ -161,7 +161,8 @@ REPRO_H3_NODROP = replace(REPRO_SWEEP, strategies=("bvgls",), groups="resolution
 #: the training-length arm (H2): 48 epochs (4x), evaluated every 6, seeds 0-2, each strategy at the lr the
 #: sweep's core chose for it on validation (``cell_lrs``, written in from the sweep's summary.json when the
 #: core finished; cut for time from the core's three lrs before the arm started, docs/reproduction.md).
-REPRO_H2 = replace(REPRO_SWEEP, strategies=("full", "bvgls", "L6-10"), epochs=48, eval_every=6)
+REPRO_H2 = replace(REPRO_SWEEP, strategies=("full", "bvgls", "L6-10"), epochs=48, eval_every=6,
+                   cell_lrs=(("clipart-fine", "full", (0.001,)), ("clipart-fine", "bvgls", (0.003,)), ("clipart-fine", "L6-10", (0.001,))))
 #: the lrs the full protocol's validation search chose on clipart-fine (docs/pretrained-bench/mobilenet_v2/
 #: summary.json; the pilot had chosen the same), for the demo
 BENCH_CHOSEN_LRS = (("clipart-fine", "full", 0.001), ("clipart-fine", "L6-10", 0.001),
