@@ -306,11 +306,11 @@ def write_combined(dest: str | os.PathLike, parts: Sequence[tuple[str | os.PathL
     sens = lr_sensitivity(rows)
     figure = write_lr_sensitivity(rows, str(dest), "test (solid) and validation (dashed) error against lr, "
                                   "mean ± std over seeds") if rows else None
-    summary: dict = {"parts": [str(out) for out, _ in parts], "runs": len(rows),
-                     "chosen_lr": {f"{t} {s}": lr for (t, s), lr in chosen.items()}}
+    names = [Path(out).name for out, _ in parts]  # the parts by name: the report may be copied elsewhere
+    summary: dict = {"parts": names, "runs": len(rows), "chosen_lr": {f"{t} {s}": lr for (t, s), lr in chosen.items()}}
     lines = ["# Learning-rate sweep, all parts together", "",
-             f"Runs of {', '.join(str(out) for out, _ in parts)} (whole seeds of each); lr chosen on validation "
-             f"in {parts[chosen_from][0]}.", ""]
+             f"Runs of the parts {', '.join(names)} (whole seeds of each); lr chosen on validation in "
+             f"{names[chosen_from]}.", ""]
     lines += lr_sensitivity_lines(sens, chosen, os.path.basename(figure) if figure else None) + [""]
     lines += _robustness_section(parts[chosen_from][1], sens, chosen, summary)
     (dest / "report.md").write_text("\n".join(lines) + "\n")

@@ -230,7 +230,7 @@ def plot_lr_sensitivity(sens, path: str, title: str = "") -> str:
     ``sens``: :func:`bvgls.runner.lrsens.lr_sensitivity`'s result."""
     datasets = list(dict.fromkeys(d for d, _ in sens))
     strategies = list(dict.fromkeys(s for _, s in sens))
-    fig = new_figure((max(5.5, 4.8 * len(datasets)), 4.2))
+    fig = new_figure((max(8.0, 4.8 * len(datasets)), 4.6))
     axes = fig.subplots(1, len(datasets), squeeze=False)[0]
     for ax, dataset in zip(axes, datasets):
         for k, strategy in enumerate(strategies):
@@ -252,7 +252,7 @@ def plot_lr_sensitivity(sens, path: str, title: str = "") -> str:
         ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize=8)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, fontsize=10)
     return save_figure(fig, path)
 
 
