@@ -72,7 +72,11 @@ def test_tiny_benchmark_end_to_end(tiny_task, tmp_path):
     assert "## Table A" in report and "| tiny | feature |" in report and "0.05 (fixed)" in report
     assert "Paired differences: bvgls" in report and "against training length" in report
     assert json.loads((tmp_path / "protocol.json").read_text())["tasks"] == ["tiny"]
-    for key in ("B tiny", "C tiny", "B all tasks", "C all tasks"):
+    # the search tried several lrs: its runs' test and validation error against lr, as a table and a figure
+    assert "Test error (%) mean ± std over seeds at every lr tried" in report
+    assert "`figures/lr_sensitivity.png`" in report
+    assert summary["figures"]["lr sensitivity"] == "figures/lr_sensitivity.png"
+    for key in ("B tiny", "C tiny", "B all tasks", "C all tasks", "lr sensitivity"):
         path = tmp_path / summary["figures"][key]
         with Image.open(path) as im:
             assert im.size[0] > 200 and im.size[1] > 150

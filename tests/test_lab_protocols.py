@@ -34,15 +34,17 @@ def lab_cli(*args, env=None):
 
 # ---------------------------------------------------------------------- the registry of protocols
 def test_every_named_protocol_is_known_and_unknown_names_are_refused():
-    assert set(protocols.SUITES) == {"offline", "offline-v2", "offline-fused", "pretrained", "pretrained-batch", "pretrained-pilot"}
+    assert set(protocols.SUITES) == {"offline", "offline-v2", "offline-fused", "pretrained", "pretrained-batch",
+                                     "pretrained-pilot", "repro-sweep", "repro-h3", "repro-h2"}
     assert protocols.suite("offline") == (("fmnist-resnet", protocols.BENCH),)
     assert [part for part, _ in protocols.suite("pretrained")] == ["mobilenet_v2", "efficientnet_lite0"]
-    with pytest.raises(ValueError, match="unknown protocol 'nope'; known: offline, offline-v2, offline-fused, pretrained"):
+    with pytest.raises(ValueError, match="unknown protocol 'nope'; known: offline, offline-v2, offline-fused, "):
         protocols.suite("nope")
     res = lab_cli("bench", "--protocol", "nope", "--dry-run")
     assert res.returncode != 0
     assert res.stderr.strip().splitlines() == [
-        "error: unknown protocol 'nope'; known: offline, offline-v2, offline-fused, pretrained, pretrained-batch, pretrained-pilot"]
+        "error: unknown protocol 'nope'; known: offline, offline-v2, offline-fused, pretrained, pretrained-batch, "
+        "pretrained-pilot, repro-sweep, repro-h3, repro-h2"]
 
 
 def test_offline_v2_reruns_v1s_choices_and_searches_the_lean_variants():

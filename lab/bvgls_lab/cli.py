@@ -119,8 +119,8 @@ def _show(out: Path, summary: dict) -> None:
     typer.echo("")
     typer.echo(print_table(out))
     typer.echo("")
-    for key, path in summary["figures"].items():
-        if "all tasks" in key:
+    for key, path in summary.get("figures", {}).items():
+        if "all tasks" in key or key == "lr sensitivity":
             typer.echo(f"figure {key}: {out / path}")
     total = f"; total {summary['wall_s'] / 60:.1f} min" if summary.get("wall_s") is not None else ""
     typer.echo(f"full report: {out / 'report.md'} (per-task figures in {out / 'figures'}){total}")
@@ -161,6 +161,10 @@ def bench_cmd(
     if dry_run:
         for part, p in parts:
             typer.echo(f"{part}: " + json.dumps(asdict(p), indent=2))
+            if p.design == "sweep":
+                runs = sum(len(p.cell_grid(t, s)) for t in p.tasks for s in p.strategies) * len(p.seeds)
+                typer.echo(f"{len(p.tasks) * len(p.strategies)} cells; a sweep: {runs} runs (every lr x every seed)")
+                continue
             searched = sum(p.fixed_lr(t, s) is None for t in p.tasks for s in p.strategies)
             cells = len(p.tasks) * len(p.strategies)
             typer.echo(f"{cells} cells; {searched * len(p.search_seeds) * len(p.lrs)} search runs "
@@ -170,6 +174,9 @@ def bench_cmd(
         summaries = report_suite(out, protocol, reference) if report_only else \
             run_suite(out, protocol, workers=workers, data_root=data_root, download=download, reference=reference)
     for (part, _), summary in zip(parts, summaries):
+        if summary is None:
+            typer.echo(f"{part}: not started, no report")
+            continue
         _show(out if len(parts) == 1 else out / part, summary)
     if batch16 is not None:
         from .experiments.ablation import write_batch_ablation

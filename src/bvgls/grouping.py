@@ -543,3 +543,93 @@ def _transformers(model: nn.Module) -> dict[str, NamedParams]:
             group = f"{labels[before]}.final"
         groups.setdefault(group, []).append((name, p))
     return groups
+
+
+# ---------------------------------------------------------------------- any CNN: by resolution
+# The paper's WRN-50-2 groups are one per feature-map resolution (stem, layer1..layer4) plus the
+# head. Found from the model itself: a dummy image goes through it, and every *unit* (a module
+# that is not a container of blocks) is labelled with the output stride of what it returns, so a
+# block that downsamples inside (a bottleneck's 1x1 conv runs before its strided conv) goes with
+# the resolution it produces, i.e. with the stage it starts. Units returning no spatial map
+# (after global pooling) are the head.
+RESOLUTION_TRACE_PX = 224
+
+
+def _is_container(module: nn.Module) -> bool:
+    """A Sequential/ModuleList/ModuleDict holding blocks (children that have children), i.e. one
+    to descend into; one of leaf layers (conv + norm + act) is a unit itself."""
+    return isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) and any(
+        any(True for _ in child.children()) for child in module.children())
+
+
+def _units(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    for name, child in module.named_children():
+        if not any(True for _ in child.parameters()):
+            continue
+        if _is_container(child):
+            yield from _units(child, f"{prefix}{name}.")
+        else:
+            yield prefix + name, child
+
+
+def _first_tensor(output):
+    import torch
+
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return next((o for o in output if isinstance(o, torch.Tensor)), None)
+    return None
+
+
+def _trace_strides(model: nn.Module, units: list[tuple[str, nn.Module]], px: int) -> dict[str, int | None]:
+    """unit name -> output stride of its (first) output, None when it returns no spatial map."""
+    import torch
+
+    strides: dict[str, int | None] = {}
+
+    def hook(name):
+        def record(module, args, output):
+            out = _first_tensor(output)
+            if name not in strides:
+                spatial = out is not None and out.dim() == 4 and tuple(out.shape[-2:]) != (1, 1)
+                strides[name] = round(px / out.shape[-1]) if spatial else None
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in units]
+    param = next(model.parameters())
+    channels = getattr(getattr(model, "bvgls_input", None), "channels", 3)
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, channels, px, px, device=param.device, dtype=param.dtype))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return strides
+
+
+@register_grouping("resolution")
+def _resolution(model: nn.Module) -> dict[str, NamedParams]:
+    """Any CNN: stem (the first resolution), one group per further output stride (``stride<k>``),
+    head (whatever runs after the last feature map, and units that did not run in the trace)."""
+    units = list(_units(model))
+    strides = _trace_strides(model, units, RESOLUTION_TRACE_PX)
+    if not any(s is not None for s in strides.values()):
+        raise ValueError(f"{type(model).__name__} returns no 4-d feature maps (NCHW) from its layers: the "
+                         "resolution scheme needs a CNN")
+    label: dict[str, str] = {}
+    seen: list[int] = []
+    for name, _ in units:
+        stride = strides.get(name)
+        if stride is not None and stride not in seen:
+            seen.append(stride)
+        label[name] = "head" if stride is None else "stem" if stride == seen[0] else f"stride{stride}"
+    own = [(n, p) for n, p in model.named_parameters(recurse=False)]
+    groups: dict[str, NamedParams] = {"stem": own}
+    for name, module in units:
+        groups.setdefault(label[name], []).extend((f"{name}.{n}", p) for n, p in module.named_parameters())
+    groups["head"] = groups.pop("head", [])
+    return {k: v for k, v in groups.items() if v}

@@ -55,14 +55,31 @@ class Protocol:
     tie_break: str = "lr"
     #: the values an lr grid may be extended to
     lr_ladder: tuple[float, ...] = LR_LADDER
+    #: "search": an lr search on ``search_seeds``, then new final runs at the chosen lr on ``seeds``;
+    #: "sweep": every lr (``lrs``, or the cell's own in ``cell_lrs``) on every seed, evaluated every
+    #: ``eval_every`` epochs; the lr with the lowest mean validation error is the cell's choice and its
+    #: runs are the cell's reported runs (a run does not depend on how often it is evaluated)
+    design: str = "search"
+    #: (task, strategy, lrs) triples: the lrs a "sweep" cell runs instead of ``lrs``
+    cell_lrs: tuple[tuple[str, str, tuple[float, ...]], ...] = ()
+    #: the layer grouping scheme (``bvgls list``); "auto": the model's stage groups
+    groups: str = "auto"
+    #: the head's dropout probability in place of the model's own (MobileNetV2: 0.2); None: the model's own
+    head_dropout: float | None = None
 
     def __post_init__(self):
         if self.pool not in POOLS:
             raise ValueError(f"unknown pool {self.pool!r}; known: {', '.join(POOLS)}")
         if self.tie_break not in TIE_BREAKS:
             raise ValueError(f"unknown tie_break {self.tie_break!r}; known: {', '.join(TIE_BREAKS)}")
+        if self.design not in DESIGNS:
+            raise ValueError(f"unknown design {self.design!r}; known: {', '.join(DESIGNS)}")
         if isinstance(self.val_fraction, str) and self.val_fraction != "manifest":
             raise ValueError(f"val_fraction must be a number or 'manifest', got {self.val_fraction!r}")
+
+    def cell_grid(self, task: str, strategy: str) -> tuple[float, ...]:
+        """The lrs a cell starts from: its own in ``cell_lrs``, else ``lrs``."""
+        return next((tuple(lrs) for t, s, lrs in self.cell_lrs if (t, s) == (task, strategy)), tuple(self.lrs))
 
     def fixed_lr(self, task: str, strategy: str) -> float | None:
         return next((lr for t, s, lr in self.fixed_lrs if (t, s) == (task, strategy)), None)
@@ -85,6 +102,7 @@ class Protocol:
 
 
 POOLS = ("train", "train+val")
+DESIGNS = ("search", "sweep")
 
 
 #: the frozen protocol of docs/experiments/offline.md
@@ -132,6 +150,28 @@ PRETRAINED_E = replace(PRETRAINED_M, model="efficientnet_lite0", tasks=("clipart
 #: final seeds cut from 0-4 to 0-2 before the arm started, to fit the time the arm had (docs/experiments/pretrained.md)
 PRETRAINED_BATCH = replace(PRETRAINED_M, strategies=("full", "bvgls", "L6-10"), batch_size=128, seeds=(0, 1, 2),
                            lrs=(0.01, 0.03, 0.1, 0.3, 1.0), lr_ladder=PRETRAINED_M.lr_ladder + (3.0,))
+#: docs/reproduction.md, "Protocol": the lr sweep (H1) -- part M's settings, every strategy at every lr on
+#: every seed, evaluated once, at the end; the lr with the lowest mean validation error is a strategy's
+#: own (tuned) lr, the same runs at one lr are the paper's shared-lr comparison. Cut for time before any
+#: run finished (docs/reproduction.md, "Cuts"): clipart-fine only, without bvgts; seeds 0-2 at the three
+#: central lrs (the core, where the lr is chosen), then seed 0 alone at the two outer lrs (the edges, for
+#: robustness); run seed by seed, so what is finished at the deadline is whole seeds.
+REPRO_SWEEP = replace(PRETRAINED_M, tasks=("clipart-fine",), strategies=("full", "bvgls", "L6-10", "linear"),
+                      design="sweep", lrs=(0.001, 0.003, 0.01), seeds=(0, 1, 2), search_seeds=(),
+                      extend_grid=False, eval_every=12)
+REPRO_SWEEP_EDGES = replace(REPRO_SWEEP, lrs=(0.0003, 0.03), seeds=(0,))
+#: the grouping and head arm (H3): bvgls with ``resolution`` groups, with the head's Dropout(0.2) and without,
+#: each at its own lr chosen on validation from the sweep's core lrs, seeds 0-2 (compared with the sweep's bvgls
+#: and full, stage groups with the Dropout). Full finetuning without the Dropout was cut for time before the arm
+#: started (docs/reproduction.md).
+REPRO_H3_GROUPS = replace(REPRO_SWEEP, strategies=("bvgls",), groups="resolution")
+REPRO_H3_NODROP = replace(REPRO_SWEEP, strategies=("bvgls",), groups="resolution", head_dropout=0.0)
+#: the training-length arm (H2): 48 epochs (4x), evaluated every 6, seeds 0-2, each strategy at the lr the
+#: sweep's core chose for it on validation (``cell_lrs``, written in from the sweep's summary.json when the
+#: core finished; cut for time from the core's three lrs before the arm started, docs/reproduction.md).
+REPRO_H2 = replace(REPRO_SWEEP, strategies=("full", "bvgls", "L6-10"), epochs=48, eval_every=6,
+                   cell_lrs=(("clipart-fine", "full", (0.001,)), ("clipart-fine", "bvgls", (0.003,)),
+                             ("clipart-fine", "L6-10", (0.001,))))
 #: the lrs the full protocol's validation search chose on clipart-fine (docs/results/pretrained/mobilenet_v2/
 #: summary.json; the pilot had chosen the same), for the demo
 BENCH_CHOSEN_LRS = (("clipart-fine", "full", 0.001), ("clipart-fine", "L6-10", 0.001),
@@ -147,6 +187,9 @@ SUITES: dict[str, tuple[tuple[str, Protocol], ...]] = {
     "pretrained": (("mobilenet_v2", PRETRAINED_M), ("efficientnet_lite0", PRETRAINED_E)),
     "pretrained-batch": (("mobilenet_v2-b128", PRETRAINED_BATCH),),
     "pretrained-pilot": (("mobilenet_v2", PRETRAINED_PILOT),),
+    "repro-sweep": (("core", REPRO_SWEEP), ("edges", REPRO_SWEEP_EDGES)),
+    "repro-h3": (("resolution", REPRO_H3_GROUPS), ("resolution-nodropout", REPRO_H3_NODROP)),
+    "repro-h2": (("mobilenet_v2-48ep", REPRO_H2),),
 }
 
 

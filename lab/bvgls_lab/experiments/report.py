@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from bvgls.runner.grid import collect_results, table_a_lines, text_grid_lines
-from bvgls.runner.plots import new_figure, plot_losses, plot_selection, save_figure
+from bvgls.runner.lrsens import FIGURE_NAME, lr_sensitivity, lr_sensitivity_lines, several_lrs
+from bvgls.runner.plots import new_figure, plot_losses, plot_selection, save_figure, write_lr_sensitivity
 from bvgls.runner.rundir import History
 from bvgls.strategies import is_partial_spec
 
@@ -105,6 +106,9 @@ def write_report(out: str | os.PathLike, protocol: Protocol, cells: Sequence[dic
     """Table A, paired differences, error against training length and figures B/C, from the
     finished runs in ``out`` (``report.md``, ``summary.json``, ``runs.csv``, ``figures/``).
     ``reference``: an earlier benchmark's ``runs.csv`` whose final runs the same cells must reproduce."""
+    if protocol.design == "sweep":
+        from .sweep_report import write_sweep_report
+        return write_sweep_report(out, protocol, wall_s)
     out = Path(out)
     cell_info = {(c["task"], c["strategy"]): c for c in cells}
     if not cell_info and (out / "summary.json").is_file():  # report rewritten later: keep the search facts
@@ -182,7 +186,8 @@ def write_runs_csv(out: Path) -> None:
     from bvgls.runner.grid import RESULT_COLUMNS
 
     columns = [c for c in RESULT_COLUMNS if c != "chosen"]
-    rows = [r for part in ("search", "final") if (out / part).is_dir() for r in collect_results(str(out / part))]
+    rows = [r for part in ("search", "sweep", "final") if (out / part).is_dir()
+            for r in collect_results(str(out / part))]
     with open(out / "runs.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -391,6 +396,9 @@ def _search_section(out, tasks, strategies, summary) -> list[str]:
 
     for (t, s), c in sorted(by_cell.items(), key=order):
         lines.append(f"- {t} / {s}: " + ", ".join(f"{lr:g}: {statistics.fmean(v):.1f}" for lr, v in sorted(c.items())))
+    sens = lr_sensitivity(collect_results(str(out / "search")))
+    if several_lrs(sens):  # the search runs (its seeds, one final evaluation) at every lr, test error too
+        lines += [""] + lr_sensitivity_lines(sens, figure=f"figures/{FIGURE_NAME}")[2:]
     return lines + [""]
 
 
@@ -542,6 +550,11 @@ def _figures(out: Path, rows, tasks, strategies) -> dict[str, str]:
         if means.get((t, "bvgls")) is not None:
             written[f"C {t}"] = plot_selection(means[(t, "bvgls")], str(fig_dir / f"C_selection_{t}.png"),
                                                f"{t}: BVG-LS selection frequency per epoch (mean over seeds)")
+    search = collect_results(str(out / "search")) if (out / "search").is_dir() else []
+    lr_figure = write_lr_sensitivity(search, str(fig_dir), "lr search runs: test (solid) and validation (dashed) "
+                                     "error against lr, mean ± std over the search seeds")
+    if lr_figure:
+        written["lr sensitivity"] = lr_figure
     if any(means.get((t, "bvgls")) for t in tasks):
         written["B all tasks"] = _summary_losses(fig_dir / "B_test_loss_all.png", tasks, means)
         written["C all tasks"] = _summary_selection(fig_dir / "C_selection_all.png", tasks, means)
@@ -616,7 +629,9 @@ def environment() -> dict:
 def print_table(out: str | os.PathLike) -> str:
     """The Table A section of a report (for the CLI)."""
     text = (Path(out) / "report.md").read_text()
-    start = text.index("## Table A")
+    start = text.find("## Table A")
+    if start < 0:  # a sweep's report: its first table, the lr sensitivity
+        start = text.index("## ")
     end = text.find("\n## ", start + 1)
     return text[start:end if end > 0 else None].strip()
 

@@ -11,7 +11,7 @@ import logging
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from bvgls.runner.config import GRID_AXES
@@ -34,6 +34,8 @@ class Cell:
     threads: int = 1
     #: the protocol's validation fraction, resolved for this task
     val_fraction: float = 0.0
+    #: the seeds this cell runs (a sweep runs one cell per seed); None: the protocol's
+    seeds: tuple[int, ...] | None = None
 
     def dataset(self):
         """The task as ``compare`` takes it: a folder, or a loader of its pooled train+val."""
@@ -43,9 +45,34 @@ class Cell:
 
     def grid_options(self, eval_every: int) -> dict:
         p = self.protocol
-        return dict(model=p.model, **p.training(eval_every, self.val_fraction).options(without=GRID_AXES),
+        model = p.model if p.head_dropout is None else HeadDropoutModel(p.model, p.weights, p.head_dropout)
+        return dict(model=model, **p.training(eval_every, self.val_fraction).options(without=GRID_AXES),
                     weights=p.weights,
                     augment=p.augment, image_size=p.image_size, tie_break=p.tie_break, lr_ladder=p.lr_ladder)
+
+
+class HeadDropoutModel:
+    """Builds ``spec`` with every Dropout of its head (modules outside ``features``) at probability
+    ``p``; a picklable, stably named model builder (its name is part of the run's identity)."""
+
+    def __init__(self, spec: str, weights: str, p: float):
+        self.spec, self.weights, self.p = spec, weights, p
+        self.__name__ = f"{spec}+head_dropout={p:g}"
+
+    def __call__(self, num_classes: int):
+        from torch import nn
+
+        from bvgls.runner.models import build_model
+
+        model = build_model(self.spec, num_classes, self.weights)
+        features = getattr(model, "features", None)
+        inside = {id(m) for m in features.modules()} if features is not None else set()
+        dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout) and id(m) not in inside]
+        if not dropouts:
+            raise ValueError(f"{self.spec} has no Dropout in its head")
+        for m in dropouts:
+            m.p = self.p
+        return model
 
 
 def pooled_folder(path: str, input, augment: str = "light"):
@@ -98,6 +125,16 @@ def search(cell: Cell) -> tuple[float, list[float], bool]:
     return choice.lr, choice.grid, choice.edge
 
 
+def sweep(cell: Cell) -> tuple[float, list[float]]:
+    """Every lr of the cell's grid on every seed (``sweep/``): returns (chosen lr, grid)."""
+    p = cell.protocol
+    grid = list(p.cell_grid(cell.task, cell.strategy))
+    result = run_grid([cell.strategy], {cell.task: cell.dataset()}, cell.seeds or p.seeds, grid,
+                      out_dir=os.path.join(cell.out_dir, "sweep"), extend_lrs=False,
+                      **cell.grid_options(eval_every=p.eval_every))
+    return (result.searches[(cell.task, cell.strategy)].lr if len(grid) > 1 else grid[0]), grid
+
+
 def run_cell(cell: Cell) -> dict:
     """The lr search, then the final runs, of one (task, strategy); runs in a worker process."""
     import torch
@@ -106,6 +143,10 @@ def run_cell(cell: Cell) -> dict:
     p = cell.protocol
     start = time.time()
     with lines_to(os.path.join(cell.out_dir, "logs", f"{cell.task}__{cell.strategy}.log")):
+        if p.design == "sweep":
+            lr, grid = sweep(cell)
+            return {"task": cell.task, "strategy": cell.strategy, "lr": lr, "grid": grid, "edge": False,
+                    "fixed": False, "wall_s": round(time.time() - start, 1)}
         lr, grid, edge = search(cell)
         run_grid([cell.strategy], {cell.task: cell.dataset()}, p.seeds, [lr],
                  out_dir=os.path.join(cell.out_dir, "final"), **cell.grid_options(eval_every=p.eval_every))
@@ -142,6 +183,8 @@ def run_benchmark(out_dir: str | os.PathLike, protocol: Protocol = BENCH, *, wor
     cells = [Cell(t, s, data_dirs[t], str(out), protocol, threads, tasks.get(t, {}).get("val_fraction", 0.0)
                   if protocol.val_fraction == "manifest" else protocol.val_fraction)
              for s in protocol.strategies for t in protocol.tasks]  # by strategy: a cut-short run has whole ones
+    if protocol.design == "sweep":  # seed by seed: a cut-short sweep has whole seeds of every cell
+        cells = [replace(c, seeds=(seed,)) for seed in protocol.seeds for c in cells]
     logger.info(f"{len(cells)} (task, strategy) cells: {plan_text(protocol, cells)}, {workers} at a time; "
         f"logs in {out / 'logs'}")
     results = []
@@ -167,19 +210,26 @@ def run_suite(out_dir: str | os.PathLike, name: str = "offline", **options) -> l
             for part, protocol in parts]
 
 
-def report_suite(out_dir: str | os.PathLike, name: str, reference: str | os.PathLike | None = None) -> list[dict]:
+def report_suite(out_dir: str | os.PathLike, name: str,
+                 reference: str | os.PathLike | None = None) -> list[dict | None]:
     """Rewrite the reports of a suite's parts from the runs finished so far (also of a run still going
-    or cut short: the lr of a cell comes from its final runs, the grid from its search runs)."""
+    or cut short: the lr of a cell comes from its final runs, the grid from its search runs). A later
+    part that never started (the suite was stopped before it) gets None."""
     from .report import write_report
 
     parts = suite(name)
-    summaries = []
+    started = [part for part, _ in parts if (Path(out_dir) / part / "protocol.json").is_file()]
+    summaries: list[dict | None] = []
     for part, protocol in parts:
         out = Path(out_dir) if len(parts) == 1 else Path(out_dir) / part
+        if len(parts) > 1 and started and part not in started:  # a later part that never started: nothing to report
+            summaries.append(None)
+            continue
         if not (out / "protocol.json").is_file():
             raise ValueError(f"{out} holds no benchmark (no protocol.json)")
         check_protocol(out, protocol)
-        summaries.append(write_report(out, protocol, list(cell_records(out, protocol).values()), reference=reference))
+        cells = [] if protocol.design == "sweep" else list(cell_records(out, protocol).values())  # a sweep's: its runs
+        summaries.append(write_report(out, protocol, cells, reference=reference))
     return summaries
 
 
@@ -237,7 +287,7 @@ def missing_assets(protocol: Protocol) -> str | None:
 def check_model(protocol: Protocol) -> None:
     """Refuse a model whose stage-group count is not what the protocol's partial specs assume."""
     expected = EXPECTED_GROUPS.get(protocol.model)
-    if expected is None:
+    if expected is None or protocol.groups != "auto":  # the partial specs' numbering is the stage groups'
         return
     from bvgls.grouping import layer_groups
     from bvgls.runner.models import build_model

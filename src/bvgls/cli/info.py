@@ -37,7 +37,7 @@ GROUPS_OWN = [
     SHARED["model"],
     *field_params(DataOptions, ["weights"]),
     param("num_classes", Annotated[int, typer.Option("--num-classes", min=1, help="Classes of the head.")], 1000),
-    SHARED["groups"],
+    *field_params(FinetuneConfig, ["groups"]),
     param("strategy", Annotated[str | None, typer.Option("--strategy", "-s", help=(
         "Also show which groups this strategy trains (e.g. L3-6)."))], None),
     *field_params(FinetuneConfig, ["trust_pickle"]),

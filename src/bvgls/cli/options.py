@@ -3,7 +3,7 @@
 A training or data option is a field of the runner's config dataclasses
 (:class:`~bvgls.runner.config.FinetuneConfig`, :class:`~bvgls.runner.config.DataOptions`) and
 appears, generated from it, in every command that takes it; the options that are no config field
-but several commands share (``--model``, ``--data``, ``--groups``) are declared in
+but several commands share (``--model``, ``--data``) are declared in
 :data:`SHARED`. Each has one flag, one help and one default in every command.
 
 Typer reads a command's options from its signature; :func:`command` builds that signature
@@ -116,8 +116,6 @@ DATA_HELP = ("Registered dataset (see `bvgls list`) or an ImageFolder root with 
 SHARED: dict[str, inspect.Parameter] = {
     "model": param("model", Annotated[str | None, opt("--model", "-m", panel=MODEL_AND_DATA, help=MODEL_HELP)], None),
     "data": param("data", Annotated[str | None, opt("--data", "-d", panel=MODEL_AND_DATA, help=DATA_HELP)], None),
-    "groups": param("groups", Annotated[str, opt("--groups", panel=MODEL_AND_DATA, help=(
-        "Layer grouping scheme (see `bvgls list`; auto detects)."))], "auto"),
 }
 
 

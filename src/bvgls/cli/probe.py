@@ -13,7 +13,7 @@ from . import CLIError, app, user_errors
 from .options import SHARED, command, field_params, make_config, opt, param, require
 
 #: training options of the config that a probe uses (the others do not apply to a short SGD run)
-PROBE_FIELDS = ("lr", "seed", "momentum", "weight_decay", "device", "num_workers", "progress")
+PROBE_FIELDS = ("lr", "seed", "groups", "momentum", "weight_decay", "device", "num_workers", "progress")
 #: data options it uses; --image-size is its own (its default depends on the device)
 PROBE_DATA_FIELDS = ("weights", "data_root", "download", "augment")
 #: on CPU a probe runs small: step time and activation memory grow with batch x size^2, and the
@@ -28,7 +28,6 @@ PROBE_OWN = [
     SHARED["data"],
     param("steps", Annotated[int, opt("--steps", "-n", min=1, help=(
         "Optimizer steps of the probe run (every step a BVG-LS step with statistics)."))], 50),
-    SHARED["groups"],
     param("k", Annotated[int, opt("--k", min=1, help="Groups selected per step (BVG-LS k).")], 1),
     param("coverage", Annotated[float, opt("--coverage", min=0.0, max=1.0, help=(
         "Share of the selections the recommended range (ending at the head) must hold."))], 0.8),

@@ -145,7 +145,7 @@ def run_finetune(run: FinetuneRun, settings: FinetuneConfig, data_options: DataO
     prepare_out_dir(run_dir)
     trust = settings.trust_pickle
     shape_model = build_model(run.model, 2, data_options.weights, trust_pickle=trust)  # input spec and groups
-    [spec] = check_strategies([settings.strategy], shape_model)
+    [spec] = check_strategies([settings.strategy], shape_model, settings.groups)
     splits = load_dataset(run.data, data_options.data_root, data_options.download,
                           data_options.model_input(shape_model.bvgls_input), augment=data_options.augment_override)
     del shape_model
@@ -231,7 +231,9 @@ def compare(**values: Any) -> None:
 
     results.csv has one row per finished run (dataset, strategy, seed, lr, test_error in %, test_loss, val_error,
     epochs, wall_s, ...); table.md gives the test error mean ± std per dataset and strategy, an average row, the
-    best per row in bold, and the lr each strategy used. Rerunning with the same --out skips finished runs and
+    best per row in bold, and the lr each strategy used; where more than one lr was tried, also test and validation
+    error at every lr (mean ± std over seeds), drawn in plots/lr_sensitivity.png. --lrs 0.01 --no-extend-lrs runs
+    every strategy at that one shared lr, with no search. Rerunning with the same --out skips finished runs and
     resumes interrupted ones.
     """
     from ..runner.grid import check_lrs
@@ -251,6 +253,8 @@ def compare(**values: Any) -> None:
             image_size=data_options.image_size, keep_going=grid.keep_going, **settings.options(without=GRID_AXES))
     out.print(result.table, markup=False)
     out.print(f"wrote {result.csv_path} and {result.table_path}")
+    if result.lr_figure:
+        out.print(f"lr sensitivity (test and validation error against lr): {result.lr_figure}")
     if result.failed:
         typer.echo(f"{len(result.failed)} run(s) failed:\n  " + "\n  ".join(result.failed), err=True)
         raise typer.Exit(1)

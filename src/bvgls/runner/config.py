@@ -78,6 +78,9 @@ class FinetuneConfig:
         panel=SPEED, min=1)
     label_smoothing: float = option(0.0, "Label smoothing of the training loss.", min=0.0, max=1.0)
     steps_per_epoch: int | None = option(None, "Cap on steps per epoch (smoke tests).", min=1)
+    groups: str = option("auto", "Layer grouping scheme the strategy selects from (see `bvgls list`): auto "
+                                 "detects the model's stages; resolution: stem, one group per feature-map "
+                                 "resolution, head.", flags=("--groups",), panel=MODEL_AND_DATA)
     seed: int = option(0, "Seeds init of the head, shuffling, augmentation.")
     val_fraction: float = option(0.0, "Hold out this fraction of the training set as a validation split "
                                       "(reported every epoch; compare chooses the lr on it, never on the test set).",

@@ -36,6 +36,7 @@ from . import rundir
 from .config import GRID_AXES, FinetuneConfig, result_keys
 from .loop import finetune, resolve_device, seed_everything
 from .lrsearch import LR_LADDER, TIE_BREAKS, LrChoice, search_lr
+from .lrsens import FIGURE_NAME, lr_sensitivity, lr_sensitivity_lines, several_lrs
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ class CompareResult:
     failed: list[str] = field(default_factory=list)
     #: per (dataset, strategy) with an lr search: what it tried and why it stopped
     searches: dict[tuple[str, str], LrChoice] = field(default_factory=dict)
+    #: ``plots/lr_sensitivity.png`` where more than one lr was tried, else None
+    lr_figure: str | None = None
 
     @property
     def csv_path(self) -> str:
@@ -143,12 +146,13 @@ def parse_strategies(strategies: Sequence[str | StrategySpec] | str) -> list[Str
     return list({spec.text: spec for spec in specs}.values())
 
 
-def check_strategies(strategies: Sequence[str | StrategySpec], model: nn.Module) -> list[StrategySpec]:
+def check_strategies(strategies: Sequence[str | StrategySpec], model: nn.Module,
+                     scheme: str = "auto") -> list[StrategySpec]:
     """Parse ``strategies`` and raise ValueError now, not hours into a grid, for specs whose
-    options or group range do not fit ``model``'s groups."""
+    options or group range do not fit ``model``'s groups (under the grouping ``scheme``)."""
     from ..grouping import layer_groups
 
-    groups = layer_groups(model)
+    groups = layer_groups(model, scheme)
     specs = parse_strategies(list(strategies))
     for spec in specs:
         try:
@@ -292,7 +296,7 @@ def compare(
     if len(lrs) == 1:  # a directory of single-lr runs must not mix lrs
         check_no_stray_runs(str(out_dir), [label for label, _ in entries], [s.text for s in specs], lrs[0])
     model_label, build = model_builder(model, weights, cfg.trust_pickle)
-    specs, input = check_model_fit(specs, build, image_size)  # before any data is loaded
+    specs, input = check_model_fit(specs, build, image_size, cfg.groups)  # before any data is loaded
     identity = dict(model=model_label, weights=weights if isinstance(model, str) else None, augment=augment,
                     image_size=image_size)
     grid = Grid(str(out_dir), specs, [label for label, _ in entries], seeds, cfg, identity, build,
@@ -301,8 +305,9 @@ def compare(
     for label, source in entries:
         splits = load_source(source, input, data_root, download, augment)
         run_dataset(grid, label, splits, lrs, search=len(lrs) > 1, refit=refit, extend=extend_lrs)
+    lr_figure = draw_lr_sensitivity(str(out_dir))  # before the last report, which names it
     result = grid.write()
-    result.failed, result.searches = grid.failed, grid.searches
+    result.failed, result.searches, result.lr_figure = grid.failed, grid.searches, lr_figure
     return result
 
 
@@ -324,11 +329,11 @@ def check_compare_arguments(strategies, seeds, lrs, refit, tie_break, image_size
     return cfg, specs, seeds
 
 
-def check_model_fit(specs, build, image_size):
+def check_model_fit(specs, build, image_size, groups: str = "auto"):
     """Build the model once with a 2-class head (the shape model): the strategies must fit its
-    groups; returns them and its input spec (with ``image_size``)."""
+    ``groups``; returns them and its input spec (with ``image_size``)."""
     shape_model = build(2)
-    specs = check_strategies(specs, shape_model)
+    specs = check_strategies(specs, shape_model, groups)
     input = shape_model.bvgls_input if hasattr(shape_model, "bvgls_input") else None
     if image_size is not None:
         input = dataclasses.replace(input or ModelInput(), size=image_size)
@@ -340,6 +345,16 @@ def table_title(model_label: str, cfg: FinetuneConfig, lrs: Sequence[float], ref
     lr_part = f"lr chosen on a {cfg.val_fraction:g} validation split" if search else "lr " + lr_text(lrs[0])
     return (f"# Table A: {model_label}, {cfg.epochs} epochs, batch {cfg.batch_size}, {lr_part}"
             f"{', refit on the full training set' if refit else ''}")
+
+
+def draw_lr_sensitivity(out_dir: str) -> str | None:
+    """``out_dir/plots/lr_sensitivity.png`` when the grid tried more than one lr somewhere (else None)."""
+    try:
+        from .plots import write_lr_sensitivity
+        return write_lr_sensitivity(collect_results(out_dir), os.path.join(out_dir, "plots"))
+    except ImportError as e:  # matplotlib is optional for a grid
+        logger.info("no lr-sensitivity figure: %s", e)
+        return None
 
 
 def check_grid_arguments(specs, seeds, lrs, val_fraction, refit) -> None:
@@ -570,6 +585,11 @@ def write_reports(out_dir: str | os.PathLike, *, strategies: Sequence[str] = (),
     chosen = choose_lrs(rows, tie_break)
     mark_reported(rows, chosen)
     table = format_table(rows, chosen, strategies=strategies, datasets=datasets, title=title)
+    sens = lr_sensitivity(rows)
+    if several_lrs(sens):
+        figure = os.path.join("plots", FIGURE_NAME)
+        table += "\n" + "\n".join(lr_sensitivity_lines(
+            sens, chosen, figure if os.path.isfile(os.path.join(out_dir, figure)) else None)) + "\n"
     os.makedirs(out_dir, exist_ok=True)
 
     def write_csv(tmp):

@@ -329,7 +329,7 @@ def prepare_run(model, data, strategy, groups, cfg: FinetuneConfig, out_dir: str
     record = {**record, "device": str(device), "num_workers": resolve_workers(cfg, device)}
     train_loader, eval_loaders, shuffle_gen, opt_steps, batches_per_epoch = make_loaders(data, cfg, device)
     channels_last = prepare_model(model, cfg, device)
-    groups, opt, strat = attach_strategy(model, groups, strategy, cfg)
+    groups, opt, strat = attach_strategy(model, cfg.groups if groups is None else groups, strategy, cfg)
     check_fused(strat, cfg)
     total_steps = opt_steps * cfg.epochs
     few = few_updates_message(strat, total_steps, cfg.strategy)

@@ -222,3 +222,48 @@ def plot_paths(paths: Sequence[str], out: str | None = None) -> list[str]:
         written.append(plot_losses(list(zip(labels, histories)), os.path.join(target, "loss_compare.png"),
                                    " vs ".join(labels)))
     return written
+
+
+def plot_lr_sensitivity(sens, path: str, title: str = "") -> str:
+    """Test error (solid) and validation error (dashed) against lr, log scale, one line per strategy,
+    mean over seeds with ± one standard deviation as error bars; one panel per dataset.
+    ``sens``: :func:`bvgls.runner.lrsens.lr_sensitivity`'s result."""
+    datasets = list(dict.fromkeys(d for d, _ in sens))
+    strategies = list(dict.fromkeys(s for _, s in sens))
+    fig = new_figure((max(8.0, 4.8 * len(datasets)), 4.6))
+    axes = fig.subplots(1, len(datasets), squeeze=False)[0]
+    for ax, dataset in zip(axes, datasets):
+        for k, strategy in enumerate(strategies):
+            points = sens.get((dataset, strategy), [])
+            for key, style in (("test", "-"), ("val", "--")):
+                xs = [p.lr for p in points if getattr(p, key) is not None]
+                spreads = [getattr(p, key) for p in points if getattr(p, key) is not None]
+                if not xs:
+                    continue
+                errs = [0.0 if math.isnan(s.std) else s.std for s in spreads]
+                ax.errorbar(xs, [s.mean for s in spreads], yerr=errs, color=f"C{k % 10}", linestyle=style,
+                            marker="o" if key == "test" else None, markersize=4, capsize=2,
+                            linewidth=2.2 if strategy.startswith("bvgls") else 1.4,
+                            label=strategy if key == "test" else None, alpha=1.0 if key == "test" else 0.6)
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("error (%): test solid, validation dashed")
+        ax.set_title(dataset)
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path)
+
+
+def write_lr_sensitivity(rows, fig_dir: str, title: str = "") -> str | None:
+    """``fig_dir/lr_sensitivity.png`` from ``results.csv``-style rows when some cell tried more than
+    one lr (else None, nothing written)."""
+    from .lrsens import FIGURE_NAME, lr_sensitivity, several_lrs
+
+    sens = lr_sensitivity(rows)
+    if not several_lrs(sens):
+        return None
+    os.makedirs(fig_dir, exist_ok=True)
+    return plot_lr_sensitivity(sens, os.path.join(fig_dir, FIGURE_NAME),
+                               title or "test and validation error against lr (mean ± std over seeds)")
