@@ -106,9 +106,6 @@ def write_report(out: str | os.PathLike, protocol: Protocol, cells: Sequence[dic
     """Table A, paired differences, error against training length and figures B/C, from the
     finished runs in ``out`` (``report.md``, ``summary.json``, ``runs.csv``, ``figures/``).
     ``reference``: an earlier benchmark's ``runs.csv`` whose final runs the same cells must reproduce."""
-    if protocol.design == "sweep":
-        from .sweep_report import write_sweep_report
-        return write_sweep_report(out, protocol, wall_s)
     out = Path(out)
     cell_info = {(c["task"], c["strategy"]): c for c in cells}
     if not cell_info and (out / "summary.json").is_file():  # report rewritten later: keep the search facts

@@ -154,6 +154,18 @@ def run_cell(cell: Cell) -> dict:
             "fixed": p.fixed_lr(cell.task, cell.strategy) is not None, "wall_s": round(time.time() - start, 1)}
 
 
+def report_of(protocol: Protocol):
+    """The report writer of a protocol's design: the search design's Table A and verdicts, or the
+    sweep design's shared-lr / tuned comparisons and robustness."""
+    if protocol.design != "sweep":
+        from .report import write_report
+
+        return write_report
+    from .sweep_report import write_sweep_report
+
+    return lambda out, protocol, cells=(), *, wall_s=None, reference=None: write_sweep_report(out, protocol, wall_s)
+
+
 def run_benchmark(out_dir: str | os.PathLike, protocol: Protocol = BENCH, *, workers: int = 2, threads: int = 1,
                   data_root: str | None = None, download: bool = False,
                   reference: str | os.PathLike | None = None) -> dict:
@@ -165,8 +177,6 @@ def run_benchmark(out_dir: str | os.PathLike, protocol: Protocol = BENCH, *, wor
     final runs of the same cells are compared with in the report. Returns the summary that is also written to
     ``out_dir/summary.json``.
     """
-    from .report import write_report
-
     out = Path(out_dir)
     check_model(protocol)
     tasks = {name: locate_task(name, protocol) for name in protocol.tasks if name not in TASKS}
@@ -192,7 +202,7 @@ def run_benchmark(out_dir: str | os.PathLike, protocol: Protocol = BENCH, *, wor
         results.append(res)
         logger.info(cell_line(res, len(results), len(cells), start))
     wall = time.time() - start
-    summary = write_report(out, protocol, results, wall_s=wall, reference=reference)
+    summary = report_of(protocol)(out, protocol, results, wall_s=wall, reference=reference)
     logger.info(f"total {wall / 60:.1f} min; report: {out / 'report.md'}")
     return summary
 
@@ -215,8 +225,6 @@ def report_suite(out_dir: str | os.PathLike, name: str,
     """Rewrite the reports of a suite's parts from the runs finished so far (also of a run still going
     or cut short: the lr of a cell comes from its final runs, the grid from its search runs). A later
     part that never started (the suite was stopped before it) gets None."""
-    from .report import write_report
-
     parts = suite(name)
     started = [part for part, _ in parts if (Path(out_dir) / part / "protocol.json").is_file()]
     summaries: list[dict | None] = []
@@ -229,7 +237,7 @@ def report_suite(out_dir: str | os.PathLike, name: str,
             raise ValueError(f"{out} holds no benchmark (no protocol.json)")
         check_protocol(out, protocol)
         cells = [] if protocol.design == "sweep" else list(cell_records(out, protocol).values())  # a sweep's: its runs
-        summaries.append(write_report(out, protocol, cells, reference=reference))
+        summaries.append(report_of(protocol)(out, protocol, cells, reference=reference))
     return summaries
 
 

@@ -89,7 +89,7 @@ def lr_sensitivity_lines(sens: Sensitivity, chosen: Mapping[tuple[str, str], flo
     """A markdown table: one row per (dataset, strategy), one column per lr; test error mean ± std over
     seeds, the mean validation error in brackets (and the number of seeds where it differs between
     cells); the chosen lr (where given) in bold."""
-    from .grid import lr_text
+    from .results import lr_text
 
     lrs = sorted({p.lr for points in sens.values() for p in points})
     lines = ["## Learning-rate sensitivity", "",

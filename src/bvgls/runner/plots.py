@@ -168,7 +168,7 @@ def _is_selective(hist: History) -> bool:
 def plot_compare(out_dir: str) -> list[str]:
     """Per dataset: loss curves of every strategy at its reported lr (first seed), and a selection
     heatmap per selective strategy; written to ``out_dir/plots``."""
-    from .grid import choose_lrs, collect_results, mark_reported, slug
+    from .results import choose_lrs, collect_results, mark_reported, slug
 
     rows = collect_results(out_dir)
     rows = mark_reported(rows, choose_lrs(rows))
