@@ -43,7 +43,7 @@ if ! $PY -c "import $modules" 2>/dev/null || [ ! -f "$marker" ] || [ pyproject.t
     || [ lab/pyproject.toml -nt "$marker" ]; then
   echo "setup: installing bvgls[$extras] and the lab (lab/)"
   $PY -m pip install -q -e ".[$extras]"
-  $PY -m pip install -q --no-deps -e lab/
+  $PY -m pip install -q -e lab/
   touch "$marker"
 fi
 
