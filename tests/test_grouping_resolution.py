@@ -108,12 +108,12 @@ def test_a_run_selects_among_the_resolution_groups_when_asked(image_root, tmp_pa
     expected = layer_groups(build_model("tiny-resnet", 3, None), "resolution").names
     assert expected != layer_groups(build_model("tiny-resnet", 3, None)).names  # not what auto would give
     res = compare("bvgls", str(image_root), seeds=[0], lrs=[0.05], model="tiny-resnet", weights=None,
-                  out_dir=tmp_path / "g", epochs=1, batch_size=8, progress=False, log=lambda s: None,
+                  out_dir=tmp_path / "g", epochs=1, batch_size=8, progress=False,
                   groups="resolution")
     run_dir = tmp_path / "g" / res.rows[0]["run_dir"]
     hist = History.load(run_dir)
     assert hist.group_names == expected and hist.config["groups"] == "resolution"
     with pytest.raises(ValueError, match=f"{len(expected)} groups"):
         compare(f"L1-{len(expected) + 1}", str(image_root), seeds=[0], lrs=[0.05], model="tiny-resnet", weights=None,
-                out_dir=tmp_path / "h", epochs=1, batch_size=8, progress=False, log=lambda s: None,
+                out_dir=tmp_path / "h", epochs=1, batch_size=8, progress=False,
                 groups="resolution")
