@@ -124,3 +124,22 @@ def test_cli_export_task(tmp_path):
     assert manifest["sizes"] == {"train": 700, "test": 1097}
     result = CliRunner().invoke(get_app(), ["export-task", "nope", str(tmp_path / "e")])
     assert result.exit_code == 2 and "unknown offline task" in result.output
+
+
+def test_demo_spread_matches_the_recorded_runs():
+    """The spread the demo prints next to its single seed is the recorded benchmark's."""
+    import json
+    from pathlib import Path
+
+    from bvgls.bench.protocol import DEMOS
+    from bvgls.bench.spread import SPREAD_FILE, compute_spread, spread_text
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    stored = json.loads(Path(SPREAD_FILE).read_text())
+    for suite, protocol in DEMOS.items():
+        cells = [(t, s) for t in protocol.tasks for s in protocol.strategies]
+        assert stored[suite] == compute_spread(suite, cells, str(docs))
+        assert [(r["task"], r["strategy"]) for r in stored[suite]] == cells
+        assert all(r["seeds"] >= 3 for r in stored[suite])
+        text = spread_text(suite)
+        assert all(f"{r['mean']:6.2f} ± {r['sd']:.2f}" in text for r in stored[suite])

@@ -114,7 +114,7 @@ def refuse_changed_options(given: dict[str, Any], recorded: dict[str, Any], ctx:
 def run_finetune(p: dict[str, Any]) -> None:
     from ..runner.data import dataset_label, load_dataset
     from ..runner.grid import check_strategies, slug
-    from ..runner.loop import finetune as train
+    from ..runner.loop import epoch_summary, finetune as train
     from ..runner.loop import resolve_device, seed_everything
     from ..runner.models import build_model
     from ..runner.rundir import prepare_out_dir
@@ -143,9 +143,11 @@ def run_finetune(p: dict[str, Any]) -> None:
     config = {"model": p["model"], "weights": data_options.weights, "image_size": data_options.image_size,
               "dataset": splits.name, "data": p["data"], "num_classes": splits.num_classes,
               "cli": {k: v for k, v in p.items() if k not in ("resume", "trust_pickle")}}
+    # without bars the per-epoch summary lines (which a bar would print under itself) still show
+    summaries = [] if settings.progress else [lambda record: out.print(epoch_summary(record, settings.epochs))]
     history = train(net, splits, spec, settings=settings, out_dir=run_dir, resume=resuming,
                     stop_after=p["stop_after"], keep_checkpoint=p["keep_checkpoint"], save_model=True,
-                    tensorboard=p["tensorboard"], config=config)
+                    tensorboard=p["tensorboard"], config=config, callbacks=summaries)
     report_finetune(out, history, run_dir, settings.epochs)
 
 
