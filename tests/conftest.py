@@ -2,11 +2,35 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
 
 pytest_plugins = ["isolation"]  # @pytest.mark.isolated: crash-prone tests run in a child process
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# every test runs in its own temporary directory (below): child processes must still find the sources
+_paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+os.environ["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in _paths if p)
+
+
+@pytest.fixture(autouse=True)
+def in_a_temporary_directory(tmp_path_factory, monkeypatch):
+    """Run each test in a fresh temporary directory, so that a command's default output
+    (``runs/...``) lands there and never in the checkout."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_stays_clean():
+    """The suite writes only under temporary paths: no new entries in the checkout's ``runs/``."""
+    runs = os.path.join(ROOT, "runs")
+    before = set(os.listdir(runs)) if os.path.isdir(runs) else set()
+    yield
+    after = set(os.listdir(runs)) if os.path.isdir(runs) else set()
+    assert after <= before, f"the tests wrote into {runs}: {sorted(after - before)}"
 
 CLASSES = ("red", "green", "blue")
 

@@ -26,9 +26,9 @@ MARKER_NAME = "unpickled-marker"
 
 
 # ---------------------------------------------------------------------- helpers
-def bvgls(*args, timeout=300):
+def bvgls(*args, timeout=300, env=None):
     """Run the real command line; PYTHONPATH is inherited, BVGLS_DEBUG is not."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200", **(env or {})}
     env.pop("BVGLS_DEBUG", None)
     return subprocess.run([sys.executable, "-m", "bvgls", *map(str, args)], capture_output=True, text=True,
                           env=env, timeout=timeout)
@@ -369,3 +369,43 @@ def test_written_files_load_with_weights_only(whole_run):
     for name in ("checkpoint.pt", "model.pt"):
         obj = torch.load(whole_run / name, map_location="cpu", weights_only=True)
         assert isinstance(obj, dict) and obj.get("format", "").startswith("bvgls-")
+
+
+# ---------------------------------------------------------------------- fresh-machine round
+def test_unknown_strategy_option_and_bad_values_are_refused_before_loading_data(tmp_path):
+    # --data names nothing: had the dataset been loaded first, the error would be about it
+    cases = [("bvgls:kk=2", "strategy 'bvgls:kk=2': unknown option kk; the options of bvgls are: k, alpha"),
+             ("bvgls:probe=0", "probe (steps between two probe steps) must be a positive integer, got 0"),
+             ("bvgls:static=0", "static (probing steps before fixing) must be a positive integer, got 0")]
+    for spec, message in cases:
+        out = tmp_path / "new" / "run"
+        res = bvgls("finetune", "--model", "tiny-cnn", "--weights", "none", "--data", tmp_path / "no-such-data",
+                    "--strategy", spec, "--out", out)
+        assert_one_line_error(res, message)
+        assert "does not fit" not in res.stderr
+        assert not (tmp_path / "new").exists()  # a failed command leaves no empty output directory
+
+
+def test_no_progress_keeps_the_epoch_summaries(image_root, tmp_path):
+    res = bvgls("finetune", "--model", "tiny-cnn", "--weights", "none", "--data", image_root, "--strategy", "full",
+                "--epochs", 2, "--batch-size", 16, "--lr", 0.05, "--no-progress", "--out", tmp_path / "run")
+    assert res.returncode == 0, res.stderr
+    assert [line.split(":")[0] for line in res.stdout.splitlines() if line.startswith("epoch ")] == \
+        ["epoch 1/2", "epoch 2/2"]
+    assert "it/s" not in res.stderr and "step/s" not in res.stderr and "%|" not in res.stderr
+
+
+def test_offline_timm_weights_fail_fast_in_one_line(image_root, tmp_path):
+    pytest.importorskip("timm")
+    env_endpoint = {"HF_ENDPOINT": "http://10.255.255.1", "HF_HUB_OFFLINE": "0"}  # nothing answers there
+    res = bvgls("finetune", "--model", "timm:resnet10t", "--weights", "DEFAULT", "--data", image_root,
+                "--out", tmp_path / "run", env=env_endpoint, timeout=150)
+    assert_one_line_error(res, "could not download the pretrained weights of timm:resnet10t", "--weights none")
+
+
+def test_list_does_not_cut_descriptions(tmp_path):
+    res = bvgls("list", env={"COLUMNS": "1000"})
+    assert res.returncode == 0, res.stderr
+    # both docstrings wrap their first sentence over several lines
+    assert "ema=param|bfloat16|float16: the gradient EMA's dtype." in res.stdout
+    assert 'parameters held directly by a module come first, as "<name>.params".' in res.stdout

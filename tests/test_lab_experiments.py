@@ -143,3 +143,44 @@ def test_export_task_into_non_empty_directory(tmp_path):
     res = lab_cli("export-task", "digits", out)
     assert_one_line_error(res, out)
     assert sorted(os.listdir(out)) == ["notes.txt"] and (out / "notes.txt").read_text() == "mine\n"
+
+
+def test_demo_spread_matches_the_recorded_runs():
+    """The spread the demo prints next to its single seed is the recorded benchmark's."""
+    import json
+    from pathlib import Path
+
+    from bvgls_lab.experiments.protocols import DEMOS
+    from bvgls_lab.experiments.spread import SPREAD_FILE, compute_spread, spread_text
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    stored = json.loads(Path(SPREAD_FILE).read_text())
+    for suite, protocol in DEMOS.items():
+        cells = [(t, s) for t in protocol.tasks for s in protocol.strategies]
+        assert stored[suite] == compute_spread(suite, cells, str(docs))
+        assert [(r["task"], r["strategy"]) for r in stored[suite]] == cells
+        assert all(r["seeds"] >= 3 for r in stored[suite])
+        text = spread_text(suite)
+        assert all(f"{r['mean']:6.2f} ± {r['sd']:.2f}" in text for r in stored[suite])
+
+
+def test_probe_regret_against_the_recorded_ranges(tmp_path):
+    import json
+
+    from bvgls_lab.experiments.probe_regret import TASKS, last_half_rule, recorded_ranges, task_rows, uniform_share_rule
+
+    fine = next(t for t in TASKS if t.label == "mobilenet_v2-clipart-fine")
+    recorded = recorded_ranges(fine)
+    assert sorted(recorded) == [1, 6, 8, 10]  # full, L6-10, L8-10, linear
+    assert [last_half_rule({"groups": ["g"] * n}) for n in (6, 9, 10)] == [4, 5, 6]
+    assert uniform_share_rule({"groups": ["g"] * 4, "frequency": [0.0, 0.2, 0.3, 0.5]}) == 3
+    selections = [[7]] * 6 + [[9]] * 2 + [[5]] * 2  # 0-based groups: L8 60%, L10 20%, L6 20%
+    frequency = [sum(i in s for s in selections) / 10 for i in range(10)]
+    report = {"groups": ["g"] * 10, "frequency": frequency, "selections": selections}
+    (tmp_path / f"{fine.label}_seed0.json").write_text(json.dumps(report))
+    row = task_rows(fine, str(tmp_path))
+    best = min(recorded.values())
+    assert row["rules"]["coverage 80%"]["picks"] == [8]  # L8-10 holds 80% of the selections
+    assert row["rules"]["coverage 80%"]["regret"] == recorded[8] - best
+    assert row["rules"]["uniform share"]["picks"] == [6]  # L6 is the lowest group with at least 10%
+    assert row["rules"]["full"]["regret"] == recorded[1] - best

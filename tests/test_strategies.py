@@ -63,7 +63,7 @@ def test_bvgls_spec_with_options():
     ("L0-2", "1 <= first"),
     ("nope", "unknown strategy 'nope'; known: .*bvgls"),
     ("bvgls:k", "not key=value"),
-    ("bvgls:q=3", "unexpected keyword"),
+    ("bvgls:q=3", "unknown option q"),
     ("", "non-empty"),
 ])
 def test_bad_specs_name_the_problem(spec, match):

@@ -102,7 +102,7 @@ def test_peers_are_registered_by_import_bvgls():
     ("auto-rgn:batches=0", "batches must be >= 1"),
     ("auto-rgn:norm=train", "norm must be one of freeze, rgn"),
     ("auto-rgn:skip=maybe", "skip must be True or False"),
-    ("lisa:k=2", "unexpected keyword"),
+    ("lisa:k=2", "unknown option k"),
 ])
 def test_bad_options_give_clear_errors(spec, message):
     with pytest.raises(ValueError, match=message):

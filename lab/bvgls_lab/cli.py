@@ -105,12 +105,17 @@ def refuse_foreign_directory(out: Path) -> None:
         raise CLIError(f"{out} is not empty and is not an export of a task; choose an empty directory")
 
 
-def _run(out: Path, protocol: Protocol, workers: int, data_root: str | None, download: bool) -> None:
+def _run(out: Path, protocol: Protocol, workers: int, data_root: str | None, download: bool,
+         demo_suite: str | None = None) -> None:
     from .experiments.run import run_benchmark
+    from .experiments.spread import spread_text
 
     with user_errors():
         summary = run_benchmark(out, protocol, workers=workers, data_root=data_root, download=download)
     _show(out, summary)
+    if demo_suite is not None:  # a single seed: show what the seeds spread to, from the recorded benchmark
+        typer.echo("")
+        typer.echo(spread_text(demo_suite))
 
 
 def _show(out: Path, summary: dict) -> None:
@@ -221,4 +226,4 @@ def demo_cmd(
             typer.echo(f"notice: {reason.rstrip('.')}; running the Fashion-MNIST demo instead", err=True)
             protocol, suite = DEMO, "fmnist"
     default_out = Path("bvgls-demo" if suite == "pretrained" else "bvgls-demo-fmnist")
-    _run(out or default_out, protocol, workers, data_root, download)
+    _run(out or default_out, protocol, workers, data_root, download, demo_suite=suite)

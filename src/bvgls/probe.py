@@ -11,6 +11,11 @@ group index (1-based) such that groups ``a..L`` were selected in at least
 The mean BVR of a group averages the steps where its ratio is defined and its
 variance is not clamped (a tensor's first step has variance 0 by definition), so it
 is undefined (None) when every step was clamped.
+
+Stability: the report keeps the groups selected at each step; :meth:`ProbeReport.half_specs`
+gives the recommendation of each half of the steps alone (agreement is the printed check), and
+each frequency comes with a Wilson 95% interval (:func:`wilson_interval`; steps are not
+independent, so it understates the uncertainty).
 """
 
 from __future__ import annotations
@@ -70,6 +75,9 @@ class ProbeReport:
         lines.append(f"recommended: {self.spec} (the shortest range ending at the head that holds "
                      f"{self.coverage:.0%} of the selections over {self.steps} steps)")
         lines.append(self.stability_line())
+        lines.append(f"a starting point, not a verdict: it depends on the probe's batch, crop and lr; check it against "
+                     f"full finetuning (bvgls compare --strategies full,{self.spec}); its regret on the recorded "
+                     "benchmarks: docs/strategies.md")
         return "\n".join(lines)
 
     def stability_line(self) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -16,6 +17,14 @@ class Entry:
     name: str
     build: Callable[..., Any]
     help: str = ""
+
+
+def doc_summary(doc: str | None) -> str:
+    """The first sentence of a docstring's first paragraph, joined onto one line (a help text
+    never ends mid-sentence where the docstring wraps)."""
+    paragraph = " ".join((doc or "").strip().split("\n\n")[0].split())
+    end = re.search(r"(?<!e\.g)(?<!i\.e)\.(\s|$)", paragraph)
+    return paragraph[:end.start() + 1] if end else paragraph
 
 
 class Registry(Generic[T]):
@@ -36,8 +45,7 @@ class Registry(Generic[T]):
 
     def register(self, name: str, help: str = "", **fields: Any):
         def deco(fn: Callable[..., T]) -> Callable[..., T]:
-            self._entries[name] = self.entry_type(name, fn, help or (fn.__doc__ or "").strip().split("\n")[0],
-                                                  **fields)
+            self._entries[name] = self.entry_type(name, fn, help or doc_summary(fn.__doc__), **fields)
             return fn
         return deco
 

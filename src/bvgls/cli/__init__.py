@@ -127,7 +127,20 @@ class CLIError(Exception):
 
 @contextmanager
 def user_errors():
-    """Turn errors caused by the user's input into ``error: <message>`` and exit code 2."""
+    """Turn errors caused by the user's input into ``error: <message>`` and exit code 2; a failed
+    command removes the output directories it created that are still empty."""
+    try:
+        with _translated_errors():
+            yield
+    except BaseException as e:
+        if not isinstance(e, typer.Exit) or e.exit_code not in (0, None):
+            from ..runner.rundir import remove_empty_created_dirs
+            remove_empty_created_dirs()
+        raise
+
+
+@contextmanager
+def _translated_errors():
     try:
         yield
     except typer.Exit:

@@ -128,8 +128,8 @@ def run_finetune(run: FinetuneRun, settings: FinetuneConfig, data_options: DataO
     values, recorded in ``config.json`` for ``--resume``."""
     from ..runner.data import dataset_label, load_dataset
     from ..runner.grid import check_strategies, slug
+    from ..runner.loop import epoch_summary, resolve_device, seed_everything
     from ..runner.loop import finetune as train
-    from ..runner.loop import resolve_device, seed_everything
     from ..runner.models import build_model
     from ..runner.rundir import prepare_out_dir
 
@@ -156,9 +156,11 @@ def run_finetune(run: FinetuneRun, settings: FinetuneConfig, data_options: DataO
     config = {"model": run.model, "weights": data_options.weights, "image_size": data_options.image_size,
               "dataset": splits.name, "data": run.data, "num_classes": splits.num_classes,
               "cli": cli_record}
+    # without bars the per-epoch summary lines (which a bar would print under itself) still show
+    summaries = [] if settings.progress else [lambda record: out.print(epoch_summary(record, settings.epochs))]
     history = train(net, splits, spec, **settings.options(without=("strategy",)), out_dir=run_dir, resume=resuming,
                     stop_after=run.stop_after, keep_checkpoint=run.keep_checkpoint, save_model=True,
-                    tensorboard=run.tensorboard, config=config)
+                    tensorboard=run.tensorboard, config=config, callbacks=summaries)
     report_finetune(out, history, run_dir, settings.epochs)
 
 

@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..registry import ModelInput
@@ -136,20 +137,37 @@ def parse_strategies(strategies: Sequence[str | StrategySpec] | str) -> list[Str
 
 def check_strategies(strategies: Sequence[str | StrategySpec], model: nn.Module,
                      scheme: str = "auto") -> list[StrategySpec]:
-    """Parse ``strategies`` and raise ValueError now, not hours into a grid, for specs whose
-    options or group range do not fit ``model``'s groups (under the grouping ``scheme``)."""
+    """Parse ``strategies`` and raise ValueError now, not hours into a grid, for specs with an
+    unknown option, an option value the strategy refuses, or a group range that does not fit
+    ``model``'s groups under the grouping ``scheme`` (each strategy is built once on a throwaway
+    optimizer over ``model``)."""
     from ..grouping import layer_groups
 
     groups = layer_groups(model, scheme)
     specs = parse_strategies(list(strategies))
     for spec in specs:
+        spec.check_options()  # an unknown option: its own message, naming the known ones
         try:
-            spec.check_options()
             spec.check_fits(len(groups))
         except ValueError as e:
             raise ValueError(f"strategy {spec.text!r} does not fit {type(model).__name__} "
                              f"({len(groups)} groups: {', '.join(groups.names)}): {e}") from None
+        try_build(spec, model, groups)
     return specs
+
+
+def try_build(spec: StrategySpec, model: nn.Module, groups) -> None:
+    """Build ``spec`` on a throwaway optimizer, so that bad option values (``probe=0``) are
+    refused before any data is loaded; the model's trainable flags are restored."""
+    trainable = {id(p): p.requires_grad for p in model.parameters()}
+    try:
+        strategy = spec.build(torch.optim.SGD(groups.param_groups(), lr=0.1), groups)
+        strategy.remove()
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"strategy {spec.text!r}: {e}") from None
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(trainable[id(p)])
 
 
 # ---------------------------------------------------------------------- the grid

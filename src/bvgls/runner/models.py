@@ -26,7 +26,10 @@ dataset builders use to make matching transforms.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+import socket
 import warnings
 from typing import Any
 
@@ -198,6 +201,38 @@ def _mobilenet_v2(num_classes: int, weights: str | None = None):
 
 
 # ---------------------------------------------------------------------- timm
+@functools.lru_cache(maxsize=4)
+def hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    """Whether the hub at ``endpoint`` (a URL) answers a TCP connection (checked once per process)."""
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+        return True
+    except (OSError, TypeError):
+        return False
+
+
+@contextlib.contextmanager
+def hub_offline_unless_reachable(pretrained: bool):
+    """Without a reachable hub, put huggingface_hub in offline mode for the block: cached weights
+    still load, missing ones fail at once instead of after a minute of retries."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        yield
+        return
+    before = constants.HF_HUB_OFFLINE
+    if pretrained and not before and not hub_reachable(constants.ENDPOINT):
+        constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
 def _build_timm(name: str, num_classes: int, weights: str | None) -> nn.Module:
     try:
         import timm
@@ -208,7 +243,8 @@ def _build_timm(name: str, num_classes: int, weights: str | None) -> nn.Module:
     if pretrained and weights.lower() not in ("default", "pretrained"):
         raise ModelError(f"timm models take --weights DEFAULT (pretrained), none, or a file; got {weights!r}")
     try:
-        model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
+        with hub_offline_unless_reachable(pretrained):
+            model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise ModelError(f"unknown timm model {name!r} (see timm.list_models())") from None

@@ -130,6 +130,10 @@ def read_json_lines(path: str | os.PathLike) -> list:
     return out
 
 
+#: directories :func:`prepare_out_dir` created in this process (a failed command removes those still empty)
+CREATED_DIRS: list[str] = []
+
+
 def prepare_out_dir(path: str | os.PathLike, option: str = "--out") -> str:
     """Create the output directory ``path`` (if needed) and check that it can be written to,
     before any work is done; ValueError naming ``option`` and the path otherwise."""
@@ -137,12 +141,28 @@ def prepare_out_dir(path: str | os.PathLike, option: str = "--out") -> str:
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{option} {path} is an existing file, not a directory; choose another {option}")
     try:
+        missing = []  # this directory and the parents it creates, innermost first
+        head = os.path.abspath(path)
+        while not os.path.exists(head):
+            missing.append(head)
+            head = os.path.dirname(head)
         os.makedirs(path, exist_ok=True)
+        CREATED_DIRS.extend(missing)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".bvgls-write-test"):
             pass
     except OSError as e:
         raise ValueError(f"cannot write to {option} {path} ({e.strerror or e})") from None
     return path
+
+
+def remove_empty_created_dirs() -> None:
+    """Remove the directories this process created that are still empty (innermost first)."""
+    for path in sorted(set(CREATED_DIRS), key=len, reverse=True):
+        try:
+            os.rmdir(path)  # only succeeds when empty
+        except OSError:
+            pass
+    CREATED_DIRS.clear()
 
 
 def write_metrics(out_dir: str, history: History) -> None:

@@ -115,8 +115,9 @@ class StrategySpec:
         """Raise ValueError for options the builder does not take, naming the ones it does."""
         unknown = sorted(set(self.options) - set(option_types(self)))
         if unknown:
-            raise ValueError(f"strategy {self.text!r}: unexpected keyword option(s) {', '.join(unknown)}; "
-                             f"known: {', '.join(option_types(self)) or 'none'}")
+            raise ValueError(f"strategy {self.text!r}: unknown option{'s' if len(unknown) > 1 else ''} "
+                             f"{', '.join(unknown)}; the options of {self.name} are: "
+                             f"{', '.join(option_types(self)) or 'none'}")
 
     def build(self, optimizer: torch.optim.Optimizer, groups: GroupsSpec = None) -> GroupStrategy:
         self.check_options()
