@@ -139,6 +139,8 @@ def _shared_lr_section(protocol: Protocol, test, val, summary) -> list[str]:
              "|---|---:|---:|---:|---:|---|---:|"]
     for t in protocol.tasks:
         for lr in protocol.cell_grid(t, "bvgls"):
+            if not test.get((t, "full", lr)):  # full did not run at this lr (cells with their own lrs)
+                continue
             b = mean_of(test.get((t, "bvgls", lr)))
             f = mean_of(test.get((t, "full", lr)))
             vs_full = paired(test, t, ("bvgls", lr), ("full", lr))
