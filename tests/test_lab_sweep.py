@@ -143,3 +143,18 @@ def test_report_of_a_suite_stopped_before_its_second_part(tiny_task, tmp_path, m
     assert summaries[1] is None and summaries[0]["seeds"] == [0, 1]
     with pytest.raises(ValueError, match="holds no benchmark"):
         run.report_suite(tmp_path / "nothing-here", "tiny-two")
+
+
+def test_arm_difference_pairs_two_sweeps_at_their_own_lrs(tiny_task, tmp_path):
+    a = _protocol(strategies=("full",), lrs=(0.01, 0.03), eval_every=2)
+    b = _protocol(strategies=("linear",), lrs=(0.03, 0.1), eval_every=2)
+    run.run_benchmark(tmp_path / "a", a, workers=1)
+    run.run_benchmark(tmp_path / "b", b, workers=1)
+    d = sweep_report.arm_difference((tmp_path / "a", a, "full"), (tmp_path / "b", b, "linear"), "tiny")
+    sa = json.loads((tmp_path / "a" / "summary.json").read_text())
+    sb = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert d["lr_a"] == sa["chosen_lr"]["tiny full"] and d["lr_b"] == sb["chosen_lr"]["tiny linear"]
+    test_a = sweep_report.errors(sweep_report.sweep_rows(tmp_path / "a"))[("tiny", "full", d["lr_a"])]
+    test_b = sweep_report.errors(sweep_report.sweep_rows(tmp_path / "b"))[("tiny", "linear", d["lr_b"])]
+    assert d["n"] == 2 and d["mean"] == pytest.approx(statistics.fmean(test_a[k] - test_b[k] for k in (0, 1)))
+    assert "## The paper's comparison" not in (tmp_path / "a" / "report.md").read_text()  # no bvgls, no full pair

@@ -335,6 +335,9 @@ def map_cells(cells: list[Cell], workers: int):
 
 
 def plan_text(protocol: Protocol, cells: list[Cell]) -> str:
+    if protocol.design == "sweep":
+        runs = sum(len(protocol.cell_grid(c.task, c.strategy)) * len(c.seeds or protocol.seeds) for c in cells)
+        return f"{runs} runs (a sweep: every lr on every seed)"
     searched = [c for c in cells if protocol.fixed_lr(c.task, c.strategy) is None]
     plan = f"{len(cells) * len(protocol.seeds)} runs"
     if searched and len(protocol.lrs) > 1:

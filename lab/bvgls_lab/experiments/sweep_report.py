@@ -132,7 +132,7 @@ def write_sweep_report(out: str | os.PathLike, protocol: Protocol, wall_s: float
 
 def _shared_lr_section(protocol: Protocol, test, val, summary) -> list[str]:
     """The paper's comparison: all strategies at one shared lr, each lr separately."""
-    if "bvgls" not in protocol.strategies:
+    if not {"bvgls", "full"} <= set(protocol.strategies):
         return []
     lines = ["## The paper's comparison: every strategy at one shared lr", "",
              "bvgls minus a baseline, test error points, mean over seeds [95% t-interval] paired by seed (negative: "
@@ -141,6 +141,8 @@ def _shared_lr_section(protocol: Protocol, test, val, summary) -> list[str]:
              "|---|---:|---:|---:|---:|---|---:|"]
     for t in protocol.tasks:
         for lr in protocol.cell_grid(t, "bvgls"):
+            if not test.get((t, "full", lr)):  # full did not run at this lr (cells with their own lrs)
+                continue
             b = mean_of(test.get((t, "bvgls", lr)))
             f = mean_of(test.get((t, "full", lr)))
             vs_full = paired(test, t, ("bvgls", lr), ("full", lr))
@@ -168,7 +170,7 @@ def _tuned_section(protocol: Protocol, test, val, chosen, summary) -> list[str]:
             lines.append(f"| {t} | {s} | {lr_text(lr)} | {statistics.fmean(e):.2f}{sd} | "
                          f"{mean_of(val.get((t, s, lr))):.2f} |")
     lines.append("")
-    if "bvgls" not in protocol.strategies:
+    if not {"bvgls", "full"} <= set(protocol.strategies):
         return lines
     for t in protocol.tasks:
         if (t, "bvgls") not in chosen:
@@ -337,3 +339,22 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def chosen_errors(out: str | os.PathLike, protocol: Protocol, task: str, strategy: str) -> tuple[float, dict[int, float]]:
+    """A sweep cell's validation-chosen lr and its test error per whole seed there."""
+    rows = sweep_rows(Path(out))
+    rows = [r for r in rows if r["seed"] in whole_seeds(rows, protocol)]
+    lr = choose_lrs([{**r, "phase": "search"} for r in rows], protocol.tie_break)[(task, strategy)]
+    return lr, errors(rows)[(task, strategy, lr)]
+
+
+def arm_difference(a: tuple, b: tuple, task: str) -> dict:
+    """Test error of cell ``a`` minus cell ``b``, each ``(out_dir, protocol, strategy)`` of a sweep at its
+    own validation-chosen lr, paired by seed (the seeds both have): mean, 95% interval, pairs, lrs."""
+    lr_a, ea = chosen_errors(a[0], a[1], task, a[2])
+    lr_b, eb = chosen_errors(b[0], b[1], task, b[2])
+    seeds = sorted(set(ea) & set(eb))
+    mean, lo, hi = paired_ci([ea[k] - eb[k] for k in seeds])
+    return {"lr_a": lr_a, "lr_b": lr_b, "mean": mean, "ci95": [lo, hi], "n": len(seeds),
+            "a": mean_of({k: ea[k] for k in seeds}), "b": mean_of({k: eb[k] for k in seeds})}
