@@ -341,7 +341,8 @@ if __name__ == "__main__":
     main()
 
 
-def chosen_errors(out: str | os.PathLike, protocol: Protocol, task: str, strategy: str) -> tuple[float, dict[int, float]]:
+def chosen_errors(out: str | os.PathLike, protocol: Protocol, task: str,
+                  strategy: str) -> tuple[float, dict[int, float]]:
     """A sweep cell's validation-chosen lr and its test error per whole seed there."""
     rows = sweep_rows(Path(out))
     rows = [r for r in rows if r["seed"] in whole_seeds(rows, protocol)]
