@@ -1,4 +1,4 @@
-"""Lean selection: per-step wall time and peak memory of each strategy, side by side (issue 11).
+"""Lean selection: per-step wall time and peak memory of each strategy, side by side.
 
     python benchmarks/lean.py                                   # the reference: batch 16 at 160 px, 40 steps
     python benchmarks/lean.py --batch 4 --size 64 --steps 8     # a smoke run (a few minutes on 2 cores)

@@ -1,4 +1,4 @@
-"""Lean selection through the Hugging Face Trainer: per-step wall time of each strategy, side by side (issue 11).
+"""Lean selection through the Hugging Face Trainer: per-step wall time of each strategy, side by side.
 
     python benchmarks/lean_hf.py                                  # 6 layers, 256 wide, seq 128, 200 steps
     python benchmarks/lean_hf.py --steps 20 --layers 2 --width 64  # a smoke run

@@ -26,7 +26,7 @@ WARMUP = 5
 
 
 def fmnist_resnet():
-    for module in ("bvgls_lab.bench.source_model", "bvgls.bench.source_model", "bvgls.source_model"):
+    for module in ("bvgls_lab.source_model", "bvgls.bench.source_model"):
         try:
             return __import__(module, fromlist=["FMNISTResNet"]).FMNISTResNet(10)
         except ImportError:

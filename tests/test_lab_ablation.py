@@ -1,7 +1,7 @@
 """The batch-size / lr ablation report (docs/experiments/pretrained.md, "Ablation: batch size and
 learning rate"; bvgls_lab.experiments.ablation) on synthetic finished runs of both arms, written with the
 runner's own run-directory writers: its numbers against a hand computation, the chosen lrs and
-the EDGE flag, the three judged statements both ways, partial data, and `bvgls bench --batch16`."""
+the EDGE flag, the three judged statements both ways, partial data, and `bvgls-lab bench --batch16`."""
 
 import json
 import math

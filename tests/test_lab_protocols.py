@@ -1,4 +1,4 @@
-"""The named benchmark protocols (``bvgls bench --protocol``), their refusals, the fields added for
+"""The named benchmark protocols (``bvgls-lab bench --protocol``), their refusals, the fields added for
 the pretrained protocol (image size, pooled train+val with the manifest's validation fraction,
 tie-break, lr ladder) and the demo's choice of suite."""
 
