@@ -164,10 +164,16 @@ def test_demo_spread_matches_the_recorded_runs():
         assert all(f"{r['mean']:6.2f} ± {r['sd']:.2f}" in text for r in stored[suite])
 
 
-def test_probe_regret_against_the_recorded_ranges(tmp_path):
+def test_recommend_regret_against_the_recorded_ranges(tmp_path):
     import json
 
-    from bvgls_lab.experiments.probe_regret import TASKS, last_half_rule, recorded_ranges, task_rows, uniform_share_rule
+    from bvgls_lab.experiments.recommend_regret import (
+        TASKS,
+        last_half_rule,
+        recorded_ranges,
+        task_rows,
+        uniform_share_rule,
+    )
 
     fine = next(t for t in TASKS if t.label == "mobilenet_v2-clipart-fine")
     recorded = recorded_ranges(fine)

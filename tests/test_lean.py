@@ -12,7 +12,7 @@ from tiny_models import batch, mlp, one_step
 from torch import nn
 
 import bvgls
-from bvgls.probe import recommend, recommend_range
+from bvgls.recommend import recommend, recommend_range
 from bvgls.reference import NaiveBVR
 
 LEAN = ["lisa:K=2:gamma=1", "bcd-cyclic:K=2", "gradual-unfreeze:every=3", "bvgls:probe=3", "bvgls:static=4:probe=2"]

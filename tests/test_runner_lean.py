@@ -1,5 +1,5 @@
 """Lean selection wired through the package: ``step_report()`` and the tracker,
-``bvgls.probe`` after ``import bvgls``, the finetune runner (accumulation, AMP skip, resume,
+``bvgls.recommend`` after ``import bvgls``, the finetune runner (accumulation, AMP skip, resume,
 channels_last) and the Hugging Face / Lightning callbacks."""
 
 import pytest
@@ -119,7 +119,7 @@ def test_tracker_adds_nothing_for_a_skipped_nonfinite_step():
 def test_probe_module_is_loaded_by_import_bvgls():
     import subprocess
     import sys
-    code = "import bvgls, sys; print(bvgls.probe.recommend.__name__, 'bvgls.runner' in sys.modules)"
+    code = "import bvgls, sys; print(bvgls.recommend.recommend.__name__, 'bvgls.runner' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["recommend", "False"]
 

@@ -4,7 +4,7 @@
 training runner (:func:`finetune`, :func:`compare`, :class:`History`) is imported on first use.
 """
 
-from . import probe  # noqa: F401  (bvgls.probe is usable after import bvgls)
+from . import recommend  # noqa: F401  (bvgls.recommend is usable after import bvgls)
 from .base import GroupStrategy, StepReport
 from .grouping import LayerGroups, grouping_names, layer_groups, register_grouping
 from .selector import BVGLS, BVGTS

@@ -1,7 +1,7 @@
-"""The ``bvgls`` command line: finetune, compare, plot, groups, list, probe.
+"""The ``bvgls`` command line: finetune, compare, plot, groups, list, recommend.
 
 Built on typer (help rendered by rich). The commands live in :mod:`.train` (finetune,
-compare), :mod:`.info` (plot, groups, list) and :mod:`.probe` (probe); the options are generated
+compare), :mod:`.info` (plot, groups, list) and :mod:`.recommend` (recommend); the options are generated
 from the runner's config dataclasses (:mod:`.options`). This package imports the runner, never
 the reverse.
 
@@ -185,4 +185,4 @@ def check_tensorboard() -> None:
         raise CLIError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
 
 
-from . import info, probe, train  # noqa: E402,F401  (register the commands)
+from . import info, recommend, train  # noqa: E402,F401  (register the commands)

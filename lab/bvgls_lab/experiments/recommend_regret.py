@@ -1,13 +1,13 @@
-"""How much does following ``bvgls probe`` cost? Its recommendation's regret on the recorded benchmarks.
+"""How much does following ``bvgls recommend`` cost? Its recommendation's regret on the recorded benchmarks.
 
 For every task of the recorded benchmarks (the offline benchmark's five tasks, the pretrained
 benchmark's MobileNetV2 and EfficientNet-Lite0 tasks), each rule below turns a probe report
-(``bvgls probe --json``, several seeds) into a fixed range ``L<a>-<L>``; its **regret** is that
+(``bvgls recommend --json``, several seeds) into a fixed range ``L<a>-<L>``; its **regret** is that
 range's recorded mean test error minus the best recorded range's (``full`` = ``L1-<L>`` and
 ``linear`` = ``L<L>-<L>`` count as ranges). A range the benchmark did not run has no regret
 (shown as "not run"). Usage::
 
-    python -m bvgls_lab.experiments.probe_regret --probes DIR [--out FILE.md]
+    python -m bvgls_lab.experiments.recommend_regret --probes DIR [--out FILE.md]
 
 where ``DIR`` holds ``<model>-<task>_seed<s>.json`` (offline tasks: ``offline-<task>_seed<s>.json``).
 """
@@ -25,7 +25,7 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bvgls.probe import frequency_of, recommend_range
+from bvgls.recommend import frequency_of, recommend_range
 
 DOCS = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, os.pardir, "docs")
 
@@ -141,8 +141,8 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="regret of bvgls probe's recommendation on the recorded benchmarks")
-    parser.add_argument("--probes", required=True, help="directory of bvgls probe --json files")
+    parser = argparse.ArgumentParser(description="regret of bvgls recommend's range on the recorded benchmarks")
+    parser.add_argument("--probes", required=True, help="directory of bvgls recommend --json files")
     parser.add_argument("--out", help="write the markdown table here (default: print)")
     args = parser.parse_args(argv)
     text = table([task_rows(t, args.probes) for t in TASKS])

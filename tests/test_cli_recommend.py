@@ -1,4 +1,4 @@
-"""``bvgls probe`` through the real command in a subprocess."""
+"""``bvgls recommend`` through the real command in a subprocess."""
 
 import json
 import os
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from bvgls.probe import frequency_of, recommend_range, wilson_interval
+from bvgls.recommend import frequency_of, recommend_range, wilson_interval
 
 
 def bvgls(*args, timeout=300):
@@ -18,8 +18,8 @@ def bvgls(*args, timeout=300):
                           timeout=timeout, env=env)
 
 
-def test_probe_prints_frequency_bvr_and_the_recommended_range(image_root):
-    out = bvgls("probe", "--model", "tiny-resnet", "--weights", "none", "--data", image_root, "--steps", 6,
+def test_recommend_prints_frequency_bvr_and_the_recommended_range(image_root):
+    out = bvgls("recommend", "--model", "tiny-resnet", "--weights", "none", "--data", image_root, "--steps", 6,
                 "--batch-size", 8, "--lr", 0.05, "--no-progress")
     assert out.returncode == 0, out.stderr
     rows = re.findall(r"^\s*(\d+)\s+(\S+)\s+([\d.]+)%\s+\d+%-\d+%\s+(\S+)\s*$", out.stdout, re.M)
@@ -31,12 +31,12 @@ def test_probe_prints_frequency_bvr_and_the_recommended_range(image_root):
     assert spec == recommend_range(frequency)
 
 
-def test_probe_bad_input_is_one_line(image_root):
+def test_recommend_bad_input_is_one_line(image_root):
     cases = [(["--groups", "nope"], "unknown grouping scheme 'nope'"),
              (["--k", 9], "k=9 is larger than the number of non-empty groups (6)"),
              (["--data", "/nonexistent/dir"], "does not exist")]
     for extra, message in cases:
-        args = ["probe", "--model", "tiny-resnet", "--weights", "none", "--data", image_root, "--steps", 2, *extra]
+        args = ["recommend", "--model", "tiny-resnet", "--weights", "none", "--data", image_root, "--steps", 2, *extra]
         out = bvgls(*args)
         assert out.returncode == 2, (extra, out.stderr)
         lines = out.stderr.strip().splitlines()
@@ -54,26 +54,26 @@ def test_finetune_warns_in_one_line_when_groups_get_few_updates(image_root, tmp_
     assert "warnings.warn" not in out.stderr and "UserWarning" not in out.stderr
 
 
-def probe_json(image_root, tmp_path, *extra):
-    out_json = tmp_path / "probe.json"
-    out = bvgls("probe", "--model", "tiny-resnet", "--weights", "none", "--data", image_root, "--steps", 8,
+def recommend_json(image_root, tmp_path, *extra):
+    out_json = tmp_path / "recommend.json"
+    out = bvgls("recommend", "--model", "tiny-resnet", "--weights", "none", "--data", image_root, "--steps", 8,
                 "--lr", 0.05, "--json", out_json, *extra)
     assert out.returncode == 0, out.stderr
     return out, json.loads(out_json.read_text())
 
 
-def test_probe_defaults_fit_the_cpu_and_honour_image_size(image_root, tmp_path):
-    _, report = probe_json(image_root, tmp_path, "--no-progress")
+def test_recommend_defaults_fit_the_cpu_and_honour_image_size(image_root, tmp_path):
+    _, report = recommend_json(image_root, tmp_path, "--no-progress")
     # CPU defaults: batch 16, crop min(128, the model's own 32 px)
     assert (report["settings"]["batch_size"], report["settings"]["image_size"]) == (16, 32)
     assert report["settings"]["example_shape"] == [3, 32, 32]
-    _, report = probe_json(image_root, tmp_path, "--no-progress", "--image-size", 24, "--batch-size", 4)
+    _, report = recommend_json(image_root, tmp_path, "--no-progress", "--image-size", 24, "--batch-size", 4)
     assert report["settings"]["example_shape"] == [3, 24, 24] and report["settings"]["batch_size"] == 4
 
 
-def test_probe_shows_progress_on_stderr_and_reports_its_stability(image_root, tmp_path):
-    out, report = probe_json(image_root, tmp_path)
-    assert re.search(r"probe: +100%.*8/8", out.stderr), out.stderr  # the bar, on stderr
+def test_recommend_shows_progress_on_stderr_and_reports_its_stability(image_root, tmp_path):
+    out, report = recommend_json(image_root, tmp_path)
+    assert re.search(r"recommend: +100%.*8/8", out.stderr), out.stderr  # the bar, on stderr
     assert "probe:" not in out.stdout
     selections = report["selections"]
     assert len(selections) == 8 and all(len(s) == 1 for s in selections)
@@ -84,7 +84,7 @@ def test_probe_shows_progress_on_stderr_and_reports_its_stability(image_root, tm
     assert line.group(3).startswith("stable" if halves[0] == halves[1] == report["spec"] else "NOT stable")
     for f, (low, high) in zip(report["frequency"], report["interval"]):
         assert low <= f <= high and (low, high) == pytest.approx(wilson_interval(f, 8))
-    quiet, _ = probe_json(image_root, tmp_path, "--no-progress")
+    quiet, _ = recommend_json(image_root, tmp_path, "--no-progress")
     assert "probe:" not in quiet.stderr
 
 

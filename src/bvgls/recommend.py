@@ -12,7 +12,7 @@ The mean BVR of a group averages the steps where its ratio is defined and its
 variance is not clamped (a tensor's first step has variance 0 by definition), so it
 is undefined (None) when every step was clamped.
 
-Stability: the report keeps the groups selected at each step; :meth:`ProbeReport.half_specs`
+Stability: the report keeps the groups selected at each step; :meth:`RecommendReport.half_specs`
 gives the recommendation of each half of the steps alone (agreement is the printed check), and
 each frequency comes with a Wilson 95% interval (:func:`wilson_interval`; steps are not
 independent, so it understates the uncertainty).
@@ -31,11 +31,11 @@ from torch import nn
 from .base import GroupsSpec
 from .selector import BVGLS
 
-__all__ = ["ProbeReport", "recommend", "recommend_range"]
+__all__ = ["RecommendReport", "recommend", "recommend_range"]
 
 
 @dataclass
-class ProbeReport:
+class RecommendReport:
     """Result of :func:`recommend` (``str(report)`` is a printable table)."""
 
     group_names: list[str]
@@ -57,7 +57,7 @@ class ProbeReport:
 
     def half_specs(self) -> tuple[str | None, str | None]:
         """The recommendation from the first and from the second half of the steps alone
-        (None where a half selected nothing); agreement is the probe's stability check."""
+        (None where a half selected nothing); agreement is the run's stability check."""
         half = len(self.selections) // 2
         if half == 0:
             return None, None
@@ -75,7 +75,7 @@ class ProbeReport:
         lines.append(f"recommended: {self.spec} (the shortest range ending at the head that holds "
                      f"{self.coverage:.0%} of the selections over {self.steps} steps)")
         lines.append(self.stability_line())
-        lines.append(f"a starting point, not a verdict: it depends on the probe's batch, crop and lr; check it against "
+        lines.append(f"a starting point, not a verdict: it depends on the run's batch, crop and lr; check it against "
                      f"full finetuning (bvgls compare --strategies full,{self.spec}); its regret on the recorded "
                      "benchmarks: docs/strategies.md")
         return "\n".join(lines)
@@ -148,7 +148,7 @@ def recommend(model: nn.Module, loader: Iterable, steps: int, groups: GroupsSpec
               loss_fn: Callable = nn.functional.cross_entropy, lr: float = 0.01, momentum: float = 0.9,
               weight_decay: float = 5e-4, k: int = 1, alpha: float = 0.9, coverage: float = 0.8,
               device: torch.device | str | None = None, copy_model: bool = True,
-              on_step: Callable[[int], None] | None = None) -> ProbeReport:
+              on_step: Callable[[int], None] | None = None) -> RecommendReport:
     """Run BVG-LS for ``steps`` steps and recommend which layer groups to finetune.
 
     Args:
@@ -205,7 +205,7 @@ def recommend(model: nn.Module, loader: Iterable, steps: int, groups: GroupsSpec
         selector.remove()
     mean = [None if n == 0 else s / n for s, n in zip(bvr_sum.tolist(), bvr_n.tolist())]
     frequency = selector.selection_frequency()
-    return ProbeReport(group_names=list(selector.group_names), steps=selector.num_steps, frequency=frequency,
+    return RecommendReport(group_names=list(selector.group_names), steps=selector.num_steps, frequency=frequency,
                        mean_bvr=[None if m is None or not math.isfinite(m) else m for m in mean],
                        spec=recommend_range(frequency, coverage), coverage=coverage,
                        nonfinite_steps=selector.nonfinite_steps, selections=selections)

@@ -1,5 +1,5 @@
-"""``bvgls probe``: a short BVG-LS run that prints each group's mean bias-variance ratio and
-selection frequency and recommends a fixed ``L<a>-<b>`` spec (:func:`bvgls.probe.recommend`)."""
+"""``bvgls recommend``: a short BVG-LS run that prints each group's mean bias-variance ratio and
+selection frequency and recommends a fixed ``L<a>-<b>`` spec (:func:`bvgls.recommend.recommend`)."""
 
 from __future__ import annotations
 
@@ -12,22 +12,22 @@ from ..runner.config import MODEL_AND_DATA, DataOptions, FinetuneConfig
 from . import CLIError, app, user_errors
 from .options import SHARED, command, field_params, make_config, opt, param, require
 
-#: training options of the config that a probe uses (the others do not apply to a short SGD run)
-PROBE_FIELDS = ("lr", "seed", "groups", "momentum", "weight_decay", "device", "num_workers", "progress")
+#: training options of the config that a recommendation run uses (the others do not apply to a short SGD run)
+RECOMMEND_FIELDS = ("lr", "seed", "groups", "momentum", "weight_decay", "device", "num_workers", "progress")
 #: data options it uses; --image-size is its own (its default depends on the device)
-PROBE_DATA_FIELDS = ("weights", "data_root", "download", "augment")
-#: on CPU a probe runs small: step time and activation memory grow with batch x size^2, and the
+RECOMMEND_DATA_FIELDS = ("weights", "data_root", "download", "augment")
+#: on CPU a recommendation run is small: step time and activation memory grow with batch x size^2, and the
 #: selection statistics need steps more than pixels (MobileNetV2, 20 steps: about 0.6 CPU-s a
 #: step and 1 GB peak at 16 x 128 px, against 1.9 CPU-s and 2.4 GB at 16 x 224 px)
 CPU_BATCH, CPU_IMAGE_SIZE = 16, 128
 #: on an accelerator: the model's own input size and a batch that keeps the statistics' noise low
 ACCELERATOR_BATCH = 64
 
-PROBE_OWN = [
+RECOMMEND_OWN = [
     SHARED["model"],
     SHARED["data"],
     param("steps", Annotated[int, opt("--steps", "-n", min=1, help=(
-        "Optimizer steps of the probe run (every step a BVG-LS step with statistics)."))], 50),
+        "Optimizer steps of the run (every step a BVG-LS step with statistics)."))], 50),
     param("k", Annotated[int, opt("--k", min=1, help="Groups selected per step (BVG-LS k).")], 1),
     param("coverage", Annotated[float, opt("--coverage", min=0.0, max=1.0, help=(
         "Share of the selections the recommended range (ending at the head) must hold."))], 0.8),
@@ -42,13 +42,13 @@ PROBE_OWN = [
 ]
 
 
-def probe_fields() -> list:
-    return [p for p in field_params(FinetuneConfig) if p.name in PROBE_FIELDS] + \
-        field_params(DataOptions, PROBE_DATA_FIELDS)
+def recommend_fields() -> list:
+    return [p for p in field_params(FinetuneConfig) if p.name in RECOMMEND_FIELDS] + \
+        field_params(DataOptions, RECOMMEND_DATA_FIELDS)
 
 
-@command(app, PROBE_OWN + probe_fields(), no_args_is_help=True)
-def probe(**values: Any) -> None:
+@command(app, RECOMMEND_OWN + recommend_fields(), no_args_is_help=True)
+def recommend(**values: Any) -> None:
     """Which layers should I finetune? Run BVG-LS for --steps steps and recommend a fixed L<a>-<b>.
 
     Prints, per layer group, the fraction of steps in which it was selected and its mean bias-variance ratio (over
@@ -57,14 +57,14 @@ def probe(**values: Any) -> None:
     not saved.
     """
     with user_errors():
-        report = run_probe(values)
+        report = run_recommend(values)
     print(report)
     print(f"settings: batch {report.extra['batch_size']}, {report.extra['image_size']} px, "
           f"{report.steps} steps, lr {values['lr']:g}, device {report.extra['device']}", file=sys.stderr)
 
 
-def probe_sizes(device, model_size: int, batch_size: int | None, image_size: int | None) -> tuple[int, int]:
-    """The batch size and crop size of a probe: the given ones, else the device's defaults."""
+def run_sizes(device, model_size: int, batch_size: int | None, image_size: int | None) -> tuple[int, int]:
+    """The batch size and crop size of a run: the given ones, else the device's defaults."""
     on_cpu = device.type == "cpu"
     batch = batch_size or (CPU_BATCH if on_cpu else ACCELERATOR_BATCH)
     size = image_size or (min(CPU_IMAGE_SIZE, model_size) if on_cpu else model_size)
@@ -77,18 +77,18 @@ def step_bar(enabled: bool, steps: int):
         return None, None
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=steps, desc="probe", unit="step", file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=steps, desc="recommend", unit="step", file=sys.stderr, dynamic_ncols=True)
     return bar, lambda done: bar.update(done - bar.n)
 
 
-def run_probe(p: dict[str, Any]):
+def run_recommend(p: dict[str, Any]):
     import dataclasses
 
     import torch
     from torch.utils.data import DataLoader
 
     from ..grouping import layer_groups
-    from ..probe import recommend
+    from ..recommend import recommend as recommend_layers
     from ..runner.data import load_dataset
     from ..runner.loop import resolve_device, seed_everything
     from ..runner.models import build_model
@@ -104,7 +104,7 @@ def run_probe(p: dict[str, Any]):
     # an unknown or unfitting scheme, or a k above the groups, fails before the data is loaded
     groups = layer_groups(shape, p["groups"])
     BVGLS._check_k(p["k"], sum(1 for _, params in groups.named_param_lists() if params))
-    batch, size = probe_sizes(device, int(shape.bvgls_input.size), p["batch_size"], p["image_size"])
+    batch, size = run_sizes(device, int(shape.bvgls_input.size), p["batch_size"], p["image_size"])
     splits = load_dataset(p["data"], data_options.data_root, data_options.download,
                           dataclasses.replace(shape.bvgls_input, size=size), augment=data_options.augment_override)
     del shape
@@ -118,7 +118,7 @@ def run_probe(p: dict[str, Any]):
     bar, on_step = step_bar(p["progress"], p["steps"])
     flush = device.type == "cpu" and torch.set_flush_denormal(True)  # as the runner: denormals slow CPU steps
     try:
-        report = recommend(net, loader, p["steps"], groups=lambda m: layer_groups(m, p["groups"]), lr=p["lr"],
+        report = recommend_layers(net, loader, p["steps"], groups=lambda m: layer_groups(m, p["groups"]), lr=p["lr"],
                            momentum=p["momentum"], weight_decay=p["weight_decay"], k=p["k"],
                            coverage=p["coverage"], device=device, copy_model=False, on_step=on_step)
     finally:
