@@ -41,15 +41,34 @@ import time
 
 def variants(steps: int, block: int | None) -> list[str]:
     k = block or max(1, steps // 6)
-    return ["full", "bvgls", "bvgls:probe=5", "bvgls:probe=10", "bvgls:probe=20",
-            f"bvgls:static={max(1, steps // 4)}", f"lisa:K={k}", f"bcd-cyclic:K={k}", "L4-6", "linear"]
+    return [
+        "full",
+        "bvgls",
+        "bvgls:probe=5",
+        "bvgls:probe=10",
+        "bvgls:probe=20",
+        f"bvgls:static={max(1, steps // 4)}",
+        f"lisa:K={k}",
+        f"bcd-cyclic:K={k}",
+        "L4-6",
+        "linear",
+    ]
 
 
 def memory_variants() -> list[str]:
     """Full finetuning against lean BVG-LS with each memory option, alone and together."""
     lean = "bvgls:probe=10"
-    return ["full", "full@4", "bvgls", lean, f"{lean}:release_state=true", f"{lean}:ema=bfloat16",
-            f"{lean}:release_state=true:ema=bfloat16", f"{lean}:release_state=true:ema=bfloat16@4", "L5-6"]
+    return [
+        "full",
+        "full@4",
+        "bvgls",
+        lean,
+        f"{lean}:release_state=true",
+        f"{lean}:ema=bfloat16",
+        f"{lean}:release_state=true:ema=bfloat16",
+        f"{lean}:release_state=true:ema=bfloat16@4",
+        "L5-6",
+    ]
 
 
 def measure(variant: str, args) -> dict:
@@ -85,26 +104,36 @@ def measure(variant: str, args) -> dict:
         cpu_times.append(time.process_time() - c0)
     state = strategy.state_bytes()
     strategy.remove()
-    return {"spec": variant, "step_s": statistics.fmean(times), "step_s_median": statistics.median(times),
-            "cpu_s": statistics.fmean(cpu_times),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "optimizer_state_mb": sum(state["optimizer"].values()) / 2 ** 20,
-            "strategy_state_mb": sum(state["strategy"].values()) / 2 ** 20,
-            "groups": list(strategy.group_names), "frequency": strategy.selection_frequency()}
+    return {
+        "spec": variant,
+        "step_s": statistics.fmean(times),
+        "step_s_median": statistics.median(times),
+        "cpu_s": statistics.fmean(cpu_times),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "optimizer_state_mb": sum(state["optimizer"].values()) / 2**20,
+        "strategy_state_mb": sum(state["strategy"].values()) / 2**20,
+        "groups": list(strategy.group_names),
+        "frequency": strategy.selection_frequency(),
+    }
 
 
 def table(results: list[dict]) -> str:
     full = next((r for r in results if r["spec"] == "full"), results[0])
     names = results[0]["groups"]
-    head = ("| strategy | step s | x full | CPU s | x full | peak RSS MB | x full | opt state MB | stats MB | "
-            + " | ".join(f"{n}" for n in names) + " |")
+    head = (
+        "| strategy | step s | x full | CPU s | x full | peak RSS MB | x full | opt state MB | stats MB | "
+        + " | ".join(f"{n}" for n in names)
+        + " |"
+    )
     lines = [head, "|" + "---|" * (9 + len(names))]
     for r in results:
         freq = " | ".join(f"{f:.2f}" for f in r["frequency"])
-        lines.append(f"| {r['spec']} | {r['step_s']:.3f} | {r['step_s'] / full['step_s']:.2f} | "
-                     f"{r['cpu_s']:.3f} | {r['cpu_s'] / full['cpu_s']:.2f} | "
-                     f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / full['peak_rss_mb']:.2f} | "
-                     f"{r['optimizer_state_mb']:.0f} | {r['strategy_state_mb']:.0f} | {freq} |")
+        lines.append(
+            f"| {r['spec']} | {r['step_s']:.3f} | {r['step_s'] / full['step_s']:.2f} | "
+            f"{r['cpu_s']:.3f} | {r['cpu_s'] / full['cpu_s']:.2f} | "
+            f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / full['peak_rss_mb']:.2f} | "
+            f"{r['optimizer_state_mb']:.0f} | {r['strategy_state_mb']:.0f} | {freq} |"
+        )
     return "\n".join(lines)
 
 
@@ -112,8 +141,9 @@ def run_variants(script: str, specs: list[str]) -> list[dict]:
     """Measure each spec in a fresh process (``script --worker SPEC``), so peak RSS is its own."""
     results = []
     for spec in specs:
-        out = subprocess.run([sys.executable, script, *sys.argv[1:], "--worker", spec],
-                             capture_output=True, text=True, check=False)
+        out = subprocess.run(
+            [sys.executable, script, *sys.argv[1:], "--worker", spec], capture_output=True, text=True, check=False
+        )
         if out.returncode != 0:
             sys.exit(f"error: {spec} failed:\n{out.stderr[-2000:]}")
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -146,8 +176,10 @@ def main() -> None:
         return
     chosen = args.only or (memory_variants() if args.memory else variants(args.steps, args.block))
     results = run_variants(__file__, chosen)
-    print(f"wide_resnet50_2, batch {args.batch} at {args.size} px, {args.steps} steps (+{args.warmup} warm-up), "
-          f"{args.threads} threads, CPU")
+    print(
+        f"wide_resnet50_2, batch {args.batch} at {args.size} px, {args.steps} steps (+{args.warmup} warm-up), "
+        f"{args.threads} threads, CPU"
+    )
     print(table(results))
     write_json(args, results)
 

@@ -35,8 +35,9 @@ def measure(spec: str, args) -> dict:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=args.layers, n_embd=args.width, n_head=args.heads, n_positions=args.seq,
-                        vocab_size=args.vocab)
+    config = GPT2Config(
+        n_layer=args.layers, n_embd=args.width, n_head=args.heads, n_positions=args.seq, vocab_size=args.vocab
+    )
     model = GPT2LMHeadModel(config)
     total = args.warmup + args.steps
     g = torch.Generator().manual_seed(1)
@@ -51,38 +52,62 @@ def measure(spec: str, args) -> dict:
             self.marks[state.global_step] = (time.perf_counter(), time.process_time())
 
     clock = StepClock()
-    train_args = TrainingArguments(output_dir=args.scratch, max_steps=total, per_device_train_batch_size=args.batch,
-                                   learning_rate=1e-4, max_grad_norm=0.0, logging_strategy="no", save_strategy="no",
-                                   report_to=[], use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=0)
+    train_args = TrainingArguments(
+        output_dir=args.scratch,
+        max_steps=total,
+        per_device_train_batch_size=args.batch,
+        learning_rate=1e-4,
+        max_grad_norm=0.0,
+        logging_strategy="no",
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=0,
+    )
     trainer = Trainer(model=model, args=train_args, train_dataset=data, callbacks=[clock])
     callback = None
     if spec != "full":
         from bvgls.integrations.hf import attach
+
         callback = attach(trainer, spec)
     frequency, groups = [], []
     if callback is not None:  # read the strategy before the callback detaches it at the end
+
         class Keep(TrainerCallback):
             def on_train_end(self, a, state, control, **kwargs):
                 frequency.extend(callback.strategy.selection_frequency())
                 groups.extend(callback.strategy.group_names)
+
         trainer.add_callback(Keep())
         trainer.callback_handler.callbacks.insert(0, trainer.callback_handler.callbacks.pop())
     trainer.train()
     (wall1, cpu1), (wall0, cpu0) = clock.marks[total], clock.marks[args.warmup]
-    return {"spec": spec, "step_s": (wall1 - wall0) / args.steps, "cpu_s": (cpu1 - cpu0) / args.steps,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "groups": groups, "frequency": frequency}
+    return {
+        "spec": spec,
+        "step_s": (wall1 - wall0) / args.steps,
+        "cpu_s": (cpu1 - cpu0) / args.steps,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "groups": groups,
+        "frequency": frequency,
+    }
 
 
 def table(results: list[dict]) -> str:
     full = next((r for r in results if r["spec"] == "full"), results[0])
-    lines = ["| strategy | step s | x full | CPU s | x full | peak RSS MB | x full | selection frequency per group |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| strategy | step s | x full | CPU s | x full | peak RSS MB | x full | selection frequency per group |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         freq = " ".join(f"{f:.2f}" for f in r["frequency"]) or "all 1.00"
-        lines.append(f"| {r['spec']} | {r['step_s']:.3f} | {r['step_s'] / full['step_s']:.2f} | "
-                     f"{r['cpu_s']:.3f} | {r['cpu_s'] / full['cpu_s']:.2f} | "
-                     f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / full['peak_rss_mb']:.2f} | {freq} |")
+        lines.append(
+            f"| {r['spec']} | {r['step_s']:.3f} | {r['step_s'] / full['step_s']:.2f} | "
+            f"{r['cpu_s']:.3f} | {r['cpu_s'] / full['cpu_s']:.2f} | "
+            f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / full['peak_rss_mb']:.2f} | {freq} |"
+        )
     groups = next((r["groups"] for r in results if r["groups"]), [])
     return "\n".join(lines) + (f"\n\ngroups: {', '.join(groups)}" if groups else "")
 
@@ -107,9 +132,11 @@ def main() -> None:
         print(json.dumps(measure(args.worker, args)))
         return
     results = run_variants(__file__, args.only or VARIANTS)
-    print(f"GPT-2-style LM ({results[0]['params_m']:.1f}M parameters: {args.layers} layers, {args.width} wide, "
-          f"{args.heads} heads, vocab {args.vocab}), batch {args.batch} x {args.seq} tokens, {args.steps} steps "
-          f"(+{args.warmup} warm-up), {args.threads} threads, CPU, transformers Trainer")
+    print(
+        f"GPT-2-style LM ({results[0]['params_m']:.1f}M parameters: {args.layers} layers, {args.width} wide, "
+        f"{args.heads} heads, vocab {args.vocab}), batch {args.batch} x {args.seq} tokens, {args.steps} steps "
+        f"(+{args.warmup} warm-up), {args.threads} threads, CPU, transformers Trainer"
+    )
     print(table(results))
     write_json(args, results)
 

@@ -43,8 +43,16 @@ import time
 
 #: GPT-2 configurations: name -> (n_layer, n_embd, n_head); any "<layers>x<width>" also works
 SIZES = {"124M": (12, 768, 12), "355M": (24, 1024, 16), "774M": (36, 1280, 20), "1.5B": (48, 1600, 25)}
-VARIANTS = ["full", "bvgls", "bvgls:probe=10:release_state=true:ema=bfloat16", "bvgls-fused", "bvgls-fused:probe=1",
-            "lisa", "bcd-cyclic", "last"]
+VARIANTS = [
+    "full",
+    "bvgls",
+    "bvgls:probe=10:release_state=true:ema=bfloat16",
+    "bvgls-fused",
+    "bvgls-fused:probe=1",
+    "lisa",
+    "bcd-cyclic",
+    "last",
+]
 #: the ladder --grow climbs for each of GROW_VARIANTS until a size does not complete
 GROW = ["44x1280", "1.5B", "40x2048", "48x2048", "56x2048"]
 GROW_VARIANTS = ["full", "bvgls-fused"]
@@ -97,7 +105,7 @@ def measure(args) -> dict:
     opt = torch.optim.AdamW(groups.param_groups(), lr=1e-5)
     strategy = bvgls.make_strategy(strategy_spec(args.worker, len(groups)), opt, groups)
     gen = torch.Generator().manual_seed(1)
-    rss_built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    rss_built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     walls, cpus, hwm, trained = [], [], [], []
     for _ in range(1 + args.steps):
         ids = torch.randint(0, model.config.vocab_size, (1, args.seq), generator=gen)
@@ -107,16 +115,25 @@ def measure(args) -> dict:
         opt.zero_grad(set_to_none=True)
         walls.append(time.perf_counter() - t0)
         cpus.append(time.process_time() - c0)
-        hwm.append((read_kib("/proc/self/status", "VmHWM") or 0) / 2 ** 20)  # the peak so far, after each step
+        hwm.append((read_kib("/proc/self/status", "VmHWM") or 0) / 2**20)  # the peak so far, after each step
         trained.append(strategy.describe_selection())
     state = strategy.state_bytes()
-    return {"size": args.size, "variant": args.worker, "params": sum(p.numel() for p in model.parameters()),
-            "groups": len(groups), "wall_s": walls, "cpu_s": cpus, "probe": getattr(strategy, "probe", 1),
-            "peak_rss_gib_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
-            "rss_after_build_gib": rss_built,
-            "optimizer_state_gib": sum(state["optimizer"].values()) / 2 ** 30,
-            "strategy_state_gib": sum(state["strategy"].values()) / 2 ** 30,
-            "updates": sum(strategy.counts), "peak_after_step_gib": hwm, "trained": trained}
+    return {
+        "size": args.size,
+        "variant": args.worker,
+        "params": sum(p.numel() for p in model.parameters()),
+        "groups": len(groups),
+        "wall_s": walls,
+        "cpu_s": cpus,
+        "probe": getattr(strategy, "probe", 1),
+        "peak_rss_gib_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "rss_after_build_gib": rss_built,
+        "optimizer_state_gib": sum(state["optimizer"].values()) / 2**30,
+        "strategy_state_gib": sum(state["strategy"].values()) / 2**30,
+        "updates": sum(strategy.counts),
+        "peak_after_step_gib": hwm,
+        "trained": trained,
+    }
 
 
 # ---------------------------------------------------------------------- the parent
@@ -133,13 +150,25 @@ def read_kib(path: str, key: str) -> int | None:
 
 def run_child(size: str, variant: str, args) -> dict:
     """One (size, variant) in a fresh process, killed above the cap; its figures or why it stopped."""
-    cmd = [sys.executable, __file__, "--worker", variant, "--size", size, "--steps", str(args.steps),
-           "--seq", str(args.seq), "--threads", str(args.threads)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        variant,
+        "--size",
+        size,
+        "--steps",
+        str(args.steps),
+        "--seq",
+        str(args.seq),
+        "--threads",
+        str(args.threads),
+    ]
     out_path = os.path.join(args.tmp, f"child-{os.getpid()}.json")
     with open(out_path, "w") as out:
         child = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True)
     killed = None
-    cap_kib, reserve_kib = args.cap_gib * 2 ** 20, args.reserve_gib * 2 ** 20
+    cap_kib, reserve_kib = args.cap_gib * 2**20, args.reserve_gib * 2**20
     available = read_kib("/proc/meminfo", "MemAvailable") or 0  # what the machine's other jobs left free
     t0 = time.perf_counter()
     while True:  # os.wait4 (not Popen.poll) reaps the child: its rusage holds the peak RSS
@@ -154,9 +183,13 @@ def run_child(size: str, variant: str, args) -> dict:
         time.sleep(0.05)
     child.returncode = status
     stderr = child.stderr.read()
-    base = {"size": size, "variant": variant, "peak_rss_gib": usage.ru_maxrss / 2 ** 20,
-            "available_gib_at_start": available / 2 ** 20,
-            "seconds": round(time.perf_counter() - t0, 1)}
+    base = {
+        "size": size,
+        "variant": variant,
+        "peak_rss_gib": usage.ru_maxrss / 2**20,
+        "available_gib_at_start": available / 2**20,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
     if killed or status != 0:
         reason = killed or ("killed by the kernel (OOM?)" if os.WIFSIGNALED(status) else stderr.strip()[-800:])
         return {**base, "completed": False, "reason": reason}
@@ -180,19 +213,25 @@ def row(r: dict, full: dict | None) -> str:
     ref = full if full and full["completed"] else None
     ratio = (lambda a, b: f"{a / b:.2f}") if ref else (lambda a, b: "-")
     fw, fc, fa = per_step(ref) if ref else (1, 1, 1)
-    return (f"| {r['size']} | {r['variant']} | {r['params'] / 1e6:.0f}M | {r['peak_rss_gib']:.2f} | "
-            f"{ratio(r['peak_rss_gib'], ref['peak_rss_gib'] if ref else 1)} | "
-            f"{r['optimizer_state_gib']:.2f} | {r['strategy_state_gib']:.2f} | {wall:.2f} ({ratio(wall, fw)}) | "
-            f"{cpu:.2f} ({ratio(cpu, fc)}) | {amort:.2f} ({ratio(amort, fa)}) |")
+    return (
+        f"| {r['size']} | {r['variant']} | {r['params'] / 1e6:.0f}M | {r['peak_rss_gib']:.2f} | "
+        f"{ratio(r['peak_rss_gib'], ref['peak_rss_gib'] if ref else 1)} | "
+        f"{r['optimizer_state_gib']:.2f} | {r['strategy_state_gib']:.2f} | {wall:.2f} ({ratio(wall, fw)}) | "
+        f"{cpu:.2f} ({ratio(cpu, fc)}) | {amort:.2f} ({ratio(amort, fa)}) |"
+    )
 
 
-HEADER = ("| size | variant | params | peak RSS GiB | x full | opt state GiB | stats GiB | wall s/step (x full) | "
-          "CPU s/step (x full) | amortized wall s/step (x full) |\n|---|---|---|---|---|---|---|---|---|---|")
+HEADER = (
+    "| size | variant | params | peak RSS GiB | x full | opt state GiB | stats GiB | wall s/step (x full) | "
+    "CPU s/step (x full) | amortized wall s/step (x full) |\n|---|---|---|---|---|---|---|---|---|---|"
+)
 
 
 def describe_machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                 platform.processor())
+    model = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+        platform.processor(),
+    )
     return f"{model}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f} at start"
 
 
@@ -215,8 +254,12 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cap-gib", type=float, default=18.0)
-    ap.add_argument("--reserve-gib", type=float, default=0.25,
-                    help="also kill the child when the machine's available memory falls below this")
+    ap.add_argument(
+        "--reserve-gib",
+        type=float,
+        default=0.25,
+        help="also kill the child when the machine's available memory falls below this",
+    )
     ap.add_argument("--json", help="append every result to this JSON-lines file")
     ap.add_argument("--tmp", default="/tmp")
     ap.add_argument("--table", nargs="*", help="print the table of these --json files and exit")
@@ -230,8 +273,11 @@ def main() -> None:
         report([json.loads(line) for path in args.table for line in open(path) if line.strip()], sys.stdout)
         return
     print(f"# {describe_machine()}; cap {args.cap_gib} GiB; torch threads {args.threads}", flush=True)
-    plan = ([(s, v) for v in args.grow_variants for s in args.grow_sizes] if args.grow
-            else [(s, v) for s in args.sizes for v in args.variants])
+    plan = (
+        [(s, v) for v in args.grow_variants for s in args.grow_sizes]
+        if args.grow
+        else [(s, v) for s in args.sizes for v in args.variants]
+    )
     results, failed = [], set()
     for size, variant in plan:
         if args.grow and variant in failed:

@@ -71,27 +71,45 @@ def main() -> None:
         return
     sources = [os.path.abspath(s) for s in (args.src or ["src"])]
     specs = args.strategies.split(",")
-    times: dict[tuple[str, str], dict[str, list[float]]] = {(s, p): {"wall": [], "cpu": []} for s in sources
-                                                            for p in specs}
+    times: dict[tuple[str, str], dict[str, list[float]]] = {
+        (s, p): {"wall": [], "cpu": []} for s in sources for p in specs
+    }
     for r in range(args.rounds):
         for src in sources if r % 2 == 0 else sources[::-1]:
             for spec in specs if r % 2 == 0 else specs[::-1]:
                 env = {**os.environ, "PYTHONPATH": src}
-                out = subprocess.run([sys.executable, __file__, "--worker", spec, "--steps", str(args.steps),
-                                      "--batch", str(args.batch)], env=env, capture_output=True, text=True,
-                                     check=True)
+                out = subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--worker",
+                        spec,
+                        "--steps",
+                        str(args.steps),
+                        "--batch",
+                        str(args.batch),
+                    ],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
                 got = json.loads(out.stdout.strip().splitlines()[-1])
                 times[(src, spec)]["wall"] += got["wall"]
                 times[(src, spec)]["cpu"] += got["cpu"]
-    print(f"fmnist-resnet, batch {args.batch}, {args.rounds} rounds x {args.steps} steps, threads {got['threads']}, "
-          f"torch {got['torch']}")
+    print(
+        f"fmnist-resnet, batch {args.batch}, {args.rounds} rounds x {args.steps} steps, threads {got['threads']}, "
+        f"torch {got['torch']}"
+    )
     for src in sources:
         med = {p: {k: statistics.median(v) * 1e3 for k, v in times[(src, p)].items()} for p in specs}
         for p in specs:
             print(f"{src}  {p:>8}: median step {med[p]['wall']:.2f} ms wall, {med[p]['cpu']:.2f} ms CPU")
         for p in specs[1:]:
-            print(f"{src}  {p} / {specs[0]}: {med[p]['wall'] / med[specs[0]]['wall']:.3f}x wall, "
-                  f"{med[p]['cpu'] / med[specs[0]]['cpu']:.3f}x CPU")
+            print(
+                f"{src}  {p} / {specs[0]}: {med[p]['wall'] / med[specs[0]]['wall']:.3f}x wall, "
+                f"{med[p]['cpu'] / med[specs[0]]['cpu']:.3f}x CPU"
+            )
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ class SyncCounter(TorchDispatchMode):
         def tolist(t):
             counter.count += 1
             return counter._tolist(t)
+
         torch.Tensor.tolist = tolist
         return super().__enter__()
 
@@ -80,13 +81,16 @@ def main(argv=None):
     groups = bvgls.layer_groups(model)
     n_params = sum(p.numel() for p in model.parameters())
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    print(f"{args.model}: {n_params / 1e6:.1f} M parameters in {len(groups)} groups "
-          f"({groups.scheme} scheme), {torch.get_num_threads()} threads, {args.steps} steps")
+    print(
+        f"{args.model}: {n_params / 1e6:.1f} M parameters in {len(groups)} groups "
+        f"({groups.scheme} scheme), {torch.get_num_threads()} threads, {args.steps} steps"
+    )
 
     def sgd():
         return torch.optim.SGD(groups.param_groups(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    plain_opt = sgd()                       # times the plain step
-    selector = bvgls.BVGLS(sgd(), k=1)      # its optimizer is never stepped here: we time the statistics
+
+    plain_opt = sgd()  # times the plain step
+    selector = bvgls.BVGLS(sgd(), k=1)  # its optimizer is never stepped here: we time the statistics
     sync_probe = bvgls.BVGLS(sgd(), k=1)
     naive = NaiveBVR([ps for _, ps in groups.named_param_lists()])
 
@@ -124,6 +128,7 @@ def main(argv=None):
 
     def med(xs):
         return statistics.median(xs[1:] if len(xs) > 2 else xs)  # first step allocates buffers
+
     extra = sum(m.numel() * m.element_size() for m in selector._m if m is not None)
     extra += selector._sq.numel() * selector._sq.element_size() + selector._t.numel() * selector._t.element_size()
     naive_extra = sum(st["m"].numel() * st["m"].element_size() * 2 for st in naive.state.values())
@@ -140,11 +145,19 @@ def main(argv=None):
     print(f"  bvgls                   {extra / param_bytes:9.4f}   (target <= 1.05)")
     print(f"  naive                   {naive_extra / param_bytes:9.4f}")
     print(f"host syncs per step (bvgls): max {max(syncs)}, steps {syncs[:5]}...   (target <= 1)")
-    print(f"max relative difference of ratios vs naive, steps 2..{args.steps}: {max(rel_diffs):.2e} "
-          f"(after step {args.steps}: {rel_diffs[-1]:.2e}; target <= 1e-4)")
+    print(
+        f"max relative difference of ratios vs naive, steps 2..{args.steps}: {max(rel_diffs):.2e} "
+        f"(after step {args.steps}: {rel_diffs[-1]:.2e}; target <= 1e-4)"
+    )
     print(f"same top-1 selection as naive in {sum(same_sel)}/{len(same_sel)} steps")
-    ok = (med(t_ours) <= med(t_plain) and med(t_ours) <= 0.2 * med(t_naive) and extra <= 1.05 * param_bytes
-          and max(syncs) <= 1 and rel_diffs[-1] <= 1e-4 and all(same_sel))
+    ok = (
+        med(t_ours) <= med(t_plain)
+        and med(t_ours) <= 0.2 * med(t_naive)
+        and extra <= 1.05 * param_bytes
+        and max(syncs) <= 1
+        and rel_diffs[-1] <= 1e-4
+        and all(same_sel)
+    )
     print("ALL TARGETS MET" if ok else "SOME TARGET MISSED")
     return 0 if ok else 1
 

@@ -32,6 +32,7 @@ def checkout_stays_clean():
     after = set(os.listdir(runs)) if os.path.isdir(runs) else set()
     assert after <= before, f"the tests wrote into {runs}: {sorted(after - before)}"
 
+
 CLASSES = ("red", "green", "blue")
 
 
@@ -84,4 +85,5 @@ def cli():
 
     def invoke(*args):
         return runner.invoke(app, [str(a) for a in args])
+
     return invoke

@@ -22,8 +22,11 @@ AVX2_KERNELS = {"ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "isolated(env=None, timeout=600): run the test in a child pytest process "
-                                       "and fail it, by name, if the child exits non-zero or is killed")
+    config.addinivalue_line(
+        "markers",
+        "isolated(env=None, timeout=600): run the test in a child pytest process "
+        "and fail it, by name, if the child exits non-zero or is killed",
+    )
 
 
 def exit_text(code: int) -> str:
@@ -41,11 +44,28 @@ def pytest_pyfunc_call(pyfuncitem):
     if marker is None or os.environ.get(CHILD):
         return None
     env = {**os.environ, CHILD: "1", **{k: str(v) for k, v in (marker.kwargs.get("env") or {}).items()}}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--no-header", "-rN",
-           "--rootdir", str(pyfuncitem.config.rootpath), pyfuncitem.nodeid]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--no-header",
+        "-rN",
+        "--rootdir",
+        str(pyfuncitem.config.rootpath),
+        pyfuncitem.nodeid,
+    ]
     try:
-        proc = subprocess.run(cmd, cwd=pyfuncitem.config.rootpath, env=env, capture_output=True, text=True,
-                              timeout=marker.kwargs.get("timeout", 600))
+        proc = subprocess.run(
+            cmd,
+            cwd=pyfuncitem.config.rootpath,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=marker.kwargs.get("timeout", 600),
+        )
     except subprocess.TimeoutExpired:
         pytest.fail(f"{pyfuncitem.nodeid}: the child process ran past its timeout", pytrace=False)
     if proc.returncode != 0:

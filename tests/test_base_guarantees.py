@@ -102,10 +102,13 @@ def test_split_param_groups_write_back_what_the_optimizer_changed():
     assert [g["lr_max"] for g in opt.param_groups] == [0.05, 0.02]
 
 
-@pytest.mark.parametrize("make_opt", [
-    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-3),
-    lambda ps: torch.optim.AdamW(ps, lr=1e-2),
-])
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-3),
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2),
+    ],
+)
 def test_torch_optimizers_groups_are_left_as_they_were(make_opt):
     model = mlp()
     groups = bvgls.layer_groups(model)
@@ -187,8 +190,11 @@ def test_a_non_finite_gradient_leaves_weights_and_statistics_untouched(spec):
 
 def _assert_same(a, b):
     if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b) if a.is_floating_point() is False or not a.isnan().any() \
+        assert (
+            torch.equal(a, b)
+            if a.is_floating_point() is False or not a.isnan().any()
             else torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+        )
     elif isinstance(a, dict):
         assert a.keys() == b.keys()
         for key in a:
@@ -205,6 +211,7 @@ def _assert_same(a, b):
 
 def test_nonfinite_selection_statistics_match_a_run_without_that_step():
     """The skipped step leaves no trace: ratios and choices equal a run that never saw it."""
+
     def run(poison):
         model = mlp()
         groups = bvgls.layer_groups(model)
@@ -235,14 +242,14 @@ def test_grad_scaler_still_skips_overflow_before_the_strategy():
     groups = bvgls.layer_groups(model)
     opt = torch.optim.SGD(groups.param_groups(), lr=0.1)
     strategy = bvgls.BVGLS(opt, groups=groups)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     x, y = batch(0)
     scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
     strategy.params[0].grad.view(-1)[0] = float("inf")
     scaler.step(opt)
     scaler.update()
     assert strategy.num_steps == 0 and strategy.nonfinite_steps == 0  # the scaler skipped it itself
-    assert scaler.get_scale() < 2.0 ** 10
+    assert scaler.get_scale() < 2.0**10
     opt.zero_grad()
     scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
     scaler.step(opt)
@@ -274,11 +281,14 @@ def _bvgls(model, **kw):
     return opt, bvgls.BVGLS(opt, groups=groups, **kw)
 
 
-@pytest.mark.parametrize("saved, now, message", [
-    ({"k": 2, "alpha": 0.5}, {"k": 1}, "alpha: saved 0.5, now 0.9, k: saved 2, now 1"),
-    ({"probe": 4}, {}, "probe: saved 4, now 1"),
-    ({"skip_unselected": True}, {}, "skip_unselected: saved True, now False"),
-])
+@pytest.mark.parametrize(
+    "saved, now, message",
+    [
+        ({"k": 2, "alpha": 0.5}, {"k": 1}, "alpha: saved 0.5, now 0.9, k: saved 2, now 1"),
+        ({"probe": 4}, {}, "probe: saved 4, now 1"),
+        ({"skip_unselected": True}, {}, "skip_unselected: saved True, now False"),
+    ],
+)
 def test_state_saved_with_other_options_is_refused(saved, now, message):
     model = mlp()
     opt, s = _bvgls(model, **saved)
@@ -297,10 +307,12 @@ def test_failed_load_leaves_the_strategy_untouched():
     opt2, s2 = _bvgls(model2)
     train(model2, opt2, s2, 1)
     before = copy.deepcopy(s2.state_dict())
-    for corrupt in (lambda st: st["m"].__setitem__(2, torch.zeros(5)),   # a buffer of the wrong shape
-                    lambda st: st.__setitem__("t", torch.zeros(2)),
-                    lambda st: st.__setitem__("selected", [17]),
-                    lambda st: st.pop("probe_counts")):
+    for corrupt in (
+        lambda st: st["m"].__setitem__(2, torch.zeros(5)),  # a buffer of the wrong shape
+        lambda st: st.__setitem__("t", torch.zeros(2)),
+        lambda st: st.__setitem__("selected", [17]),
+        lambda st: st.pop("probe_counts"),
+    ):
         state = copy.deepcopy(s.state_dict())
         corrupt(state)
         with pytest.raises(ValueError):
@@ -348,6 +360,7 @@ def _dist_worker(rank, store, out):
     try:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
+
         model = mlp()
         mesh = init_device_mesh("cpu", (WORLD,))
         for layer in model:

@@ -33,8 +33,13 @@ def metrics(run_dir):
 
 
 def test_console_script_help():
-    out = subprocess.run([sys.executable, "-m", "bvgls.cli", "--help"], capture_output=True, text=True,
-                         env={**os.environ, "COLUMNS": "120"}, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "bvgls.cli", "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "120"},
+        timeout=120,
+    )
     assert out.returncode == 0
     for command in ("finetune", "compare", "plot", "groups", "list"):
         assert command in out.stdout
@@ -52,6 +57,7 @@ def test_finetune_writes_run_dir(cli, image_root, tmp_path):
     assert [r["epoch"] for r in recs] == [1, 2] and len(recs[0]["selection_frequency"]) == 6
     # the finetuned model is loadable as a model spec
     from bvgls.runner.models import build_model
+
     assert build_model(str(run / "model.pt"), 3).fc.out_features == 3
     # the same --out again is refused, pointing at the way out
     again = cli("finetune", "--data", image_root, "--epochs", "2", "--out", run, *TINY)
@@ -73,8 +79,21 @@ def test_resume_after_interruption_gives_identical_metrics(cli, image_root, tmp_
 
 def test_plot_writes_pngs_of_expected_size(cli, image_root, tmp_path):
     for strategy in ("bvgls", "full"):
-        assert cli("finetune", "--data", image_root, "--strategy", strategy, "--epochs", "2",
-                   "--out", tmp_path / strategy, *TINY).exit_code == 0
+        assert (
+            cli(
+                "finetune",
+                "--data",
+                image_root,
+                "--strategy",
+                strategy,
+                "--epochs",
+                "2",
+                "--out",
+                tmp_path / strategy,
+                *TINY,
+            ).exit_code
+            == 0
+        )
     res = cli("plot", tmp_path / "bvgls", tmp_path / "full")
     assert res.exit_code == 0, res.output
     loss_px = (int(LOSS_FIGSIZE[0] * DPI), int(LOSS_FIGSIZE[1] * DPI))
@@ -94,8 +113,20 @@ def test_plot_writes_pngs_of_expected_size(cli, image_root, tmp_path):
 
 def test_compare_table_and_restart(cli, image_root, image_root_b, tmp_path):
     out = tmp_path / "cmp"
-    args = ("compare", "--data", f"{image_root},{image_root_b}", "--strategies", "full,L5-6,bvgls",
-            "--seeds", "0,1", "--epochs", "1", "--out", out, *TINY)
+    args = (
+        "compare",
+        "--data",
+        f"{image_root},{image_root_b}",
+        "--strategies",
+        "full,L5-6,bvgls",
+        "--seeds",
+        "0,1",
+        "--epochs",
+        "1",
+        "--out",
+        out,
+        *TINY,
+    )
     res = cli(*args)
     assert res.exit_code == 0, res.output
     with open(out / "results.csv") as f:
@@ -132,9 +163,31 @@ def math_close(a, b):
 
 def test_compare_chooses_lr_on_validation_split(cli, image_root, tmp_path):
     out = tmp_path / "lrs"
-    res = cli("compare", "--data", image_root, "--strategies", "full,bvgls", "--seeds", "0", "--epochs", "1",
-              "--lrs", "0.01,0.1", "--val-fraction", "0.3", "--out", out, "--no-extend-lrs",
-              "--model", "tiny-resnet", "--weights", "none", "--batch-size", "8", "--no-progress")
+    res = cli(
+        "compare",
+        "--data",
+        image_root,
+        "--strategies",
+        "full,bvgls",
+        "--seeds",
+        "0",
+        "--epochs",
+        "1",
+        "--lrs",
+        "0.01,0.1",
+        "--val-fraction",
+        "0.3",
+        "--out",
+        out,
+        "--no-extend-lrs",
+        "--model",
+        "tiny-resnet",
+        "--weights",
+        "none",
+        "--batch-size",
+        "8",
+        "--no-progress",
+    )
     assert res.exit_code == 0, res.output
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
@@ -158,15 +211,18 @@ def test_groups_and_list(cli):
     assert "bvgls" in listed.stdout
 
 
-@pytest.mark.parametrize("args,needle", [
-    (("--model", "no-such-model", "--data", "digits"), "wide_resnet50_2"),
-    (("--model", "tiny-resnet", "--data", "no-such-data"), "cifar100"),
-    (("--model", "tiny-resnet", "--data", "/no/such/dir"), "does not exist"),
-    (("--model", "tiny-resnet", "--data", "digits", "--strategy", "sgdx"), "known: "),
-    (("--model", "tiny-resnet", "--data", "digits", "--strategy", "L9-6"), "6 groups"),
-    (("--model", "tiny-resnet", "--data", "cifar100", "--data-root", "/no/such/root"), "--download"),
-    (("--data", "digits"), "--model and --data are required"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (("--model", "no-such-model", "--data", "digits"), "wide_resnet50_2"),
+        (("--model", "tiny-resnet", "--data", "no-such-data"), "cifar100"),
+        (("--model", "tiny-resnet", "--data", "/no/such/dir"), "does not exist"),
+        (("--model", "tiny-resnet", "--data", "digits", "--strategy", "sgdx"), "known: "),
+        (("--model", "tiny-resnet", "--data", "digits", "--strategy", "L9-6"), "6 groups"),
+        (("--model", "tiny-resnet", "--data", "cifar100", "--data-root", "/no/such/root"), "--download"),
+        (("--data", "digits"), "--model and --data are required"),
+    ],
+)
 def test_bad_input_is_one_line_error(cli, args, needle):
     res = cli("finetune", *args, "--weights", "none", "--epochs", "1", "--no-progress")
     assert res.exit_code == 2
@@ -179,6 +235,17 @@ def test_bad_input_is_one_line_error(cli, args, needle):
 def test_compare_errors(cli, tmp_path):
     res = cli("compare", "--data", "digits", "--out", tmp_path, "--lrs", "0.1,0.3", "--model", "tiny-resnet")
     assert res.exit_code == 2 and "--val-fraction" in res.stderr
-    res = cli("compare", "--data", "digits", "--out", tmp_path, "--strategies", "full,L2-9", "--model", "tiny-resnet",
-              "--weights", "none")
+    res = cli(
+        "compare",
+        "--data",
+        "digits",
+        "--out",
+        tmp_path,
+        "--strategies",
+        "full,L2-9",
+        "--model",
+        "tiny-resnet",
+        "--weights",
+        "none",
+    )
     assert res.exit_code == 2 and "L2-9" in res.stderr and "6 groups" in res.stderr

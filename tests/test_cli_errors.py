@@ -30,8 +30,9 @@ def bvgls(*args, timeout=300, env=None):
     """Run the real command line; PYTHONPATH is inherited, BVGLS_DEBUG is not."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200", **(env or {})}
     env.pop("BVGLS_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "bvgls", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "bvgls", *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout
+    )
 
 
 def assert_one_line_error(res, *needles):
@@ -75,8 +76,7 @@ def copy_run(src, dst):
 @pytest.fixture(scope="module")
 def colors(tmp_path_factory):
     """3 classes, 4 train / 2 test images each (train: 12 images = 2 steps of 8)."""
-    return write_image_folder(tmp_path_factory.mktemp("rel") / "colors", train_per_class=4, test_per_class=2,
-                              size=16)
+    return write_image_folder(tmp_path_factory.mktemp("rel") / "colors", train_per_class=4, test_per_class=2, size=16)
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +101,25 @@ def stopped_run(colors, tmp_path_factory):
 def compare_dir(colors, tmp_path_factory):
     """A finished one-cell compare grid (full, lr 0.05, --augment none); tests copy it."""
     out = tmp_path_factory.mktemp("cmp") / "out"
-    res = bvgls("compare", "--data", colors, "--out", out, "--strategies", "full", "--seeds", "0", "--lrs", "0.05",
-                "--epochs", "1", "--augment", "none", *MODEL, "--no-progress")
+    res = bvgls(
+        "compare",
+        "--data",
+        colors,
+        "--out",
+        out,
+        "--strategies",
+        "full",
+        "--seeds",
+        "0",
+        "--lrs",
+        "0.05",
+        "--epochs",
+        "1",
+        "--augment",
+        "none",
+        *MODEL,
+        "--no-progress",
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     return out
 
@@ -140,8 +157,9 @@ def two_runs(whole_run, tmp_path):
     return [copy_run(whole_run, tmp_path / "a"), copy_run(whole_run, tmp_path / "b")]
 
 
-@pytest.mark.parametrize("command,target", [("finetune", "file"), ("finetune", "read-only"), ("compare", "read-only"),
-                                            ("plot", "file")])  # one helper serves every command and case
+@pytest.mark.parametrize(
+    "command,target", [("finetune", "file"), ("finetune", "read-only"), ("compare", "read-only"), ("plot", "file")]
+)  # one helper serves every command and case
 def test_out_that_cannot_be_written(command, target, colors, tmp_path, request):
     # --out pointing at an existing file or a read-only place
     if target == "file":
@@ -152,8 +170,9 @@ def test_out_that_cannot_be_written(command, target, colors, tmp_path, request):
     if command == "finetune":
         res = bvgls("finetune", "--data", colors, "--epochs", "1", "--out", out, *TINY)
     elif command == "compare":
-        res = bvgls("compare", "--data", colors, "--out", out, "--strategies", "full", "--seeds", "0",
-                    "--epochs", "1", *TINY)
+        res = bvgls(
+            "compare", "--data", colors, "--out", out, "--strategies", "full", "--seeds", "0", "--epochs", "1", *TINY
+        )
     else:  # several run directories: the comparison figure goes to --out
         runs = request.getfixturevalue("two_runs")
         res = bvgls("plot", *runs, "--out", out)
@@ -187,8 +206,19 @@ def test_unreadable_model_or_weights_file(option, content, colors, tmp_path):
     else:
         path.write_text("these are not weights\n" * 20)
     model = ("--model", path) if option == "--model" else ("--model", "tiny-cnn", "--weights", path)
-    res = bvgls("finetune", "--data", colors, "--epochs", "1", "--out", tmp_path / "run", *model,
-                "--batch-size", "8", "--no-progress")
+    res = bvgls(
+        "finetune",
+        "--data",
+        colors,
+        "--epochs",
+        "1",
+        "--out",
+        tmp_path / "run",
+        *model,
+        "--batch-size",
+        "8",
+        "--no-progress",
+    )
     assert_one_line_error(res, path)
 
 
@@ -198,8 +228,9 @@ def test_damaged_checkpoint_on_resume(damage, stopped_run, tmp_path):
     run = copy_run(stopped_run, tmp_path / "run")
     ckpt = run / "checkpoint.pt"
     data = ckpt.read_bytes()
-    ckpt.write_bytes({"truncated": data[: len(data) // 2], "garbage": random.Random(1).randbytes(len(data)),
-                      "empty": b""}[damage])
+    ckpt.write_bytes(
+        {"truncated": data[: len(data) // 2], "garbage": random.Random(1).randbytes(len(data)), "empty": b""}[damage]
+    )
     before = (run / "metrics.jsonl").read_text()
     res = bvgls("finetune", "--resume", run, "--no-progress")
     assert_one_line_error(res, ckpt)
@@ -221,8 +252,25 @@ def test_stray_single_lr_run_is_named(compare_dir, colors, tmp_path):
     # a stray single-lr run locks a compare directory (name the directory),
     # and the refusal comes before training a run that could never be reported
     out = copy_run(compare_dir, tmp_path / "out")
-    res = bvgls("compare", "--data", colors, "--out", out, "--strategies", "full", "--seeds", "0", "--lrs", "0.1",
-                "--epochs", "1", "--augment", "none", *MODEL, "--no-progress")
+    res = bvgls(
+        "compare",
+        "--data",
+        colors,
+        "--out",
+        out,
+        "--strategies",
+        "full",
+        "--seeds",
+        "0",
+        "--lrs",
+        "0.1",
+        "--epochs",
+        "1",
+        "--augment",
+        "none",
+        *MODEL,
+        "--no-progress",
+    )
     assert_one_line_error(res, os.path.join("runs", "colors", "full", "lr0.05"))
     assert not (out / "runs" / "colors" / "full" / "lr0.1").exists()
 
@@ -230,8 +278,23 @@ def test_stray_single_lr_run_is_named(compare_dir, colors, tmp_path):
 def test_strategy_list_whitespace_is_stripped(colors, tmp_path):
     # --strategies "full, bvgls" recorded " bvgls" with a leading space
     out = tmp_path / "out"
-    res = bvgls("compare", "--data", colors, "--out", out, "--strategies", "full, bvgls", "--seeds", "0",
-                "--lrs", "0.05", "--epochs", "1", *MODEL, "--no-progress")
+    res = bvgls(
+        "compare",
+        "--data",
+        colors,
+        "--out",
+        out,
+        "--strategies",
+        "full, bvgls",
+        "--seeds",
+        "0",
+        "--lrs",
+        "0.05",
+        "--epochs",
+        "1",
+        *MODEL,
+        "--no-progress",
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert sorted(r["strategy"] for r in read_csv(out / "results.csv")) == ["bvgls", "full"]
     config = json.loads((out / "runs" / "colors" / "bvgls" / "lr0.05" / "seed0" / "config.json").read_text())
@@ -239,13 +302,16 @@ def test_strategy_list_whitespace_is_stripped(colors, tmp_path):
 
 
 # ---------------------------------------------------------------------- non-finite settings
-@pytest.mark.parametrize("command,option,value", [
-    ("finetune", "--lr", "inf"),
-    ("finetune", "--lr", "nan"),
-    ("finetune", "--momentum", "nan"),
-    ("compare", "--lrs", "inf"),
-    ("compare", "--momentum", "nan"),
-])
+@pytest.mark.parametrize(
+    "command,option,value",
+    [
+        ("finetune", "--lr", "inf"),
+        ("finetune", "--lr", "nan"),
+        ("finetune", "--momentum", "nan"),
+        ("compare", "--lrs", "inf"),
+        ("compare", "--momentum", "nan"),
+    ],
+)
 def test_non_finite_setting_is_rejected_up_front(command, option, value, colors, tmp_path):
     # reject --lr inf, --momentum nan and the like before anything runs
     out = tmp_path / "out"
@@ -253,8 +319,22 @@ def test_non_finite_setting_is_rejected_up_front(command, option, value, colors,
     if command == "finetune":
         res = bvgls("finetune", "--data", colors, "--epochs", "1", "--out", out, *args, option, value)
     else:
-        res = bvgls("compare", "--data", colors, "--out", out, "--strategies", "full", "--seeds", "0",
-                    "--epochs", "1", *args, option, value)
+        res = bvgls(
+            "compare",
+            "--data",
+            colors,
+            "--out",
+            out,
+            "--strategies",
+            "full",
+            "--seeds",
+            "0",
+            "--epochs",
+            "1",
+            *args,
+            option,
+            value,
+        )
     assert_one_line_error(res, option)
     assert not out.exists()
 
@@ -262,8 +342,21 @@ def test_non_finite_setting_is_rejected_up_front(command, option, value, colors,
 def test_diverged_finetune_is_reported(colors, tmp_path):
     # --lr 1e30 trains to NaN; finetune crashed at the end formatting None
     run = tmp_path / "run"
-    res = bvgls("finetune", "--data", colors, "--epochs", "1", "--out", run, "--strategy", "full",
-                *MODEL, "--no-progress", "--lr", "1e30")
+    res = bvgls(
+        "finetune",
+        "--data",
+        colors,
+        "--epochs",
+        "1",
+        "--out",
+        run,
+        "--strategy",
+        "full",
+        *MODEL,
+        "--no-progress",
+        "--lr",
+        "1e30",
+    )
     output = res.stdout + res.stderr
     assert "Traceback" not in output, output[-3000:]
     assert "diverged" in output.lower(), output
@@ -273,8 +366,23 @@ def test_diverged_finetune_is_reported(colors, tmp_path):
 def test_diverged_compare_run_is_marked(colors, tmp_path):
     # in compare a NaN model got a plausible test error in table.md
     out = tmp_path / "out"
-    res = bvgls("compare", "--data", colors, "--out", out, "--strategies", "full", "--seeds", "0", "--lrs", "1e30",
-                "--epochs", "1", *MODEL, "--no-progress")
+    res = bvgls(
+        "compare",
+        "--data",
+        colors,
+        "--out",
+        out,
+        "--strategies",
+        "full",
+        "--seeds",
+        "0",
+        "--lrs",
+        "1e30",
+        "--epochs",
+        "1",
+        *MODEL,
+        "--no-progress",
+    )
     output = res.stdout + res.stderr
     assert "Traceback" not in output, output[-3000:]
     rows = read_csv(out / "results.csv")
@@ -286,8 +394,25 @@ def test_diverged_compare_run_is_marked(colors, tmp_path):
 def test_compare_rerun_with_other_augment(compare_dir, colors, tmp_path):
     # --augment is not checked on a rerun: seeds with different augmentation were averaged
     out = copy_run(compare_dir, tmp_path / "out")
-    res = bvgls("compare", "--data", colors, "--out", out, "--strategies", "full", "--seeds", "0", "--lrs", "0.05",
-                "--epochs", "1", "--augment", "light", *MODEL, "--no-progress")
+    res = bvgls(
+        "compare",
+        "--data",
+        colors,
+        "--out",
+        out,
+        "--strategies",
+        "full",
+        "--seeds",
+        "0",
+        "--lrs",
+        "0.05",
+        "--epochs",
+        "1",
+        "--augment",
+        "light",
+        *MODEL,
+        "--no-progress",
+    )
     if res.returncode != 0:  # refused ...
         assert_one_line_error(res, "augment")
     else:  # ... or kept apart: the light run is trained, not the none run reused
@@ -298,9 +423,26 @@ def test_compare_rerun_with_other_augment(compare_dir, colors, tmp_path):
 def test_compare_lrs_beyond_six_digits_do_not_share_a_run(colors, tmp_path):
     # lrs that differ beyond 6 significant digits shared one run directory
     out = tmp_path / "out"
-    res = bvgls("compare", "--data", colors, "--out", out, "--strategies", "full", "--seeds", "0",
-                "--lrs", "0.0123456,0.01234561", "--no-extend-lrs", "--val-fraction", "0.34", "--epochs", "1", *MODEL,
-                "--no-progress")
+    res = bvgls(
+        "compare",
+        "--data",
+        colors,
+        "--out",
+        out,
+        "--strategies",
+        "full",
+        "--seeds",
+        "0",
+        "--lrs",
+        "0.0123456,0.01234561",
+        "--no-extend-lrs",
+        "--val-fraction",
+        "0.34",
+        "--epochs",
+        "1",
+        *MODEL,
+        "--no-progress",
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert sorted(float(r["lr"]) for r in read_csv(out / "results.csv")) == [0.0123456, 0.01234561]
     assert len(os.listdir(out / "runs" / "colors" / "full")) == 2
@@ -355,8 +497,20 @@ def test_pickled_model_file_needs_trust_flag(colors, tmp_path):
     net.payload = MakesMarker(marker)
     path = tmp_path / "pickled.pt"
     torch.save(net, path)
-    res = bvgls("finetune", "--data", colors, "--epochs", "1", "--out", tmp_path / "run", "--model", path,
-                "--batch-size", "8", "--no-progress")
+    res = bvgls(
+        "finetune",
+        "--data",
+        colors,
+        "--epochs",
+        "1",
+        "--out",
+        tmp_path / "run",
+        "--model",
+        path,
+        "--batch-size",
+        "8",
+        "--no-progress",
+    )
     assert not marker.exists(), "the model file's code was executed"
     assert_one_line_error(res, "--trust-pickle", path)
     trusted = bvgls("groups", "--model", path, "--trust-pickle")
@@ -374,32 +528,76 @@ def test_written_files_load_with_weights_only(whole_run):
 # ---------------------------------------------------------------------- fresh-machine round
 def test_unknown_strategy_option_and_bad_values_are_refused_before_loading_data(tmp_path):
     # --data names nothing: had the dataset been loaded first, the error would be about it
-    cases = [("bvgls:kk=2", "strategy 'bvgls:kk=2': unknown option kk; the options of bvgls are: k, alpha"),
-             ("bvgls:probe=0", "probe (steps between two probe steps) must be a positive integer, got 0"),
-             ("bvgls:static=0", "static (probing steps before fixing) must be a positive integer, got 0")]
+    cases = [
+        ("bvgls:kk=2", "strategy 'bvgls:kk=2': unknown option kk; the options of bvgls are: k, alpha"),
+        ("bvgls:probe=0", "probe (steps between two probe steps) must be a positive integer, got 0"),
+        ("bvgls:static=0", "static (probing steps before fixing) must be a positive integer, got 0"),
+    ]
     for spec, message in cases:
         out = tmp_path / "new" / "run"
-        res = bvgls("finetune", "--model", "tiny-cnn", "--weights", "none", "--data", tmp_path / "no-such-data",
-                    "--strategy", spec, "--out", out)
+        res = bvgls(
+            "finetune",
+            "--model",
+            "tiny-cnn",
+            "--weights",
+            "none",
+            "--data",
+            tmp_path / "no-such-data",
+            "--strategy",
+            spec,
+            "--out",
+            out,
+        )
         assert_one_line_error(res, message)
         assert "does not fit" not in res.stderr
         assert not (tmp_path / "new").exists()  # a failed command leaves no empty output directory
 
 
 def test_no_progress_keeps_the_epoch_summaries(image_root, tmp_path):
-    res = bvgls("finetune", "--model", "tiny-cnn", "--weights", "none", "--data", image_root, "--strategy", "full",
-                "--epochs", 2, "--batch-size", 16, "--lr", 0.05, "--no-progress", "--out", tmp_path / "run")
+    res = bvgls(
+        "finetune",
+        "--model",
+        "tiny-cnn",
+        "--weights",
+        "none",
+        "--data",
+        image_root,
+        "--strategy",
+        "full",
+        "--epochs",
+        2,
+        "--batch-size",
+        16,
+        "--lr",
+        0.05,
+        "--no-progress",
+        "--out",
+        tmp_path / "run",
+    )
     assert res.returncode == 0, res.stderr
-    assert [line.split(":")[0] for line in res.stdout.splitlines() if line.startswith("epoch ")] == \
-        ["epoch 1/2", "epoch 2/2"]
+    assert [line.split(":")[0] for line in res.stdout.splitlines() if line.startswith("epoch ")] == [
+        "epoch 1/2",
+        "epoch 2/2",
+    ]
     assert "it/s" not in res.stderr and "step/s" not in res.stderr and "%|" not in res.stderr
 
 
 def test_offline_timm_weights_fail_fast_in_one_line(image_root, tmp_path):
     pytest.importorskip("timm")
     env_endpoint = {"HF_ENDPOINT": "http://10.255.255.1", "HF_HUB_OFFLINE": "0"}  # nothing answers there
-    res = bvgls("finetune", "--model", "timm:resnet10t", "--weights", "DEFAULT", "--data", image_root,
-                "--out", tmp_path / "run", env=env_endpoint, timeout=150)
+    res = bvgls(
+        "finetune",
+        "--model",
+        "timm:resnet10t",
+        "--weights",
+        "DEFAULT",
+        "--data",
+        image_root,
+        "--out",
+        tmp_path / "run",
+        env=env_endpoint,
+        timeout=150,
+    )
     assert_one_line_error(res, "could not download the pretrained weights of timm:resnet10t", "--weights none")
 
 

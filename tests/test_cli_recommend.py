@@ -14,13 +14,28 @@ from bvgls.recommend import frequency_of, recommend_range, wilson_interval
 def bvgls(*args, timeout=300):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     env.pop("BVGLS_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "bvgls", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "bvgls", *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def test_recommend_prints_frequency_bvr_and_the_recommended_range(image_root):
-    out = bvgls("recommend", "--model", "tiny-resnet", "--weights", "none", "--data", image_root, "--steps", 6,
-                "--batch-size", 8, "--lr", 0.05, "--no-progress")
+    out = bvgls(
+        "recommend",
+        "--model",
+        "tiny-resnet",
+        "--weights",
+        "none",
+        "--data",
+        image_root,
+        "--steps",
+        6,
+        "--batch-size",
+        8,
+        "--lr",
+        0.05,
+        "--no-progress",
+    )
     assert out.returncode == 0, out.stderr
     rows = re.findall(r"^\s*(\d+)\s+(\S+)\s+([\d.]+)%\s+\d+%-\d+%\s+(\S+)\s*$", out.stdout, re.M)
     assert [r[1] for r in rows] == ["stem", "layer1", "layer2", "layer3", "layer4", "fc"]
@@ -32,9 +47,11 @@ def test_recommend_prints_frequency_bvr_and_the_recommended_range(image_root):
 
 
 def test_recommend_bad_input_is_one_line(image_root):
-    cases = [(["--groups", "nope"], "unknown grouping scheme 'nope'"),
-             (["--k", 9], "k=9 is larger than the number of non-empty groups (6)"),
-             (["--data", "/nonexistent/dir"], "does not exist")]
+    cases = [
+        (["--groups", "nope"], "unknown grouping scheme 'nope'"),
+        (["--k", 9], "k=9 is larger than the number of non-empty groups (6)"),
+        (["--data", "/nonexistent/dir"], "does not exist"),
+    ]
     for extra, message in cases:
         args = ["recommend", "--model", "tiny-resnet", "--weights", "none", "--data", image_root, "--steps", 2, *extra]
         out = bvgls(*args)
@@ -45,19 +62,52 @@ def test_recommend_bad_input_is_one_line(image_root):
 
 def test_finetune_warns_in_one_line_when_groups_get_few_updates(image_root, tmp_path):
     # 30 training images, batch 8: 4 steps in 1 epoch; bvgls (k=1) over tiny-cnn's 4 groups: 1.0 update per group
-    out = bvgls("finetune", "--model", "tiny-cnn", "--weights", "none", "--data", image_root, "--strategy", "bvgls",
-                "--epochs", 1, "--batch-size", 8, "--lr", 0.05, "--no-progress", "--out", tmp_path / "run")
+    out = bvgls(
+        "finetune",
+        "--model",
+        "tiny-cnn",
+        "--weights",
+        "none",
+        "--data",
+        image_root,
+        "--strategy",
+        "bvgls",
+        "--epochs",
+        1,
+        "--batch-size",
+        8,
+        "--lr",
+        0.05,
+        "--no-progress",
+        "--out",
+        tmp_path / "run",
+    )
     assert out.returncode == 0, out.stderr
     lines = [line for line in out.stderr.splitlines() if "optimizer updates in this run" in line]
-    assert len(lines) == 1 and lines[0].startswith("warning: bvgls: a layer group it rotates through gets about "
-                                                   "1.0 optimizer updates in this run"), out.stderr
+    assert len(lines) == 1 and lines[0].startswith(
+        "warning: bvgls: a layer group it rotates through gets about 1.0 optimizer updates in this run"
+    ), out.stderr
     assert "warnings.warn" not in out.stderr and "UserWarning" not in out.stderr
 
 
 def recommend_json(image_root, tmp_path, *extra):
     out_json = tmp_path / "recommend.json"
-    out = bvgls("recommend", "--model", "tiny-resnet", "--weights", "none", "--data", image_root, "--steps", 8,
-                "--lr", 0.05, "--json", out_json, *extra)
+    out = bvgls(
+        "recommend",
+        "--model",
+        "tiny-resnet",
+        "--weights",
+        "none",
+        "--data",
+        image_root,
+        "--steps",
+        8,
+        "--lr",
+        0.05,
+        "--json",
+        out_json,
+        *extra,
+    )
     assert out.returncode == 0, out.stderr
     return out, json.loads(out_json.read_text())
 

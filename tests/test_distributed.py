@@ -30,8 +30,9 @@ REL_TOL = 1e-4
 
 def make_model():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
-                         nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+    return nn.Sequential(
+        nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3)
+    )
 
 
 def global_batch(step):
@@ -80,8 +81,11 @@ def _run_all_modes(rank):
     ddp = nn.parallel.DistributedDataParallel(model)
     strategy = make_strategy(model)
     mode = bdist.setup(strategy, verify_every=1)
-    result["ddp"] = {"mode": mode, "steps": train(ddp, strategy, rows),
-                     "params": [p.detach().tolist() for p in model.parameters()]}
+    result["ddp"] = {
+        "mode": mode,
+        "steps": train(ddp, strategy, rows),
+        "params": [p.detach().tolist() for p in model.parameters()],
+    }
     # the check must be able to fail: make this rank's last selection differ
     strategy.scales = [float(rank == i) for i in range(strategy.num_groups)]
     try:
@@ -93,6 +97,7 @@ def _run_all_modes(rank):
     # FSDP2: each rank holds a shard of every gradient; sums are all-reduced
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+
     mesh = init_device_mesh("cpu", (WORLD,))
     model = make_model()
     for layer in model:
@@ -109,10 +114,13 @@ def _run_all_modes(rank):
         return reduce(bias, v_sum)
 
     strategy.reduce_sums = counting_reduce
-    result["fsdp"] = {"mode": mode, "steps": train(model, strategy, rows),
-                      "params": [p.full_tensor().detach().tolist() for p in model.parameters()],
-                      "reduce_calls": calls,
-                      "local_numel": sum(p.to_local().numel() for p in model.parameters())}
+    result["fsdp"] = {
+        "mode": mode,
+        "steps": train(model, strategy, rows),
+        "params": [p.full_tensor().detach().tolist() for p in model.parameters()],
+        "reduce_calls": calls,
+        "local_numel": sum(p.to_local().numel() for p in model.parameters()),
+    }
     # a rank's state_dict (its shard of the EMAs) loads back into a strategy on the same shards
     restored = make_strategy(model)
     restored.load_state_dict(strategy.state_dict())
@@ -121,6 +129,7 @@ def _run_all_modes(rank):
 
     # FSDP1 flattens whole units: rejected with a clear error rather than computing partial sums
     from torch.distributed.fsdp import FullyShardedDataParallel
+
     model = make_model()
     fsdp1 = FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=True)
     opt = torch.optim.SGD(fsdp1.parameters(), lr=0.1)
@@ -152,8 +161,10 @@ def runs(tmp_path_factory):
     mp.spawn(_worker, args=(str(out / "store"), str(out)), nprocs=WORLD, join=True)
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
     model = make_model()
-    reference = {"steps": train(model, make_strategy(model), slice(None)),
-                 "params": [p.detach().tolist() for p in model.parameters()]}
+    reference = {
+        "steps": train(model, make_strategy(model), slice(None)),
+        "params": [p.detach().tolist() for p in model.parameters()],
+    }
     return ranks, reference
 
 
@@ -239,9 +250,25 @@ EXAMPLE_RUNS = 3  # per mode; the abort at exit it guards against came in about 
 
 def start_example(*args):
     script = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "ddp_finetune.py")
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             script, "--epochs", "1", "--pretrain-epochs", "1", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            script,
+            "--epochs",
+            "1",
+            "--pretrain-epochs",
+            "1",
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_example_script_under_torchrun_runs_and_exits_cleanly():

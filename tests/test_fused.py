@@ -158,8 +158,9 @@ def test_state_bytes_cover_ema_sums_and_optimizer_state():
     state = s.state_bytes()
     ema = sum(m.numel() * 2 for m in s._m if m is not None)  # bfloat16
     assert sum(state["strategy"].values()) == ema + len(s.params) * 3 * 8  # sq, t, ||m||^2 in float64
-    opt_bytes = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
-                    if isinstance(v, torch.Tensor))
+    opt_bytes = sum(
+        v.numel() * v.element_size() for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)
+    )
     assert sum(state["optimizer"].values()) == opt_bytes > 0
 
 

@@ -32,8 +32,12 @@ def test_timm_vit_gets_embed_blocks_head():
     groups = bvgls.layer_groups(model)
     assert groups.scheme == "vit" and len(groups) == 14
     assert groups.names[0] == "embed" and groups.names[-1] == "head"
-    assert {n for n, _ in groups["embed"]} == {"cls_token", "pos_embed", "patch_embed.proj.weight",
-                                                "patch_embed.proj.bias"}
+    assert {n for n, _ in groups["embed"]} == {
+        "cls_token",
+        "pos_embed",
+        "patch_embed.proj.weight",
+        "patch_embed.proj.bias",
+    }
     assert {n for n, _ in groups["head"]} == {"norm.weight", "norm.bias", "head.weight", "head.bias"}
     assert all(n.startswith("blocks.3.") for n, _ in groups["block3"])
     assert_partition(model, groups)
@@ -41,15 +45,25 @@ def test_timm_vit_gets_embed_blocks_head():
 
 def test_torchvision_vit_gets_embed_blocks_head():
     from torchvision.models.vision_transformer import VisionTransformer
-    model = VisionTransformer(image_size=32, patch_size=8, num_layers=3, num_heads=2, hidden_dim=16,
-                              mlp_dim=32, num_classes=4)
+
+    model = VisionTransformer(
+        image_size=32, patch_size=8, num_layers=3, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=4
+    )
     groups = bvgls.layer_groups(model)
     assert groups.scheme == "torchvision-vit"
     assert groups.names == ["embed", "block0", "block1", "block2", "head"]
-    assert {n for n, _ in groups["embed"]} == {"class_token", "conv_proj.weight", "conv_proj.bias",
-                                                "encoder.pos_embedding"}
-    assert {n for n, _ in groups["head"]} == {"encoder.ln.weight", "encoder.ln.bias",
-                                               "heads.head.weight", "heads.head.bias"}
+    assert {n for n, _ in groups["embed"]} == {
+        "class_token",
+        "conv_proj.weight",
+        "conv_proj.bias",
+        "encoder.pos_embedding",
+    }
+    assert {n for n, _ in groups["head"]} == {
+        "encoder.ln.weight",
+        "encoder.ln.bias",
+        "heads.head.weight",
+        "heads.head.bias",
+    }
     assert_partition(model, groups)
 
 
@@ -111,6 +125,7 @@ def test_register_custom_scheme_wins_auto_detection():
     @bvgls.register_grouping("test-special", detect=lambda m: getattr(m, "special", False))
     def _special(m):
         return {"all": list(m.named_parameters())}
+
     try:
         assert bvgls.layer_groups(model).names == ["all"]
     finally:

@@ -107,8 +107,13 @@ class FeaturesClassifier(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3),
-                                      nn.Sequential(nn.Conv2d(16, 32, 3), nn.BatchNorm2d(32)))
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, 3),
+            nn.Sequential(nn.Conv2d(16, 32, 3), nn.BatchNorm2d(32)),
+        )
         self.classifier = nn.Linear(32, 4)
 
 
@@ -120,8 +125,9 @@ def test_generic_fallback_descends_into_the_dominant_sequential():
 
 
 def test_generic_fallback_keeps_top_level_groups_when_there_are_enough():
-    model = nn.Sequential(nn.Linear(4, 64), nn.Linear(64, 64), nn.Sequential(nn.Linear(64, 64), nn.ReLU()),
-                          nn.Linear(64, 2))
+    model = nn.Sequential(
+        nn.Linear(4, 64), nn.Linear(64, 64), nn.Sequential(nn.Linear(64, 64), nn.ReLU()), nn.Linear(64, 2)
+    )
     assert layer_groups(model).names == ["0", "1", "2", "3"]
 
 
@@ -133,9 +139,18 @@ def test_generic_fallback_does_not_split_a_minor_container():
 
 
 def test_cli_groups_shows_a_registered_family(tmp_path):
-    env = {"PYTHONPATH": ":".join(sys.path), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
-           "TORCH_HOME": str(tmp_path / "torch")}
-    out = subprocess.run([sys.executable, "-m", "bvgls", "groups", "--model", "mobilenet_v3_small", "--weights",
-                          "none"], capture_output=True, text=True, env=env, timeout=300)
+    env = {
+        "PYTHONPATH": ":".join(sys.path),
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "TORCH_HOME": str(tmp_path / "torch"),
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "bvgls", "groups", "--model", "mobilenet_v3_small", "--weights", "none"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     assert "mobilenet scheme" in out.stdout and "stage5" in out.stdout and "final" in out.stdout

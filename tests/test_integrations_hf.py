@@ -20,39 +20,83 @@ VOCAB, SEQ, N = 50, 8, 16
 
 def tiny_bert():
     torch.manual_seed(0)
-    return T.BertForSequenceClassification(T.BertConfig(
-        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=SEQ, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    return T.BertForSequenceClassification(
+        T.BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=SEQ,
+            num_labels=3,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+    )
 
 
 def tiny_gpt2():
     torch.manual_seed(0)
-    return T.GPT2LMHeadModel(T.GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=SEQ,
-                                          bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
-                                          attn_pdrop=0.0))
+    return T.GPT2LMHeadModel(
+        T.GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=16,
+            n_layer=2,
+            n_head=2,
+            n_positions=SEQ,
+            bos_token_id=0,
+            eos_token_id=0,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+    )
 
 
 def tiny_llama():
     torch.manual_seed(0)
-    return T.LlamaForCausalLM(T.LlamaConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2,
-                                            num_attention_heads=2, num_key_value_heads=1, intermediate_size=32,
-                                            max_position_embeddings=SEQ, bos_token_id=0, eos_token_id=0,
-                                            pad_token_id=0))
+    return T.LlamaForCausalLM(
+        T.LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=32,
+            max_position_embeddings=SEQ,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+        )
+    )
 
 
 def tiny_vit():
     torch.manual_seed(0)
-    return T.ViTForImageClassification(T.ViTConfig(
-        image_size=16, patch_size=8, num_channels=3, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=32, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    return T.ViTForImageClassification(
+        T.ViTConfig(
+            image_size=16,
+            patch_size=8,
+            num_channels=3,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            num_labels=3,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+    )
 
 
 def text_classification_data():
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1, VOCAB, (N, SEQ), generator=g)
     labels = torch.randint(0, 3, (N,), generator=g)
-    return [{"input_ids": ids[i], "attention_mask": torch.ones(SEQ, dtype=torch.long), "labels": labels[i]}
-            for i in range(N)]
+    return [
+        {"input_ids": ids[i], "attention_mask": torch.ones(SEQ, dtype=torch.long), "labels": labels[i]}
+        for i in range(N)
+    ]
 
 
 def language_modelling_data():
@@ -91,16 +135,26 @@ def test_group_contents_follow_the_architecture():
 
 def test_encoder_decoder_models_get_one_group_per_block_of_each_stack():
     torch.manual_seed(0)
-    t5 = T.T5ForConditionalGeneration(T.T5Config(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=2,
-                                                 num_heads=2, decoder_start_token_id=0))
-    assert bvgls.layer_groups(t5).names == ["embed", "encoder.block0", "encoder.block1", "encoder.final",
-                                            "decoder.block0", "decoder.block1", "head"]
+    t5 = T.T5ForConditionalGeneration(
+        T.T5Config(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2, decoder_start_token_id=0)
+    )
+    assert bvgls.layer_groups(t5).names == [
+        "embed",
+        "encoder.block0",
+        "encoder.block1",
+        "encoder.final",
+        "decoder.block0",
+        "decoder.block1",
+        "head",
+    ]
 
 
 def test_import_bvgls_does_not_import_frameworks():
-    code = ("import sys, bvgls, bvgls.integrations, bvgls.distributed; "
-            "bad = [m for m in ('transformers', 'lightning', 'pytorch_lightning') if m in sys.modules]; "
-            "assert not bad, bad")
+    code = (
+        "import sys, bvgls, bvgls.integrations, bvgls.distributed; "
+        "bad = [m for m in ('transformers', 'lightning', 'pytorch_lightning') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -124,17 +178,35 @@ class StepMonitor(T.TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         strategy = self.cb.strategy
-        moved = [[not torch.equal(b, p) for b, p in zip(bs, ps)]
-                 for bs, ps in zip(self.before, strategy.group_params)]
-        self.steps.append({"selected": list(strategy.selected), "moved": moved,
-                           "ratios": strategy.ratios.tolist(), "naive": self.naive_ratios, "grads": self.grads})
+        moved = [[not torch.equal(b, p) for b, p in zip(bs, ps)] for bs, ps in zip(self.before, strategy.group_params)]
+        self.steps.append(
+            {
+                "selected": list(strategy.selected),
+                "moved": moved,
+                "ratios": strategy.ratios.tolist(),
+                "naive": self.naive_ratios,
+                "grads": self.grads,
+            }
+        )
 
 
 def run_trainer(tmp_path, model, data, optim="sgd", strategy="bvgls", max_steps=6, **args):
     targs = T.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=0.05,
-        optim=optim, weight_decay=0.0, max_grad_norm=0.0, logging_steps=2, report_to="none", use_cpu=True,
-        disable_tqdm=True, dataloader_num_workers=0, seed=0, **{"save_strategy": "no", **args})
+        output_dir=str(tmp_path),
+        max_steps=max_steps,
+        per_device_train_batch_size=4,
+        learning_rate=0.05,
+        optim=optim,
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        logging_steps=2,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+        **{"save_strategy": "no", **args},
+    )
     trainer = T.Trainer(model=model, args=targs, train_dataset=data)
     callback = attach(trainer, strategy)
     monitor = StepMonitor(callback)
@@ -143,11 +215,15 @@ def run_trainer(tmp_path, model, data, optim="sgd", strategy="bvgls", max_steps=
     return trainer, callback, monitor
 
 
-@pytest.mark.parametrize("build,data,optim", [
-    (tiny_bert, text_classification_data, "sgd"),
-    (tiny_gpt2, language_modelling_data, "adamw_torch"),
-    (tiny_vit, image_data, "sgd"),
-], ids=["bert-sgd", "gpt2-adamw", "vit-sgd"])
+@pytest.mark.parametrize(
+    "build,data,optim",
+    [
+        (tiny_bert, text_classification_data, "sgd"),
+        (tiny_gpt2, language_modelling_data, "adamw_torch"),
+        (tiny_vit, image_data, "sgd"),
+    ],
+    ids=["bert-sgd", "gpt2-adamw", "vit-sgd"],
+)
 def test_trainer_updates_only_the_selected_group(tmp_path, build, data, optim):
     trainer, callback, monitor = run_trainer(tmp_path, build(), data(), optim=optim)
     strategy = callback.strategy
@@ -162,7 +238,6 @@ def test_trainer_updates_only_the_selected_group(tmp_path, build, data, optim):
             else:
                 assert not any(moved), f"unselected group {strategy.group_names[g]} moved"
     assert_selected_on_the_stepped_gradients(monitor.steps)
-
 
 
 class FusedMonitor(T.TrainerCallback):
@@ -180,16 +255,35 @@ class FusedMonitor(T.TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         groups = self.cb.strategy.group_params
-        moved = [g for g, (bs, ps) in enumerate(zip(self.before, groups))
-                 if any(not torch.equal(b, p) for b, p in zip(bs, ps))]
-        self.steps.append({"chosen": self.chosen, "with_grad": self.with_grad, "moved": moved,
-                           "selected": list(self.cb.strategy.selected)})
+        moved = [
+            g
+            for g, (bs, ps) in enumerate(zip(self.before, groups))
+            if any(not torch.equal(b, p) for b, p in zip(bs, ps))
+        ]
+        self.steps.append(
+            {
+                "chosen": self.chosen,
+                "with_grad": self.with_grad,
+                "moved": moved,
+                "selected": list(self.cb.strategy.selected),
+            }
+        )
 
 
 def test_trainer_runs_fused_bvgls_with_the_lagged_selection(tmp_path):
-    targs = T.TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4,
-                                learning_rate=0.05, optim="adamw_torch", max_grad_norm=0.0, report_to="none",
-                                use_cpu=True, disable_tqdm=True, save_strategy="no", seed=0)
+    targs = T.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=6,
+        per_device_train_batch_size=4,
+        learning_rate=0.05,
+        optim="adamw_torch",
+        max_grad_norm=0.0,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+        seed=0,
+    )
     trainer = T.Trainer(model=tiny_gpt2(), args=targs, train_dataset=language_modelling_data())
     callback = attach(trainer, "bvgls:fused=true")
     monitor = FusedMonitor(callback)
@@ -201,12 +295,24 @@ def test_trainer_runs_fused_bvgls_with_the_lagged_selection(tmp_path):
     assert all(len(step["chosen"]) == 1 for step in monitor.steps[1:])
 
 
-@pytest.mark.parametrize("args, message", [
-    ({}, "max_grad_norm=1.0 clips .* set max_grad_norm=0"),
-    ({"max_grad_norm": 0.0, "gradient_accumulation_steps": 2}, "set gradient_accumulation_steps=1")])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ({}, "max_grad_norm=1.0 clips .* set max_grad_norm=0"),
+        ({"max_grad_norm": 0.0, "gradient_accumulation_steps": 2}, "set gradient_accumulation_steps=1"),
+    ],
+)
 def test_trainer_refuses_fused_settings_it_cannot_follow(tmp_path, args, message):
-    targs = T.TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4,
-                                report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="no", **args)
+    targs = T.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+        **args,
+    )
     trainer = T.Trainer(model=tiny_gpt2(), args=targs, train_dataset=language_modelling_data())
     callback = attach(trainer, "bvgls-fused")
     with pytest.raises(ValueError, match=message):
@@ -235,9 +341,18 @@ def test_trainer_logs_selection_frequency_and_bvr(tmp_path):
 def test_fixed_strategy_and_callback_in_constructor(tmp_path):
     model = tiny_bert()
     callback = BVGLSCallback("L3-4")
-    targs = T.TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4,
-                                optim="sgd", logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
-                                disable_tqdm=True, max_grad_norm=0.0)
+    targs = T.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        optim="sgd",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        max_grad_norm=0.0,
+    )
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = T.Trainer(model=model, args=targs, train_dataset=text_classification_data(), callbacks=[callback])
     trainer.train()
@@ -255,9 +370,19 @@ def test_checkpoint_resume_restores_the_statistics(tmp_path):
     saved = torch.load(tmp_path / "checkpoint-2" / STATE_FILE, weights_only=True)
     assert saved["num_steps"] == 2
 
-    targs = T.TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
-                                optim="sgd", learning_rate=0.05, max_grad_norm=0.0, logging_steps=10,
-                                save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True)
+    targs = T.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        optim="sgd",
+        learning_rate=0.05,
+        max_grad_norm=0.0,
+        logging_steps=10,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
     trainer = T.Trainer(model=tiny_bert(), args=targs, train_dataset=data)
     callback = attach(trainer)
     trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
@@ -266,8 +391,9 @@ def test_checkpoint_resume_restores_the_statistics(tmp_path):
 
 
 def test_bad_strategy_spec_is_reported(tmp_path):
-    targs = T.TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to="none", use_cpu=True,
-                                disable_tqdm=True, save_strategy="no")
+    targs = T.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=1, report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="no"
+    )
     trainer = T.Trainer(model=tiny_bert(), args=targs, train_dataset=text_classification_data())
     attach(trainer, "no-such-strategy")
     with pytest.raises(ValueError, match="already has a BVGLSCallback"):
@@ -289,8 +415,12 @@ def test_groups_are_found_inside_a_wrapper_and_can_be_overridden():
     assert model_groups(wrapper).names == ["embed", "block0", "block1", "head"]
     assert len(model_groups(wrapper, "tensor").names) == len(list(wrapper.parameters()))
     opt = torch.optim.SGD(wrapper.parameters(), lr=0.1)
-    two = build_strategy("bvgls", opt, wrapper, groups=lambda m: {"body": list(m.net.bert.parameters()),
-                                                                  "classifier": list(m.net.classifier.parameters())})
+    two = build_strategy(
+        "bvgls",
+        opt,
+        wrapper,
+        groups=lambda m: {"body": list(m.net.bert.parameters()), "classifier": list(m.net.classifier.parameters())},
+    )
     assert two.group_names == ["body", "classifier"]
     two.remove()
     with pytest.raises(TypeError, match="not a bvgls.GroupStrategy"):

@@ -27,8 +27,9 @@ class ForwardLog:
         """Frozen groups are frozen for real in the forward and unchanged by the step that follows."""
         assert len(self.entries) >= 4
         if spec == "bvgls:probe=2":  # probe steps 0, 2, 4, ...: nothing frozen; in between: all but the selection
-            assert [len(f) for f, _, _ in self.entries] == [0 if t % 2 == 0 else num_groups - 1
-                                                            for t in range(len(self.entries))]
+            assert [len(f) for f, _, _ in self.entries] == [
+                0 if t % 2 == 0 else num_groups - 1 for t in range(len(self.entries))
+            ]
         assert any(frozen for frozen, _, _ in self.entries)  # something was frozen for real
         for (frozen, before, names), (_, after, _) in zip(self.entries, self.entries[1:]):
             assert len(names) == len(frozen) < num_groups
@@ -44,14 +45,35 @@ def test_hf_trainer_freezes_before_the_next_forward(spec, tmp_path):
     from bvgls.integrations.hf import attach
 
     torch.manual_seed(0)
-    model = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=2, n_positions=8,
-                                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    model = T.GPT2LMHeadModel(
+        T.GPT2Config(
+            vocab_size=50,
+            n_embd=16,
+            n_layer=2,
+            n_head=2,
+            n_positions=8,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+    )
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(1, 50, (16, 8), generator=g)
     data = [{"input_ids": ids[i], "labels": ids[i]} for i in range(16)]
-    args = T.TrainingArguments(output_dir=str(tmp_path), max_steps=7, per_device_train_batch_size=2,
-                               learning_rate=0.05, optim="sgd", max_grad_norm=0.0, logging_steps=100,
-                               save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0)
+    args = T.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=7,
+        per_device_train_batch_size=2,
+        learning_rate=0.05,
+        optim="sgd",
+        max_grad_norm=0.0,
+        logging_steps=100,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
     trainer = T.Trainer(model=model, args=args, train_dataset=data)
     callback = attach(trainer, spec)
     log = ForwardLog(model, callback)
@@ -71,8 +93,15 @@ def test_lightning_freezes_before_the_next_training_step(spec):
         def __init__(self):
             super().__init__()
             torch.manual_seed(0)
-            self.model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16),
-                                       nn.Tanh(), nn.Linear(16, 3))
+            self.model = nn.Sequential(
+                nn.Linear(6, 16),
+                nn.Tanh(),
+                nn.Linear(16, 16),
+                nn.Tanh(),
+                nn.Linear(16, 16),
+                nn.Tanh(),
+                nn.Linear(16, 3),
+            )
             self.seen = []  # inside training_step: which groups are frozen
 
         def training_step(self, batch, batch_idx):
@@ -89,8 +118,16 @@ def test_lightning_freezes_before_the_next_training_step(spec):
     g = torch.Generator().manual_seed(1)
     data = torch.utils.data.TensorDataset(torch.randn(28, 6, generator=g), torch.randint(0, 3, (28,), generator=g))
     log = ForwardLog(module.model, callback)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=7, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=7,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+    )
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
     assert len(log.entries) == 7
     assert module.seen == [frozen for frozen, _, _ in log.entries]  # same inside training_step and the forward

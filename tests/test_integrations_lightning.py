@@ -78,19 +78,34 @@ class StepMonitor(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         strategy = self.cb.strategy
-        moved = [[not torch.equal(b, p) for b, p in zip(bs, ps)]
-                 for bs, ps in zip(self.before, strategy.group_params)]
-        self.steps.append({"selected": list(strategy.selected), "moved": moved,
-                           "ratios": strategy.ratios.tolist() if hasattr(strategy, "ratios") else None,
-                           "naive": self.naive_ratios, "grads": self.grads})
+        moved = [[not torch.equal(b, p) for b, p in zip(bs, ps)] for bs, ps in zip(self.before, strategy.group_params)]
+        self.steps.append(
+            {
+                "selected": list(strategy.selected),
+                "moved": moved,
+                "ratios": strategy.ratios.tolist() if hasattr(strategy, "ratios") else None,
+                "naive": self.naive_ratios,
+                "grads": self.grads,
+            }
+        )
 
 
 def fit(module, callback, max_steps=STEPS, max_epochs=-1, log_every_n_steps=2, **kwargs):
     logger = MemoryLogger()
     monitor = StepMonitor(callback)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, max_epochs=max_epochs,
-                        callbacks=[callback, monitor], logger=logger, log_every_n_steps=log_every_n_steps,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kwargs)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        max_epochs=max_epochs,
+        callbacks=[callback, monitor],
+        logger=logger,
+        log_every_n_steps=log_every_n_steps,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
     trainer.fit(module, loader())
     return trainer, logger, monitor
 
@@ -153,8 +168,16 @@ def test_fixed_strategy_and_checkpoint_state(tmp_path):
     path = tmp_path / "ckpt.ckpt"
     trainer.save_checkpoint(path)
     resumed = BVGLSCallback("L3-3")
-    trainer2 = L.Trainer(accelerator="cpu", devices=1, max_steps=3, callbacks=[resumed], logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer2 = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=3,
+        callbacks=[resumed],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer2.fit(TinyModule(), loader(), ckpt_path=path)
     assert resumed.strategy.num_steps == 3 and resumed.strategy.counts == [0, 0, 3]
 
@@ -185,9 +208,13 @@ def test_fused_bvgls_runs_and_moves_only_the_lagged_selection():
             assert all(moved) if g in step["selected"] else not any(moved)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"gradient_clip_val": 1.0}, "set gradient_clip_val=0"),
-    ({"accumulate_grad_batches": 2}, "set accumulate_grad_batches=1")])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"gradient_clip_val": 1.0}, "set gradient_clip_val=0"),
+        ({"accumulate_grad_batches": 2}, "set accumulate_grad_batches=1"),
+    ],
+)
 def test_fused_refuses_clipping_and_accumulation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         fit(TinyModule("adamw"), BVGLSCallback("bvgls-fused"), **kwargs)

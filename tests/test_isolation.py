@@ -18,7 +18,8 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 
 def test_a_native_crash_fails_only_that_test_by_name(tmp_path):
     (tmp_path / "conftest.py").write_text('pytest_plugins = ["isolation"]\n')
-    (tmp_path / "test_crashy.py").write_text(textwrap.dedent("""
+    (tmp_path / "test_crashy.py").write_text(
+        textwrap.dedent("""
         import os
         import pytest
 
@@ -32,10 +33,17 @@ def test_a_native_crash_fails_only_that_test_by_name(tmp_path):
 
         def test_after_the_crash():
             assert True
-    """))
+    """)
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", str(tmp_path)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", str(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1, proc.stdout + proc.stderr  # tests failed; not 134 (the runner itself aborted)
     assert "FAILED test_crashy.py::test_aborts" in proc.stdout and "killed by SIGABRT" in proc.stdout
     assert "1 failed, 2 passed" in proc.stdout

@@ -42,18 +42,41 @@ def frequencies(strategy: str, epoch: int) -> list[float]:
     return [0.02] * 8 + [0.84 - head, head]
 
 
-def write_run(root: Path, phase: str, task: str, strategy: str, lr: float, seed: int, batch: int, *,
-              test_error: float = 50.0, val_error: float = 50.0, diverged: bool = False) -> None:
+def write_run(
+    root: Path,
+    phase: str,
+    task: str,
+    strategy: str,
+    lr: float,
+    seed: int,
+    batch: int,
+    *,
+    test_error: float = 50.0,
+    val_error: float = 50.0,
+    diverged: bool = False,
+) -> None:
     """One finished run directory, written as the runner writes it."""
     records = []
     for e in range(1, EPOCHS + 1):
         evaluated = phase == "final" or e == EPOCHS
-        records.append({
-            "epoch": e, "steps": e * STEPS[batch], "lr": lr, "train_loss": None if diverged else 1.0 / e,
-            "test_loss": 1.0 if evaluated else None, "test_error": test_error if evaluated else None,
-            "val_loss": 1.0 if evaluated else None, "val_error": val_error if evaluated else None,
-            "train_s": 1.0, "eval_s": 0.1, "wall_s": 1.1, "selection_frequency": frequencies(strategy, e),
-            "mean_bvr": None, "mean_scale": frequencies(strategy, e)})
+        records.append(
+            {
+                "epoch": e,
+                "steps": e * STEPS[batch],
+                "lr": lr,
+                "train_loss": None if diverged else 1.0 / e,
+                "test_loss": 1.0 if evaluated else None,
+                "test_error": test_error if evaluated else None,
+                "val_loss": 1.0 if evaluated else None,
+                "val_error": val_error if evaluated else None,
+                "train_s": 1.0,
+                "eval_s": 0.1,
+                "wall_s": 1.1,
+                "selection_frequency": frequencies(strategy, e),
+                "mean_bvr": None,
+                "mean_scale": frequencies(strategy, e),
+            }
+        )
     config = {"dataset": task, "strategy": strategy, "seed": seed, "lr": lr, "phase": phase, "epochs": EPOCHS}
     history = History(config, GROUPS, GROUPS, records, True, diverged)
     path = root / phase / "runs" / task / strategy / f"lr{lr:g}" / f"seed{seed}"
@@ -74,8 +97,17 @@ def write_arm(root: Path, protocol, errors: dict, chosen: dict, grids: dict, div
             write_run(root, "final", t, s, chosen[(t, s)], seed, batch, test_error=error)
     for (t, s), grid in grids.items():
         for lr in grid:
-            write_run(root, "search", t, s, lr, 0, batch, diverged=(t, s, lr) in diverged,
-                      val_error=val_curve(lr, chosen[(t, s)]))
+            write_run(
+                root,
+                "search",
+                t,
+                s,
+                lr,
+                0,
+                batch,
+                diverged=(t, s, lr) in diverged,
+                val_error=val_curve(lr, chosen[(t, s)]),
+            )
     return root
 
 
@@ -109,13 +141,24 @@ def build(tmp_path: Path, *, needs_steps: bool, bvgls_lr_128: float = 0.3) -> tu
     b16_lrs = {"full": 0.001, "bvgls": 0.003, "L6-10": 0.001}
     chosen16 = {(t, s): lr for t in ablation.TASKS for s, lr in b16_lrs.items()}
     grids16 = {c: B16_GRID + ((0.0003,) if c[1] == "full" else ()) for c in chosen16}
-    a = write_arm(tmp_path / "A" / "mobilenet_v2", PRETRAINED_M, arm_errors(small if needs_steps else large, 0.0),
-                  chosen16, grids16)
+    a = write_arm(
+        tmp_path / "A" / "mobilenet_v2",
+        PRETRAINED_M,
+        arm_errors(small if needs_steps else large, 0.0),
+        chosen16,
+        grids16,
+    )
     chosen128 = {(t, s): 0.1 for t in ablation.TASKS for s in ablation.ABLATION_STRATEGIES}
     chosen128.update({(FINE, "bvgls"): 0.3, (COARSE, "bvgls"): bvgls_lr_128, (FINE, "L6-10"): 3.0})
     grids128 = {c: B128_GRID + ((3.0,) if c == (FINE, "L6-10") else ()) for c in chosen128}
-    b = write_arm(tmp_path / "B", PRETRAINED_BATCH, arm_errors(large if needs_steps else small, 2.0), chosen128,
-                  grids128, diverged={(t, "full", 1.0) for t in ablation.TASKS})
+    b = write_arm(
+        tmp_path / "B",
+        PRETRAINED_BATCH,
+        arm_errors(large if needs_steps else small, 2.0),
+        chosen128,
+        grids128,
+        diverged={(t, "full", 1.0) for t in ablation.TASKS},
+    )
     return a.parent, b
 
 
@@ -138,8 +181,10 @@ def test_the_report_s_numbers_match_a_hand_computation(tmp_path):
     a, b = build(tmp_path, needs_steps=True)
     numbers = ablation.write_batch_ablation(a, b)
     text = (b / "ablation.md").read_text()
-    e16, e128 = arm_errors({t: SMALL_GAP for t in ablation.TASKS}, 0.0), arm_errors(
-        {t: LARGE_GAP for t in ablation.TASKS}, 2.0)
+    e16, e128 = (
+        arm_errors({t: SMALL_GAP for t in ablation.TASKS}, 0.0),
+        arm_errors({t: LARGE_GAP for t in ablation.TASKS}, 2.0),
+    )
     n128 = len(PRETRAINED_BATCH.seeds)
     e128 = {cell: values[:n128] for cell, values in e128.items()}
     assert t_quantile(4) == pytest.approx(2.776, abs=1e-3)
@@ -208,8 +253,10 @@ def test_the_statements_do_not_hold_the_other_way_round(tmp_path):
     a, b = build(tmp_path, needs_steps=False, bvgls_lr_128=0.1)
     verdicts = ablation.write_batch_ablation(a, b)["statements"]
     assert verdicts["steps"]["verdict"] == "does not hold"
-    assert verdicts["lr"]["verdict"] == "does not hold" and f"{COARSE}, batch 128: 0.1 / 0.1 = 1x" in \
-        verdicts["lr"]["detail"]
+    assert (
+        verdicts["lr"]["verdict"] == "does not hold"
+        and f"{COARSE}, batch 128: 0.1 / 0.1 = 1x" in verdicts["lr"]["detail"]
+    )
     assert verdicts["competitive"]["per_batch"] == {16: "does not hold", 128: "holds"}
     text = (b / "ablation.md").read_text()
     assert "**Does not hold**" in statement(text, 1) and "**Does not hold**" in statement(text, 2)
@@ -217,7 +264,7 @@ def test_the_statements_do_not_hold_the_other_way_round(tmp_path):
 
 def test_the_statements_are_worded_as_the_frozen_protocol_words_them():
     doc = " ".join((REPO / "docs" / "experiments" / "pretrained.md").read_text().split())
-    section = doc[doc.index("## Ablation: batch size and learning rate"):doc.index("## Time budget")]
+    section = doc[doc.index("## Ablation: batch size and learning rate") : doc.index("## Time budget")]
     for text in ablation.STATEMENTS.values():
         assert text in section, text
 
@@ -227,8 +274,9 @@ def test_a_batch_128_arm_cut_short_is_reported_as_far_as_it_ran(tmp_path):
     a, _ = build(tmp_path / "full", needs_steps=True)
     errors = {(FINE, "full"): FULL[FINE][:2], (FINE, "bvgls"): [x + 8 for x in FULL[FINE][:2]]}
     chosen = {(FINE, "full"): 0.1, (FINE, "bvgls"): 0.3, (COARSE, "full"): 0.1}
-    b = write_arm(tmp_path / "B", PRETRAINED_BATCH, errors, chosen, {(FINE, "full"): B128_GRID,
-                                                                      (COARSE, "full"): B128_GRID[:2]})
+    b = write_arm(
+        tmp_path / "B", PRETRAINED_BATCH, errors, chosen, {(FINE, "full"): B128_GRID, (COARSE, "full"): B128_GRID[:2]}
+    )
     numbers = ablation.write_batch_ablation(a, b)
     text = (b / "ablation.md").read_text()
     assert f"- {FINE} / bvgls at batch 128: 2 of 3 final runs" in text
@@ -238,8 +286,10 @@ def test_a_batch_128_arm_cut_short_is_reported_as_far_as_it_ran(tmp_path):
     assert "average" not in numbers["versus_full"]["bvgls"][128]  # needs both tasks
     verdicts = numbers["statements"]
     assert verdicts["steps"]["verdict"] == "not judged"
-    assert verdicts["lr"]["verdict"] == "not judged" and f"no chosen lr yet for {COARSE} at batch 128" in \
-        verdicts["lr"]["detail"]
+    assert (
+        verdicts["lr"]["verdict"] == "not judged"
+        and f"no chosen lr yet for {COARSE} at batch 128" in verdicts["lr"]["detail"]
+    )
     assert verdicts["competitive"]["per_batch"] == {16: "holds", 128: "not judged"}
     assert verdicts["competitive"]["verdict"] == "competitive at batch 16 (batch 128 not judged)"
 
@@ -261,8 +311,11 @@ def test_the_arms_are_located_and_a_wrong_directory_refused(tmp_path):
     a, b = build(tmp_path, needs_steps=True)
     assert ablation.locate_part(a, *ablation.B16_PART) == (a / "mobilenet_v2", PRETRAINED_M)
     assert ablation.locate_part(a / "mobilenet_v2", *ablation.B16_PART)[0] == a / "mobilenet_v2"
-    with pytest.raises(ValueError, match=r"another protocol than part mobilenet_v2 of `pretrained` \(differs in "
-                                         r"batch_size, lr_ladder, lrs, seeds, strategies\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"another protocol than part mobilenet_v2 of `pretrained` \(differs in "
+        r"batch_size, lr_ladder, lrs, seeds, strategies\)",
+    ):
         ablation.locate_part(b, *ablation.B16_PART)
     with pytest.raises(ValueError, match="holds no `pretrained-batch` benchmark"):
         ablation.write_batch_ablation(a, tmp_path)
@@ -278,12 +331,19 @@ def test_cli_writes_the_ablation_report_and_refuses_a_bad_batch16(tmp_path):
     assert f"batch-size ablation report: {b / 'ablation.md'}" in res.stdout
     assert "**Competitive at batch 16**" in (b / "ablation.md").read_text() and (b / "report.md").is_file()
     for args, message in (
-            (("--protocol", "pretrained-batch", "--out", tmp_path / "new", "--batch16", tmp_path / "nowhere"),
-             "is not a directory"),
-            (("--protocol", "pretrained-batch", "--out", tmp_path / "new", "--batch16", b),
-             "another protocol than part mobilenet_v2 of `pretrained`"),
-            (("--protocol", "pretrained", "--out", tmp_path / "new", "--batch16", a),
-             "--batch16 goes with --protocol pretrained-batch")):
+        (
+            ("--protocol", "pretrained-batch", "--out", tmp_path / "new", "--batch16", tmp_path / "nowhere"),
+            "is not a directory",
+        ),
+        (
+            ("--protocol", "pretrained-batch", "--out", tmp_path / "new", "--batch16", b),
+            "another protocol than part mobilenet_v2 of `pretrained`",
+        ),
+        (
+            ("--protocol", "pretrained", "--out", tmp_path / "new", "--batch16", a),
+            "--batch16 goes with --protocol pretrained-batch",
+        ),
+    ):
         res = lab_cli("bench", *args)
         assert res.returncode == 2 and res.stderr.startswith("error: ") and message in res.stderr, res.stderr
         assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "new").exists()

@@ -29,8 +29,7 @@ def _tiny_task(seed: int = 0, data_root=None, download=False) -> FewShotTask:
         keep = [i for c in range(3) for i in (full.labels[split] == c).nonzero().flatten()[:per_class].tolist()]
         images[split], labels[split] = full.images[split][keep], full.labels[split][keep]
         ids[split] = [full.source_ids[split][i] for i in keep]
-    return FewShotTask("tiny", "feature", "3 digit classes", ["0", "1", "2"], images, labels, ids, seed, 2,
-                       hflip=False)
+    return FewShotTask("tiny", "feature", "3 digit classes", ["0", "1", "2"], images, labels, ids, seed, 2, hflip=False)
 
 
 @pytest.fixture
@@ -39,16 +38,25 @@ def tiny_task(monkeypatch):
 
 
 def test_tiny_benchmark_end_to_end(tiny_task, tmp_path):
-    protocol = protocols.Protocol(tasks=("tiny",), strategies=("full", "bvgls", "linear"), seeds=(0, 1),
-                                  search_seeds=(0,),
-                              lrs=(0.01, 0.03), epochs=2, eval_every=1, batch_size=4, weights="none",
-                              fixed_lrs=(("tiny", "linear", 0.05),))
+    protocol = protocols.Protocol(
+        tasks=("tiny",),
+        strategies=("full", "bvgls", "linear"),
+        seeds=(0, 1),
+        search_seeds=(0,),
+        lrs=(0.01, 0.03),
+        epochs=2,
+        eval_every=1,
+        batch_size=4,
+        weights="none",
+        fixed_lrs=(("tiny", "linear", 0.05),),
+    )
     summary = run.run_benchmark(tmp_path, protocol, workers=1)
 
     # every searched cell chose an lr inside its grid or at the end of the ladder; the fixed one did not search
     cells = {c["strategy"]: c for c in summary["cells"]}
     assert cells["linear"]["fixed"] and cells["linear"]["lr"] == 0.05 and cells["linear"]["grid"] == [0.05]
     from bvgls.runner.grid import collect_results
+
     searched = {r["strategy"] for r in collect_results(str(tmp_path / "search"))}
     assert searched == {"full", "bvgls"}
     for cell in (cells["full"], cells["bvgls"]):
@@ -58,7 +66,13 @@ def test_tiny_benchmark_end_to_end(tiny_task, tmp_path):
     # the table reports the final runs: one per seed, at the chosen lr, 2 epochs each
     final = collect_results(str(tmp_path / "final"))
     assert sorted((r["strategy"], r["seed"]) for r in final) == [
-        ("bvgls", 0), ("bvgls", 1), ("full", 0), ("full", 1), ("linear", 0), ("linear", 1)]
+        ("bvgls", 0),
+        ("bvgls", 1),
+        ("full", 0),
+        ("full", 1),
+        ("linear", 0),
+        ("linear", 1),
+    ]
     chosen = {c["strategy"]: c["lr"] for c in summary["cells"]}
     assert all(r["lr"] == chosen[r["strategy"]] and r["epochs"] == 2 for r in final)
     for r in final:
@@ -117,8 +131,9 @@ def test_demo_uses_the_learning_rates_the_bench_chose():
     assert {(t, s) for t, s, _ in demo.fixed_lrs} == {(t, s) for t in demo.tasks for s in demo.strategies}
     for task, strategy, lr in demo.fixed_lrs:
         assert chosen[(task, strategy)] == lr
-    same = {k: v for k, v in asdict(demo).items() if k not in ("tasks", "strategies", "seeds", "search_seeds",
-                                                                      "fixed_lrs")}
+    same = {
+        k: v for k, v in asdict(demo).items() if k not in ("tasks", "strategies", "seeds", "search_seeds", "fixed_lrs")
+    }
     assert same == {k: v for k, v in asdict(protocols.BENCH).items() if k in same}
 
 

@@ -176,8 +176,9 @@ def test_model_has_the_papers_six_groups():
 
 
 def test_shipped_checkpoint_is_a_trained_source_model():
-    ckpt = source_model.load_source_checkpoint(source_model.ASSET_DIR / source_model.CHECKPOINT_NAME,
-                                        source_model.CHECKPOINT_SHA256)
+    ckpt = source_model.load_source_checkpoint(
+        source_model.ASSET_DIR / source_model.CHECKPOINT_NAME, source_model.CHECKPOINT_SHA256
+    )
     assert (source_model.ASSET_DIR / source_model.CHECKPOINT_NAME).stat().st_size < 20 * 2**20
     net = source_model.FMNISTResNet(10)
     net.load_state_dict(ckpt["state_dict"])

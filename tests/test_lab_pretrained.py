@@ -36,9 +36,15 @@ def isolated(tmp_path, monkeypatch):
 
 def _env(tmp_path, path_dirs):
     """A subprocess environment with an isolated cache and only ``path_dirs`` on PATH."""
-    return {"PYTHONPATH": os.pathsep.join(sys.path), "PATH": os.pathsep.join(map(str, path_dirs)),
-            "HOME": str(tmp_path), "BVGLS_CACHE": str(tmp_path / "cache"), "BVGLS_DATA": str(tmp_path / "tasks"),
-            "TORCH_HOME": str(tmp_path / "torch"), "OMP_NUM_THREADS": "1"}
+    return {
+        "PYTHONPATH": os.pathsep.join(sys.path),
+        "PATH": os.pathsep.join(map(str, path_dirs)),
+        "HOME": str(tmp_path),
+        "BVGLS_CACHE": str(tmp_path / "cache"),
+        "BVGLS_DATA": str(tmp_path / "tasks"),
+        "TORCH_HOME": str(tmp_path / "torch"),
+        "OMP_NUM_THREADS": "1",
+    }
 
 
 def _bin_with_python_only(tmp_path):
@@ -80,9 +86,20 @@ def test_run_tool_says_which_client_is_missing_or_failed():
 def test_setup_skips_tasks_with_one_line_when_npm_and_apt_get_are_missing(tmp_path):
     env = _env(tmp_path, [_bin_with_python_only(tmp_path)])
     env["BVGLS_OPENCLIPART"] = str(tmp_path / "no-clipart")
-    out = subprocess.run([shutil.which("bash"), str(REPO / "scripts" / "setup_pretrained.sh"), "--only", "tasks",
-                          "--tasks", "emoji-sub,clipart-fine"], capture_output=True, text=True, env=env,
-                         timeout=300)
+    out = subprocess.run(
+        [
+            shutil.which("bash"),
+            str(REPO / "scripts" / "setup_pretrained.sh"),
+            "--only",
+            "tasks",
+            "--tasks",
+            "emoji-sub,clipart-fine",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert "emoji-sub: skipped: emoji tasks: 'npm' is not installed" in lines
@@ -92,8 +109,13 @@ def test_setup_skips_tasks_with_one_line_when_npm_and_apt_get_are_missing(tmp_pa
 
 
 def test_setup_rejects_an_unknown_task_name(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "bvgls_lab.pretrained.setup", "--only", "tasks", "--tasks", "nope"],
-                         capture_output=True, text=True, env=_env(tmp_path, ["/usr/bin", "/bin"]), timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "bvgls_lab.pretrained.setup", "--only", "tasks", "--tasks", "nope"],
+        capture_output=True,
+        text=True,
+        env=_env(tmp_path, ["/usr/bin", "/bin"]),
+        timeout=120,
+    )
     assert out.returncode == 2 and out.stderr.strip().startswith("error: unknown task(s) nope")
 
 
@@ -168,8 +190,9 @@ def test_clipart_task_is_a_deterministic_few_shot_imagefolder(tmp_path, fake_cli
             files = sorted((out / split / label).iterdir())
             assert len(files) == manifest["counts"][label][split]
             sources[split, label] = {f.name for f in files}
-        assert not (sources["train", label] & sources["val", label]) and not (sources["train", label]
-                                                                              & sources["test", label])
+        assert not (sources["train", label] & sources["val", label]) and not (
+            sources["train", label] & sources["test", label]
+        )
     image = Image.open(next((out / "train" / "bugs").iterdir()))
     assert image.size == (tasks.RESOLUTION, tasks.RESOLUTION) and image.mode == "RGB"
     assert image.getpixel((tasks.RESOLUTION - 1, tasks.RESOLUTION - 1)) == (255, 255, 255)  # transparent -> white
@@ -215,18 +238,33 @@ def _fake_emoji_tree(root: Path) -> None:
     for k, (_, (selector,)) in enumerate(spec.classes.items()):
         for i in range(9):
             code = f"{0x1F000 + 16 * k + i:X}"
-            meta.append({"unified": code, "non_qualified": None, "short_name": f"e{k}_{i}", "category": "Test",
-                         "subcategory": selector[len("sub:"):]})
+            meta.append(
+                {
+                    "unified": code,
+                    "non_qualified": None,
+                    "short_name": f"e{k}_{i}",
+                    "category": "Test",
+                    "subcategory": selector[len("sub:") :],
+                }
+            )
             chars[code.lower()] = f"e{k}-{i}"
             icons[f"e{k}-{i}"] = {"body": f'<rect x="2" y="2" width="{4 + i}" height="8" fill="#{k:02x}40{i:02x}"/>'}
-    meta.append({"unified": "1F9FF", "non_qualified": None, "short_name": "only-noto", "category": "Test",
-                 "subcategory": "animal-mammal"})
+    meta.append(
+        {
+            "unified": "1F9FF",
+            "non_qualified": None,
+            "short_name": "only-noto",
+            "category": "Test",
+            "subcategory": "animal-mammal",
+        }
+    )
     for vendor, size in (("noto", 128), ("twemoji", 36)):
         folder = root / "@iconify-json" / vendor
         folder.mkdir(parents=True)
         vchars = dict(chars, **({"1f9ff": "only"} if vendor == "noto" else {}))
-        (folder / "icons.json").write_text(json.dumps({"prefix": vendor, "icons": dict(icons, only=icons["e0-0"]),
-                                                       "width": size, "height": size}))
+        (folder / "icons.json").write_text(
+            json.dumps({"prefix": vendor, "icons": dict(icons, only=icons["e0-0"]), "width": size, "height": size})
+        )
         (folder / "chars.json").write_text(json.dumps(vchars))
         (folder / "package.json").write_text(json.dumps({"version": "0.0-test"}))
     (root / "emoji-datasource-google").mkdir()
@@ -245,8 +283,11 @@ def test_emoji_task_trains_on_noto_and_tests_on_twemoji_of_other_emoji(tmp_path)
         by_split.setdefault(record["split"], set()).add(record["source"])
     assert not by_split["test"] & (by_split["train"] | by_split["val"])  # held-out emoji
     assert manifest["counts"]["mammals"] == {"train": 3, "val": 3, "test": 3}
-    assert set(manifest["inputs"]) == {"@iconify-json/noto/icons.json", "@iconify-json/twemoji/icons.json",
-                                       "emoji-datasource-google/emoji.json"}
+    assert set(manifest["inputs"]) == {
+        "@iconify-json/noto/icons.json",
+        "@iconify-json/twemoji/icons.json",
+        "emoji-datasource-google/emoji.json",
+    }
     assert {s["licence"].split(" ")[0] for s in manifest["sources"]} == {"Apache-2.0", "CC-BY-4.0", "MIT"}
 
 
@@ -284,18 +325,39 @@ def _lab_entry_point_installed() -> bool:
 # installed (scripts/setup.sh does; a bare PYTHONPATH does not)
 @pytest.mark.skipif(not _lab_entry_point_installed(), reason="the lab is not installed (pip install -e lab/)")
 def test_cli_reports_a_missing_task_in_one_line(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "bvgls", "finetune", "--model", "tiny-cnn", "--data", "emoji-vendor",
-                          "--epochs", "1", "--out", str(tmp_path / "run")],
-                         capture_output=True, text=True, env=_env(tmp_path, ["/usr/bin", "/bin"]), timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bvgls",
+            "finetune",
+            "--model",
+            "tiny-cnn",
+            "--data",
+            "emoji-vendor",
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(tmp_path, ["/usr/bin", "/bin"]),
+        timeout=300,
+    )
     assert out.returncode != 0
     assert "task 'emoji-vendor' is not built" in out.stderr and "Traceback" not in out.stderr
 
 
 # ---------------------------------------------------------------------- with the real assets
-needs_mobilenet = pytest.mark.skipif(not weights.mobilenet_v2_path().is_file(),
-                                     reason="MobileNetV2 weights not set up (bash scripts/setup_pretrained.sh)")
-needs_lite0 = pytest.mark.skipif(not weights.efficientnet_lite0_path().is_file(),
-                                 reason="EfficientNet-Lite0 weights not set up (bash scripts/setup_pretrained.sh)")
+needs_mobilenet = pytest.mark.skipif(
+    not weights.mobilenet_v2_path().is_file(),
+    reason="MobileNetV2 weights not set up (bash scripts/setup_pretrained.sh)",
+)
+needs_lite0 = pytest.mark.skipif(
+    not weights.efficientnet_lite0_path().is_file(),
+    reason="EfficientNet-Lite0 weights not set up (bash scripts/setup_pretrained.sh)",
+)
 
 
 def _top5_on_sample_photo(model):
@@ -389,8 +451,10 @@ def test_lab_requirements_cover_what_the_pretrained_set_up_imports():
     root = Path(__file__).resolve().parents[1]
     library = tomllib.loads((root / "pyproject.toml").read_text())["project"]
     lab = tomllib.loads((root / "lab" / "pyproject.toml").read_text())["project"]
-    declared = {re.split(r"[<>=!~\[ ]", r)[0].lower() for r in library["dependencies"] +
-                library["optional-dependencies"]["cli"] + lab["dependencies"]}
+    declared = {
+        re.split(r"[<>=!~\[ ]", r)[0].lower()
+        for r in library["dependencies"] + library["optional-dependencies"]["cli"] + lab["dependencies"]
+    }
     imported = set()
     for path in (root / "lab" / "bvgls_lab" / "pretrained").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):

@@ -28,9 +28,19 @@ def tiny_task(monkeypatch):
 
 
 def _protocol(**changes):
-    base = dict(tasks=("tiny",), strategies=("full", "bvgls", "L5-6", "linear"), design="sweep", lrs=LRS,
-                seeds=(0, 1), search_seeds=(), extend_grid=False, epochs=2, eval_every=1, batch_size=4,
-                weights="none")
+    base = dict(
+        tasks=("tiny",),
+        strategies=("full", "bvgls", "L5-6", "linear"),
+        design="sweep",
+        lrs=LRS,
+        seeds=(0, 1),
+        search_seeds=(),
+        extend_grid=False,
+        epochs=2,
+        eval_every=1,
+        batch_size=4,
+        weights="none",
+    )
     return bench_protocol.Protocol(**{**base, **changes})
 
 
@@ -39,7 +49,8 @@ def test_sweep_runs_every_lr_on_every_seed_and_reports_them(tiny_task, tmp_path)
     summary = run.run_benchmark(tmp_path, protocol, workers=1)
     rows = sweep_report.sweep_rows(tmp_path)
     assert sorted((r["strategy"], r["lr"], r["seed"]) for r in rows) == sorted(
-        (s, lr, k) for s in protocol.strategies for lr in LRS for k in (0, 1))
+        (s, lr, k) for s in protocol.strategies for lr in LRS for k in (0, 1)
+    )
     assert summary["seeds"] == [0, 1] and summary["runs"] == 24
     test, val = sweep_report.errors(rows), sweep_report.errors(rows, "val_error")
     # each strategy's lr: the lowest mean validation error over the seeds (ties: lower val loss, then smaller lr)
@@ -55,11 +66,17 @@ def test_sweep_runs_every_lr_on_every_seed_and_reports_them(tiny_task, tmp_path)
         assert cell["best_partial"] in ("L5-6", "linear") and cell["bvgls_minus_full"][3] == 2
     tuned = summary["tuned"]["tiny"]["full"]
     lr_b, lr_f = summary["chosen_lr"]["tiny bvgls"], summary["chosen_lr"]["tiny full"]
-    assert tuned["diff"][0] == pytest.approx(statistics.fmean(
-        test[("tiny", "bvgls", lr_b)][k] - test[("tiny", "full", lr_f)][k] for k in (0, 1)))
+    assert tuned["diff"][0] == pytest.approx(
+        statistics.fmean(test[("tiny", "bvgls", lr_b)][k] - test[("tiny", "full", lr_f)][k] for k in (0, 1))
+    )
     report = (tmp_path / "report.md").read_text()
-    for section in ("## Learning-rate sensitivity", "## The paper's comparison", "## Each strategy at its own lr",
-                    "## Robustness to the lr", "## Test error at every evaluation"):
+    for section in (
+        "## Learning-rate sensitivity",
+        "## The paper's comparison",
+        "## Each strategy at its own lr",
+        "## Robustness to the lr",
+        "## Test error at every evaluation",
+    ):
         assert section in report
     assert summary["figures"]["lr sensitivity"] == "figures/lr_sensitivity.png"
     assert "`figures/lr_sensitivity.png`" in report

@@ -15,8 +15,11 @@ from bvgls_lab.experiments import text_check, text_task
 
 transformers = pytest.importorskip("transformers")
 
-WORDS = {"alpha": ["apple", "pear", "plum", "fig"], "beta": ["code", "disk", "byte", "bug"],
-         "gamma": ["judge", "court", "law", "jury"]}
+WORDS = {
+    "alpha": ["apple", "pear", "plum", "fig"],
+    "beta": ["code", "disk", "byte", "bug"],
+    "gamma": ["judge", "court", "law", "jury"],
+}
 
 
 def _write_fortunes(root, n=14):
@@ -69,8 +72,14 @@ def tiny_bert(tmp_path_factory):
     vocab += [w for words in WORDS.values() for w in words] + list(WORDS) + [str(i) for i in range(20)]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
     transformers.BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
-    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=32, max_position_embeddings=64)
+    config = transformers.BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     transformers.BertModel(config).save_pretrained(folder)
     return folder
@@ -78,8 +87,20 @@ def tiny_bert(tmp_path_factory):
 
 def _settings(tmp_path, tiny_bert, **changes):
     root = _write_fortunes(tmp_path / "f")
-    base = text_check.RunSettings("full", 1e-3, 1, str(tiny_bert), str(root), tuple(WORDS), train=6, val=2,
-                                  test=3, epochs=2, batch_size=4, max_length=16)
+    base = text_check.RunSettings(
+        "full",
+        1e-3,
+        1,
+        str(tiny_bert),
+        str(root),
+        tuple(WORDS),
+        train=6,
+        val=2,
+        test=3,
+        epochs=2,
+        batch_size=4,
+        max_length=16,
+    )
     return text_check._with(base, **changes)
 
 
@@ -103,9 +124,19 @@ def test_run_one_counts_steps_and_selections(tmp_path, tiny_bert, one_thread):
 
 
 def _record(lr, seed, val_acc, val_loss):
-    return {"settings": {"lr": lr, "seed": seed}, "val_acc": val_acc, "val_loss": val_loss, "test_acc": 0.5,
-            "test_loss": 1.0, "peak_rss_mb": 1.0, "rss_ready_mb": 1.0, "steps": 1, "epoch_s": [1.0],
-            "selection_frequency": {}, "bvgls_file": ""}
+    return {
+        "settings": {"lr": lr, "seed": seed},
+        "val_acc": val_acc,
+        "val_loss": val_loss,
+        "test_acc": 0.5,
+        "test_loss": 1.0,
+        "peak_rss_mb": 1.0,
+        "rss_ready_mb": 1.0,
+        "steps": 1,
+        "epoch_s": [1.0],
+        "selection_frequency": {},
+        "bvgls_file": "",
+    }
 
 
 def test_choose_lr_by_validation_then_loss_then_smaller():
@@ -121,6 +152,7 @@ def test_arm_runs_grid_then_other_seeds_at_chosen_lr(tmp_path, monkeypatch):
     def fake_launch(s, out):
         launched.append((s.lr, s.seed))
         return _record(s.lr, s.seed, val[s.lr], 1.0)
+
     monkeypatch.setattr(text_check, "launch", fake_launch)
     base = text_check.RunSettings("bvgls", 1.0, 0, "m", "f")
     arm = text_check.strategy_arm(base, (1e-4, 3e-4), (1, 2, 3), tmp_path)
@@ -139,15 +171,32 @@ def test_launch_fresh_process_and_reuse(tmp_path, tiny_bert, monkeypatch):
     assert text_check.launch(s, tmp_path / "out") == record and path.stat().st_mtime_ns == stamp
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--strategies", "nosuch"], "unknown strategy"),
-    (["--lrs", "fast"], "comma-separated numbers"),
-    (["--model", "/nonexistent"], "no model folder"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--strategies", "nosuch"], "unknown strategy"),
+        (["--lrs", "fast"], "comma-separated numbers"),
+        (["--model", "/nonexistent"], "no model folder"),
+    ],
+)
 def test_bad_input_is_one_error_line(tmp_path, tiny_bert, capsys, argv, message):
     root = _write_fortunes(tmp_path / "f")
-    args = ["--out", str(tmp_path / "o"), "--fortunes", str(root), "--classes", "alpha,beta",
-            "--train", "4", "--val", "2", "--test", "2", "--model", str(tiny_bert)] + argv
+    args = [
+        "--out",
+        str(tmp_path / "o"),
+        "--fortunes",
+        str(root),
+        "--classes",
+        "alpha,beta",
+        "--train",
+        "4",
+        "--val",
+        "2",
+        "--test",
+        "2",
+        "--model",
+        str(tiny_bert),
+    ] + argv
     with pytest.raises(SystemExit) as exc:
         text_check.main(args)
     err = capsys.readouterr().err.strip().splitlines()
@@ -157,16 +206,19 @@ def test_bad_input_is_one_error_line(tmp_path, tiny_bert, capsys, argv, message)
 
 def test_missing_fortunes_names_the_setup(tmp_path, tiny_bert, capsys):
     with pytest.raises(SystemExit):
-        text_check.main(["--out", str(tmp_path / "o"), "--fortunes", str(tmp_path / "none"),
-                         "--model", str(tiny_bert)])
+        text_check.main(["--out", str(tmp_path / "o"), "--fortunes", str(tmp_path / "none"), "--model", str(tiny_bert)])
     assert "scripts/setup_text.sh" in capsys.readouterr().err
 
 
 def test_report_joins_folders_and_refuses_missing(tmp_path, capsys):
     for name, spec, acc in (("a", "full", (0.5, 0.7)), ("b", "bvgls-fused", (0.6, 0.6))):
         runs = [_record(1e-4, seed, 0.5, 1.0) | {"test_acc": a, "peak_rss_mb": 300.0} for seed, a in zip((1, 2), acc)]
-        arm = {"strategy": spec, "lr": 1e-4, "grid": [text_check._brief(runs[0])],
-               "runs": [text_check._brief(r) for r in runs]}
+        arm = {
+            "strategy": spec,
+            "lr": 1e-4,
+            "grid": [text_check._brief(runs[0])],
+            "runs": [text_check._brief(r) for r in runs],
+        }
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps([arm]))
     text_check.main(["--report", str(tmp_path / "a"), str(tmp_path / "b")])

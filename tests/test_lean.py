@@ -28,7 +28,6 @@ def setup(spec, model=None, opt="sgd"):
     return model, optimizer, bvgls.make_strategy(spec, optimizer, groups)
 
 
-
 def run(model, opt, s, steps):
     """Per step: the frozen groups before its forward pass, and the groups it updated."""
     trace = []
@@ -116,6 +115,7 @@ class BackwardProbe:
         def forward_hook(module, inputs, output):
             if output.requires_grad:
                 output.register_hook(lambda grad: self.reached.add(i))
+
         return forward_hook
 
 
@@ -219,7 +219,7 @@ def test_a_probe_covers_a_whole_accumulated_step():
 
 def test_grad_scaler_skip_does_not_advance_the_probe_schedule():
     model, opt, s = setup("bvgls:probe=2")
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
 
     def scaled_step(step, poison=False):
         opt.zero_grad()
@@ -262,13 +262,16 @@ def test_statistics_buffer_is_allocated_per_tensor_and_reported():
         assert per_group[name] == sum(p.numel() * p.element_size() + 2 * 8 for p in ps)
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("bvgls:probe=0", "probe .* must be a positive integer"),
-    ("bvgls:probe=2.5", "probe must be an integer"),
-    ("bvgls:static=0", "static .* must be a positive integer"),
-    ("lisa:skip=False:freeze=True", "freeze=True needs skip=True"),
-    ("bcd-cyclic:freeze=maybe", "freeze must be True or False"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("bvgls:probe=0", "probe .* must be a positive integer"),
+        ("bvgls:probe=2.5", "probe must be an integer"),
+        ("bvgls:static=0", "static .* must be a positive integer"),
+        ("lisa:skip=False:freeze=True", "freeze=True needs skip=True"),
+        ("bcd-cyclic:freeze=maybe", "freeze must be True or False"),
+    ],
+)
 def test_bad_lean_options(spec, message):
     model = mlp()
     groups = bvgls.layer_groups(model)
@@ -300,12 +303,15 @@ def test_recommend_reports_frequency_bvr_and_a_range_ending_at_the_head():
     assert all(b is None or b >= 0 for b in report.mean_bvr)
 
 
-@pytest.mark.parametrize("frequency, coverage, spec", [
-    ([0.0, 0.0, 0.1, 0.2, 0.7], 0.8, "L4-5"),
-    ([0.3, 0.0, 0.0, 0.0, 0.7], 0.8, "L1-5"),
-    ([0.0, 0.0, 0.0, 0.0, 1.0], 0.8, "L5-5"),
-    ([0.1, 0.1, 0.1, 0.2, 0.5], 0.5, "L5-5"),
-])
+@pytest.mark.parametrize(
+    "frequency, coverage, spec",
+    [
+        ([0.0, 0.0, 0.1, 0.2, 0.7], 0.8, "L4-5"),
+        ([0.3, 0.0, 0.0, 0.0, 0.7], 0.8, "L1-5"),
+        ([0.0, 0.0, 0.0, 0.0, 1.0], 0.8, "L5-5"),
+        ([0.1, 0.1, 0.1, 0.2, 0.5], 0.5, "L5-5"),
+    ],
+)
 def test_recommended_range_rule(frequency, coverage, spec):
     assert recommend_range(frequency, coverage) == spec
 

@@ -28,7 +28,6 @@ def setup(spec, seed=0):
     return model, optimizer, bvgls.make_strategy(spec, optimizer, groups)
 
 
-
 # ---------------------------------------------------------------------- release_state
 @pytest.mark.parametrize("spec", ["bvgls:probe=3:release_state=true", "bvgls:static=4:probe=2:release_state=yes"])
 def test_release_state_keeps_optimizer_state_only_for_the_groups_being_trained(spec):
@@ -88,14 +87,14 @@ def test_bfloat16_ema_halves_the_buffer_and_keeps_the_ratios():
     full, half = runs["bvgls"][0], runs["bvgls:ema=bfloat16"][0]
     assert all(m.dtype == torch.bfloat16 for m in half._m if m is not None)
     scalars = len(full.params) * 2 * 8  # per tensor: running sum of squares and step count, float64
-    assert (sum(half.state_bytes()["strategy"].values()) - scalars) * 2 == \
-        sum(full.state_bytes()["strategy"].values()) - scalars
+    assert (sum(half.state_bytes()["strategy"].values()) - scalars) * 2 == sum(
+        full.state_bytes()["strategy"].values()
+    ) - scalars
     # the same weights until the selections part, so compare the statistics of one shared trajectory
     model, opt, s32 = setup("bvgls")
     _, _, s16 = setup("bvgls:ema=bfloat16", seed=0)
     s16.remove()
-    s16 = bvgls.BVGLS(torch.optim.SGD(model.parameters(), lr=0.0), groups=s32.group_params,
-                      ema_dtype=torch.bfloat16)
+    s16 = bvgls.BVGLS(torch.optim.SGD(model.parameters(), lr=0.0), groups=s32.group_params, ema_dtype=torch.bfloat16)
     for step in range(10):
         opt.zero_grad()
         x, y = batch(step)
@@ -127,8 +126,17 @@ def test_chunked_full_backward_gives_the_same_run():
     for chunks in (1, 4):
         model = mlp()
         calls = count_forwards(model)
-        history = bvgls.finetune(model, tensor_data(), "full", epochs=2, batch_size=8, lr=0.05, progress=False,
-                                 full_backward_chunks=chunks, schedule="constant")
+        history = bvgls.finetune(
+            model,
+            tensor_data(),
+            "full",
+            epochs=2,
+            batch_size=8,
+            lr=0.05,
+            progress=False,
+            full_backward_chunks=chunks,
+            schedule="constant",
+        )
         results.append((model, history, len(calls)))
     (m1, h1, c1), (m4, h4, c4) = results
     assert c4 - c1 == 3 * 8 * 2  # 8 steps per epoch, each 4 forward passes instead of 1 (evaluation alike)
@@ -155,8 +163,17 @@ def test_only_steps_whose_backward_reaches_the_first_group_are_chunked(spec):
     model = mlp()
     calls = count_forwards(model)
     watch = DeepSteps()
-    bvgls.finetune(model, tensor_data(n=48), spec, epochs=1, batch_size=8, lr=0.05, progress=False,
-                   full_backward_chunks=2, callbacks=[watch])
+    bvgls.finetune(
+        model,
+        tensor_data(n=48),
+        spec,
+        epochs=1,
+        batch_size=8,
+        lr=0.05,
+        progress=False,
+        full_backward_chunks=2,
+        callbacks=[watch],
+    )
     steps = 48 // 8
     deep = watch.deep[:steps]
     evaluations = 48 // 8  # one evaluation pass over the 48 test examples
@@ -168,9 +185,28 @@ def test_only_steps_whose_backward_reaches_the_first_group_are_chunked(spec):
 
 
 def test_chunks_option_is_checked_on_the_command_line():
-    res = subprocess.run([sys.executable, "-m", "bvgls", "finetune", "--model", "tiny-cnn", "--data", "digits",
-                          "--lr", "0.1", "--full-backward-chunks", "0", "--out", "/tmp/never"],
-                         capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bvgls",
+            "finetune",
+            "--model",
+            "tiny-cnn",
+            "--data",
+            "digits",
+            "--lr",
+            "0.1",
+            "--full-backward-chunks",
+            "0",
+            "--out",
+            "/tmp/never",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     output = res.stdout + res.stderr
     assert res.returncode != 0 and "Traceback" not in output
     # checked by the config's declaration of the option, as from Python: one line naming the flag and its bound
@@ -186,7 +222,6 @@ def test_a_checkpoint_from_before_the_option_resumes_at_its_default(tmp_path):
     del ckpt["config"]["full_backward_chunks"]  # as an older bvgls wrote it
     torch.save(ckpt, ckpt_path)
     with pytest.raises(ValueError, match=r"full_backward_chunks: 1 -> 2"):
-        bvgls.finetune(mlp(), tensor_data(), "full", out_dir=tmp_path, resume=True, full_backward_chunks=2,
-                       **options)
+        bvgls.finetune(mlp(), tensor_data(), "full", out_dir=tmp_path, resume=True, full_backward_chunks=2, **options)
     resumed = bvgls.finetune(mlp(), tensor_data(), "full", out_dir=tmp_path, resume=True, **options)
     assert resumed.epochs[-1]["test_loss"] == whole.epochs[-1]["test_loss"]

@@ -15,13 +15,26 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _row(strategy, lr, seed, test, val, phase="search", diverged=False):
-    return {"dataset": "d", "strategy": strategy, "lr": lr, "seed": seed, "test_error": test, "val_error": val,
-            "phase": phase, "diverged": diverged}
+    return {
+        "dataset": "d",
+        "strategy": strategy,
+        "lr": lr,
+        "seed": seed,
+        "test_error": test,
+        "val_error": val,
+        "phase": phase,
+        "diverged": diverged,
+    }
 
 
 def test_points_are_mean_and_std_over_seeds_per_lr():
-    rows = [_row("full", 0.01, 0, 10.0, 12.0), _row("full", 0.01, 1, 14.0, 16.0), _row("full", 0.1, 0, 30.0, 31.0),
-            _row("full", 0.1, 1, None, None, diverged=True), _row("full", 0.1, 2, 40.0, 41.0, phase="refit")]
+    rows = [
+        _row("full", 0.01, 0, 10.0, 12.0),
+        _row("full", 0.01, 1, 14.0, 16.0),
+        _row("full", 0.1, 0, 30.0, 31.0),
+        _row("full", 0.1, 1, None, None, diverged=True),
+        _row("full", 0.1, 2, 40.0, 41.0, phase="refit"),
+    ]
     sens = lr_sensitivity(rows)
     low, high = sens[("d", "full")]
     assert (low.lr, low.runs, low.diverged) == (0.01, 2, 0)
@@ -40,9 +53,31 @@ def test_compare_draws_the_figure_when_several_lrs_were_tried(cli, image_root, t
     from PIL import Image
 
     out = tmp_path / "grid"
-    res = cli("compare", "--data", image_root, "--strategies", "full,bvgls", "--seeds", "0,1", "--epochs", "1",
-              "--lrs", "0.01,0.1", "--val-fraction", "0.3", "--out", out, "--no-extend-lrs",
-              "--model", "tiny-resnet", "--weights", "none", "--batch-size", "8", "--no-progress")
+    res = cli(
+        "compare",
+        "--data",
+        image_root,
+        "--strategies",
+        "full,bvgls",
+        "--seeds",
+        "0,1",
+        "--epochs",
+        "1",
+        "--lrs",
+        "0.01,0.1",
+        "--val-fraction",
+        "0.3",
+        "--out",
+        out,
+        "--no-extend-lrs",
+        "--model",
+        "tiny-resnet",
+        "--weights",
+        "none",
+        "--batch-size",
+        "8",
+        "--no-progress",
+    )
     assert res.exit_code == 0, res.output
     figure = out / "plots" / "lr_sensitivity.png"
     assert f"lr sensitivity (test and validation error against lr): {figure}" in res.stdout
@@ -60,9 +95,29 @@ def test_compare_draws_the_figure_when_several_lrs_were_tried(cli, image_root, t
 
 def test_compare_at_one_shared_lr_runs_no_search_and_draws_no_figure(cli, image_root, tmp_path):
     out = tmp_path / "shared"
-    res = cli("compare", "--data", image_root, "--strategies", "full,bvgls,linear", "--seeds", "0", "--epochs", "1",
-              "--lrs", "0.01", "--no-extend-lrs", "--out", out, "--model", "tiny-resnet", "--weights", "none",
-              "--batch-size", "8", "--no-progress")
+    res = cli(
+        "compare",
+        "--data",
+        image_root,
+        "--strategies",
+        "full,bvgls,linear",
+        "--seeds",
+        "0",
+        "--epochs",
+        "1",
+        "--lrs",
+        "0.01",
+        "--no-extend-lrs",
+        "--out",
+        out,
+        "--model",
+        "tiny-resnet",
+        "--weights",
+        "none",
+        "--batch-size",
+        "8",
+        "--no-progress",
+    )
     assert res.exit_code == 0, res.output
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
@@ -95,8 +150,9 @@ def test_paper_table_a_script_runs_both_modes_with_valid_options(tmp_path):
     assert tuned[tuned.index("--val-fraction") + 1] == "0.1"
     for cmd in commands:
         assert cmd[cmd.index("--model") + 1] == "wide_resnet50_2" and cmd[cmd.index("--schedule") + 1] == "constant"
-        parsed = subprocess.run([sys.executable, "-m", "bvgls", *cmd[1:], "--help"], capture_output=True, text=True,
-                                timeout=120)
+        parsed = subprocess.run(
+            [sys.executable, "-m", "bvgls", *cmd[1:], "--help"], capture_output=True, text=True, timeout=120
+        )
         assert parsed.returncode == 0, parsed.stderr
     bad = subprocess.run(["bash", str(script), "bogus"], capture_output=True, text=True, env=env, timeout=60)
     assert bad.returncode == 2 and bad.stderr.startswith("error: mode must be")

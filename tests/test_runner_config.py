@@ -14,6 +14,7 @@ def test_every_cli_field_is_an_option_of_finetune_and_compare():
 
     app = get_app()
     import typer.main
+
     command = typer.main.get_command(app)
     for name in ("finetune", "compare"):
         params = {p.name for p in command.commands[name].params}
@@ -41,20 +42,27 @@ def test_bench_protocol_fields_pass_through_to_the_config():
     from bvgls_lab.experiments.protocols import BENCH
 
     cfg = BENCH.training(eval_every=5)
-    assert (cfg.epochs, cfg.batch_size, cfg.schedule, cfg.val_fraction) == (BENCH.epochs, BENCH.batch_size,
-                                                                            BENCH.schedule, BENCH.val_fraction)
+    assert (cfg.epochs, cfg.batch_size, cfg.schedule, cfg.val_fraction) == (
+        BENCH.epochs,
+        BENCH.batch_size,
+        BENCH.schedule,
+        BENCH.val_fraction,
+    )
 
 
-@pytest.mark.parametrize("option, value, words", [
-    ("steps_per_epoch", 0, "steps_per_epoch must be >= 1"),
-    ("num_workers", -1, "num_workers must be >= 0"),
-    ("batch_size", 2.5, "batch_size must be >= 1 (an integer)"),
-    ("grad_accum", True, "grad_accum must be >= 1 (an integer)"),
-    ("momentum", 1.0, "momentum must be >= 0 and < 1"),
-    ("label_smoothing", float("nan"), "label_smoothing must be >= 0 and <= 1"),
-    ("progress", 1, "progress must be true or false"),
-    ("amp", "fp8", "unknown amp 'fp8'"),
-])
+@pytest.mark.parametrize(
+    "option, value, words",
+    [
+        ("steps_per_epoch", 0, "steps_per_epoch must be >= 1"),
+        ("num_workers", -1, "num_workers must be >= 0"),
+        ("batch_size", 2.5, "batch_size must be >= 1 (an integer)"),
+        ("grad_accum", True, "grad_accum must be >= 1 (an integer)"),
+        ("momentum", 1.0, "momentum must be >= 0 and < 1"),
+        ("label_smoothing", float("nan"), "label_smoothing must be >= 0 and <= 1"),
+        ("progress", 1, "progress must be true or false"),
+        ("amp", "fp8", "unknown amp 'fp8'"),
+    ],
+)
 def test_every_field_is_checked_from_its_declaration_in_python(option, value, words):
     # the same checks the command line gets: the field's type, bounds and choices
     with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):

@@ -106,10 +106,13 @@ def test_array_images_serve_pil():
     assert img.size == (8, 8) and label == 1 and ds.targets == [1, 0]
 
 
-@pytest.mark.parametrize("name,needle", [
-    ("not-a-dataset", "known: .*cifar100"),
-    ("/no/such/dir", "does not exist"),
-])
+@pytest.mark.parametrize(
+    "name,needle",
+    [
+        ("not-a-dataset", "known: .*cifar100"),
+        ("/no/such/dir", "does not exist"),
+    ],
+)
 def test_dataset_errors_name_the_fix(name, needle):
     with pytest.raises(DatasetError, match=needle):
         load_dataset(name, input=SMALL)
@@ -141,8 +144,14 @@ def test_registered_models_offline():
 def test_tiny_models_have_expected_groups():
     import bvgls
 
-    assert bvgls.layer_groups(build_model("tiny-resnet", 3)).names == ["stem", "layer1", "layer2", "layer3",
-                                                                       "layer4", "fc"]
+    assert bvgls.layer_groups(build_model("tiny-resnet", 3)).names == [
+        "stem",
+        "layer1",
+        "layer2",
+        "layer3",
+        "layer4",
+        "fc",
+    ]
     assert len(bvgls.layer_groups(build_model("tiny-cnn", 3))) == 4
     with pytest.raises(ModelError, match="no pretrained weights"):
         build_model("tiny-resnet", 3, weights="IMAGENET1K_V1")
@@ -194,8 +203,9 @@ def test_sun397_partitions(tmp_path):
     from bvgls.runner.data import _sun397_partition
 
     data_dir = tmp_path / "SUN397"
-    files = [data_dir / "a" / "abbey" / f"sun_{i}.jpg" for i in range(120)] + \
-            [data_dir / "b" / "bar" / f"sun_{i}.jpg" for i in range(8)]
+    files = [data_dir / "a" / "abbey" / f"sun_{i}.jpg" for i in range(120)] + [
+        data_dir / "b" / "bar" / f"sun_{i}.jpg" for i in range(8)
+    ]
     labels = [0] * 120 + [1] * 8
     train, test = _sun397_partition(data_dir, files, labels)  # no partition files: 50/50 per class, capped
     assert (len(train), len(test)) == (54, 54) and not set(train) & set(test)

@@ -52,10 +52,18 @@ def run(out_dir=None, **kw):
 
 
 # ---------------------------------------------------------------------- non-finite settings
-@pytest.mark.parametrize("option,value", [
-    ("lr", math.inf), ("lr", math.nan), ("lr", -0.1), ("momentum", math.nan), ("weight_decay", math.inf),
-    ("label_smoothing", math.nan), ("warmup_epochs", math.nan),
-])
+@pytest.mark.parametrize(
+    "option,value",
+    [
+        ("lr", math.inf),
+        ("lr", math.nan),
+        ("lr", -0.1),
+        ("momentum", math.nan),
+        ("weight_decay", math.inf),
+        ("label_smoothing", math.nan),
+        ("warmup_epochs", math.nan),
+    ],
+)
 def test_finetune_rejects_non_finite_settings_up_front(option, value, tmp_path):
     # non-finite hyper-parameters are refused before anything is trained or written
     with pytest.raises(ValueError, match=option):
@@ -67,9 +75,18 @@ def test_finetune_rejects_non_finite_settings_up_front(option, value, tmp_path):
 def test_compare_rejects_non_finite_lrs(lrs, tmp_path):
     # compare --lrs inf
     with pytest.raises(ValueError, match="lr"):
-        grid.compare(["full"], {"tiny": DatasetSplits(*tiny_data(), 3)}, [0], lrs, model=tiny_model,
-                     out_dir=tmp_path / "out",
-                     epochs=1, batch_size=8, val_fraction=0.3, progress=False)
+        grid.compare(
+            ["full"],
+            {"tiny": DatasetSplits(*tiny_data(), 3)},
+            [0],
+            lrs,
+            model=tiny_model,
+            out_dir=tmp_path / "out",
+            epochs=1,
+            batch_size=8,
+            val_fraction=0.3,
+            progress=False,
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -188,8 +205,16 @@ def test_one_class_data_is_refused_by_finetune(tmp_path):
     x = torch.randn(8, 3, 16, 16)
     one = TensorDataset(x, torch.zeros(8, dtype=torch.long))
     with pytest.raises(ValueError, match="class"):
-        bvgls.finetune(tiny_model(), DatasetSplits(one, one, 1), "full", epochs=1, lr=0.05, batch_size=8,
-                       progress=False, out_dir=tmp_path / "run")
+        bvgls.finetune(
+            tiny_model(),
+            DatasetSplits(one, one, 1),
+            "full",
+            epochs=1,
+            lr=0.05,
+            batch_size=8,
+            progress=False,
+            out_dir=tmp_path / "run",
+        )
     assert not (tmp_path / "run").exists()
 
 

@@ -14,8 +14,9 @@ from bvgls.runner.tracker import SelectionTracker
 
 def mlp(seed=0):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(),
-                         nn.Linear(8, 3))
+    return nn.Sequential(
+        nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)
+    )
 
 
 def batch(step, n=8):
@@ -40,8 +41,11 @@ def train(model, opt, strategy, steps, poison=()):
             next(p for p in model.parameters() if p.grad is not None).grad[0] = float("nan")
         strategy.step()
         report = strategy.step_report()
-        ratios = None if report.ratios is None else (report.ratios.clone(), report.informative.clone(),
-                                                    strategy.variance.clone())
+        ratios = (
+            None
+            if report.ratios is None
+            else (report.ratios.clone(), report.informative.clone(), strategy.variance.clone())
+        )
         reports.append((report, *(ratios or (None, None, None))))
     return reports
 
@@ -119,6 +123,7 @@ def test_tracker_adds_nothing_for_a_skipped_nonfinite_step():
 def test_probe_module_is_loaded_by_import_bvgls():
     import subprocess
     import sys
+
     code = "import bvgls, sys; print(bvgls.recommend.recommend.__name__, 'bvgls.runner' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["recommend", "False"]
@@ -137,10 +142,21 @@ def test_expected_updates_per_group_follow_the_stated_rule():
 
 def test_finetune_warns_before_training_when_groups_get_few_updates():
     seen_at_first_epoch = []
-    with pytest.warns(UserWarning, match=r"bvgls: a layer group it rotates through gets about 4\.0 optimizer "
-                                         r"updates in this run \(expected updates per group = 16 optimizer steps"):
-        bvgls.finetune(mlp(), tensor_data(), "bvgls", epochs=2, batch_size=8, lr=0.05, progress=False,
-                       callbacks=[lambda record: seen_at_first_epoch.append(record["epoch"])])
+    with pytest.warns(
+        UserWarning,
+        match=r"bvgls: a layer group it rotates through gets about 4\.0 optimizer "
+        r"updates in this run \(expected updates per group = 16 optimizer steps",
+    ):
+        bvgls.finetune(
+            mlp(),
+            tensor_data(),
+            "bvgls",
+            epochs=2,
+            batch_size=8,
+            lr=0.05,
+            progress=False,
+            callbacks=[lambda record: seen_at_first_epoch.append(record["epoch"])],
+        )
     assert seen_at_first_epoch  # trained after the warning
 
 
@@ -194,12 +210,23 @@ class Recorder(Callback):
         self.strategy, self._before = s, None
         model.register_forward_pre_hook(lambda m, args: self.forwards.append(self.frozen()))
         if self.poison_forward is not None:  # a nan loss on one forward pass: GradScaler-style skip
-            model.register_forward_hook(lambda m, args, out: out * float("nan")
-                                        if len(self.forwards) - 1 == self.poison_forward else out)
+            model.register_forward_hook(
+                lambda m, args, out: out * float("nan") if len(self.forwards) - 1 == self.poison_forward else out
+            )
         state.optimizer.register_step_pre_hook(lambda *a: setattr(self, "_before", self.weights()))
-        state.optimizer.register_step_post_hook(lambda *a: self.steps.append(
-            {"frozen": self.frozen(), "before": self._before, "after": self.weights(), "num_steps": s.num_steps,
-             "probed": getattr(s, "probed", None), "selected": list(s.selected), "forwards": len(self.forwards)}))
+        state.optimizer.register_step_post_hook(
+            lambda *a: self.steps.append(
+                {
+                    "frozen": self.frozen(),
+                    "before": self._before,
+                    "after": self.weights(),
+                    "num_steps": s.num_steps,
+                    "probed": getattr(s, "probed", None),
+                    "selected": list(s.selected),
+                    "forwards": len(self.forwards),
+                }
+            )
+        )
 
     def frozen(self):
         return tuple(i for i, ps in enumerate(self.strategy.group_params) if not any(p.requires_grad for p in ps))
@@ -215,7 +242,7 @@ def frozen_at_each_step(rec, accum):
     """The frozen set seen by the forwards of each optimizer call (asserting they agree)."""
     out, start = [], 0
     for step in rec.steps:
-        seen = set(rec.forwards[start:step["forwards"]])
+        seen = set(rec.forwards[start : step["forwards"]])
         assert len(seen) == 1, f"micro-batches of one optimizer step saw different frozen groups: {seen}"
         assert step["forwards"] - start == accum
         out.append(seen.pop())
@@ -234,8 +261,17 @@ def test_finetune_lean_probe_with_grad_accumulation(accum):
     rec = Recorder()
     model = mlp()
     before = [p.requires_grad for p in model.parameters()]
-    bvgls.finetune(model, tensor_data(), "bvgls:probe=3", epochs=1, batch_size=4, grad_accum=accum, lr=0.05,
-                   progress=False, callbacks=[rec])
+    bvgls.finetune(
+        model,
+        tensor_data(),
+        "bvgls:probe=3",
+        epochs=1,
+        batch_size=4,
+        grad_accum=accum,
+        lr=0.05,
+        progress=False,
+        callbacks=[rec],
+    )
     frozen = frozen_at_each_step(rec, accum)
     n = len(rec.steps)
     assert n == 16 // accum and rec.final["num_steps"] == n
@@ -256,8 +292,18 @@ def test_finetune_lean_probe_with_grad_accumulation(accum):
 def test_finetune_lean_bf16_autocast_and_a_skipped_nonfinite_step(spec):
     rec = Recorder(poison_forward=4)
     with pytest.warns(RuntimeWarning, match="nan/inf"):
-        bvgls.finetune(mlp(), tensor_data(), spec, epochs=1, batch_size=8, lr=0.05, amp="bf16", device="cpu",
-                       progress=False, callbacks=[rec])
+        bvgls.finetune(
+            mlp(),
+            tensor_data(),
+            spec,
+            epochs=1,
+            batch_size=8,
+            lr=0.05,
+            amp="bf16",
+            device="cpu",
+            progress=False,
+            callbacks=[rec],
+        )
     frozen = frozen_at_each_step(rec, 1)
     assert rec.final == {"nonfinite": 1, "num_steps": 7}  # 8 optimizer calls, one skipped
     skipped = rec.steps[4]
@@ -294,13 +340,25 @@ def test_finetune_lean_channels_last():
 
     model = build_model("tiny-cnn", 3, None)
     g = torch.Generator().manual_seed(0)
-    ds = torch.utils.data.TensorDataset(torch.randn(32, 3, 32, 32, generator=g),
-                                        torch.randint(0, 3, (32,), generator=g))
+    ds = torch.utils.data.TensorDataset(
+        torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 3, (32,), generator=g)
+    )
     rec = Recorder()
-    bvgls.finetune(model, (ds, ds), "bvgls:probe=2", epochs=1, batch_size=4, lr=0.05, channels_last=True,
-                   progress=False, callbacks=[rec])
-    assert any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
-               for p in model.parameters())  # NHWC was kept (tiny-cnn has no oneDNN crash hazard)
+    bvgls.finetune(
+        model,
+        (ds, ds),
+        "bvgls:probe=2",
+        epochs=1,
+        batch_size=4,
+        lr=0.05,
+        channels_last=True,
+        progress=False,
+        callbacks=[rec],
+    )
+    assert any(
+        p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+        for p in model.parameters()
+    )  # NHWC was kept (tiny-cnn has no oneDNN crash hazard)
     frozen = frozen_at_each_step(rec, 1)
     assert [f == () for f in frozen] == [t % 2 == 0 for t in range(8)]
     assert all(len(f) == len(rec.strategy.group_params) - 1 for f in frozen[1::2])

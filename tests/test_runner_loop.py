@@ -35,8 +35,9 @@ def untimed(history):
 
 
 def test_bvgls_records_every_epoch(colors, tmp_path):
-    h = finetune(fresh_model(), colors, "bvgls", epochs=2, lr=0.05, batch_size=8, progress=False,
-                 out_dir=tmp_path / "run")
+    h = finetune(
+        fresh_model(), colors, "bvgls", epochs=2, lr=0.05, batch_size=8, progress=False, out_dir=tmp_path / "run"
+    )
     assert h.finished and len(h.epochs) == 2 and h.group_names == ["stem", "layer1", "layer2", "layer3", "layer4", "fc"]
     for r in h.epochs:
         assert r["steps"] == 4 * r["epoch"]  # 30 examples / batch 8 = 4 steps per epoch
@@ -80,8 +81,7 @@ def test_any_registered_strategy_runs(colors):
     from bvgls.strategies import STRATEGIES
 
     for name in sorted(STRATEGIES):
-        h = finetune(fresh_model(), colors, name, epochs=1, lr=0.05, batch_size=16, progress=False,
-                     steps_per_epoch=1)
+        h = finetune(fresh_model(), colors, name, epochs=1, lr=0.05, batch_size=16, progress=False, steps_per_epoch=1)
         assert h.final["steps"] == 1 and h.final["test_error"] is not None, name
 
 
@@ -92,8 +92,9 @@ def test_resume_reproduces_uninterrupted_run(colors, tmp_path):
     assert len(first.epochs) == 1 and not first.finished
     assert (tmp_path / "b" / "checkpoint.pt").exists() and not (tmp_path / "b" / "result.json").exists()
     # a fresh process would rebuild the model from scratch: different init, overwritten by the checkpoint
-    resumed = finetune(fresh_model(99), colors, "bvgls", out_dir=tmp_path / "b", resume=True, keep_checkpoint=True,
-                       **kwargs)
+    resumed = finetune(
+        fresh_model(99), colors, "bvgls", out_dir=tmp_path / "b", resume=True, keep_checkpoint=True, **kwargs
+    )
     assert resumed.finished and resumed.config["resumed_from_epoch"] == 1
     assert untimed(resumed) == untimed(full)  # same selections, losses, errors, bit for bit
     a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
@@ -148,11 +149,21 @@ def test_trajectory_does_not_depend_on_other_draws_from_the_global_rng(colors):
 
 
 def test_resume_refuses_other_settings(colors, tmp_path):
-    finetune(fresh_model(), colors, "bvgls", epochs=2, lr=0.05, batch_size=8, progress=False,
-             out_dir=tmp_path, stop_after=1)
+    finetune(
+        fresh_model(), colors, "bvgls", epochs=2, lr=0.05, batch_size=8, progress=False, out_dir=tmp_path, stop_after=1
+    )
     with pytest.raises(ValueError, match="lr: 0.05 -> 0.1"):
-        finetune(fresh_model(), colors, "bvgls", epochs=2, lr=0.1, batch_size=8, progress=False,
-                 out_dir=tmp_path, resume=True)
+        finetune(
+            fresh_model(),
+            colors,
+            "bvgls",
+            epochs=2,
+            lr=0.1,
+            batch_size=8,
+            progress=False,
+            out_dir=tmp_path,
+            resume=True,
+        )
 
 
 def test_grad_accum_schedule_and_callbacks(colors):
@@ -162,8 +173,18 @@ def test_grad_accum_schedule_and_callbacks(colors):
         def on_step_end(self, state, loss):
             steps.append(state.global_step)
 
-    h = finetune(fresh_model(), colors, "full", epochs=2, lr=0.05, batch_size=4, grad_accum=3,
-                 schedule="constant", progress=False, callbacks=[seen.append, Count()])
+    h = finetune(
+        fresh_model(),
+        colors,
+        "full",
+        epochs=2,
+        lr=0.05,
+        batch_size=4,
+        grad_accum=3,
+        schedule="constant",
+        progress=False,
+        callbacks=[seen.append, Count()],
+    )
     # 30 examples / 4 = 8 batches -> ceil(8 / 3) = 3 optimizer steps per epoch
     assert [r["steps"] for r in h.epochs] == [3, 6] and steps == [1, 2, 3, 4, 5, 6]
     assert [r["lr"] for r in h.epochs] == [0.05, 0.05]
@@ -171,8 +192,18 @@ def test_grad_accum_schedule_and_callbacks(colors):
 
 
 def test_warmup_and_adamw(colors):
-    h = finetune(fresh_model(), colors, "bvgls", epochs=2, lr=0.01, batch_size=8, optimizer="adamw",
-                 warmup_epochs=1, schedule="constant", progress=False)
+    h = finetune(
+        fresh_model(),
+        colors,
+        "bvgls",
+        epochs=2,
+        lr=0.01,
+        batch_size=8,
+        optimizer="adamw",
+        warmup_epochs=1,
+        schedule="constant",
+        progress=False,
+    )
     assert math.isclose(h.epochs[0]["lr"], 0.01) and math.isclose(h.epochs[1]["lr"], 0.01)
 
 
@@ -190,8 +221,9 @@ def test_evaluate_matches_manual_computation():
 
 @pytest.mark.isolated
 def test_bf16_autocast_and_channels_last_on_cpu(colors):
-    h = finetune(fresh_model(), colors, "bvgls", epochs=1, lr=0.05, batch_size=8, amp="bf16", channels_last=True,
-                 progress=False)
+    h = finetune(
+        fresh_model(), colors, "bvgls", epochs=1, lr=0.05, batch_size=8, amp="bf16", channels_last=True, progress=False
+    )
     assert math.isfinite(h.final["train_loss"])
     with pytest.raises(ValueError, match="fp16"):
         finetune(fresh_model(), colors, "bvgls", epochs=1, lr=0.05, amp="fp16", device="cpu", progress=False)
@@ -201,8 +233,13 @@ def test_bf16_autocast_and_channels_last_on_cpu(colors):
 def test_channels_last_guard_for_onednn_crash():
     # 1x1 stride-2 convolutions with 4-15 input channels crash oneDNN's NHWC weight gradient on CPU
     # (its AVX2 kernels: AMD EPYC, or any x86 CPU under ONEDNN_MAX_CPU_ISA=AVX2, as here)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 16, 1, stride=2),
-                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 2))
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.Conv2d(8, 16, 1, stride=2),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(16, 2),
+    )
     data = TensorDataset(torch.randn(5, 3, 8, 8), torch.tensor([0, 1, 0, 1, 0]))
     with pytest.warns(UserWarning, match="channels_last disabled"):
         finetune(net, (data, data), "full", epochs=1, lr=0.01, batch_size=5, channels_last=True, progress=False)
@@ -210,8 +247,17 @@ def test_channels_last_guard_for_onednn_crash():
 
 def test_tensorboard_and_progress(colors, tmp_path, capsys):
     pytest.importorskip("tensorboard")
-    finetune(fresh_model(), colors, "bvgls", epochs=1, lr=0.05, batch_size=8, out_dir=tmp_path, tensorboard=True,
-             progress=True)
+    finetune(
+        fresh_model(),
+        colors,
+        "bvgls",
+        epochs=1,
+        lr=0.05,
+        batch_size=8,
+        out_dir=tmp_path,
+        tensorboard=True,
+        progress=True,
+    )
     assert any(f.startswith("events.") for f in os.listdir(tmp_path / "tensorboard"))
     assert "epoch 1/1" in capsys.readouterr().err
 
@@ -228,9 +274,21 @@ def test_bad_arguments(colors):
 def test_compare_refit_and_guards(colors, tmp_path):
     from bvgls.runner.grid import compare, read_results
 
-    res = compare("full,bvgls", {"colors": colors}, seeds=[0], lrs=[0.01, 0.1], model="tiny-resnet", weights=None,
-                  out_dir=tmp_path, epochs=1, batch_size=8, val_fraction=0.3, refit=True, progress=False,
-                  extend_lrs=False)
+    res = compare(
+        "full,bvgls",
+        {"colors": colors},
+        seeds=[0],
+        lrs=[0.01, 0.1],
+        model="tiny-resnet",
+        weights=None,
+        out_dir=tmp_path,
+        epochs=1,
+        batch_size=8,
+        val_fraction=0.3,
+        refit=True,
+        progress=False,
+        extend_lrs=False,
+    )
     rows = read_results(res.csv_path)
     assert sorted(r["phase"] for r in rows) == ["refit", "refit"] + ["search"] * 4
     for strategy in ("full", "bvgls"):
@@ -240,9 +298,20 @@ def test_compare_refit_and_guards(colors, tmp_path):
         assert res.test_errors("colors", strategy) == [refit[0]["test_error"]]
     # the same out dir with other settings is refused, not mixed in
     with pytest.raises(ValueError, match="epochs: 1 -> 2"):
-        compare("full", {"colors": colors}, seeds=[0], lrs=[0.01, 0.1], model="tiny-resnet", weights=None,
-                out_dir=tmp_path, epochs=2, batch_size=8, val_fraction=0.3, progress=False,
-                extend_lrs=False)
+        compare(
+            "full",
+            {"colors": colors},
+            seeds=[0],
+            lrs=[0.01, 0.1],
+            model="tiny-resnet",
+            weights=None,
+            out_dir=tmp_path,
+            epochs=2,
+            batch_size=8,
+            val_fraction=0.3,
+            progress=False,
+            extend_lrs=False,
+        )
 
 
 def test_compare_keep_going_records_failures(colors, tmp_path):
@@ -256,9 +325,18 @@ def test_compare_keep_going_records_failures(colors, tmp_path):
 
     register_strategy("test-broken")(lambda optimizer, groups: Broken(optimizer, groups))
     try:
-        res = compare("full,test-broken", {"colors": colors}, model="tiny-resnet", weights=None, out_dir=tmp_path,
-                      epochs=1, batch_size=16, keep_going=True, progress=False,
-                      steps_per_epoch=1)
+        res = compare(
+            "full,test-broken",
+            {"colors": colors},
+            model="tiny-resnet",
+            weights=None,
+            out_dir=tmp_path,
+            epochs=1,
+            batch_size=16,
+            keep_going=True,
+            progress=False,
+            steps_per_epoch=1,
+        )
     finally:
         del STRATEGIES["test-broken"]
     assert len(res.failed) == 1 and "boom" in res.failed[0]
@@ -276,9 +354,9 @@ def test_fused_bvgls_resumes_exactly_and_records_peak_memory(colors, tmp_path):
     assert all(r["peak_mem_mb"] > 0 for r in full.epochs)
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"grad_accum": 2}, "grad_accum=1"), ({"full_backward_chunks": 2}, "full_backward_chunks=1")])
+@pytest.mark.parametrize(
+    "options, message", [({"grad_accum": 2}, "grad_accum=1"), ({"full_backward_chunks": 2}, "full_backward_chunks=1")]
+)
 def test_fused_refuses_several_backward_passes_per_step(colors, options, message):
     with pytest.raises(ValueError, match=message):
-        finetune(fresh_model(), colors, "bvgls:fused=true", epochs=1, lr=0.05, batch_size=8, progress=False,
-                 **options)
+        finetune(fresh_model(), colors, "bvgls:fused=true", epochs=1, lr=0.05, batch_size=8, progress=False, **options)

@@ -1,7 +1,5 @@
 """The lr search shared by compare and the lab: the ladder, extension past an edge, stopping rules."""
 
-
-
 from bvgls.runner.lrsearch import LR_LADDER, next_lr, search_lr
 
 
@@ -46,12 +44,32 @@ def test_search_stops_when_the_new_lr_diverges():
 
 
 def test_compare_extends_the_grid_by_default(image_root, tmp_path, cli):
-    args = ("compare", "--data", image_root, "--strategies", "full", "--seeds", "0", "--epochs", "1",
-            "--val-fraction", "0.3", "--model", "tiny-resnet", "--weights", "none", "--batch-size", "8",
-            "--no-progress", "--steps-per-epoch", "1")
+    args = (
+        "compare",
+        "--data",
+        image_root,
+        "--strategies",
+        "full",
+        "--seeds",
+        "0",
+        "--epochs",
+        "1",
+        "--val-fraction",
+        "0.3",
+        "--model",
+        "tiny-resnet",
+        "--weights",
+        "none",
+        "--batch-size",
+        "8",
+        "--no-progress",
+        "--steps-per-epoch",
+        "1",
+    )
     res = cli(*args, "--lrs", "0.001,0.003", "--out", tmp_path / "a")
     assert res.exit_code == 0, res.output
     from bvgls.runner.grid import read_results
+
     rows = read_results(tmp_path / "a" / "results.csv")
     tried = sorted({r["lr"] for r in rows})
     chosen = {r["lr"] for r in rows if r["chosen"]}

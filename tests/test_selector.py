@@ -15,9 +15,16 @@ from bvgls.reference import NaiveBVR
 def small_cnn(channels_last=False):
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 5),
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 16),
+        nn.ReLU(),
+        nn.Linear(16, 5),
     )
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
@@ -50,12 +57,12 @@ def test_formula_against_hand_computed_example():
         a.grad, b.grad = torch.tensor(ga), torch.tensor(gb)
         sel.step()
     # group a by hand: m2 = [0.39, 0.18], v2 = [0.99, 0.36], 1 - 0.9^2 = 0.19
-    bias = (0.39 ** 2 + 0.18 ** 2) / 0.19 ** 2
+    bias = (0.39**2 + 0.18**2) / 0.19**2
     variance = (0.99 + 0.36) / 0.19 - bias
     assert sel.ratios[0].item() == pytest.approx(bias / variance, rel=1e-6)
     assert bias / variance == pytest.approx(2.5625)
     # group b: m2 = 0.9*0.1 + 0.15 = 0.24, v2 = 0.9*0.1 + 0.225 = 0.315
-    bias_b = 0.24 ** 2 / 0.19 ** 2
+    bias_b = 0.24**2 / 0.19**2
     var_b = 0.315 / 0.19 - bias_b
     assert sel.ratios[1].item() == pytest.approx(bias_b / var_b, rel=1e-5)  # float32 m, ratio 25.6
     assert sel.selected == [1] and bias_b / var_b > 2.5625
@@ -156,7 +163,7 @@ def test_lr_scheduler_keeps_working():
         for p, b, g, gi in zip(sel.params, before, grads, sel.param_group_index):
             expected = b - lr_now * g if gi in sel.selected else b
             torch.testing.assert_close(p.detach(), expected)
-    assert [g["lr"] for g in opt.param_groups] == [pytest.approx(0.1 * 0.5 ** 3)] * len(opt.param_groups)
+    assert [g["lr"] for g in opt.param_groups] == [pytest.approx(0.1 * 0.5**3)] * len(opt.param_groups)
 
 
 def test_gradient_accumulation_takes_statistics_once_on_the_summed_gradient():
@@ -210,8 +217,9 @@ def test_grad_scaler_skipped_step_does_not_touch_statistics():
 
 def test_none_grads_are_skipped_and_gradless_groups_never_selected():
     a, b, c = (nn.Parameter(torch.zeros(4)) for _ in range(3))
-    opt = torch.optim.SGD([{"params": [a]}, {"params": [b, c]}, {"params": [torch.nn.Parameter(torch.zeros(2))]}],
-                          lr=1.0)
+    opt = torch.optim.SGD(
+        [{"params": [a]}, {"params": [b, c]}, {"params": [torch.nn.Parameter(torch.zeros(2))]}], lr=1.0
+    )
     sel = bvgls.BVGLS(opt, k=2)
     naive = NaiveBVR([[a], [b, c], opt.param_groups[2]["params"]])
     torch.manual_seed(0)
@@ -354,13 +362,16 @@ def test_bvgts_updates_a_fraction_of_tensors():
     assert sel2.num_groups == n
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"k": 0}, "k must be >= 1"),
-    ({"k": 99}, "larger than the number"),
-    ({"k": 1.5}, "k must be an int"),
-    ({"alpha": 1.0}, "alpha must be in"),
-    ({"alpha": 0.0}, "alpha must be in"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"k": 0}, "k must be >= 1"),
+        ({"k": 99}, "larger than the number"),
+        ({"k": 1.5}, "k must be an int"),
+        ({"alpha": 1.0}, "alpha must be in"),
+        ({"alpha": 0.0}, "alpha must be in"),
+    ],
+)
 def test_bad_arguments(kwargs, match):
     model = small_cnn()
     opt = torch.optim.SGD(bvgls.layer_groups(model).param_groups(), lr=0.1)
@@ -387,8 +398,11 @@ def test_bad_groups():
 
 def test_load_state_dict_rejects_other_groups():
     _, _, sel = make(small_cnn())
-    other = bvgls.BVGLS(torch.optim.SGD([{"params": [nn.Parameter(torch.zeros(1))]},
-                                         {"params": [nn.Parameter(torch.zeros(1))]}], lr=0.1))
+    other = bvgls.BVGLS(
+        torch.optim.SGD(
+            [{"params": [nn.Parameter(torch.zeros(1))]}, {"params": [nn.Parameter(torch.zeros(1))]}], lr=0.1
+        )
+    )
     with pytest.raises(ValueError, match="do not match"):
         other.load_state_dict(sel.state_dict())
     sel.remove()  # one strategy per optimizer
@@ -406,6 +420,7 @@ def test_closure_is_evaluated_before_the_selection():
         loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()
         return loss
+
     calls = []
     counted = lambda: calls.append(1) or closure()  # noqa: E731
     loss = sel.step(counted)

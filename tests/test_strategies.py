@@ -28,13 +28,16 @@ def one_step(model, strategy):
     return [i // 2 for i, (p, b) in enumerate(zip(model.parameters(), before)) if not torch.equal(p, b)]
 
 
-@pytest.mark.parametrize("spec, trained", [
-    ("full", [0, 1, 2, 3, 4, 5]),
-    ("linear", [5]),
-    ("L3-6", [2, 3, 4, 5]),
-    ("L5-6", [4, 5]),
-    ("L2-4", [1, 2, 3]),
-])
+@pytest.mark.parametrize(
+    "spec, trained",
+    [
+        ("full", [0, 1, 2, 3, 4, 5]),
+        ("linear", [5]),
+        ("L3-6", [2, 3, 4, 5]),
+        ("L5-6", [4, 5]),
+        ("L2-4", [1, 2, 3]),
+    ],
+)
 def test_fixed_strategies_move_exactly_their_groups(spec, trained):
     model, opt, strategy = build(spec)
     moved = sorted(set(one_step(model, strategy)))
@@ -57,15 +60,18 @@ def test_bvgls_spec_with_options():
     assert ts.num_groups == 12 and ts.fraction == 0.25
 
 
-@pytest.mark.parametrize("spec, match", [
-    ("L9-6", "1 <= first <= last <= 6"),
-    ("L3-7", "this model has 6 groups"),
-    ("L0-2", "1 <= first"),
-    ("nope", "unknown strategy 'nope'; known: .*bvgls"),
-    ("bvgls:k", "not key=value"),
-    ("bvgls:q=3", "unknown option q"),
-    ("", "non-empty"),
-])
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("L9-6", "1 <= first <= last <= 6"),
+        ("L3-7", "this model has 6 groups"),
+        ("L0-2", "1 <= first"),
+        ("nope", "unknown strategy 'nope'; known: .*bvgls"),
+        ("bvgls:k", "not key=value"),
+        ("bvgls:q=3", "unknown option q"),
+        ("", "non-empty"),
+    ],
+)
 def test_bad_specs_name_the_problem(spec, match):
     model = six_group_model()
     opt = torch.optim.SGD(bvgls.layer_groups(model).param_groups(), lr=0.1)
@@ -80,6 +86,7 @@ def test_parse_and_registry():
     @bvgls.register_strategy("test-every-other")
     def _every_other(optimizer, groups=None):
         return bvgls.FixedGroups(optimizer, [0, 2, 4], groups, freeze=False)
+
     try:
         model, opt, strategy = build("test-every-other")
         assert sorted(set(one_step(model, strategy))) == [0, 2, 4]

@@ -110,30 +110,36 @@ def test_auto_snr_is_registered_by_import_bvgls():
     assert not s.skip_unselected
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("auto-snr:threshold=-0.1", "threshold must be a finite number >= 0"),
-    ("auto-snr:threshold=high", "threshold must be a number"),
-    ("auto-snr:threshold=True", "threshold must be a number"),
-    ("auto-snr:threshold=1e999", "threshold must be a finite number >= 0"),
-    ("auto-snr:refresh=sometimes", "refresh must be 'epoch', 'step' or a number of steps"),
-    ("auto-snr:refresh=0", "refresh .* must be >= 1"),
-    ("auto-snr:batches=0", "batches must be >= 1"),
-    ("auto-snr:batches=2.5", "batches must be an integer"),
-    ("auto-snr:norm=rgn", "norm must be one of freeze, snr"),
-    ("auto-snr:skip=maybe", "skip must be"),
-    ("auto-snr:alpha=0.9", "unknown option alpha"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("auto-snr:threshold=-0.1", "threshold must be a finite number >= 0"),
+        ("auto-snr:threshold=high", "threshold must be a number"),
+        ("auto-snr:threshold=True", "threshold must be a number"),
+        ("auto-snr:threshold=1e999", "threshold must be a finite number >= 0"),
+        ("auto-snr:refresh=sometimes", "refresh must be 'epoch', 'step' or a number of steps"),
+        ("auto-snr:refresh=0", "refresh .* must be >= 1"),
+        ("auto-snr:batches=0", "batches must be >= 1"),
+        ("auto-snr:batches=2.5", "batches must be an integer"),
+        ("auto-snr:norm=rgn", "norm must be one of freeze, snr"),
+        ("auto-snr:skip=maybe", "skip must be"),
+        ("auto-snr:alpha=0.9", "unknown option alpha"),
+    ],
+)
 def test_bad_options_give_clear_errors(spec, message):
     with pytest.raises(ValueError, match=message):
         setup(spec)
 
 
 # ---------------------------------------------------------------------- the update
-@pytest.mark.parametrize("spec, epoch_len, opens_every, window", [
-    ("auto-snr:batches=3", 5, None, 3),           # the first 3 steps of each 5-step epoch
-    ("auto-snr:refresh=4:batches=2", None, 4, 2),
-    ("auto-snr:refresh=step", None, 1, 1),
-])
+@pytest.mark.parametrize(
+    "spec, epoch_len, opens_every, window",
+    [
+        ("auto-snr:batches=3", 5, None, 3),  # the first 3 steps of each 5-step epoch
+        ("auto-snr:refresh=4:batches=2", None, 4, 2),
+        ("auto-snr:refresh=step", None, 1, 1),
+    ],
+)
 def test_update_is_weight_times_lr_times_grad(spec, epoch_len, opens_every, window):
     model, groups, opt, s = setup(spec)
     frozen = [any(p is q for q in model.norm.parameters()) for p in s.params]
@@ -181,20 +187,36 @@ def test_scores_by_hand_and_the_role_of_eps():
     params = {k: nn.Parameter(torch.zeros(shape)) for k, shape in shapes.items()}
     opt = torch.optim.SGD(params.values(), lr=LR)
     s = AutoSNR(opt, {k: [p] for k, p in params.items()}, refresh="step")
-    grads = {"a": [[1.0], [3.0]], "b": [[1.0], [-1.0]], "a_small": [[1e-5], [3e-5]], "zero": [0.0, 0.0, 0.0],
-             "row": [[1.0, 2.0, 3.0]], "scalar": 5.0}
+    grads = {
+        "a": [[1.0], [3.0]],
+        "b": [[1.0], [-1.0]],
+        "a_small": [[1e-5], [3e-5]],
+        "zero": [0.0, 0.0, 0.0],
+        "row": [[1.0, 2.0, 3.0]],
+        "scalar": 5.0,
+    }
     for k, p in params.items():
         p.grad = torch.tensor(grads[k])
     s.step()
     # column [1, 3]: mean 2, unbiased variance 2; [1, -1]: variance 2; the small one: 2e-10
-    expected = {"a": (1 + 9) / 2 / (2 + EPS), "b": (1 + 1) / 2 / (2 + EPS),
-                "a_small": (1e-10 + 9e-10) / 2 / (2e-10 + EPS), "zero": 0.0}
+    expected = {
+        "a": (1 + 9) / 2 / (2 + EPS),
+        "b": (1 + 1) / 2 / (2 + EPS),
+        "a_small": (1e-10 + 9e-10) / 2 / (2e-10 + EPS),
+        "zero": 0.0,
+    }
     order = list(params)
     for k, value in expected.items():
         assert s.scores[order.index(k)] == pytest.approx(value, rel=1e-5, abs=1e-12), k
     assert math.isnan(s.scores[order.index("row")]) and math.isnan(s.scores[order.index("scalar")])
-    assert dict(zip(order, s.tensor_weights)) == {"a": 1.0, "b": 0.0, "a_small": 0.0, "zero": 0.0,
-                                                  "row": 1.0, "scalar": 1.0}
+    assert dict(zip(order, s.tensor_weights)) == {
+        "a": 1.0,
+        "b": 0.0,
+        "a_small": 0.0,
+        "zero": 0.0,
+        "row": 1.0,
+        "scalar": 1.0,
+    }
     assert params["a"].detach().flatten().tolist() == pytest.approx([-LR * 1.0, -LR * 3.0])
     assert params["row"].detach().flatten().tolist() == pytest.approx([-LR * 1.0, -LR * 2.0, -LR * 3.0])
     assert torch.count_nonzero(params["b"]) == 0 and torch.count_nonzero(params["a_small"]) == 0
@@ -237,10 +259,10 @@ def test_refresh_per_epoch_through_on_epoch_start():
         window_scores.append((list(s.scores), own))
     mid = position(s, model.mid.weight)
     (s0, own0), (s1, own1), (s2, _), (s3, _), (s4, own4), (s5, own5) = window_scores
-    assert s0[mid] == pytest.approx(own0[mid], rel=1e-4)                    # window of epoch 0 opens
+    assert s0[mid] == pytest.approx(own0[mid], rel=1e-4)  # window of epoch 0 opens
     assert s1[mid] == pytest.approx((own0[mid] + own1[mid]) / 2, rel=1e-4)  # 2 batches averaged
-    assert s3[mid] == s2[mid] == s1[mid]                                    # then fixed
-    assert s4[mid] == pytest.approx(own4[mid], rel=1e-4)                    # epoch 1: a fresh window
+    assert s3[mid] == s2[mid] == s1[mid]  # then fixed
+    assert s4[mid] == pytest.approx(own4[mid], rel=1e-4)  # epoch 1: a fresh window
     assert s5[mid] == pytest.approx((own4[mid] + own5[mid]) / 2, rel=1e-4)
 
 
@@ -298,8 +320,13 @@ def run(model, s, steps, epoch_len=4, resumed=False):
     return trace
 
 
-@pytest.mark.parametrize("spec, cut", [("auto-snr:batches=3", 5),               # inside the epoch-1 window
-                                       ("auto-snr:refresh=3:batches=2:skip=True", 7)])
+@pytest.mark.parametrize(
+    "spec, cut",
+    [
+        ("auto-snr:batches=3", 5),  # inside the epoch-1 window
+        ("auto-snr:refresh=3:batches=2:skip=True", 7),
+    ],
+)
 def test_state_round_trips_mid_run(spec, cut):
     total = 14
     model, groups, opt, s = setup(spec, momentum=0.9, weight_decay=1e-3)

@@ -41,18 +41,21 @@ def test_true_values_freeze(value):
     assert frozen_groups(model) == [0, 1]
 
 
-@pytest.mark.parametrize("spec, match", [
-    ("linear:freeze=maybe", "freeze must be True or False"),
-    ("L3-6:freeze=2", "freeze must be True or False"),
-    ("lisa:skip=sometimes", "skip must be True or False"),
-    ("bvgls:k=two", "k must be an integer"),
-    ("bvgls:k=1.5", "k must be an integer"),
-    ("bvgts:fraction=half", "fraction must be a number"),
-    ("bvgls:alpha=", "alpha must be a number"),
-    ("linear:k=2", r"unknown option k; the options of linear are: freeze"),
-    ("full:freeze=true", "unknown option freeze; the options of full are: none"),
-    ("bvgls:beta=1", "the options of bvgls are: k, alpha"),
-])
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("linear:freeze=maybe", "freeze must be True or False"),
+        ("L3-6:freeze=2", "freeze must be True or False"),
+        ("lisa:skip=sometimes", "skip must be True or False"),
+        ("bvgls:k=two", "k must be an integer"),
+        ("bvgls:k=1.5", "k must be an integer"),
+        ("bvgts:fraction=half", "fraction must be a number"),
+        ("bvgls:alpha=", "alpha must be a number"),
+        ("linear:k=2", r"unknown option k; the options of linear are: freeze"),
+        ("full:freeze=true", "unknown option freeze; the options of full are: none"),
+        ("bvgls:beta=1", "the options of bvgls are: k, alpha"),
+    ],
+)
 def test_bad_option_values_are_refused(spec, match):
     with pytest.raises(ValueError, match=match):
         build(spec)
@@ -77,8 +80,12 @@ def test_numbers_parse_to_the_options_type():
 
 def test_cli_refuses_a_bad_boolean_and_honours_false():
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "bvgls", "groups", "--model", "tiny-resnet", *args],
-                              capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "bvgls", "groups", "--model", "tiny-resnet", *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     bad = run("--strategy", "linear:freeze=nope")
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and "freeze must be True or False" in bad.stderr

@@ -55,8 +55,11 @@ def step_with_ones(strategy):
     for p in strategy.params:
         p.grad = torch.ones_like(p)
     strategy.step()
-    return [g for g, (ps, bs) in enumerate(zip(strategy.group_params, before))
-            if any(not torch.equal(p, b) for p, b in zip(ps, bs))]
+    return [
+        g
+        for g, (ps, bs) in enumerate(zip(strategy.group_params, before))
+        if any(not torch.equal(p, b) for p, b in zip(ps, bs))
+    ]
 
 
 def position(strategy, param):
@@ -84,26 +87,29 @@ def test_peers_are_registered_by_import_bvgls():
     assert not any(bvgls.STRATEGIES[n].needs_all_gradients for n in PEERS if n != "auto-rgn")
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("lisa:gamma=4", r"gamma=4 is larger than the number of middle groups \(3"),
-    ("lisa:gamma=-1", "gamma must be a non-negative integer"),
-    ("lisa:K=0", "K must be >= 1"),
-    ("lisa:K=1.5", "K must be an integer"),
-    ("lisa:seed=-3", "seed must be a non-negative integer"),
-    ("bcd-cyclic:K=0", "K must be >= 1"),
-    ("bcd-cyclic:order=sideways", "order must be one of ascending, descending, random"),
-    ("bcd-cyclic:reset_state=2", "reset_state must be True or False"),
-    ("gradual-unfreeze:every=0", "every must be >= 1"),
-    ("llrd:decay=0", r"decay must be a number in \(0, 1\]"),
-    ("llrd:decay=1.5", r"decay must be a number in \(0, 1\]"),
-    ("llrd:decay=fast", r"decay must be a number"),
-    ("auto-rgn:refresh=sometimes", "refresh must be 'epoch', 'step' or a number of steps"),
-    ("auto-rgn:refresh=0", "refresh .* must be >= 1"),
-    ("auto-rgn:batches=0", "batches must be >= 1"),
-    ("auto-rgn:norm=train", "norm must be one of freeze, rgn"),
-    ("auto-rgn:skip=maybe", "skip must be True or False"),
-    ("lisa:k=2", "unknown option k"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("lisa:gamma=4", r"gamma=4 is larger than the number of middle groups \(3"),
+        ("lisa:gamma=-1", "gamma must be a non-negative integer"),
+        ("lisa:K=0", "K must be >= 1"),
+        ("lisa:K=1.5", "K must be an integer"),
+        ("lisa:seed=-3", "seed must be a non-negative integer"),
+        ("bcd-cyclic:K=0", "K must be >= 1"),
+        ("bcd-cyclic:order=sideways", "order must be one of ascending, descending, random"),
+        ("bcd-cyclic:reset_state=2", "reset_state must be True or False"),
+        ("gradual-unfreeze:every=0", "every must be >= 1"),
+        ("llrd:decay=0", r"decay must be a number in \(0, 1\]"),
+        ("llrd:decay=1.5", r"decay must be a number in \(0, 1\]"),
+        ("llrd:decay=fast", r"decay must be a number"),
+        ("auto-rgn:refresh=sometimes", "refresh must be 'epoch', 'step' or a number of steps"),
+        ("auto-rgn:refresh=0", "refresh .* must be >= 1"),
+        ("auto-rgn:batches=0", "batches must be >= 1"),
+        ("auto-rgn:norm=train", "norm must be one of freeze, rgn"),
+        ("auto-rgn:skip=maybe", "skip must be True or False"),
+        ("lisa:k=2", "unknown option k"),
+    ],
+)
 def test_bad_options_give_clear_errors(spec, message):
     with pytest.raises(ValueError, match=message):
         setup(spec)
@@ -202,7 +208,7 @@ def test_bcd_cyclic_random_order_is_a_fresh_permutation_each_cycle():
     assert all(len(m) == 1 for m in moved)
     cycles = []
     for c in range(4):
-        visits = [m[0] for m in moved[c * 5 * K:(c + 1) * 5 * K]]
+        visits = [m[0] for m in moved[c * 5 * K : (c + 1) * 5 * K]]
         assert all(visits[i] == visits[i + 1] for i in range(0, len(visits), K))  # K steps per group
         order = visits[::K]
         assert sorted(order) == [0, 1, 2, 3, 4]  # each group exactly once per cycle
@@ -286,11 +292,14 @@ def reference_auto_rgn(history, opens, window, frozen):
     return weights
 
 
-@pytest.mark.parametrize("spec, epoch_len, opens_every, window", [
-    ("auto-rgn:batches=3", 5, None, 3),          # the first 3 steps of each 5-step epoch
-    ("auto-rgn:refresh=4:batches=2", None, 4, 2),
-    ("auto-rgn:refresh=step", None, 1, 1),
-])
+@pytest.mark.parametrize(
+    "spec, epoch_len, opens_every, window",
+    [
+        ("auto-rgn:batches=3", 5, None, 3),  # the first 3 steps of each 5-step epoch
+        ("auto-rgn:refresh=4:batches=2", None, 4, 2),
+        ("auto-rgn:refresh=step", None, 1, 1),
+    ],
+)
 def test_auto_rgn_update_is_weight_times_lr_times_grad(spec, epoch_len, opens_every, window):
     model, groups, opt, s = setup(spec, Tiny())
     with torch.no_grad():
@@ -360,9 +369,16 @@ def test_auto_rgn_tensor_without_gradient_gets_weight_zero():
 
 
 # ---------------------------------------------------------------------- checkpoint / resume
-ROUND_TRIP = ["auto-rgn:batches=3", "auto-rgn:refresh=3:batches=2", "lisa:K=2:gamma=1:seed=7",
-              "bcd-cyclic:K=3:order=random", "bcd-cyclic:K=2:order=ascending", "gradual-unfreeze",
-              "gradual-unfreeze:every=3", "llrd:decay=0.5"]
+ROUND_TRIP = [
+    "auto-rgn:batches=3",
+    "auto-rgn:refresh=3:batches=2",
+    "lisa:K=2:gamma=1:seed=7",
+    "bcd-cyclic:K=3:order=random",
+    "bcd-cyclic:K=2:order=ascending",
+    "gradual-unfreeze",
+    "gradual-unfreeze:every=3",
+    "llrd:decay=0.5",
+]
 
 
 def run(model, opt, s, steps, epoch_len=4, resumed=False):
@@ -425,12 +441,13 @@ def test_python_api_matches_spec_strings():
     g = GradualUnfreezing(opt, groups, every=2)
     assert "every=2 steps" in repr(g)
     g.remove()
-    assert math.isclose(make_strategy("llrd", opt, groups).multipliers[0], 0.75 ** 4)
+    assert math.isclose(make_strategy("llrd", opt, groups).multipliers[0], 0.75**4)
 
 
 # ---------------------------------------------------------------------- a real model
-@pytest.mark.parametrize("spec", ["auto-rgn:batches=2", "lisa:K=2", "bcd-cyclic:K=1", "gradual-unfreeze:every=1",
-                                  "llrd"])
+@pytest.mark.parametrize(
+    "spec", ["auto-rgn:batches=2", "lisa:K=2", "bcd-cyclic:K=1", "gradual-unfreeze:every=1", "llrd"]
+)
 def test_peers_train_a_torchvision_resnet(spec):
     tv = pytest.importorskip("torchvision")
     torch.manual_seed(0)

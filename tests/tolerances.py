@@ -57,7 +57,6 @@ def largest_bias(group_grads, k=1):
     return sorted(order[:k])
 
 
-
 def assert_selected_on_the_stepped_gradients(steps):
     """``steps``: per step ``selected``, ``ratios``, ``naive`` (reference ratios) and ``grads`` (per group).
 

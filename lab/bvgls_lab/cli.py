@@ -19,9 +19,9 @@ from .offline_tasks import TASKS, build_task, export_image_folder
 app = typer.Typer(
     name="bvgls-lab",
     help="The bvgls lab: the frozen accuracy experiments of BVG-LS against full, partial and linear finetuning, "
-         "their source model and tasks, and the demo.",
+    "their source model and tasks, and the demo.",
     epilog="Examples: bvgls-lab demo  |  bvgls-lab bench --protocol offline --out bench-out  |  "
-           "bvgls-lab export-task digits DIR. Set BVGLS_DEBUG=1 for tracebacks.",
+    "bvgls-lab export-task digits DIR. Set BVGLS_DEBUG=1 for tracebacks.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
@@ -46,10 +46,19 @@ def main() -> None:
     warnings.formatwarning = one_line_warning
     get_app()(prog_name="bvgls-lab")
 
-DataRoot = Annotated[str | None, typer.Option("--data-root", help=(
-    "Directory with the Fashion-MNIST .gz files, or where --download puts them (default: the Debian "
-    "package's /usr/share/datasets/fashion-mnist)."))]
+
+DataRoot = Annotated[
+    str | None,
+    typer.Option(
+        "--data-root",
+        help=(
+            "Directory with the Fashion-MNIST .gz files, or where --download puts them (default: the Debian "
+            "package's /usr/share/datasets/fashion-mnist)."
+        ),
+    ),
+]
 Download = Annotated[bool, typer.Option("--download", help="Fetch Fashion-MNIST with torchvision if missing.")]
+
 
 @app.command("pretrain")
 def pretrain_cmd(
@@ -58,10 +67,15 @@ def pretrain_cmd(
     seed: Annotated[int, typer.Option("--seed", help="Seeds init, shuffling and augmentation.")] = 0,
     lr: Annotated[float, typer.Option("--lr", help="Peak lr of the one-cycle schedule.")] = 0.1,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 128,
-    threads: Annotated[int, typer.Option("--threads", min=1, help=(
-        "torch threads; 1 is fastest on a shared machine."))] = 1,
-    data_root: Annotated[str | None, typer.Option("--data-root", help=(
-        "Directory with the Fashion-MNIST .gz files (default: the Debian package's)."))] = None,
+    threads: Annotated[
+        int, typer.Option("--threads", min=1, help=("torch threads; 1 is fastest on a shared machine."))
+    ] = 1,
+    data_root: Annotated[
+        str | None,
+        typer.Option(
+            "--data-root", help=("Directory with the Fashion-MNIST .gz files (default: the Debian package's).")
+        ),
+    ] = None,
     download: Download = False,
 ) -> None:
     """Pretrain the fmnist-resnet source model on the Fashion-MNIST train split (seeded).
@@ -71,9 +85,18 @@ def pretrain_cmd(
     from .source_model import pretrain
 
     with user_errors():
-        meta = pretrain(out, epochs=epochs, seed=seed, lr=lr, batch_size=batch_size, threads=threads,
-                        data_root=data_root, download=download)
+        meta = pretrain(
+            out,
+            epochs=epochs,
+            seed=seed,
+            lr=lr,
+            batch_size=batch_size,
+            threads=threads,
+            data_root=data_root,
+            download=download,
+        )
     typer.echo(f"use it with: --model fmnist-resnet --weights {out}   (sha256 {meta['sha256']})")
+
 
 @app.command("export-task", no_args_is_help=True)
 def export_task_cmd(
@@ -92,8 +115,10 @@ def export_task_cmd(
         task = build_task(name, seed=seed, data_root=data_root, download=download)
         path = export_image_folder(task, out)
     sizes = ", ".join(f"{s} {n}" for s, n in task.sizes().items())
-    typer.echo(f"{path}: {task.name} ({task.shift}-level shift), {task.num_classes} classes, {sizes}; "
-               f"{task.shots} shots per class after --val-fraction {task.val_fraction:.4f}")
+    typer.echo(
+        f"{path}: {task.name} ({task.shift}-level shift), {task.num_classes} classes, {sizes}; "
+        f"{task.shots} shots per class after --val-fraction {task.val_fraction:.4f}"
+    )
 
 
 def refuse_foreign_directory(out: Path) -> None:
@@ -105,8 +130,9 @@ def refuse_foreign_directory(out: Path) -> None:
         raise CLIError(f"{out} is not empty and is not an export of a task; choose an empty directory")
 
 
-def _run(out: Path, protocol: Protocol, workers: int, data_root: str | None, download: bool,
-         demo_suite: str | None = None) -> None:
+def _run(
+    out: Path, protocol: Protocol, workers: int, data_root: str | None, download: bool, demo_suite: str | None = None
+) -> None:
     from .experiments.run import run_benchmark
     from .experiments.spread import spread_text
 
@@ -130,23 +156,53 @@ def _show(out: Path, summary: dict) -> None:
     total = f"; total {summary['wall_s'] / 60:.1f} min" if summary.get("wall_s") is not None else ""
     typer.echo(f"full report: {out / 'report.md'} (per-task figures in {out / 'figures'}){total}")
 
+
 @app.command("bench")
 def bench_cmd(
-    protocol: Annotated[str, typer.Option("--protocol", "-p", help=(
-        f"Which frozen protocol: {', '.join(SUITES)} (docs/experiments/offline.md, "
-        "docs/experiments/pretrained.md)."))] = "offline",
+    protocol: Annotated[
+        str,
+        typer.Option(
+            "--protocol",
+            "-p",
+            help=(
+                f"Which frozen protocol: {', '.join(SUITES)} (docs/experiments/offline.md, "
+                "docs/experiments/pretrained.md)."
+            ),
+        ),
+    ] = "offline",
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (resumable).")] = Path("bench-out"),
     workers: Annotated[int, typer.Option("--workers", "-j", min=1, help="Runs in parallel (one CPU core each).")] = 2,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the protocol and the number of runs only.")] = False,
-    report_only: Annotated[bool, typer.Option("--report-only", help=(
-        "Rewrite the report from the runs finished in --out so far; train nothing."))] = False,
-    reference: Annotated[Path | None, typer.Option("--reference", help=(
-        "An earlier benchmark's runs.csv: the report checks that final runs of the same cells reproduce it "
-        "(offline-v2: docs/results/offline/runs.csv)."), exists=True, dir_okay=False)] = None,
-    batch16: Annotated[Path | None, typer.Option("--batch16", help=(
-        "With --protocol pretrained-batch: the --out of a `--protocol pretrained` benchmark (or its mobilenet_v2/ "
-        "part); the batch-size ablation report (OUT/ablation.md) then sets its batch-16 cells beside the "
-        "batch-128 arm."))] = None,
+    report_only: Annotated[
+        bool,
+        typer.Option(
+            "--report-only", help=("Rewrite the report from the runs finished in --out so far; train nothing.")
+        ),
+    ] = False,
+    reference: Annotated[
+        Path | None,
+        typer.Option(
+            "--reference",
+            help=(
+                "An earlier benchmark's runs.csv: the report checks that final runs of the same cells reproduce it "
+                "(offline-v2: docs/results/offline/runs.csv)."
+            ),
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
+    batch16: Annotated[
+        Path | None,
+        typer.Option(
+            "--batch16",
+            help=(
+                "With --protocol pretrained-batch: the --out of a `--protocol pretrained` benchmark "
+                "(or its mobilenet_v2/ "
+                "part); the batch-size ablation report (OUT/ablation.md) then sets its batch-16 cells beside the "
+                "batch-128 arm."
+            ),
+        ),
+    ] = None,
     data_root: DataRoot = None,
     download: Download = False,
 ) -> None:
@@ -172,12 +228,17 @@ def bench_cmd(
                 continue
             searched = sum(p.fixed_lr(t, s) is None for t in p.tasks for s in p.strategies)
             cells = len(p.tasks) * len(p.strategies)
-            typer.echo(f"{cells} cells; {searched * len(p.search_seeds) * len(p.lrs)} search runs "
-                       f"(+{len(p.search_seeds)} per grid extension) and {cells * len(p.seeds)} final runs")
+            typer.echo(
+                f"{cells} cells; {searched * len(p.search_seeds) * len(p.lrs)} search runs "
+                f"(+{len(p.search_seeds)} per grid extension) and {cells * len(p.seeds)} final runs"
+            )
         return
     with user_errors():
-        summaries = report_suite(out, protocol, reference) if report_only else \
-            run_suite(out, protocol, workers=workers, data_root=data_root, download=download, reference=reference)
+        summaries = (
+            report_suite(out, protocol, reference)
+            if report_only
+            else run_suite(out, protocol, workers=workers, data_root=data_root, download=download, reference=reference)
+        )
     for (part, _), summary in zip(parts, summaries):
         if summary is None:
             typer.echo(f"{part}: not started, no report")
@@ -196,17 +257,33 @@ def _check_batch16(protocol: str, batch16: Path) -> None:
     from .experiments.ablation import B16_PART, locate_part
 
     if protocol != "pretrained-batch":
-        raise CLIError(f"--batch16 goes with --protocol pretrained-batch (the ablation's batch-128 arm), "
-                       f"not {protocol}")
+        raise CLIError(
+            f"--batch16 goes with --protocol pretrained-batch (the ablation's batch-128 arm), not {protocol}"
+        )
     locate_part(batch16, *B16_PART)
+
 
 @app.command("demo")
 def demo_cmd(
-    suite: Annotated[str, typer.Option("--suite", help=(
-        "pretrained: ImageNet MobileNetV2 on Open Clip Art (needs bash scripts/setup_pretrained.sh; falls back to "
-        "fmnist with a notice where it is not set up); fmnist: the Fashion-MNIST ResNet demo."))] = "pretrained",
-    out: Annotated[Path | None, typer.Option("--out", "-o", help=(
-        "Output directory (default: bvgls-demo, or bvgls-demo-fmnist for the Fashion-MNIST demo)."))] = None,
+    suite: Annotated[
+        str,
+        typer.Option(
+            "--suite",
+            help=(
+                "pretrained: ImageNet MobileNetV2 on Open Clip Art "
+                "(needs bash scripts/setup_pretrained.sh; falls back to "
+                "fmnist with a notice where it is not set up); fmnist: the Fashion-MNIST ResNet demo."
+            ),
+        ),
+    ] = "pretrained",
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help=("Output directory (default: bvgls-demo, or bvgls-demo-fmnist for the Fashion-MNIST demo)."),
+        ),
+    ] = None,
     workers: Annotated[int, typer.Option("--workers", "-j", min=1, help="Runs in parallel (one CPU core each).")] = 2,
     data_root: DataRoot = None,
     download: Download = False,

@@ -41,8 +41,11 @@ from bvgls.registry import DATASETS, DatasetSplits, ModelInput
 from .source_model import FMNIST_CLASSES, read_fashion_mnist
 
 IMAGE_SIZE = 28
-FONT_DIRS = ("/usr/share/fonts/truetype/dejavu", "/usr/share/fonts/truetype/liberation",
-             "/usr/share/fonts/truetype/freefont")
+FONT_DIRS = (
+    "/usr/share/fonts/truetype/dejavu",
+    "/usr/share/fonts/truetype/liberation",
+    "/usr/share/fonts/truetype/freefont",
+)
 SPLITS = ("train", "test")
 #: the validation share of every task's train pool (shots : val = 2 : 5 per class)
 VAL_FRACTION = 5 / 7
@@ -99,12 +102,16 @@ class FewShotTask:
         return DatasetSplits(
             train=TransformedDataset(base["train"], make_transform(input, True, augment, self.hflip)),
             test=TransformedDataset(base["test"], make_transform(input, False, augment, self.hflip)),
-            num_classes=self.num_classes, classes=list(self.classes), name=self.name)
+            num_classes=self.num_classes,
+            classes=list(self.classes),
+            name=self.name,
+        )
 
 
 # ---------------------------------------------------------------------- helpers
-def _per_class_split(labels: torch.Tensor, shots: int, val: int, test: int, generator: torch.Generator,
-                     classes: int) -> dict[str, torch.Tensor]:
+def _per_class_split(
+    labels: torch.Tensor, shots: int, val: int, test: int, generator: torch.Generator, classes: int
+) -> dict[str, torch.Tensor]:
     """Per class: ``shots + val`` indices for the train pool and ``test`` for the test split
     (``-1``: all the rest), disjoint, drawn with ``generator``; sorted within each split."""
     chosen = {s: [] for s in SPLITS}
@@ -116,7 +123,7 @@ def _per_class_split(labels: torch.Tensor, shots: int, val: int, test: int, gene
         if pool + n_test > len(idx):
             raise ValueError(f"class {c} has {len(idx)} examples, fewer than the {pool + n_test} asked for")
         chosen["train"].append(idx[:pool])
-        chosen["test"].append(idx[pool:pool + n_test])
+        chosen["test"].append(idx[pool : pool + n_test])
     return {s: torch.cat(v).sort().values for s, v in chosen.items()}
 
 
@@ -135,8 +142,9 @@ def _fmnist_train_hashes(data_root: str | None = None, download: bool = False) -
     return _TRAIN_HASHES
 
 
-def _fmnist_test_pool(data_root: str | None = None, download: bool = False
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _fmnist_test_pool(
+    data_root: str | None = None, download: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fashion-MNIST test-split images, minus any that also occur in the train split."""
     images, labels = read_fashion_mnist("test", data_root, download)
     seen = _fmnist_train_hashes(data_root, download)
@@ -151,7 +159,7 @@ def _to_u8(x: torch.Tensor) -> torch.Tensor:
 def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     radius = max(1, int(round(3 * sigma)))
     t = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    k = torch.exp(-t ** 2 / (2 * sigma ** 2))
+    k = torch.exp(-(t**2) / (2 * sigma**2))
     k = k / k.sum()
     x = x[:, None]
     conv2d, pad = torch.nn.functional.conv2d, torch.nn.functional.pad
@@ -161,10 +169,19 @@ def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- Fashion-MNIST-based tasks
-def _fmnist_task(name: str, shift: str, description: str, seed: int, shots: int, test: int,
-                 corrupt: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
-                 grouping: list[list[int]] | None = None, group_names: list[str] | None = None,
-                 data_root: str | None = None, download: bool = False) -> FewShotTask:
+def _fmnist_task(
+    name: str,
+    shift: str,
+    description: str,
+    seed: int,
+    shots: int,
+    test: int,
+    corrupt: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+    grouping: list[list[int]] | None = None,
+    group_names: list[str] | None = None,
+    data_root: str | None = None,
+    download: bool = False,
+) -> FewShotTask:
     images, labels, original_index = _fmnist_test_pool(data_root, download)
     if grouping is not None:
         mapping = torch.full((10,), -1, dtype=torch.long)
@@ -205,23 +222,49 @@ def _blur_contrast(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 def fmnist_invert(seed: int = 0, data_root: str | None = None, download: bool = False) -> FewShotTask:
     """Input-level shift: Fashion-MNIST test images with inverted intensities (black on white)."""
-    return _fmnist_task("fmnist-invert", "input", "Fashion-MNIST test-split images, intensities inverted "
-                        "(x -> 1 - x); 10 classes", seed, 20, 100, corrupt=_invert, data_root=data_root,
-                        download=download)
+    return _fmnist_task(
+        "fmnist-invert",
+        "input",
+        "Fashion-MNIST test-split images, intensities inverted (x -> 1 - x); 10 classes",
+        seed,
+        20,
+        100,
+        corrupt=_invert,
+        data_root=data_root,
+        download=download,
+    )
 
 
 def fmnist_noise(seed: int = 0, data_root: str | None = None, download: bool = False) -> FewShotTask:
     """Input-level shift: Fashion-MNIST test images with strong Gaussian pixel noise."""
-    return _fmnist_task("fmnist-noise", "input", "Fashion-MNIST test-split images plus i.i.d. Gaussian pixel "
-                        "noise (sigma 0.4 of the [0, 1] range, fixed per image), clipped; 10 classes",
-                        seed, 20, 100, corrupt=_noise, data_root=data_root, download=download)
+    return _fmnist_task(
+        "fmnist-noise",
+        "input",
+        "Fashion-MNIST test-split images plus i.i.d. Gaussian pixel "
+        "noise (sigma 0.4 of the [0, 1] range, fixed per image), clipped; 10 classes",
+        seed,
+        20,
+        100,
+        corrupt=_noise,
+        data_root=data_root,
+        download=download,
+    )
 
 
 def fmnist_blur_contrast(seed: int = 0, data_root: str | None = None, download: bool = False) -> FewShotTask:
     """Input-level shift: Fashion-MNIST test images blurred and at a quarter of their contrast."""
-    return _fmnist_task("fmnist-blur", "input", "Fashion-MNIST test-split images, Gaussian blur (sigma 1.2 px) "
-                        "and contrast scaled to 25% around mid-grey; 10 classes",
-                        seed, 20, 100, corrupt=_blur_contrast, data_root=data_root, download=download)
+    return _fmnist_task(
+        "fmnist-blur",
+        "input",
+        "Fashion-MNIST test-split images, Gaussian blur (sigma 1.2 px) "
+        "and contrast scaled to 25% around mid-grey; 10 classes",
+        seed,
+        20,
+        100,
+        corrupt=_blur_contrast,
+        data_root=data_root,
+        download=download,
+    )
 
 
 #: Pairs that split every confusable group (T-shirt/Shirt/Pullover/Coat, Sandal/Sneaker/Ankle boot).
@@ -231,10 +274,20 @@ FMNIST_PAIRS = [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
 def fmnist_pairs(seed: int = 0, data_root: str | None = None, download: bool = False) -> FewShotTask:
     """Label-level shift: five classes, each the union of two unrelated Fashion-MNIST classes."""
     names = ["+".join(re.sub(r"\W", "", FMNIST_CLASSES[i]) for i in pair) for pair in FMNIST_PAIRS]
-    return _fmnist_task("fmnist-pairs", "label", "Fashion-MNIST test-split images relabelled into 5 classes, "
-                        "each the union of two unrelated classes (T-shirt+Trouser, Pullover+Dress, Coat+Sandal, "
-                        "Shirt+Sneaker, Bag+Ankle boot)", seed, 40, 200,
-                        grouping=FMNIST_PAIRS, group_names=names, data_root=data_root, download=download)
+    return _fmnist_task(
+        "fmnist-pairs",
+        "label",
+        "Fashion-MNIST test-split images relabelled into 5 classes, "
+        "each the union of two unrelated classes (T-shirt+Trouser, Pullover+Dress, Coat+Sandal, "
+        "Shirt+Sneaker, Bag+Ankle boot)",
+        seed,
+        40,
+        200,
+        grouping=FMNIST_PAIRS,
+        group_names=names,
+        data_root=data_root,
+        download=download,
+    )
 
 
 # ---------------------------------------------------------------------- feature-level tasks
@@ -250,11 +303,19 @@ def digits(seed: int = 0, data_root: str | None = None, download: bool = False) 
     images = _to_u8(x)
     generator = torch.Generator().manual_seed(seed)
     index = _per_class_split(labels, 20, _val_count(20), -1, generator, 10)
-    return FewShotTask("digits", "feature", "scikit-learn handwritten digits (UCI, 8x8, 1797 images) bilinearly "
-                       "upsampled to 20x20 and centred in 28x28; 10 classes",
-                       [str(d) for d in range(10)], {s: images[index[s]].contiguous() for s in SPLITS},
-                       {s: labels[index[s]].clone() for s in SPLITS},
-                       {s: [f"sklearn-digits/{int(i)}" for i in index[s]] for s in SPLITS}, seed, 20, hflip=False)
+    return FewShotTask(
+        "digits",
+        "feature",
+        "scikit-learn handwritten digits (UCI, 8x8, 1797 images) bilinearly "
+        "upsampled to 20x20 and centred in 28x28; 10 classes",
+        [str(d) for d in range(10)],
+        {s: images[index[s]].contiguous() for s in SPLITS},
+        {s: labels[index[s]].clone() for s in SPLITS},
+        {s: [f"sklearn-digits/{int(i)}" for i in index[s]] for s in SPLITS},
+        seed,
+        20,
+        hflip=False,
+    )
 
 
 def font_families(font_dirs=FONT_DIRS) -> dict[str, list[str]]:
@@ -279,8 +340,9 @@ def _render_glyph(char: str, font_path: str, rng: np.random.Generator) -> np.nda
     glyph = canvas.crop(box)
     target = rng.uniform(16, 20)
     scale = target / max(glyph.size)
-    glyph = glyph.resize((max(1, round(glyph.size[0] * scale)), max(1, round(glyph.size[1] * scale))),
-                         Image.Resampling.LANCZOS)
+    glyph = glyph.resize(
+        (max(1, round(glyph.size[0] * scale)), max(1, round(glyph.size[1] * scale))), Image.Resampling.LANCZOS
+    )
     glyph = glyph.rotate(rng.uniform(-12, 12), resample=Image.Resampling.BILINEAR, expand=True)
     out = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
     dx, dy = rng.integers(-2, 3, size=2)
@@ -288,14 +350,17 @@ def _render_glyph(char: str, font_path: str, rng: np.random.Generator) -> np.nda
     return np.asarray(out, dtype=np.uint8)
 
 
-def font_letters(seed: int = 0, data_root: str | None = None, download: bool = False,
-                 font_dirs=FONT_DIRS) -> FewShotTask:
+def font_letters(
+    seed: int = 0, data_root: str | None = None, download: bool = False, font_dirs=FONT_DIRS
+) -> FewShotTask:
     """Feature-level shift: the 26 capital letters rendered from installed fonts, split by font family."""
     families = font_families(font_dirs)
     if len(families) < 6:
-        raise FileNotFoundError(f"font-letters needs at least 6 font families under {', '.join(font_dirs)}, "
-                                f"found {len(families)}: install fonts-dejavu-core, fonts-liberation, "
-                                "fonts-freefont-ttf")
+        raise FileNotFoundError(
+            f"font-letters needs at least 6 font families under {', '.join(font_dirs)}, "
+            f"found {len(families)}: install fonts-dejavu-core, fonts-liberation, "
+            "fonts-freefont-ttf"
+        )
     rng = np.random.default_rng(seed)
     names = sorted(families)
     order = [names[i] for i in rng.permutation(len(names))]
@@ -317,11 +382,24 @@ def font_letters(seed: int = 0, data_root: str | None = None, download: bool = F
         images[s] = torch.from_numpy(np.stack(xs))
         labels[s] = torch.tensor(ys, dtype=torch.long)
         ids[s] = id_s
-    desc = ("capital letters A-Z rendered from the Debian TrueType fonts (random size 16-20 px, rotation "
-            "+-12 deg, shift +-2 px); font families split between the train pool and the test split: " +
-            "; ".join(f"{s}: {', '.join(sorted(family_split[s]))}" for s in SPLITS))
-    return FewShotTask("font-letters", "feature", desc, letters, images, labels, ids, seed, shots,
-                       info={"font_families": family_split}, hflip=False)
+    desc = (
+        "capital letters A-Z rendered from the Debian TrueType fonts (random size 16-20 px, rotation "
+        "+-12 deg, shift +-2 px); font families split between the train pool and the test split: "
+        + "; ".join(f"{s}: {', '.join(sorted(family_split[s]))}" for s in SPLITS)
+    )
+    return FewShotTask(
+        "font-letters",
+        "feature",
+        desc,
+        letters,
+        images,
+        labels,
+        ids,
+        seed,
+        shots,
+        info={"font_families": family_split},
+        hflip=False,
+    )
 
 
 # ---------------------------------------------------------------------- registry
@@ -351,11 +429,14 @@ def build_task(name: str, seed: int = 0, data_root: str | None = None, download:
 
 
 def _register(name: str) -> None:
-    def build(root: str | None = None, *, download: bool = False, input: ModelInput | None = None,
-              augment: str = "light") -> DatasetSplits:
+    def build(
+        root: str | None = None, *, download: bool = False, input: ModelInput | None = None, augment: str = "light"
+    ) -> DatasetSplits:
         data_root = root if root and Path(root).is_dir() else None
-        return build_task(name, data_root=data_root or (root if download else None),
-                          download=download).splits(input, augment)
+        return build_task(name, data_root=data_root or (root if download else None), download=download).splits(
+            input, augment
+        )
+
     build.__doc__ = (TASKS[name].__doc__ or "").strip().split("\n")[0]
     DATASETS.register(f"offline:{name}")(build)
 
@@ -368,8 +449,14 @@ def _folder_name(label: int, name: str) -> str:
     return f"{label:02d}_{re.sub(r'[^A-Za-z0-9+]+', '_', name).strip('_')}"
 
 
-def export_image_folder(task: FewShotTask | str, out_dir: str | os.PathLike, *, seed: int = 0,
-                        data_root: str | None = None, download: bool = False) -> Path:
+def export_image_folder(
+    task: FewShotTask | str,
+    out_dir: str | os.PathLike,
+    *,
+    seed: int = 0,
+    data_root: str | None = None,
+    download: bool = False,
+) -> Path:
     """Write ``task`` as ``out_dir/{train,test}/<NN_class>/<i>.png`` plus ``task.json``.
 
     ``train/`` is the pool of few shots + validation images: runs carve the validation set
@@ -386,18 +473,30 @@ def export_image_folder(task: FewShotTask | str, out_dir: str | os.PathLike, *, 
         manifest = out / "task.json"
         if manifest.is_file() and json.loads(manifest.read_text()).get("fingerprint") == task.fingerprint():
             return out  # already exported, identical
-        raise FileExistsError(errno.EEXIST, f"not empty and not an export of task {task.name!r} "
-                              f"(seed {task.seed}); choose an empty directory", str(out))
+        raise FileExistsError(
+            errno.EEXIST,
+            f"not empty and not an export of task {task.name!r} (seed {task.seed}); choose an empty directory",
+            str(out),
+        )
     folders = [_folder_name(i, c) for i, c in enumerate(task.classes)]
     for s in SPLITS:
         for f in folders:
             (out / s / f).mkdir(parents=True, exist_ok=True)
         for i, (x, y) in enumerate(zip(task.images[s], task.labels[s].tolist())):
             Image.fromarray(x.numpy()).save(out / s / folders[y] / f"{i:05d}.png")
-    manifest = {"task": task.name, "shift": task.shift, "seed": task.seed, "description": task.description,
-                "classes": task.classes, "class_folders": folders, "sizes": task.sizes(),
-                "shots_per_class": task.shots, "val_fraction": task.val_fraction,
-                "hflip_preserves_label": task.hflip, "info": task.info,
-                "fingerprint": task.fingerprint()}
+    manifest = {
+        "task": task.name,
+        "shift": task.shift,
+        "seed": task.seed,
+        "description": task.description,
+        "classes": task.classes,
+        "class_folders": folders,
+        "sizes": task.sizes(),
+        "shots_per_class": task.shots,
+        "val_fraction": task.val_fraction,
+        "hflip_preserves_label": task.hflip,
+        "info": task.info,
+        "fingerprint": task.fingerprint(),
+    }
     (out / "task.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return out

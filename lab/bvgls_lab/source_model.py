@@ -53,8 +53,9 @@ def _stage(in_ch: int, out_ch: int, blocks: int, stride: int) -> nn.Sequential:
     downsample = None
     if stride != 1 or in_ch != out_ch:
         downsample = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch))
-    return nn.Sequential(BasicBlock(in_ch, out_ch, stride, downsample),
-                         *[BasicBlock(out_ch, out_ch) for _ in range(blocks - 1)])
+    return nn.Sequential(
+        BasicBlock(in_ch, out_ch, stride, downsample), *[BasicBlock(out_ch, out_ch) for _ in range(blocks - 1)]
+    )
 
 
 class FMNISTResNet(nn.Module):
@@ -67,8 +68,9 @@ class FMNISTResNet(nn.Module):
     images, and trains at ~900 images/s on one CPU core (channels_last).
     """
 
-    def __init__(self, num_classes: int = 10, widths: tuple[int, ...] = DEFAULT_WIDTHS, blocks: int = 1,
-                 in_channels: int = 1):
+    def __init__(
+        self, num_classes: int = 10, widths: tuple[int, ...] = DEFAULT_WIDTHS, blocks: int = 1, in_channels: int = 1
+    ):
         super().__init__()
         if len(widths) != 4:
             raise ValueError(f"widths must have 4 entries (one per stage), got {widths}")
@@ -97,24 +99,31 @@ def load_source_checkpoint(path: str | os.PathLike, sha256: str | None = None) -
     """Read a checkpoint written by :func:`pretrain`, verifying its SHA-256 when given."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"fmnist-resnet checkpoint {path} does not exist; make one with "
-                                f"`bvgls-lab pretrain --out {path}`")
+        raise FileNotFoundError(
+            f"fmnist-resnet checkpoint {path} does not exist; make one with `bvgls-lab pretrain --out {path}`"
+        )
     if sha256 is not None:
         actual = file_sha256(path)
         if actual != sha256:
-            raise ChecksumError(f"checkpoint {path} has SHA-256 {actual}, expected {sha256}: the file is "
-                                "damaged or was replaced. Reinstall the lab, or re-create it with "
-                                "`bvgls-lab pretrain` (see docs/experiments/offline.md) and pass its path as weights.")
+            raise ChecksumError(
+                f"checkpoint {path} has SHA-256 {actual}, expected {sha256}: the file is "
+                "damaged or was replaced. Reinstall the lab, or re-create it with "
+                "`bvgls-lab pretrain` (see docs/experiments/offline.md) and pass its path as weights."
+            )
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ValueError(f"{path} is not an fmnist-resnet checkpoint (no 'state_dict' entry)")
     return ckpt
 
 
-@MODELS.register("fmnist-resnet", help="6-group ResNet (1.2 M params) for 28x28 grey input, pretrained on "
-                                       "Fashion-MNIST train (shipped checkpoint, SHA-256 verified)")
-def build_fmnist_resnet(num_classes: int, weights: str | None = None, *,
-                        checkpoint_sha256: str | None = None) -> FMNISTResNet:
+@MODELS.register(
+    "fmnist-resnet",
+    help="6-group ResNet (1.2 M params) for 28x28 grey input, pretrained on "
+    "Fashion-MNIST train (shipped checkpoint, SHA-256 verified)",
+)
+def build_fmnist_resnet(
+    num_classes: int, weights: str | None = None, *, checkpoint_sha256: str | None = None
+) -> FMNISTResNet:
     """``fmnist-resnet``: 6-group ResNet for 28x28 grayscale input, pretrained on Fashion-MNIST train.
 
     Args:
@@ -130,8 +139,9 @@ def build_fmnist_resnet(num_classes: int, weights: str | None = None, *,
     else:
         ckpt = load_source_checkpoint(weights, checkpoint_sha256)
     config = ckpt.get("config", {})
-    model = FMNISTResNet(int(config.get("num_classes", 10)), tuple(config.get("widths", DEFAULT_WIDTHS)),
-                         int(config.get("blocks", 1)))
+    model = FMNISTResNet(
+        int(config.get("num_classes", 10)), tuple(config.get("widths", DEFAULT_WIDTHS)), int(config.get("blocks", 1))
+    )
     model.load_state_dict(ckpt["state_dict"])
     model.fc = nn.Linear(model.fc.in_features, num_classes)
     return model
@@ -150,8 +160,8 @@ def evaluate_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     correct = 0
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
-            x = images[i:i + batch_size].contiguous(memory_format=torch.channels_last)  # forward only: no hazard
-            correct += (model(x).argmax(1) == labels[i:i + batch_size]).sum().item()
+            x = images[i : i + batch_size].contiguous(memory_format=torch.channels_last)  # forward only: no hazard
+            correct += (model(x).argmax(1) == labels[i : i + batch_size]).sum().item()
     return 100.0 * correct / len(images)
 
 
@@ -174,10 +184,20 @@ def _augment(x: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch
     return out
 
 
-def pretrain(out: str | os.PathLike, *, epochs: int = 8, batch_size: int = 128, lr: float = 0.1,
-             weight_decay: float = 5e-4, seed: int = 0, widths: tuple[int, ...] = DEFAULT_WIDTHS,
-             blocks: int = 1, data_root: str | None = None, download: bool = False,
-             threads: int | None = None) -> dict:
+def pretrain(
+    out: str | os.PathLike,
+    *,
+    epochs: int = 8,
+    batch_size: int = 128,
+    lr: float = 0.1,
+    weight_decay: float = 5e-4,
+    seed: int = 0,
+    widths: tuple[int, ...] = DEFAULT_WIDTHS,
+    blocks: int = 1,
+    data_root: str | None = None,
+    download: bool = False,
+    threads: int | None = None,
+) -> dict:
     """Pretrain ``fmnist-resnet`` on the Fashion-MNIST train split and save it to ``out``.
 
     Recipe: SGD (momentum 0.9, Nesterov, weight decay 5e-4 except BN/bias), batch 128,
@@ -201,19 +221,23 @@ def pretrain(out: str | os.PathLike, *, epochs: int = 8, batch_size: int = 128, 
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}],
-                                lr=lr, momentum=0.9, nesterov=True)
+    optimizer = torch.optim.SGD(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        momentum=0.9,
+        nesterov=True,
+    )
     steps_per_epoch = len(train_x) // batch_size
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, epochs=epochs,
-                                                    steps_per_epoch=steps_per_epoch, pct_start=0.15)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch, pct_start=0.15
+    )
     start = time.time()
     for epoch in range(epochs):
         model.train()
         order = torch.randperm(len(train_x), generator=generator)
         total = 0.0
         for step in range(steps_per_epoch):
-            idx = order[step * batch_size:(step + 1) * batch_size]
+            idx = order[step * batch_size : (step + 1) * batch_size]
             x = _augment(train_x[idx], generator).contiguous(memory_format=memory_format)
             loss = nn.functional.cross_entropy(model(x), train_y[idx])
             optimizer.zero_grad(set_to_none=True)
@@ -222,18 +246,33 @@ def pretrain(out: str | os.PathLike, *, epochs: int = 8, batch_size: int = 128, 
             scheduler.step()
             total += loss.item()
         acc = evaluate_accuracy(model, test_x, test_y)
-        logger.info(f"epoch {epoch + 1}/{epochs}  train loss {total / steps_per_epoch:.4f}  "
-            f"source test accuracy {acc:.2f}%  ({time.time() - start:.0f} s)")
+        logger.info(
+            f"epoch {epoch + 1}/{epochs}  train loss {total / steps_per_epoch:.4f}  "
+            f"source test accuracy {acc:.2f}%  ({time.time() - start:.0f} s)"
+        )
     runtime = time.time() - start
     model = model.to(memory_format=torch.contiguous_format)
     meta = {
-        "recipe": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-                   "seed": seed, "schedule": "OneCycleLR(pct_start=0.15)", "augment": "translate2+hflip"},
-        "source_test_accuracy": acc, "runtime_s": round(runtime, 1), "torch": str(torch.__version__),
-        "threads": torch.get_num_threads(), "channels_last": channels_last,
+        "recipe": {
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "seed": seed,
+            "schedule": "OneCycleLR(pct_start=0.15)",
+            "augment": "translate2+hflip",
+        },
+        "source_test_accuracy": acc,
+        "runtime_s": round(runtime, 1),
+        "torch": str(torch.__version__),
+        "threads": torch.get_num_threads(),
+        "channels_last": channels_last,
     }
-    ckpt = {"state_dict": {k: v.contiguous() for k, v in model.state_dict().items()},
-            "config": {"num_classes": 10, "widths": list(widths), "blocks": blocks}, "meta": meta}
+    ckpt = {
+        "state_dict": {k: v.contiguous() for k, v in model.state_dict().items()},
+        "config": {"num_classes": 10, "widths": list(widths), "blocks": blocks},
+        "meta": meta,
+    }
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")

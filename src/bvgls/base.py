@@ -103,10 +103,15 @@ def options_mismatch(kind: str, saved: Mapping[str, Any], mine: Mapping[str, Any
     saved, mine = dict(saved), dict(mine)
     if saved == mine:
         return None
-    diff = ", ".join(f"{k}: saved {saved.get(k)!r}, now {mine.get(k)!r}"
-                     for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k))
-    return (f"state_dict of this {kind} was saved with other options ({diff}); "
-            "build the strategy with the options of the checkpoint")
+    diff = ", ".join(
+        f"{k}: saved {saved.get(k)!r}, now {mine.get(k)!r}"
+        for k in sorted(set(saved) | set(mine))
+        if saved.get(k) != mine.get(k)
+    )
+    return (
+        f"state_dict of this {kind} was saved with other options ({diff}); "
+        "build the strategy with the options of the checkpoint"
+    )
 
 
 @dataclass
@@ -145,8 +150,8 @@ class _StepChange:
     """What a pre-step hook changed in the optimizer, undone by the post-step hook."""
 
     def __init__(self, groups: list[dict]):
-        self.groups = groups                          # the optimizer's own param_groups list
-        self.lrs: list[tuple[dict, Any]] = []         # (group, its lr) for groups scaled in place
+        self.groups = groups  # the optimizer's own param_groups list
+        self.lrs: list[tuple[dict, Any]] = []  # (group, its lr) for groups scaled in place
         self.splits: list[tuple[dict, list[tuple[float, dict]]]] = []  # (group, [(scale, sub-group)])
 
     def undo(self, optimizer: torch.optim.Optimizer) -> None:
@@ -181,8 +186,7 @@ class GroupStrategy(metaclass=_AttachAfterInit):
     #: strategies that need every group's gradient (e.g. BVG-LS) leave groups unfrozen
     needs_all_gradients = False
 
-    def __init__(self, optimizer: torch.optim.Optimizer, groups: GroupsSpec = None, *,
-                 skip_unselected: bool = False):
+    def __init__(self, optimizer: torch.optim.Optimizer, groups: GroupsSpec = None, *, skip_unselected: bool = False):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, torch.optim.LBFGS):
@@ -211,33 +215,38 @@ class GroupStrategy(metaclass=_AttachAfterInit):
         ref = _ATTACHED.get(optimizer)
         other = ref() if ref is not None else None
         if other is not None and other._handles:
-            raise ValueError(f"this optimizer already has a {type(other).__name__} attached; call .remove() on "
-                             "that strategy first (strategies cannot be stacked on one optimizer)")
+            raise ValueError(
+                f"this optimizer already has a {type(other).__name__} attached; call .remove() on "
+                "that strategy first (strategies cannot be stacked on one optimizer)"
+            )
 
     def _attach(self) -> None:
         """Register the step hooks (after ``__init__``) and freeze for the first step in lean mode."""
         self._refuse_second_strategy(self.optimizer)
         self._refuse_distributed_lean()
-        self._handles = [self.optimizer.register_step_pre_hook(self._pre_step),
-                         self.optimizer.register_step_post_hook(self._post_step)]
+        self._handles = [
+            self.optimizer.register_step_pre_hook(self._pre_step),
+            self.optimizer.register_step_post_hook(self._post_step),
+        ]
         _ATTACHED[self.optimizer] = weakref.ref(self)
         self._apply_freeze()
 
     def _refuse_distributed_lean(self) -> None:
         if self.lean and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            raise ValueError(f"{type(self).__name__}: lean mode (freezing unselected groups between steps) is not "
-                             "supported under torch.distributed (DDP / FSDP2): their gradient reducers expect the "
-                             "same trainable parameters every step. Use it without freezing instead (e.g. "
-                             "bvgls:probe=1, the paper's method, or freeze=False for lisa / bcd-cyclic / "
-                             "gradual-unfreeze)")
+            raise ValueError(
+                f"{type(self).__name__}: lean mode (freezing unselected groups between steps) is not "
+                "supported under torch.distributed (DDP / FSDP2): their gradient reducers expect the "
+                "same trainable parameters every step. Use it without freezing instead (e.g. "
+                "bvgls:probe=1, the paper's method, or freeze=False for lisa / bcd-cyclic / "
+                "gradual-unfreeze)"
+            )
 
     # ------------------------------------------------------------------ groups
     def _bind_groups(self, groups: GroupsSpec) -> None:
         opt_params = [p for g in self.optimizer.param_groups for p in g["params"]]
         opt_ids = {id(p) for p in opt_params}
         if groups is None:
-            named = [(g.get("name", f"group{i}"), list(g["params"]))
-                     for i, g in enumerate(self.optimizer.param_groups)]
+            named = [(g.get("name", f"group{i}"), list(g["params"])) for i, g in enumerate(self.optimizer.param_groups)]
         else:
             named = as_named_lists(groups)
         names, lists, owner = [], [], {}
@@ -245,13 +254,17 @@ class GroupStrategy(metaclass=_AttachAfterInit):
             kept = []
             for p in params:
                 if id(p) in owner:
-                    raise ValueError(f"a parameter of shape {tuple(p.shape)} is in both group {owner[id(p)]!r} "
-                                     f"and group {name!r}; every parameter must be in exactly one group")
+                    raise ValueError(
+                        f"a parameter of shape {tuple(p.shape)} is in both group {owner[id(p)]!r} "
+                        f"and group {name!r}; every parameter must be in exactly one group"
+                    )
                 owner[id(p)] = name
                 if id(p) not in opt_ids:
                     if p.requires_grad:
-                        raise ValueError(f"group {name!r} holds a trainable parameter of shape {tuple(p.shape)} "
-                                         "that is not in the optimizer")
+                        raise ValueError(
+                            f"group {name!r} holds a trainable parameter of shape {tuple(p.shape)} "
+                            "that is not in the optimizer"
+                        )
                     continue  # frozen parameters outside the optimizer are simply not selectable
                 kept.append(p)
             names.append(name)
@@ -259,8 +272,10 @@ class GroupStrategy(metaclass=_AttachAfterInit):
         missing = [p for p in opt_params if id(p) not in owner]
         if missing:
             shapes = ", ".join(str(tuple(p.shape)) for p in missing[:5])
-            raise ValueError(f"{len(missing)} optimizer parameter(s) are missing from every group "
-                             f"(shapes {shapes}{', ...' if len(missing) > 5 else ''})")
+            raise ValueError(
+                f"{len(missing)} optimizer parameter(s) are missing from every group "
+                f"(shapes {shapes}{', ...' if len(missing) > 5 else ''})"
+            )
         if len(set(names)) != len(names):
             raise ValueError(f"group names must be unique, got {names}")
         self.group_names: list[str] = names
@@ -301,8 +316,10 @@ class GroupStrategy(metaclass=_AttachAfterInit):
         """This rank's gradient of every parameter that has one; raises if none has."""
         grads = [local_tensor(p.grad) for p in self.params if p.grad is not None]
         if not grads:
-            raise RuntimeError(f"{type(self).__name__}: step() was called but no parameter has a gradient "
-                               "(call loss.backward() before step()); nothing was updated or counted")
+            raise RuntimeError(
+                f"{type(self).__name__}: step() was called but no parameter has a gradient "
+                "(call loss.backward() before step()); nothing was updated or counted"
+            )
         return grads
 
     @torch.no_grad()
@@ -320,8 +337,10 @@ class GroupStrategy(metaclass=_AttachAfterInit):
     def _pre_step(self, optimizer, args, kwargs):
         self._undo_step_change()  # a previous step that raised never ran the post-hook
         if sum(len(g["params"]) for g in optimizer.param_groups) != self._opt_param_count:
-            raise RuntimeError("the optimizer's parameters changed after the strategy was attached "
-                               "(add_param_group?); create the strategy again")
+            raise RuntimeError(
+                "the optimizer's parameters changed after the strategy was attached "
+                "(add_param_group?); create the strategy again"
+            )
         replaced = None
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0] is the optimizer
         if closure is not None:
@@ -337,8 +356,9 @@ class GroupStrategy(metaclass=_AttachAfterInit):
             return replaced
         scales = [float(s) for s in planned]
         if len(scales) != self.num_groups:
-            raise RuntimeError(f"{type(self).__name__}._plan returned {len(scales)} scales for "
-                               f"{self.num_groups} groups")
+            raise RuntimeError(
+                f"{type(self).__name__}._plan returned {len(scales)} scales for {self.num_groups} groups"
+            )
         self.num_steps += 1
         self.scales = scales
         self.selected = [i for i, s in enumerate(scales) if s > 0]
@@ -355,9 +375,13 @@ class GroupStrategy(metaclass=_AttachAfterInit):
         self.nonfinite_steps += 1
         if not self._warned_nonfinite:
             self._warned_nonfinite = True
-            warnings.warn(f"{type(self).__name__}: a gradient holds nan/inf after {self.num_steps} steps; the step "
-                          f"was skipped ({self._nonfinite_effect}) and is counted in "
-                          ".nonfinite_steps (warned once)", RuntimeWarning, stacklevel=4)
+            warnings.warn(
+                f"{type(self).__name__}: a gradient holds nan/inf after {self.num_steps} steps; the step "
+                f"was skipped ({self._nonfinite_effect}) and is counted in "
+                ".nonfinite_steps (warned once)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
         self._change = _StepChange(self.optimizer.param_groups)
         self.optimizer.param_groups = [dict(g, params=[]) for g in self.optimizer.param_groups]
 
@@ -570,17 +594,31 @@ class GroupStrategy(metaclass=_AttachAfterInit):
         """Raise ``ValueError`` unless ``state`` fits this strategy (subclasses extend it)."""
         if state.get("type") != type(self).__name__:
             raise ValueError(f"state_dict is from a {state.get('type')}, not a {type(self).__name__}")
-        missing = [k for k in ("options", "group_names", "group_sizes", "num_steps", "counts", "scale_sums",
-                               "selected", "scales") if k not in state]
+        missing = [
+            k
+            for k in (
+                "options",
+                "group_names",
+                "group_sizes",
+                "num_steps",
+                "counts",
+                "scale_sums",
+                "selected",
+                "scales",
+            )
+            if k not in state
+        ]
         if missing:
             raise ValueError(f"state_dict lacks {', '.join(missing)} (not a state of this bvgls version)")
         message = options_mismatch(type(self).__name__, state["options"], self._options())
         if message:
             raise ValueError(message)
-        if list(state["group_names"]) != self.group_names or \
-                list(state["group_sizes"]) != [len(ps) for ps in self.group_params]:
-            raise ValueError(f"state_dict groups {state['group_names']} do not match this strategy's "
-                             f"groups {self.group_names}")
+        if list(state["group_names"]) != self.group_names or list(state["group_sizes"]) != [
+            len(ps) for ps in self.group_params
+        ]:
+            raise ValueError(
+                f"state_dict groups {state['group_names']} do not match this strategy's groups {self.group_names}"
+            )
         n = self.num_groups
         for key in ("counts", "scale_sums", "scales"):
             if len(state[key]) != n:

@@ -31,14 +31,24 @@ import torch.distributed as dist
 
 from .base import GroupStrategy
 
-__all__ = ["all_reduce_sums", "assert_same_selection", "reject_fsdp1", "setup", "shard_statistics",
-           "sharding_groups", "shutdown", "verify_selection"]
+__all__ = [
+    "all_reduce_sums",
+    "assert_same_selection",
+    "reject_fsdp1",
+    "setup",
+    "shard_statistics",
+    "sharding_groups",
+    "shutdown",
+    "verify_selection",
+]
 
 
 def _require_initialized() -> None:
     if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("torch.distributed is not initialized: call torch.distributed.init_process_group() "
-                           "first (torchrun sets up its environment variables)")
+        raise RuntimeError(
+            "torch.distributed is not initialized: call torch.distributed.init_process_group() "
+            "first (torchrun sets up its environment variables)"
+        )
 
 
 def _is_dtensor(p: torch.Tensor) -> bool:
@@ -84,8 +94,10 @@ def sharding_groups(strategy: GroupStrategy) -> list[Any] | None:
     if not layouts:
         return None
     if plain:
-        raise ValueError(f"some parameters are FSDP-sharded DTensors and others (in group {plain[0]!r}) are plain "
-                         "tensors; apply fully_shard to the root module as well, so that every parameter is sharded")
+        raise ValueError(
+            f"some parameters are FSDP-sharded DTensors and others (in group {plain[0]!r}) are plain "
+            "tensors; apply fully_shard to the root module as well, so that every parameter is sharded"
+        )
     if len(layouts) > 1:
         kinds = "; ".join(f"{placements} on {mesh} (group {name!r})" for (mesh, placements), name in layouts.items())
         raise ValueError(f"the parameters are sharded in different ways ({kinds}); BVG-LS needs one layout")
@@ -108,8 +120,10 @@ def shard_statistics(strategy: GroupStrategy, groups: Sequence[Any] | Any = None
     if groups is None:
         groups = sharding_groups(strategy)
         if groups is None:
-            raise ValueError("none of the strategy's parameters is a DTensor, so they are not FSDP2-sharded; "
-                             "with DDP every rank already holds the whole gradient and needs no reduction")
+            raise ValueError(
+                "none of the strategy's parameters is a DTensor, so they are not FSDP2-sharded; "
+                "with DDP every rank already holds the whole gradient and needs no reduction"
+            )
         if not groups:  # sharded on no mesh dimension: replicated DTensors
             return strategy
     strategy.reduce_sums = all_reduce_sums(groups)
@@ -129,8 +143,9 @@ def assert_same_selection(strategy: GroupStrategy, group: Any = None) -> None:
     learning-rate multipliers (i.e. selected the same groups). A collective: call it
     on every rank."""
     _require_initialized()
-    mine = torch.tensor([float(strategy.num_steps), *strategy.scales], dtype=torch.float64,
-                        device=_collective_device(group))
+    mine = torch.tensor(
+        [float(strategy.num_steps), *strategy.scales], dtype=torch.float64, device=_collective_device(group)
+    )
     everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(everyone, mine, group=group)
     if all(torch.equal(other, everyone[0]) for other in everyone[1:]):
@@ -162,8 +177,11 @@ def reject_fsdp1(strategy: GroupStrategy, modules: Sequence[torch.nn.Module] = (
     it flattens a whole wrapped unit into one tensor and shards that, so per-layer sums
     cannot be formed (and with ``use_orig_params=True`` each rank would silently see only
     part of every layer)."""
-    flat = [name for name, ps in zip(strategy.group_names, strategy.group_params)
-            if any(getattr(p, "_is_flat_param", False) for p in ps)]
+    flat = [
+        name
+        for name, ps in zip(strategy.group_names, strategy.group_params)
+        if any(getattr(p, "_is_flat_param", False) for p in ps)
+    ]
     wrapped = False
     if modules:
         try:
@@ -172,12 +190,15 @@ def reject_fsdp1(strategy: GroupStrategy, modules: Sequence[torch.nn.Module] = (
             FullyShardedDataParallel = ()
         wrapped = any(isinstance(m, FullyShardedDataParallel) for module in modules for m in module.modules())
     if flat or wrapped:
-        raise ValueError("FSDP1 (FullyShardedDataParallel) is not supported: it shards flattened units, not "
-                         "layers. Shard with FSDP2 (torch.distributed.fsdp.fully_shard) instead")
+        raise ValueError(
+            "FSDP1 (FullyShardedDataParallel) is not supported: it shards flattened units, not "
+            "layers. Shard with FSDP2 (torch.distributed.fsdp.fully_shard) instead"
+        )
 
 
-def setup(strategy: GroupStrategy, *, verify_every: int = 0, group: Any = None,
-          modules: Sequence[torch.nn.Module] = ()) -> str:
+def setup(
+    strategy: GroupStrategy, *, verify_every: int = 0, group: Any = None, modules: Sequence[torch.nn.Module] = ()
+) -> str:
     """Prepare ``strategy`` for the current ``torch.distributed`` setting.
 
     Returns ``"single"`` (not distributed, or one process: nothing to do), ``"fsdp"``

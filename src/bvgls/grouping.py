@@ -80,8 +80,11 @@ class LayerGroups:
         widths = [max(len(r[c]) for r in rows) for c in range(5)]
         lines = [f"layer groups ({self.scheme} scheme):"]
         for r in rows:
-            lines.append("  ".join(r[c].rjust(widths[c]) if c in (0, 2, 3, 4) else r[c].ljust(widths[c])
-                                   for c in range(5)) + "  " + r[5])
+            lines.append(
+                "  ".join(r[c].rjust(widths[c]) if c in (0, 2, 3, 4) else r[c].ljust(widths[c]) for c in range(5))
+                + "  "
+                + r[5]
+            )
         return "\n".join(lines)
 
     __str__ = describe
@@ -95,8 +98,7 @@ class GroupingScheme(Entry):
     detect: Callable[[nn.Module], bool] | None = None  # None: only when asked for by name
 
 
-GROUPING_SCHEMES: Registry = Registry("grouping scheme", entry_type=GroupingScheme,
-                                      title="grouping schemes (--groups)")
+GROUPING_SCHEMES: Registry = Registry("grouping scheme", entry_type=GroupingScheme, title="grouping schemes (--groups)")
 
 
 def register_grouping(name: str, detect: Callable[[nn.Module], bool] | None = None):
@@ -125,8 +127,7 @@ def layer_groups(model: nn.Module, scheme: str | Sequence | Mapping = "auto") ->
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(scheme, str):
         if scheme == "auto":
-            chosen = next(s for s in reversed(GROUPING_SCHEMES.entries())
-                          if s.detect is not None and s.detect(model))
+            chosen = next(s for s in reversed(GROUPING_SCHEMES.entries()) if s.detect is not None and s.detect(model))
         elif scheme in GROUPING_SCHEMES:
             chosen = GROUPING_SCHEMES[scheme]
         else:
@@ -141,8 +142,11 @@ def layer_groups(model: nn.Module, scheme: str | Sequence | Mapping = "auto") ->
 
 def _module_types(model: nn.Module) -> dict[str, type]:
     """Parameter name -> class of the module that owns it."""
-    return {f"{path}.{pname}" if path else pname: type(module)
-            for path, module in model.named_modules() for pname, _ in module.named_parameters(recurse=False)}
+    return {
+        f"{path}.{pname}" if path else pname: type(module)
+        for path, module in model.named_modules()
+        for pname, _ in module.named_parameters(recurse=False)
+    }
 
 
 def _check_partition(model: nn.Module, groups: Mapping[str, NamedParams]) -> None:
@@ -154,8 +158,9 @@ def _check_partition(model: nn.Module, groups: Mapping[str, NamedParams]) -> Non
             seen[id(p)] = gname
     missing = [n for n, p in model.named_parameters() if id(p) not in seen]
     if missing:
-        raise ValueError(f"{len(missing)} parameter(s) are in no group: {', '.join(missing[:8])}"
-                         f"{' ...' if len(missing) > 8 else ''}")
+        raise ValueError(
+            f"{len(missing)} parameter(s) are in no group: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"
+        )
 
 
 def _group_by_patterns(model: nn.Module, patterns: Sequence | Mapping) -> dict[str, NamedParams]:
@@ -174,8 +179,10 @@ def _group_by_patterns(model: nn.Module, patterns: Sequence | Mapping) -> dict[s
         else:
             unmatched.append(pname)
     if unmatched:
-        raise ValueError(f"{len(unmatched)} parameter(s) match no pattern: {', '.join(unmatched[:8])}"
-                         f"{' ...' if len(unmatched) > 8 else ''}")
+        raise ValueError(
+            f"{len(unmatched)} parameter(s) match no pattern: {', '.join(unmatched[:8])}"
+            f"{' ...' if len(unmatched) > 8 else ''}"
+        )
     return groups
 
 
@@ -262,8 +269,9 @@ def _child_index_rule(container: str, label: Callable[[int], str], other: Callab
 
     def rule(name: str) -> str:
         if name.startswith(head):
-            return label(int(name[len(head):].split(".", 1)[0]))
+            return label(int(name[len(head) :].split(".", 1)[0]))
         return other(name)
+
     return rule
 
 
@@ -277,8 +285,11 @@ def _out_channels(block: nn.Module) -> int | None:
 
 
 def _is_mobilenet(model: nn.Module) -> bool:
-    return _has_class(model, "MobileNetV2", "MobileNetV3") and isinstance(getattr(model, "features", None),
-                                                                         nn.Sequential) and hasattr(model, "classifier")
+    return (
+        _has_class(model, "MobileNetV2", "MobileNetV3")
+        and isinstance(getattr(model, "features", None), nn.Sequential)
+        and hasattr(model, "classifier")
+    )
 
 
 @register_grouping("mobilenet", detect=_is_mobilenet)
@@ -306,13 +317,18 @@ def _efficientnet(model: nn.Module) -> dict[str, NamedParams]:
 
     def label(i: int) -> str:
         return "stem" if i == 0 else "final" if i == n - 1 else f"stage{i}"
-    return _by_rules(model, ["stem"] + [f"stage{i}" for i in range(1, n - 1)] + ["final", "head"],
-                     _child_index_rule("features", label, _head_rule))
+
+    return _by_rules(
+        model,
+        ["stem"] + [f"stage{i}" for i in range(1, n - 1)] + ["final", "head"],
+        _child_index_rule("features", label, _head_rule),
+    )
 
 
 def _is_downsampled_stages(model: nn.Module) -> bool:
-    return _has_class(model, "ConvNeXt", "SwinTransformer") and isinstance(getattr(model, "features", None),
-                                                                            nn.Sequential)
+    return _has_class(model, "ConvNeXt", "SwinTransformer") and isinstance(
+        getattr(model, "features", None), nn.Sequential
+    )
 
 
 @register_grouping("convnext-swin", detect=_is_downsampled_stages)
@@ -323,8 +339,12 @@ def _downsampled_stages(model: nn.Module) -> dict[str, NamedParams]:
 
     def label(i: int) -> str:
         return "stem" if i == 0 else f"stage{i // 2 + 1}"
-    return _by_rules(model, ["stem"] + [f"stage{k}" for k in range(1, n // 2 + 1)] + ["head"],
-                     _child_index_rule("features", label, _head_rule))
+
+    return _by_rules(
+        model,
+        ["stem"] + [f"stage{k}" for k in range(1, n // 2 + 1)] + ["head"],
+        _child_index_rule("features", label, _head_rule),
+    )
 
 
 def _is_densenet(model: nn.Module) -> bool:
@@ -342,6 +362,7 @@ def _densenet(model: nn.Module) -> dict[str, NamedParams]:
         if m:
             return f"stage{int(m.group(2)) + (m.group(1) == 'transition')}"
         return "stem" if re.match(r"features\.(conv|norm)0\.", name) else "head"
+
     blocks = sum(1 for n, _ in model.features.named_children() if n.startswith("denseblock"))
     return _by_rules(model, ["stem"] + [f"stage{k}" for k in range(1, blocks + 1)] + ["head"], rule)
 
@@ -360,20 +381,25 @@ def _regnet(model: nn.Module) -> dict[str, NamedParams]:
         if top == "trunk_output":
             return f"stage{names.index(rest.split('.', 1)[0]) + 1}"
         return "stem" if top == "stem" else "head"
+
     return _by_rules(model, ["stem"] + [f"stage{k}" for k in range(1, len(names) + 1)] + ["head"], rule)
 
 
 def _is_maxvit(model: nn.Module) -> bool:
-    return _has_class(model, "MaxVit") and isinstance(getattr(model, "blocks", None), nn.ModuleList) \
+    return (
+        _has_class(model, "MaxVit")
+        and isinstance(getattr(model, "blocks", None), nn.ModuleList)
         and hasattr(model, "stem")
+    )
 
 
 @register_grouping("maxvit", detect=_is_maxvit)
 def _maxvit(model: nn.Module) -> dict[str, NamedParams]:
     """torchvision MaxViT: stem, each stage (``blocks[i]``), head (classifier with its norm)."""
     n = len(model.blocks)
-    rule = _child_index_rule("blocks", lambda i: f"stage{i + 1}",
-                             lambda name: "stem" if name.startswith("stem.") else "head")
+    rule = _child_index_rule(
+        "blocks", lambda i: f"stage{i + 1}", lambda name: "stem" if name.startswith("stem.") else "head"
+    )
     return _by_rules(model, ["stem"] + [f"stage{k}" for k in range(1, n + 1)] + ["head"], rule)
 
 
@@ -411,7 +437,6 @@ def _timm(model: nn.Module) -> dict[str, NamedParams]:
     return groups
 
 
-
 def _is_resnet(model: nn.Module) -> bool:
     return all(hasattr(model, a) for a in ("conv1", "layer1", "layer2", "layer3", "layer4", "fc"))
 
@@ -419,9 +444,11 @@ def _is_resnet(model: nn.Module) -> bool:
 @register_grouping("resnet", detect=_is_resnet)
 def _resnet(model: nn.Module) -> dict[str, NamedParams]:
     """The paper's 6 groups: stem (conv1 + bn1), layer1..layer4, fc (torchvision or timm)."""
+
     def rule(name: str) -> str:
         top = name.split(".", 1)[0]
         return top if top in ("layer1", "layer2", "layer3", "layer4", "fc") else "stem"
+
     return _by_rules(model, ["stem", "layer1", "layer2", "layer3", "layer4", "fc"], rule)
 
 
@@ -436,6 +463,7 @@ def _vit_rule(block_prefix: str, head_prefixes: tuple[str, ...]):
         if name.startswith(head_prefixes):
             return "head"
         return "embed"
+
     return rule
 
 
@@ -486,8 +514,11 @@ def _transformer_block_lists(model: nn.Module) -> list[str]:
 
 
 def _is_transformers_model(model: nn.Module) -> bool:
-    return (hasattr(model, "config") and isinstance(getattr(model, "base_model_prefix", None), str)
-            and bool(_transformer_block_lists(model)))
+    return (
+        hasattr(model, "config")
+        and isinstance(getattr(model, "base_model_prefix", None), str)
+        and bool(_transformer_block_lists(model))
+    )
 
 
 @register_grouping("transformers", detect=_is_transformers_model)
@@ -500,8 +531,9 @@ def _transformers(model: nn.Module) -> dict[str, NamedParams]:
     """
     stacks = _transformer_block_lists(model)
     if not stacks:
-        raise ValueError(f"{type(model).__name__} has no nn.ModuleList of transformer blocks; "
-                         "use scheme='generic' or patterns")
+        raise ValueError(
+            f"{type(model).__name__} has no nn.ModuleList of transformer blocks; use scheme='generic' or patterns"
+        )
     owners = [path.split(".")[:-1] for path in stacks]
     common = 0
     while all(len(o) > common for o in owners) and len({o[common] for o in owners}) == 1:
@@ -509,14 +541,14 @@ def _transformers(model: nn.Module) -> dict[str, NamedParams]:
     labels = [o[common] if len(o) > common else path for o, path in zip(owners, stacks)]
     if len(set(labels)) < len(labels):
         labels = list(stacks)
-    roots = [".".join(o[:common + 1]) + "." for o in owners]
+    roots = [".".join(o[: common + 1]) + "." for o in owners]
     prefix = [""] if len(stacks) == 1 else [label + "." for label in labels]
     named = list(model.named_parameters())
 
     def block_of(name: str) -> tuple[int, str] | None:
         for j, path in enumerate(stacks):
             if name.startswith(path + "."):
-                return j, f"{prefix[j]}block{name[len(path) + 1:].split('.', 1)[0]}"
+                return j, f"{prefix[j]}block{name[len(path) + 1 :].split('.', 1)[0]}"
         return None
 
     located = [block_of(name) for name, _ in named]
@@ -559,7 +591,8 @@ def _is_container(module: nn.Module) -> bool:
     """A Sequential/ModuleList/ModuleDict holding blocks (children that have children), i.e. one
     to descend into; one of leaf layers (conv + norm + act) is a unit itself."""
     return isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) and any(
-        any(True for _ in child.children()) for child in module.children())
+        any(True for _ in child.children()) for child in module.children()
+    )
 
 
 def _units(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
@@ -594,6 +627,7 @@ def _trace_strides(model: nn.Module, units: list[tuple[str, nn.Module]], px: int
             if name not in strides:
                 spatial = out is not None and out.dim() == 4 and tuple(out.shape[-2:]) != (1, 1)
                 strides[name] = round(px / out.shape[-1]) if spatial else None
+
         return record
 
     handles = [m.register_forward_hook(hook(n)) for n, m in units]
@@ -618,8 +652,10 @@ def _resolution(model: nn.Module) -> dict[str, NamedParams]:
     units = list(_units(model))
     strides = _trace_strides(model, units, RESOLUTION_TRACE_PX)
     if not any(s is not None for s in strides.values()):
-        raise ValueError(f"{type(model).__name__} returns no 4-d feature maps (NCHW) from its layers: the "
-                         "resolution scheme needs a CNN")
+        raise ValueError(
+            f"{type(model).__name__} returns no 4-d feature maps (NCHW) from its layers: the "
+            "resolution scheme needs a CNN"
+        )
     label: dict[str, str] = {}
     seen: list[int] = []
     for name, _ in units:

@@ -40,20 +40,27 @@ class RecommendReport:
 
     group_names: list[str]
     steps: int
-    frequency: list[float]          # fraction of steps in which each group was selected
-    mean_bvr: list[float | None]    # mean bias-variance ratio per group (None: never defined)
-    spec: str                       # the recommended fixed spec, ``L<a>-<b>``
+    frequency: list[float]  # fraction of steps in which each group was selected
+    mean_bvr: list[float | None]  # mean bias-variance ratio per group (None: never defined)
+    spec: str  # the recommended fixed spec, ``L<a>-<b>``
     coverage: float
     nonfinite_steps: int = 0
     selections: list[list[int]] = field(default_factory=list)  # the groups selected at each step
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"groups": self.group_names, "steps": self.steps, "frequency": self.frequency,
-                "interval": [list(wilson_interval(f, self.steps)) for f in self.frequency],
-                "mean_bvr": self.mean_bvr, "spec": self.spec, "coverage": self.coverage,
-                "half_specs": list(self.half_specs()), "nonfinite_steps": self.nonfinite_steps,
-                "selections": self.selections}
+        return {
+            "groups": self.group_names,
+            "steps": self.steps,
+            "frequency": self.frequency,
+            "interval": [list(wilson_interval(f, self.steps)) for f in self.frequency],
+            "mean_bvr": self.mean_bvr,
+            "spec": self.spec,
+            "coverage": self.coverage,
+            "half_specs": list(self.half_specs()),
+            "nonfinite_steps": self.nonfinite_steps,
+            "selections": self.selections,
+        }
 
     def half_specs(self) -> tuple[str | None, str | None]:
         """The recommendation from the first and from the second half of the steps alone
@@ -62,8 +69,10 @@ class RecommendReport:
         if half == 0:
             return None, None
         n = len(self.group_names)
-        return tuple(_spec_or_none(frequency_of(part, n), self.coverage)
-                     for part in (self.selections[:half], self.selections[half:]))
+        return tuple(
+            _spec_or_none(frequency_of(part, n), self.coverage)
+            for part in (self.selections[:half], self.selections[half:])
+        )
 
     def __str__(self) -> str:
         width = max(len("group"), *(len(n) for n in self.group_names))
@@ -72,23 +81,32 @@ class RecommendReport:
             bvr = "-" if b is None else f"{b:10.4g}"
             low, high = wilson_interval(f, self.steps)
             lines.append(f"{i:>3}  {name:<{width}}  {f:8.1%}  {f'{low:.0%}-{high:.0%}':>13}  {bvr:>10}")
-        lines.append(f"recommended: {self.spec} (the shortest range ending at the head that holds "
-                     f"{self.coverage:.0%} of the selections over {self.steps} steps)")
+        lines.append(
+            f"recommended: {self.spec} (the shortest range ending at the head that holds "
+            f"{self.coverage:.0%} of the selections over {self.steps} steps)"
+        )
         lines.append(self.stability_line())
-        lines.append(f"a starting point, not a verdict: it depends on the run's batch, crop and lr; check it against "
-                     f"full finetuning (bvgls compare --strategies full,{self.spec}); its regret on the recorded "
-                     "benchmarks: docs/strategies.md")
+        lines.append(
+            f"a starting point, not a verdict: it depends on the run's batch, crop and lr; check it against "
+            f"full finetuning (bvgls compare --strategies full,{self.spec}); its regret on the recorded "
+            "benchmarks: docs/strategies.md"
+        )
         return "\n".join(lines)
 
     def stability_line(self) -> str:
         first, second = self.half_specs()
         if first is None or second is None:
             return "stability: too few steps to compare the two halves of the run"
-        verdict = "stable: both halves agree" if first == second == self.spec else \
-            "NOT stable: the halves disagree, so the recommendation depends on the steps drawn; run more --steps"
-        return (f"stability: first half of the steps -> {first}, second half -> {second} ({verdict}); "
-                "intervals: Wilson 95% per group, treating steps as independent (they are not: read them as "
-                "a lower bound on the uncertainty)")
+        verdict = (
+            "stable: both halves agree"
+            if first == second == self.spec
+            else "NOT stable: the halves disagree, so the recommendation depends on the steps drawn; run more --steps"
+        )
+        return (
+            f"stability: first half of the steps -> {first}, second half -> {second} ({verdict}); "
+            "intervals: Wilson 95% per group, treating steps as independent (they are not: read them as "
+            "a lower bound on the uncertainty)"
+        )
 
 
 def wilson_interval(frequency: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -144,11 +162,23 @@ def _batches(loader: Iterable, steps: int):
             raise ValueError("the data loader yields no batch")
 
 
-def recommend(model: nn.Module, loader: Iterable, steps: int, groups: GroupsSpec | Callable | None = None, *,
-              loss_fn: Callable = nn.functional.cross_entropy, lr: float = 0.01, momentum: float = 0.9,
-              weight_decay: float = 5e-4, k: int = 1, alpha: float = 0.9, coverage: float = 0.8,
-              device: torch.device | str | None = None, copy_model: bool = True,
-              on_step: Callable[[int], None] | None = None) -> RecommendReport:
+def recommend(
+    model: nn.Module,
+    loader: Iterable,
+    steps: int,
+    groups: GroupsSpec | Callable | None = None,
+    *,
+    loss_fn: Callable = nn.functional.cross_entropy,
+    lr: float = 0.01,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    k: int = 1,
+    alpha: float = 0.9,
+    coverage: float = 0.8,
+    device: torch.device | str | None = None,
+    copy_model: bool = True,
+    on_step: Callable[[int], None] | None = None,
+) -> RecommendReport:
     """Run BVG-LS for ``steps`` steps and recommend which layer groups to finetune.
 
     Args:
@@ -165,47 +195,74 @@ def recommend(model: nn.Module, loader: Iterable, steps: int, groups: GroupsSpec
         device: where to run (default: where the model's parameters are).
         on_step: called with the number of steps done after each step (a progress bar).
     """
-    from .grouping import layer_groups  # grouping pulls in model-family rules: only when needed
+    _check_arguments(steps, coverage, groups, copy_model)
+    work, selector = _selector_on(model, groups, copy_model, device, lr, momentum, weight_decay, k, alpha)
+    try:
+        mean_bvr, selections = _run(work, selector, loader, steps, loss_fn, on_step)
+    finally:
+        selector.remove()
+    frequency = selector.selection_frequency()
+    return RecommendReport(
+        group_names=list(selector.group_names),
+        steps=selector.num_steps,
+        frequency=frequency,
+        mean_bvr=mean_bvr,
+        spec=recommend_range(frequency, coverage),
+        coverage=coverage,
+        nonfinite_steps=selector.nonfinite_steps,
+        selections=selections,
+    )
 
+
+def _check_arguments(steps, coverage, groups, copy_model) -> None:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if not 0.0 < coverage <= 1.0:
         raise ValueError(f"coverage must be in (0, 1], got {coverage}")
     if groups is not None and not callable(groups) and copy_model:
-        raise ValueError("groups given as parameters belong to the original model: pass a callable "
-                         "model -> groups, or copy_model=False")
+        raise ValueError(
+            "groups given as parameters belong to the original model: pass a callable "
+            "model -> groups, or copy_model=False"
+        )
+
+
+def _selector_on(model, groups, copy_model, device, lr, momentum, weight_decay, k, alpha):
+    """The model to train (a copy unless ``copy_model=False``, on ``device``) and a BVG-LS selector
+    around its SGD optimizer."""
+    from .grouping import layer_groups  # grouping pulls in model-family rules: only when needed
+
     work = copy.deepcopy(model) if copy_model else model
     if device is not None:
         work = work.to(device)
-    device = next(work.parameters()).device
     work.train()
     chosen = layer_groups(work) if groups is None else (groups(work) if callable(groups) else groups)
-    trainable = chosen.param_groups() if hasattr(chosen, "param_groups") else \
-        [p for p in work.parameters() if p.requires_grad]
+    trainable = (
+        chosen.param_groups() if hasattr(chosen, "param_groups") else [p for p in work.parameters() if p.requires_grad]
+    )
     opt = torch.optim.SGD(trainable, lr=lr, momentum=momentum, nesterov=momentum > 0, weight_decay=weight_decay)
-    selector = BVGLS(opt, k=k, alpha=alpha, groups=chosen)
+    return work, BVGLS(opt, k=k, alpha=alpha, groups=chosen)
+
+
+def _run(work, selector, loader, steps, loss_fn, on_step) -> tuple[list[float | None], list[list[int]]]:
+    """``steps`` BVG-LS steps; returns each group's mean BVR (over the steps where it is defined and
+    its variance is not clamped) and the groups selected at each step."""
+    device = next(work.parameters()).device
+    opt = selector.optimizer
     bvr_sum = torch.zeros(selector.num_groups, dtype=torch.float64)
     bvr_n = torch.zeros(selector.num_groups, dtype=torch.float64)
     selections: list[list[int]] = []
-    try:
-        for done, (x, y) in enumerate(_batches(loader, steps), 1):
-            opt.zero_grad(set_to_none=True)
-            loss_fn(work(x.to(device)), y.to(device)).backward()
-            before = selector.num_steps
-            selector.step()
-            if selector.num_steps > before:
-                ratios = selector.ratios.double().cpu()
-                valid = ~torch.isnan(ratios) & (selector.variance.double().cpu() > selector.eps)
-                bvr_sum += torch.where(valid, ratios, 0.0)
-                bvr_n += valid
-                selections.append(list(selector.selected))
-            if on_step is not None:
-                on_step(done)
-    finally:
-        selector.remove()
+    for done, (x, y) in enumerate(_batches(loader, steps), 1):
+        opt.zero_grad(set_to_none=True)
+        loss_fn(work(x.to(device)), y.to(device)).backward()
+        before = selector.num_steps
+        selector.step()
+        if selector.num_steps > before:
+            ratios = selector.ratios.double().cpu()
+            valid = ~torch.isnan(ratios) & (selector.variance.double().cpu() > selector.eps)
+            bvr_sum += torch.where(valid, ratios, 0.0)
+            bvr_n += valid
+            selections.append(list(selector.selected))
+        if on_step is not None:
+            on_step(done)
     mean = [None if n == 0 else s / n for s, n in zip(bvr_sum.tolist(), bvr_n.tolist())]
-    frequency = selector.selection_frequency()
-    return RecommendReport(group_names=list(selector.group_names), steps=selector.num_steps, frequency=frequency,
-                       mean_bvr=[None if m is None or not math.isfinite(m) else m for m in mean],
-                       spec=recommend_range(frequency, coverage), coverage=coverage,
-                       nonfinite_steps=selector.nonfinite_steps, selections=selections)
+    return [None if m is None or not math.isfinite(m) else m for m in mean], selections

@@ -37,8 +37,8 @@ class NaiveBVR:
                 st["v"].mul_(a).addcmul_(p.grad, p.grad, value=1 - a)
                 m_hat = st["m"] / (1 - a ** st["t"])
                 v_hat = st["v"] / (1 - a ** st["t"])
-                bias += (m_hat ** 2).sum().item()
-                variance += (v_hat - m_hat ** 2).sum().item()
+                bias += (m_hat**2).sum().item()
+                variance += (v_hat - m_hat**2).sum().item()
             ratios.append(bias / max(variance, self.eps) if present else float("nan"))
         return ratios
 

@@ -24,7 +24,7 @@ def doc_summary(doc: str | None) -> str:
     never ends mid-sentence where the docstring wraps)."""
     paragraph = " ".join((doc or "").strip().split("\n\n")[0].split())
     end = re.search(r"(?<!e\.g)(?<!i\.e)\.(\s|$)", paragraph)
-    return paragraph[:end.start() + 1] if end else paragraph
+    return paragraph[: end.start() + 1] if end else paragraph
 
 
 class Registry(Generic[T]):
@@ -35,8 +35,9 @@ class Registry(Generic[T]):
     entry. ``forms`` are spellings that are not single names (``L<a>-<b>``, ``timm:<name>``),
     listed with the names by :meth:`rows` (what ``bvgls list`` prints)."""
 
-    def __init__(self, kind: str, *, entry_type: type[Entry] = Entry, title: str = "",
-                 forms: dict[str, str] | None = None):
+    def __init__(
+        self, kind: str, *, entry_type: type[Entry] = Entry, title: str = "", forms: dict[str, str] | None = None
+    ):
         self.kind = kind
         self.title = title or f"{kind}s"
         self.entry_type = entry_type
@@ -47,6 +48,7 @@ class Registry(Generic[T]):
         def deco(fn: Callable[..., T]) -> Callable[..., T]:
             self._entries[name] = self.entry_type(name, fn, help or doc_summary(fn.__doc__), **fields)
             return fn
+
         return deco
 
     def get(self, name: str) -> Callable[..., T]:
@@ -113,8 +115,12 @@ class ModelInput:
 # here imports nothing.
 
 #: name -> build(num_classes: int, weights: str | None = None) -> nn.Module (with .bvgls_input)
-MODELS: Registry = Registry("model", title="models (--model)", forms={
-    "timm:<name>": "any timm model (needs timm)", "<model file>": "bvgls model.pt or a pickled nn.Module"})
+MODELS: Registry = Registry(
+    "model",
+    title="models (--model)",
+    forms={"timm:<name>": "any timm model (needs timm)", "<model file>": "bvgls model.pt or a pickled nn.Module"},
+)
 #: name -> build(root: str, *, download: bool, input: ModelInput) -> DatasetSplits
-DATASETS: Registry = Registry("dataset", title="datasets (--data)", forms={
-    "<directory>": "ImageFolder root with train/ and test/ (or val/)"})
+DATASETS: Registry = Registry(
+    "dataset", title="datasets (--data)", forms={"<directory>": "ImageFolder root with train/ and test/ (or val/)"}
+)

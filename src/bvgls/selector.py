@@ -82,16 +82,22 @@ def _norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-FUSED_DISTRIBUTED = ("fused=true is not supported under torch.distributed (DDP / FSDP2): their reducers need every "
-                     "gradient after the backward pass, and fused mode frees the unselected ones during it; use "
-                     "fused=false (e.g. bvgls:probe=10:release_state=true:ema=bfloat16)")
-FUSED_TWICE = ("fused=true folds each gradient into the statistics once per optimizer step, as autograd accumulates "
-               "it, but this backward pass reached a parameter already folded since the last optimizer step "
-               "(gradient accumulation, several backward passes per step, or a GradScaler that skipped a step): "
-               "run one backward pass per optimizer step, or use fused=false")
-FUSED_SCALER = ("fused=true cannot run under a GradScaler: the gradients it folds during backward are still scaled, "
-                "and a step the scaler skips for an overflow has already been folded; use bfloat16 autocast without "
-                "a scaler, or fused=false")
+FUSED_DISTRIBUTED = (
+    "fused=true is not supported under torch.distributed (DDP / FSDP2): their reducers need every "
+    "gradient after the backward pass, and fused mode frees the unselected ones during it; use "
+    "fused=false (e.g. bvgls:probe=10:release_state=true:ema=bfloat16)"
+)
+FUSED_TWICE = (
+    "fused=true folds each gradient into the statistics once per optimizer step, as autograd accumulates "
+    "it, but this backward pass reached a parameter already folded since the last optimizer step "
+    "(gradient accumulation, several backward passes per step, or a GradScaler that skipped a step): "
+    "run one backward pass per optimizer step, or use fused=false"
+)
+FUSED_SCALER = (
+    "fused=true cannot run under a GradScaler: the gradients it folds during backward are still scaled, "
+    "and a step the scaler skips for an overflow has already been folded; use bfloat16 autocast without "
+    "a scaler, or fused=false"
+)
 
 
 def refuse_distributed_fused() -> None:
@@ -150,10 +156,22 @@ class BVGLS(GroupStrategy):
 
     needs_all_gradients = True
 
-    def __init__(self, optimizer: torch.optim.Optimizer, k: int = 1, alpha: float = 0.9,
-                 groups: GroupsSpec = None, *, skip_unselected: bool = False, eps: float = 1e-10,
-                 reduce_sums: SumReducer | None = None, probe: int = 1, static: int | None = None,
-                 release_state: bool = False, ema_dtype: torch.dtype | None = None, fused: bool = False):
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        k: int = 1,
+        alpha: float = 0.9,
+        groups: GroupsSpec = None,
+        *,
+        skip_unselected: bool = False,
+        eps: float = 1e-10,
+        reduce_sums: SumReducer | None = None,
+        probe: int = 1,
+        static: int | None = None,
+        release_state: bool = False,
+        ema_dtype: torch.dtype | None = None,
+        fused: bool = False,
+    ):
         if not 0.0 < float(alpha) < 1.0:
             raise ValueError(f"alpha must be in (0, 1), got {alpha}")
         self.probe = _positive_int("probe (steps between two probe steps)", probe)
@@ -163,21 +181,30 @@ class BVGLS(GroupStrategy):
         super().__init__(optimizer, groups, skip_unselected=skip_unselected or self.fused)
         nonempty = sum(1 for ps in self.group_params if ps)
         if nonempty < 2:
-            raise ValueError(f"{type(self).__name__} needs at least 2 non-empty groups to select between, "
-                             f"got {nonempty} (groups: {self.group_names})")
-        self._check_k(k, nonempty)
+            raise ValueError(
+                f"{type(self).__name__} needs at least 2 non-empty groups to select between, "
+                f"got {nonempty} (groups: {self.group_names})"
+            )
+        self.check_k(k, nonempty)
         self.k = int(k) if k is not None else None
         self.alpha = float(alpha)
         self.eps = float(eps)
         self.reduce_sums = reduce_sums
         self.lean = self.probe > 1 or self.static is not None
         if release_state and not self.lean:
-            raise ValueError("release_state needs lean mode (probe > 1 or static): without freezing every group "
-                             "is updated every step and holds its optimizer state")
+            raise ValueError(
+                "release_state needs lean mode (probe > 1 or static): without freezing every group "
+                "is updated every step and holds its optimizer state"
+            )
         self.release_frozen_state = bool(release_state)
         if ema_dtype is not None and not (isinstance(ema_dtype, torch.dtype) and ema_dtype.is_floating_point):
             raise ValueError(f"ema_dtype must be a floating-point torch.dtype, got {ema_dtype!r}")
         self.ema_dtype = ema_dtype
+        self._allocate_statistics(reduce_sums)
+
+    def _allocate_statistics(self, reduce_sums: SumReducer | None) -> None:
+        """The per-tensor statistics (EMA ``m`` allocated at a tensor's first fold), the per-group
+        ratios and the bookkeeping of probe, static and fused mode."""
         n = len(self.params)
         self._device = self.params[0].device
         # float64 for the per-tensor scalars: bias and variance are differences of sums
@@ -194,7 +221,7 @@ class BVGLS(GroupStrategy):
         self.ratios = torch.full((self.num_groups,), float("nan"), dtype=self._stat_dtype, device=self._device)
         self.bias = torch.zeros_like(self.ratios)
         self.variance = torch.zeros_like(self.ratios)
-        self.probe_selection: list[int] = []   # top-k of the last probe step
+        self.probe_selection: list[int] = []  # top-k of the last probe step
         self.probe_counts = [0] * self.num_groups  # selections on probe steps
         self.static_groups: list[int] | None = None  # the groups kept after ``static`` steps
         self.probed = False  # did the last optimizer.step() update the statistics (``ratios`` are its own)?
@@ -205,12 +232,14 @@ class BVGLS(GroupStrategy):
         self._fold_set: set[int] = set()
         self._fold_ok: torch.Tensor | None = None
         if self.fused:
-            self._nonfinite_effect = ("weights and optimizer state untouched; the finite gradients of the step "
-                                      "were already folded into the statistics, as fused mode frees them during "
-                                      "backward")
+            self._nonfinite_effect = (
+                "weights and optimizer state untouched; the finite gradients of the step "
+                "were already folded into the statistics, as fused mode frees them during "
+                "backward"
+            )
 
     @staticmethod
-    def _check_k(k, nonempty):
+    def check_k(k, nonempty):
         if isinstance(k, bool) or not isinstance(k, int):
             raise TypeError(f"k must be an int, got {k!r}")
         if k < 1:
@@ -232,8 +261,11 @@ class BVGLS(GroupStrategy):
             present_groups = sorted({self.param_group_index[i] for i in idx})
             mask = torch.zeros(self.num_groups, dtype=torch.bool)
             mask[present_groups] = True
-            cached = (torch.tensor(idx, dtype=torch.long, device=self._device),
-                      mask.to(self._device), len(present_groups))
+            cached = (
+                torch.tensor(idx, dtype=torch.long, device=self._device),
+                mask.to(self._device),
+                len(present_groups),
+            )
             self._index_cache[key] = cached
         return (idx, *cached)
 
@@ -248,9 +280,11 @@ class BVGLS(GroupStrategy):
         """Fold the current gradients into the EMAs; returns a 0-dim bool tensor, False
         (and every statistic untouched) when a gradient holds nan/inf. No host sync."""
         if self._sharded and self.reduce_sums is None:
-            raise RuntimeError(f"{type(self).__name__}: the gradients are FSDP2-sharded DTensors, so each rank "
-                               "would select from its own shard; call bvgls.distributed.setup(strategy) once "
-                               "after creating the strategy (it sums the statistics over the ranks)")
+            raise RuntimeError(
+                f"{type(self).__name__}: the gradients are FSDP2-sharded DTensors, so each rank "
+                "would select from its own shard; call bvgls.distributed.setup(strategy) once "
+                "after creating the strategy (it sums the statistics over the ranks)"
+            )
         idx, index, group_mask, self._num_present = self._present()
         grads = self._present_gradients()  # raises if there is none
         for g, i in zip(grads, idx):
@@ -262,8 +296,9 @@ class BVGLS(GroupStrategy):
         ok, m_sq = self._fold_tensors(index, grads, ms)
         return self._set_ratios(index, group_mask, m_sq, ok)
 
-    def _fold_tensors(self, index: torch.Tensor, grads: list[torch.Tensor],
-                      ms: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _fold_tensors(
+        self, index: torch.Tensor, grads: list[torch.Tensor], ms: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Fold ``grads`` into their EMAs ``ms``, ``self._sq`` and ``self._t`` (at ``index``); returns the
         0-dim finite flag (False: every statistic of these tensors untouched) and their ``||m||^2``."""
         a = self.alpha
@@ -278,8 +313,9 @@ class BVGLS(GroupStrategy):
         self._sq.index_copy_(0, index, torch.where(ok, old_sq.mul(a).add_(g_sq, alpha=1.0 - a), old_sq))
         return ok, self._squared_norms(ms)
 
-    def _set_ratios(self, index: torch.Tensor, group_mask: torch.Tensor, m_sq: torch.Tensor,
-                    ok: torch.Tensor) -> torch.Tensor:
+    def _set_ratios(
+        self, index: torch.Tensor, group_mask: torch.Tensor, m_sq: torch.Tensor, ok: torch.Tensor
+    ) -> torch.Tensor:
         """The per-group bias, variance and ratios of the tensors at ``index`` (whose EMAs have just
         been folded, ``||m||^2`` given), kept as they were unless ``ok``; returns ``ok`` (after a
         reduction over ranks, if any)."""
@@ -400,12 +436,14 @@ class BVGLS(GroupStrategy):
             refuse_distributed_fused()
         super()._attach()
         if self.fused:
-            self._handles += [p.register_post_accumulate_grad_hook(self._fold_hook(i))
-                              for i, p in enumerate(self.params)]
+            self._handles += [
+                p.register_post_accumulate_grad_hook(self._fold_hook(i)) for i, p in enumerate(self.params)
+            ]
 
     def _fold_hook(self, i: int) -> Callable[[torch.Tensor], None]:
         def hook(param: torch.Tensor) -> None:
             self._fold_now(i, param)
+
         return hook
 
     @torch.no_grad()
@@ -421,7 +459,7 @@ class BVGLS(GroupStrategy):
             raise ValueError(f"{type(self).__name__} does not support sparse gradients")
         if self._m[i] is None:
             self._m[i] = torch.zeros_like(g, dtype=self.ema_dtype, memory_format=torch.preserve_format)
-        index = self._arange[i:i + 1]  # a view: no host-to-device copy per tensor
+        index = self._arange[i : i + 1]  # a view: no host-to-device copy per tensor
         ok, m_sq = self._fold_tensors(index, [g], [self._m[i]])
         self._msq.index_copy_(0, index, m_sq)
         self._fold_ok = ok if self._fold_ok is None else self._fold_ok & ok
@@ -438,8 +476,10 @@ class BVGLS(GroupStrategy):
         folded, self._fold_set = sorted(self._fold_set), set()
         ok, self._fold_ok = self._fold_ok, None
         if not folded:
-            raise RuntimeError(f"{type(self).__name__}.step() called but no gradient was folded since the last "
-                               "step: call loss.backward() first; nothing was updated or counted")
+            raise RuntimeError(
+                f"{type(self).__name__}.step() called but no gradient was folded since the last "
+                "step: call loss.backward() first; nothing was updated or counted"
+            )
         _, index, group_mask, num_present = self._index_info(folded)
         ok = self._set_ratios(index, group_mask, self._msq.index_select(0, index), ok)
         kept = list(self.probe_selection)
@@ -455,7 +495,7 @@ class BVGLS(GroupStrategy):
     def _step_finished(self) -> None:
         if self.static is not None and self.static_groups is None and self.num_steps >= self.static:
             order = sorted(range(self.num_groups), key=lambda g: (self.probe_counts[g], g), reverse=True)
-            self.static_groups = sorted(order[:self._num_to_select(self.num_groups)])
+            self.static_groups = sorted(order[: self._num_to_select(self.num_groups)])
             self._m = [None] * len(self.params)  # the statistics are not needed any more
 
     def _upcoming_active(self):
@@ -481,28 +521,46 @@ class BVGLS(GroupStrategy):
 
     # ------------------------------------------------------------------ state
     def _options(self) -> dict[str, Any]:
-        return {**super()._options(), "k": self.k, "alpha": self.alpha, "eps": self.eps, "probe": self.probe,
-                "static": self.static, "release_state": self.release_frozen_state,
-                "ema_dtype": None if self.ema_dtype is None else str(self.ema_dtype).removeprefix("torch."),
-                # only when on: checkpoints saved before the option existed still load
-                **({"fused": True} if self.fused else {})}
+        return {
+            **super()._options(),
+            "k": self.k,
+            "alpha": self.alpha,
+            "eps": self.eps,
+            "probe": self.probe,
+            "static": self.static,
+            "release_state": self.release_frozen_state,
+            "ema_dtype": None if self.ema_dtype is None else str(self.ema_dtype).removeprefix("torch."),
+            # only when on: checkpoints saved before the option existed still load
+            **({"fused": True} if self.fused else {}),
+        }
 
     def state_dict(self) -> dict[str, Any]:
         if self._fold_set:
-            raise RuntimeError("fused=true: state_dict() was called between backward() and the optimizer step, "
-                               "when this step's gradients are folded but not yet counted; save after the step")
+            raise RuntimeError(
+                "fused=true: state_dict() was called between backward() and the optimizer step, "
+                "when this step's gradients are folded but not yet counted; save after the step"
+            )
         state = super().state_dict()
-        state.update(m=[None if b is None else b.clone() for b in self._m], sq=self._sq.clone(),
-                     t=self._t.clone(), ratios=self.ratios.clone(), bias=self.bias.clone(),
-                     variance=self.variance.clone(), probe_selection=list(self.probe_selection),
-                     probe_counts=list(self.probe_counts),
-                     static_groups=None if self.static_groups is None else list(self.static_groups))
+        state.update(
+            m=[None if b is None else b.clone() for b in self._m],
+            sq=self._sq.clone(),
+            t=self._t.clone(),
+            ratios=self.ratios.clone(),
+            bias=self.bias.clone(),
+            variance=self.variance.clone(),
+            probe_selection=list(self.probe_selection),
+            probe_counts=list(self.probe_counts),
+            static_groups=None if self.static_groups is None else list(self.static_groups),
+        )
         return state
 
     def _check_state(self, state: Mapping[str, Any]) -> None:
         super()._check_state(state)
-        missing = [k for k in ("m", "sq", "t", "ratios", "bias", "variance", "probe_selection", "probe_counts",
-                               "static_groups") if k not in state]
+        missing = [
+            k
+            for k in ("m", "sq", "t", "ratios", "bias", "variance", "probe_selection", "probe_counts", "static_groups")
+            if k not in state
+        ]
         if missing:
             raise ValueError(f"state_dict lacks {', '.join(missing)} (not a state of this bvgls version)")
         m = list(state["m"])
@@ -511,10 +569,17 @@ class BVGLS(GroupStrategy):
         for i, (buf, p) in enumerate(zip(m, self.params)):
             if buf is not None and (not isinstance(buf, torch.Tensor) or buf.shape != local_tensor(p).shape):
                 # FSDP2: the EMA is this rank's shard
-                raise ValueError(f"gradient buffer {i} has shape {tuple(getattr(buf, 'shape', ()))}, parameter "
-                                 f"has {tuple(local_tensor(p).shape)}")
-        for key, size in (("sq", len(self.params)), ("t", len(self.params)), ("ratios", self.num_groups),
-                          ("bias", self.num_groups), ("variance", self.num_groups)):
+                raise ValueError(
+                    f"gradient buffer {i} has shape {tuple(getattr(buf, 'shape', ()))}, parameter "
+                    f"has {tuple(local_tensor(p).shape)}"
+                )
+        for key, size in (
+            ("sq", len(self.params)),
+            ("t", len(self.params)),
+            ("ratios", self.num_groups),
+            ("bias", self.num_groups),
+            ("variance", self.num_groups),
+        ):
             if not isinstance(state[key], torch.Tensor) or tuple(state[key].shape) != (size,):
                 raise ValueError(f"state_dict entry {key!r} must be a tensor of shape ({size},)")
         if len(state["probe_counts"]) != self.num_groups:
@@ -525,10 +590,13 @@ class BVGLS(GroupStrategy):
 
     def _set_state(self, state: Mapping[str, Any]) -> None:
         super()._set_state(state)
-        self._m = [None if b is None else b.to(p.device, self.ema_dtype or p.dtype).clone()
-                   for b, p in zip(state["m"], self.params)]
+        self._m = [
+            None if b is None else b.to(p.device, self.ema_dtype or p.dtype).clone()
+            for b, p in zip(state["m"], self.params)
+        ]
         self._sq, self._t, self.ratios, self.bias, self.variance = (
-            state[key].to(self._device, self._stat_dtype).clone() for key in ("sq", "t", "ratios", "bias", "variance"))
+            state[key].to(self._device, self._stat_dtype).clone() for key in ("sq", "t", "ratios", "bias", "variance")
+        )
         self.probe_selection = [int(i) for i in state["probe_selection"]]
         self.probe_counts = [int(c) for c in state["probe_counts"]]
         self.static_groups = None if state["static_groups"] is None else [int(i) for i in state["static_groups"]]
@@ -541,22 +609,45 @@ class BVGTS(BVGLS):
     ``n`` being the number of tensors that have a gradient in this step.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, fraction: float = 0.5, alpha: float = 0.9,
-                 groups: GroupsSpec = None, *, skip_unselected: bool = False, eps: float = 1e-10,
-                 reduce_sums: SumReducer | None = None, fused: bool = False):
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        fraction: float = 0.5,
+        alpha: float = 0.9,
+        groups: GroupsSpec = None,
+        *,
+        skip_unselected: bool = False,
+        eps: float = 1e-10,
+        reduce_sums: SumReducer | None = None,
+        fused: bool = False,
+    ):
         if not 0.0 < float(fraction) <= 1.0:
             raise ValueError(f"fraction must be in (0, 1], got {fraction}")
         self.fraction = float(fraction)
         if groups is None:
-            groups = [(f"{g.get('name', f'group{gi}')}.{j}", [p])
-                      for gi, g in enumerate(optimizer.param_groups) for j, p in enumerate(g["params"])]
+            groups = [
+                (f"{g.get('name', f'group{gi}')}.{j}", [p])
+                for gi, g in enumerate(optimizer.param_groups)
+                for j, p in enumerate(g["params"])
+            ]
         elif hasattr(groups, "tensor_groups"):  # bvgls.LayerGroups: qualified parameter names
             groups = groups.tensor_groups()
         else:  # one group per tensor of the given groups, names kept
-            groups = [(f"{name}.{j}" if len(ps) > 1 else name, [p])
-                      for name, ps in as_named_lists(groups) for j, p in enumerate(ps)]
-        super().__init__(optimizer, k=1, alpha=alpha, groups=groups, skip_unselected=skip_unselected,
-                         eps=eps, reduce_sums=reduce_sums, fused=fused)
+            groups = [
+                (f"{name}.{j}" if len(ps) > 1 else name, [p])
+                for name, ps in as_named_lists(groups)
+                for j, p in enumerate(ps)
+            ]
+        super().__init__(
+            optimizer,
+            k=1,
+            alpha=alpha,
+            groups=groups,
+            skip_unselected=skip_unselected,
+            eps=eps,
+            reduce_sums=reduce_sums,
+            fused=fused,
+        )
         self.k = None
 
     def _num_to_select(self, num_present: int) -> int:

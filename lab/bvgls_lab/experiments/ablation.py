@@ -37,11 +37,11 @@ FIGURE = "ablation_val_error.png"
 
 STATEMENTS = {
     "steps": "*BVG-LS needs steps*: the task-averaged difference of differences of `bvgls − full` (batch 128 "
-             "minus batch 16) has its 95% interval above 0.",
+    "minus batch 16) has its 95% interval above 0.",
     "lr": "*BVG-LS wants a larger lr than full finetuning*: its chosen lr is at least 3x full's on both tasks at "
-          "both batch sizes (the validation curves over the grid show by how much it loses at full's lr).",
+    "both batch sizes (the validation curves over the grid show by how much it loses at full's lr).",
     "competitive": "*Where BVG-LS is competitive*: the batch size(s) at which the task-averaged `bvgls − full` "
-                   "interval includes 0 or lies below 0 (with each at its own lr).",
+    "interval includes 0 or lies below 0 (with each at its own lr).",
 }
 
 
@@ -84,8 +84,10 @@ def locate_part(path: str | os.PathLike, suite_name: str, part: str) -> tuple[Pa
         if diff == []:
             return candidate, protocol
         if diff:
-            raise ValueError(f"{candidate} holds a benchmark with another protocol than part {part} of "
-                             f"`{suite_name}` (differs in {', '.join(diff)})")
+            raise ValueError(
+                f"{candidate} holds a benchmark with another protocol than part {part} of "
+                f"`{suite_name}` (differs in {', '.join(diff)})"
+            )
     raise ValueError(f"{path} holds no `{suite_name}` benchmark (no protocol.json in it or in {path / part})")
 
 
@@ -94,9 +96,15 @@ def load_arm(path: Path, protocol: Protocol) -> Arm:
     errors = {c: errors_by_seed(rows, *c) for c in CELLS}
     records = cell_records(path, protocol)
     updates = {c: group_updates([r for r in rows if (r["dataset"], r["strategy"]) == c]) for c in CELLS}
-    return Arm(protocol.batch_size, path, protocol.seeds, {c: e for c, e in errors.items() if e},
-               {c: records[c] for c in CELLS if c in records}, searched_grid(path),
-               {c: u for c, u in updates.items() if u is not None})
+    return Arm(
+        protocol.batch_size,
+        path,
+        protocol.seeds,
+        {c: e for c, e in errors.items() if e},
+        {c: records[c] for c in CELLS if c in records},
+        searched_grid(path),
+        {c: u for c, u in updates.items() if u is not None},
+    )
 
 
 def searched_grid(path: Path) -> dict[tuple[str, str], dict[float, float]]:
@@ -126,8 +134,11 @@ def group_updates(rows: list[dict]) -> Updates | None:
     if not runs:
         return None
     counted = [run_updates(h) for h in runs]
-    return Updates(runs[0].group_names, statistics.fmean(s for s, _ in counted),
-                   [statistics.fmean(col) for col in zip(*(g for _, g in counted))])
+    return Updates(
+        runs[0].group_names,
+        statistics.fmean(s for s, _ in counted),
+        [statistics.fmean(col) for col in zip(*(g for _, g in counted))],
+    )
 
 
 # ---------------------------------------------------------------------- statistics
@@ -151,8 +162,10 @@ def judge_steps(dod: dict) -> dict:
     average = dod.get("average")
     if average is None or math.isnan(average[1]):
         return {"verdict": "not judged", "detail": "needs both tasks' four cells at two or more common seeds"}
-    return {"verdict": "holds" if average[1] > 0 else "does not hold",
-            "detail": f"{fmt_ci(*average[:3])} over {average[3]} seeds"}
+    return {
+        "verdict": "holds" if average[1] > 0 else "does not hold",
+        "detail": f"{fmt_ci(*average[:3])} over {average[3]} seeds",
+    }
 
 
 def judge_lr(arms: list[Arm]) -> dict:
@@ -166,8 +179,11 @@ def judge_lr(arms: list[Arm]) -> dict:
                 continue
             ratio = mine["lr"] / full["lr"]
             grid = arm.val_grid.get((t, "bvgls"), {})
-            cost = (f" (bvgls at full's lr: {val_points(grid[full['lr']] - grid[mine['lr']])})"
-                    if full["lr"] in grid and mine["lr"] in grid else "")
+            cost = (
+                f" (bvgls at full's lr: {val_points(grid[full['lr']] - grid[mine['lr']])})"
+                if full["lr"] in grid and mine["lr"] in grid
+                else ""
+            )
             ok = ratio >= LR_FACTOR * (1 - 1e-9)  # 0.03 / 0.01 is 2.9999999999999996
             checks.append((ok, f"{t}, {arm.name}: {mine['lr']:g} / {full['lr']:g} = {ratio:.3g}x{cost}"))
     verdict = "does not hold" if not all(ok for ok, _ in checks) else "not judged" if missing else "holds"
@@ -202,8 +218,9 @@ def val_points(x: float) -> str:
 
 
 # ---------------------------------------------------------------------- the report
-def write_batch_ablation(b16_dir: str | os.PathLike, b128_dir: str | os.PathLike,
-                         out_file: str | os.PathLike | None = None) -> dict:
+def write_batch_ablation(
+    b16_dir: str | os.PathLike, b128_dir: str | os.PathLike, out_file: str | os.PathLike | None = None
+) -> dict:
     """The ablation report from the runs finished so far in both arms: ``out_file`` (markdown;
     default ``<batch-128 part>/ablation.md``), its numbers next to it as ``.json`` and, where
     matplotlib is installed, ``figures/ablation_val_error.png`` beside it. ``b16_dir``: the
@@ -217,11 +234,15 @@ def write_batch_ablation(b16_dir: str | os.PathLike, b128_dir: str | os.PathLike
     versus = {s: {arm.batch: versus_full(arm, s) for arm in arms} for s in VERSUS_FULL}
     dod = {s: difference_of_differences(b16, b128, s) for s in VERSUS_FULL}
     verdicts = {"steps": judge_steps(dod["bvgls"]), "lr": judge_lr(arms), "competitive": judge_competitive(arms)}
-    lines = ["# Ablation: batch size and learning rate", "",
-             f"Batch 16: `{b16.path}` (part M of `pretrained`: its {', '.join(ABLATION_STRATEGIES)} cells on "
-             f"{' and '.join(TASKS)}); batch 128: `{b128.path}` (`pretrained-batch`). Test and validation "
-             "errors in %; paired differences in points, mean [95% t-interval], paired by seed (the same "
-             "few-shot draw), negative = better than full finetuning.", ""]
+    lines = [
+        "# Ablation: batch size and learning rate",
+        "",
+        f"Batch 16: `{b16.path}` (part M of `pretrained`: its {', '.join(ABLATION_STRATEGIES)} cells on "
+        f"{' and '.join(TASKS)}); batch 128: `{b128.path}` (`pretrained-batch`). Test and validation "
+        "errors in %; paired differences in points, mean [95% t-interval], paired by seed (the same "
+        "few-shot draw), negative = better than full finetuning.",
+        "",
+    ]
     gaps = incomplete_cells(arms)
     lines += missing_lines(gaps) + error_lines(arms) + lr_lines(arms) + grid_lines(arms, figure, out_file.parent)
     lines += difference_lines(arms, versus) + dod_lines(dod) + update_lines(arms) + statement_lines(verdicts, gaps)
@@ -246,9 +267,15 @@ def incomplete_cells(arms: list[Arm]) -> list[str]:
 def missing_lines(gaps: list[str]) -> list[str]:
     if not gaps:
         return ["Every cell has all its final runs.", ""]
-    return ["**Incomplete**: the numbers below use the runs finished so far (differences over the seeds both "
-            "sides have); a statement that needs a cell without runs is *not judged*.", ""] + [
-        f"- {g}" for g in gaps] + [""]
+    return (
+        [
+            "**Incomplete**: the numbers below use the runs finished so far (differences over the seeds both "
+            "sides have); a statement that needs a cell without runs is *not judged*.",
+            "",
+        ]
+        + [f"- {g}" for g in gaps]
+        + [""]
+    )
 
 
 def row_names(arms: list[Arm]) -> list[tuple[str, Arm]]:
@@ -263,8 +290,11 @@ def error_lines(arms: list[Arm]) -> list[str]:
         errors = arm.errors.get((t, s), {})
         return mean_std_text(list(errors.values())) + (f" (n={len(errors)})" if errors else "")
 
-    return (["## Test error (%), mean ± std over seeds", ""] + text_grid_lines(list(rows), ABLATION_STRATEGIES, text,
-                                                                                header="Task, batch") + [""])
+    return (
+        ["## Test error (%), mean ± std over seeds", ""]
+        + text_grid_lines(list(rows), ABLATION_STRATEGIES, text, header="Task, batch")
+        + [""]
+    )
 
 
 def lr_lines(arms: list[Arm]) -> list[str]:
@@ -277,52 +307,85 @@ def lr_lines(arms: list[Arm]) -> list[str]:
         mine, full = arm.cells.get((t, "bvgls")), arm.cells.get((t, "full"))
         return f"{mine['lr'] / full['lr']:.3g}x" if mine and full else "–"
 
-    return (["## Chosen lr (searched grid in brackets; **EDGE** = still at an end of it)", ""] +
-            text_grid_lines(list(rows), ABLATION_STRATEGIES + ("bvgls ÷ full",), text, header="Task, batch") + [""])
+    return (
+        ["## Chosen lr (searched grid in brackets; **EDGE** = still at an end of it)", ""]
+        + text_grid_lines(list(rows), ABLATION_STRATEGIES + ("bvgls ÷ full",), text, header="Task, batch")
+        + [""]
+    )
 
 
 def grid_lines(arms: list[Arm], figure: str | None, where: Path) -> list[str]:
     """Per task: the mean validation error at every lr each (strategy, batch) tried, the chosen one in bold."""
-    lines = ["## Validation error (%) over the searched grid (search seeds' mean; **bold** = chosen, div = "
-             "diverged, – = not tried)", ""]
+    lines = [
+        "## Validation error (%) over the searched grid (search seeds' mean; **bold** = chosen, div = "
+        "diverged, – = not tried)",
+        "",
+    ]
     for t in TASKS:
         lrs = sorted({lr for arm in arms for s in ABLATION_STRATEGIES for lr in arm.val_grid.get((t, s), {})})
         if not lrs:
             lines += [f"{t}: no search run has finished.", ""]
             continue
-        lines += [f"{t}:", "", "| Strategy, batch | " + " | ".join(f"{lr:g}" for lr in lrs) + " |",
-                  "|---|" + "---:|" * len(lrs)]
+        lines += [
+            f"{t}:",
+            "",
+            "| Strategy, batch | " + " | ".join(f"{lr:g}" for lr in lrs) + " |",
+            "|---|" + "---:|" * len(lrs),
+        ]
         for s in ABLATION_STRATEGIES:
             for arm in arms:
                 grid, chosen = arm.val_grid.get((t, s), {}), arm.cells.get((t, s), {}).get("lr")
-                texts = ["–" if lr not in grid else "div" if math.isinf(grid[lr]) else
-                         (f"**{grid[lr]:.1f}**" if lr == chosen else f"{grid[lr]:.1f}") for lr in lrs]
+                texts = [
+                    "–"
+                    if lr not in grid
+                    else "div"
+                    if math.isinf(grid[lr])
+                    else (f"**{grid[lr]:.1f}**" if lr == chosen else f"{grid[lr]:.1f}")
+                    for lr in lrs
+                ]
                 lines.append(f"| {s}, {arm.name} | " + " | ".join(texts) + " |")
         lines.append("")
-    figure_text = (f"Figure: `{os.path.relpath(figure, where)}` (validation error against lr, one curve per "
-                   "strategy and batch size, a star at the chosen lr; diverged lrs left out)." if figure else
-                   "No figure: matplotlib is not installed (or no search run has finished).")
+    figure_text = (
+        f"Figure: `{os.path.relpath(figure, where)}` (validation error against lr, one curve per "
+        "strategy and batch size, a star at the chosen lr; diverged lrs left out)."
+        if figure
+        else "No figure: matplotlib is not installed (or no search run has finished)."
+    )
     return lines + [figure_text, ""]
 
 
 def difference_lines(arms: list[Arm], versus: dict) -> list[str]:
-    lines = ["## Paired differences to full finetuning (each strategy at its own lr)", "",
-             "| Difference | batch | " + " | ".join(TASKS) + " | average over tasks |", "|---|---:|" + "---:|" * 3]
+    lines = [
+        "## Paired differences to full finetuning (each strategy at its own lr)",
+        "",
+        "| Difference | batch | " + " | ".join(TASKS) + " | average over tasks |",
+        "|---|---:|" + "---:|" * 3,
+    ]
     for s in VERSUS_FULL:
         for arm in arms:
             d = versus[s][arm.batch]
-            lines.append(f"| {s} − full | {arm.batch} | " + " | ".join(
-                fmt_ci(*d[k][:3]) if k in d else "–" for k in TASKS + ("average",)) + " |")
+            lines.append(
+                f"| {s} − full | {arm.batch} | "
+                + " | ".join(fmt_ci(*d[k][:3]) if k in d else "–" for k in TASKS + ("average",))
+                + " |"
+            )
     return lines + [""]
 
 
 def dod_lines(dod: dict) -> list[str]:
-    lines = ["## Difference of differences: (strategy − full) at batch 128 minus at batch 16, paired by task and "
-             "seed (positive = the gap to full finetuning is larger at batch 128)", "",
-             "| Difference of | " + " | ".join(TASKS) + " | average over tasks |", "|---|" + "---:|" * 3]
+    lines = [
+        "## Difference of differences: (strategy − full) at batch 128 minus at batch 16, paired by task and "
+        "seed (positive = the gap to full finetuning is larger at batch 128)",
+        "",
+        "| Difference of | " + " | ".join(TASKS) + " | average over tasks |",
+        "|---|" + "---:|" * 3,
+    ]
     for s, d in dod.items():
-        lines.append(f"| {s} − full | " + " | ".join(
-            f"{fmt_ci(*d[k][:3])} (n={d[k][3]})" if k in d else "–" for k in TASKS + ("average",)) + " |")
+        lines.append(
+            f"| {s} − full | "
+            + " | ".join(f"{fmt_ci(*d[k][:3])} (n={d[k][3]})" if k in d else "–" for k in TASKS + ("average",))
+            + " |"
+        )
     return lines + [""]
 
 
@@ -332,23 +395,32 @@ def update_lines(arms: list[Arm]) -> list[str]:
     if not known:
         return ["## Updates per group", "", "No final run has finished.", ""]
     groups = known[0].groups
-    lines = ["## Updates per group (optimizer steps × the group's selection frequency; per run, mean over seeds)",
-             "", "| Task, batch, strategy | steps | mean per group | " + " | ".join(groups) + " |",
-             "|---|---:|---:|" + "---:|" * len(groups)]
+    lines = [
+        "## Updates per group (optimizer steps × the group's selection frequency; per run, mean over seeds)",
+        "",
+        "| Task, batch, strategy | steps | mean per group | " + " | ".join(groups) + " |",
+        "|---|---:|---:|" + "---:|" * len(groups),
+    ]
     for t, arm in row_names(arms):
         for s in ABLATION_STRATEGIES:
             u = arm.updates.get((t, s))
             if u is not None:
-                lines.append(f"| {t}, {arm.name}, {s} | {u.steps:.0f} | {statistics.fmean(u.per_group):.1f} | "
-                             + " | ".join(f"{x:.1f}" for x in u.per_group) + " |")
+                lines.append(
+                    f"| {t}, {arm.name}, {s} | {u.steps:.0f} | {statistics.fmean(u.per_group):.1f} | "
+                    + " | ".join(f"{x:.1f}" for x in u.per_group)
+                    + " |"
+                )
     return lines + [""]
 
 
 def statement_lines(verdicts: dict, gaps: list[str]) -> list[str]:
     lines = ["## The three judged statements (docs/experiments/pretrained.md)", ""]
     if gaps:
-        lines += ["**Preliminary**: judged on the runs finished so far (some cells are incomplete, listed at the "
-                  "top); a verdict may change when they finish.", ""]
+        lines += [
+            "**Preliminary**: judged on the runs finished so far (some cells are incomplete, listed at the "
+            "top); a verdict may change when they finish.",
+            "",
+        ]
     for i, (key, v) in enumerate(verdicts.items(), 1):
         lines.append(f"{i}. {STATEMENTS[key]} **{v['verdict'].capitalize()}**: {v['detail']}.")
     return lines + [""]
@@ -356,18 +428,23 @@ def statement_lines(verdicts: dict, gaps: list[str]) -> list[str]:
 
 def ablation_numbers(arms: list[Arm], versus: dict, dod: dict, verdicts: dict, figure: str | None) -> dict:
     """The report's numbers, with string keys (``ablation.json``)."""
+
     def ci(d: dict) -> dict:
         return {k: {"mean": m, "ci95": [lo, hi], "n": n} for k, (m, lo, hi, n) in d.items()}
 
     return {
-        "arms": {arm.batch: {
-            "path": str(arm.path),
-            "test_error": {f"{t} {s}": e for (t, s), e in arm.errors.items()},
-            "cells": {f"{t} {s}": c for (t, s), c in arm.cells.items()},
-            "val_error": {f"{t} {s}": {format(lr, "g"): v for lr, v in g.items()}
-                          for (t, s), g in arm.val_grid.items()},
-            "updates": {f"{t} {s}": vars(u) for (t, s), u in arm.updates.items()},
-        } for arm in arms},
+        "arms": {
+            arm.batch: {
+                "path": str(arm.path),
+                "test_error": {f"{t} {s}": e for (t, s), e in arm.errors.items()},
+                "cells": {f"{t} {s}": c for (t, s), c in arm.cells.items()},
+                "val_error": {
+                    f"{t} {s}": {format(lr, "g"): v for lr, v in g.items()} for (t, s), g in arm.val_grid.items()
+                },
+                "updates": {f"{t} {s}": vars(u) for (t, s), u in arm.updates.items()},
+            }
+            for arm in arms
+        },
         "versus_full": {s: {b: ci(d) for b, d in by_batch.items()} for s, by_batch in versus.items()},
         "difference_of_differences": {s: ci(d) for s, d in dod.items()},
         "statements": verdicts,

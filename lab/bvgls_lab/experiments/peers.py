@@ -18,9 +18,11 @@ from pathlib import Path
 from bvgls_lab.experiments.protocols import BENCH
 from bvgls_lab.experiments.run import run_benchmark
 
-PEERS = replace(BENCH, tasks=("fmnist-invert", "digits", "fmnist-pairs"),
-                strategies=("full", "linear", "L4-6", "bvgls", "auto-rgn", "lisa", "bcd-cyclic",
-                            "gradual-unfreeze", "llrd"))
+PEERS = replace(
+    BENCH,
+    tasks=("fmnist-invert", "digits", "fmnist-pairs"),
+    strategies=("full", "linear", "L4-6", "bvgls", "auto-rgn", "lisa", "bcd-cyclic", "gradual-unfreeze", "llrd"),
+)
 
 
 def reuse_runs(source: Path, out: Path) -> None:

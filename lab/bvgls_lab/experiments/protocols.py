@@ -14,8 +14,14 @@ from bvgls.runner.lrsearch import LR_LADDER, TIE_BREAKS
 from ..offline_tasks import VAL_FRACTION
 
 #: training options the protocol fixes (not protocol fields: they do not change between protocols)
-BENCH_FIXED = {"optimizer": "sgd", "nesterov": True, "channels_last": True, "num_workers": 0, "device": "cpu",
-               "progress": False}
+BENCH_FIXED = {
+    "optimizer": "sgd",
+    "nesterov": True,
+    "channels_last": True,
+    "num_workers": 0,
+    "device": "cpu",
+    "progress": False,
+}
 SUITE = ("fmnist-invert", "fmnist-noise", "digits", "font-letters", "fmnist-pairs")
 BENCH_STRATEGIES = ("full", "L2-6", "L3-6", "L4-6", "L5-6", "linear", "bvgls", "bvgts")
 PARTIAL = ("L2-6", "L3-6", "L4-6", "L5-6")
@@ -109,11 +115,17 @@ DESIGNS = ("search", "sweep")
 BENCH = Protocol()
 #: v1's chosen lrs for full and bvgls (docs/results/offline/runs.csv, final runs); version 2 re-runs them only
 V1_CHOSEN_LRS = (
-    ("fmnist-invert", "full", 0.003), ("fmnist-invert", "bvgls", 0.01),
-    ("fmnist-noise", "full", 0.001), ("fmnist-noise", "bvgls", 0.003),
-    ("digits", "full", 0.03), ("digits", "bvgls", 0.03),
-    ("font-letters", "full", 0.03), ("font-letters", "bvgls", 0.1),
-    ("fmnist-pairs", "full", 0.003), ("fmnist-pairs", "bvgls", 0.003))
+    ("fmnist-invert", "full", 0.003),
+    ("fmnist-invert", "bvgls", 0.01),
+    ("fmnist-noise", "full", 0.001),
+    ("fmnist-noise", "bvgls", 0.003),
+    ("digits", "full", 0.03),
+    ("digits", "bvgls", 0.03),
+    ("font-letters", "full", 0.03),
+    ("font-letters", "bvgls", 0.1),
+    ("fmnist-pairs", "full", 0.003),
+    ("fmnist-pairs", "bvgls", 0.003),
+)
 LEAN_V2 = ("bvgls:probe=10", "bvgls:static=50")
 #: docs/experiments/offline.md, "Protocol version 2" (as revised before any run): v1's setting; full and bvgls
 #: re-run at v1's chosen lrs (final runs only), the lean variants with their own v1-style lr search
@@ -123,42 +135,99 @@ BENCH_V2 = replace(BENCH, strategies=("full", "bvgls") + LEAN_V2, fixed_lrs=V1_C
 #: bvgls:fused=true both at the lrs v1's validation search chose for bvgls (final runs only: the fused lr
 #: search was cut, as the amendment there records, before any fused run); final seeds 0-2
 _BVGLS_LRS = tuple(c for c in V1_CHOSEN_LRS if c[1] == "bvgls")
-BENCH_FUSED = replace(BENCH, strategies=("bvgls", "bvgls:fused=true"), seeds=(0, 1, 2),
-                      fixed_lrs=_BVGLS_LRS + tuple((t, "bvgls:fused=true", lr) for t, _, lr in _BVGLS_LRS))
+BENCH_FUSED = replace(
+    BENCH,
+    strategies=("bvgls", "bvgls:fused=true"),
+    seeds=(0, 1, 2),
+    fixed_lrs=_BVGLS_LRS + tuple((t, "bvgls:fused=true", lr) for t, _, lr in _BVGLS_LRS),
+)
 
 #: docs/experiments/pretrained.md: shared by its parts
 PT_COMMON = dict(
-    seeds=(0, 1, 2, 3, 4), search_seeds=(0,), lrs=(0.003, 0.01, 0.03, 0.1), extend_grid=True,
-    epochs=12, batch_size=16, eval_every=3, schedule="constant", momentum=0.9, weight_decay=5e-4,
-    augment="light", weights="DEFAULT", task_seed=0, image_size=112, pool="train+val",
-    val_fraction="manifest", tie_break="val_loss", lr_ladder=LR_LADDER)
-PT_STRATEGIES_M = ("full", "L6-10", "L8-10", "linear", "bvgls", "bvgts", "auto-rgn", "auto-snr", "lisa", "llrd",
-                   "bvgls:probe=10", "bvgls:static=30")
+    seeds=(0, 1, 2, 3, 4),
+    search_seeds=(0,),
+    lrs=(0.003, 0.01, 0.03, 0.1),
+    extend_grid=True,
+    epochs=12,
+    batch_size=16,
+    eval_every=3,
+    schedule="constant",
+    momentum=0.9,
+    weight_decay=5e-4,
+    augment="light",
+    weights="DEFAULT",
+    task_seed=0,
+    image_size=112,
+    pool="train+val",
+    val_fraction="manifest",
+    tie_break="val_loss",
+    lr_ladder=LR_LADDER,
+)
+PT_STRATEGIES_M = (
+    "full",
+    "L6-10",
+    "L8-10",
+    "linear",
+    "bvgls",
+    "bvgts",
+    "auto-rgn",
+    "auto-snr",
+    "lisa",
+    "llrd",
+    "bvgls:probe=10",
+    "bvgls:static=30",
+)
 #: the pilot subset run before the full protocol (docs/experiments/pretrained.md, "Pilot"), at the grid
 #: as first frozen (final seeds cut from 0-2 to 0-1 during the run, as the pilot's text provides)
-PRETRAINED_PILOT = Protocol(model="mobilenet_v2", tasks=("clipart-fine",), strategies=(
-    "full", "L6-10", "linear", "bvgls", "bvgls:probe=10", "auto-snr"), **{**PT_COMMON, "seeds": (0, 1)})
+PRETRAINED_PILOT = Protocol(
+    model="mobilenet_v2",
+    tasks=("clipart-fine",),
+    strategies=("full", "L6-10", "linear", "bvgls", "bvgls:probe=10", "auto-snr"),
+    **{**PT_COMMON, "seeds": (0, 1)},
+)
 #: the amendment made after the pilot, before the first full run (docs/experiments/pretrained.md,
 #: "Amendment"): four of the pilot's six choices sat at 0.001, the bottom of the ladder, so the grid
 #: starts one step lower and the ladder reaches down to 1e-4
 PT_AMENDED_LRS = dict(lrs=(0.001, 0.003, 0.01, 0.03), lr_ladder=(0.0001, 0.0003) + LR_LADDER)
-PRETRAINED_M = Protocol(model="mobilenet_v2", tasks=("clipart-fine", "clipart-coarse"), strategies=PT_STRATEGIES_M,
-                        **{**PT_COMMON, **PT_AMENDED_LRS})
-PRETRAINED_E = replace(PRETRAINED_M, model="efficientnet_lite0", tasks=("clipart-fine",),
-                       strategies=("full", "L5-9", "linear", "bvgls", "bvgls:probe=10"))
+PRETRAINED_M = Protocol(
+    model="mobilenet_v2",
+    tasks=("clipart-fine", "clipart-coarse"),
+    strategies=PT_STRATEGIES_M,
+    **{**PT_COMMON, **PT_AMENDED_LRS},
+)
+PRETRAINED_E = replace(
+    PRETRAINED_M,
+    model="efficientnet_lite0",
+    tasks=("clipart-fine",),
+    strategies=("full", "L5-9", "linear", "bvgls", "bvgls:probe=10"),
+)
 #: the batch-size ablation's batch-128 arm (its batch-16 arm is PRETRAINED_M's full, bvgls and L6-10 cells);
 #: final seeds cut from 0-4 to 0-2 before the arm started, to fit the time the arm had (docs/experiments/pretrained.md)
-PRETRAINED_BATCH = replace(PRETRAINED_M, strategies=("full", "bvgls", "L6-10"), batch_size=128, seeds=(0, 1, 2),
-                           lrs=(0.01, 0.03, 0.1, 0.3, 1.0), lr_ladder=PRETRAINED_M.lr_ladder + (3.0,))
+PRETRAINED_BATCH = replace(
+    PRETRAINED_M,
+    strategies=("full", "bvgls", "L6-10"),
+    batch_size=128,
+    seeds=(0, 1, 2),
+    lrs=(0.01, 0.03, 0.1, 0.3, 1.0),
+    lr_ladder=PRETRAINED_M.lr_ladder + (3.0,),
+)
 #: docs/reproduction.md, "Protocol": the lr sweep (H1) -- part M's settings, every strategy at every lr on
 #: every seed, evaluated once, at the end; the lr with the lowest mean validation error is a strategy's
 #: own (tuned) lr, the same runs at one lr are the paper's shared-lr comparison. Cut for time before any
 #: run finished (docs/reproduction.md, "Cuts"): clipart-fine only, without bvgts; seeds 0-2 at the three
 #: central lrs (the core, where the lr is chosen), then seed 0 alone at the two outer lrs (the edges, for
 #: robustness); run seed by seed, so what is finished at the deadline is whole seeds.
-REPRO_SWEEP = replace(PRETRAINED_M, tasks=("clipart-fine",), strategies=("full", "bvgls", "L6-10", "linear"),
-                      design="sweep", lrs=(0.001, 0.003, 0.01), seeds=(0, 1, 2), search_seeds=(),
-                      extend_grid=False, eval_every=12)
+REPRO_SWEEP = replace(
+    PRETRAINED_M,
+    tasks=("clipart-fine",),
+    strategies=("full", "bvgls", "L6-10", "linear"),
+    design="sweep",
+    lrs=(0.001, 0.003, 0.01),
+    seeds=(0, 1, 2),
+    search_seeds=(),
+    extend_grid=False,
+    eval_every=12,
+)
 REPRO_SWEEP_EDGES = replace(REPRO_SWEEP, lrs=(0.0003, 0.03), seeds=(0,))
 #: the grouping and head arm (H3): bvgls with ``resolution`` groups, with the head's Dropout(0.2) and without,
 #: each at its own lr chosen on validation from the sweep's core lrs, seeds 0-2 (compared with the sweep's bvgls
@@ -169,13 +238,25 @@ REPRO_H3_NODROP = replace(REPRO_SWEEP, strategies=("bvgls",), groups="resolution
 #: the training-length arm (H2): 48 epochs (4x), evaluated every 6, seeds 0-2, each strategy at the lr the
 #: sweep's core chose for it on validation (``cell_lrs``, written in from the sweep's summary.json when the
 #: core finished; cut for time from the core's three lrs before the arm started, docs/reproduction.md).
-REPRO_H2 = replace(REPRO_SWEEP, strategies=("full", "bvgls", "L6-10"), epochs=48, eval_every=6,
-                   cell_lrs=(("clipart-fine", "full", (0.001,)), ("clipart-fine", "bvgls", (0.003,)),
-                             ("clipart-fine", "L6-10", (0.001,))))
+REPRO_H2 = replace(
+    REPRO_SWEEP,
+    strategies=("full", "bvgls", "L6-10"),
+    epochs=48,
+    eval_every=6,
+    cell_lrs=(
+        ("clipart-fine", "full", (0.001,)),
+        ("clipart-fine", "bvgls", (0.003,)),
+        ("clipart-fine", "L6-10", (0.001,)),
+    ),
+)
 #: the lrs the full protocol's validation search chose on clipart-fine (docs/results/pretrained/mobilenet_v2/
 #: summary.json; the pilot had chosen the same), for the demo
-BENCH_CHOSEN_LRS = (("clipart-fine", "full", 0.001), ("clipart-fine", "L6-10", 0.001),
-                    ("clipart-fine", "linear", 0.003), ("clipart-fine", "bvgls", 0.003))
+BENCH_CHOSEN_LRS = (
+    ("clipart-fine", "full", 0.001),
+    ("clipart-fine", "L6-10", 0.001),
+    ("clipart-fine", "linear", 0.003),
+    ("clipart-fine", "bvgls", 0.003),
+)
 #: the stage-group count each model's partial specs (L6-10, L8-10, L5-9) assume
 EXPECTED_GROUPS = {"mobilenet_v2": 10, "efficientnet_lite0": 9}
 
@@ -203,17 +284,33 @@ def suite(name: str) -> tuple[tuple[str, Protocol], ...]:
 #: ``bvgls-lab demo``: two tasks (input-level and label-level shift), one seed, four strategies, each at the lr
 #: that ``bvgls-lab bench``'s validation search chose for it (docs/experiments/offline.md), so no search: the demo's
 #: numbers are the bench's seed-0 runs of these cells.
-DEMO = Protocol(tasks=("fmnist-invert", "fmnist-pairs"), strategies=("full", "L3-6", "linear", "bvgls"),
-                seeds=(0,), search_seeds=(), fixed_lrs=(
-                    ("fmnist-invert", "full", 0.003), ("fmnist-invert", "L3-6", 0.003),
-                    ("fmnist-invert", "linear", 0.03), ("fmnist-invert", "bvgls", 0.01),
-                    ("fmnist-pairs", "full", 0.003), ("fmnist-pairs", "L3-6", 0.003),
-                    ("fmnist-pairs", "linear", 0.01), ("fmnist-pairs", "bvgls", 0.003)))
+DEMO = Protocol(
+    tasks=("fmnist-invert", "fmnist-pairs"),
+    strategies=("full", "L3-6", "linear", "bvgls"),
+    seeds=(0,),
+    search_seeds=(),
+    fixed_lrs=(
+        ("fmnist-invert", "full", 0.003),
+        ("fmnist-invert", "L3-6", 0.003),
+        ("fmnist-invert", "linear", 0.03),
+        ("fmnist-invert", "bvgls", 0.01),
+        ("fmnist-pairs", "full", 0.003),
+        ("fmnist-pairs", "L3-6", 0.003),
+        ("fmnist-pairs", "linear", 0.01),
+        ("fmnist-pairs", "bvgls", 0.003),
+    ),
+)
 #: ``bvgls-lab demo`` (the default): the real ImageNet MobileNetV2 on real clip art -- part M of the pretrained
 #: protocol on clipart-fine, seed 0, four strategies, each at the lr its validation search chose
 #: (docs/results/pretrained), so no search: the demo's numbers are the benchmark's seed-0 runs of these cells.
-DEMO_PRETRAINED = replace(PRETRAINED_M, tasks=("clipart-fine",), strategies=("full", "L6-10", "linear", "bvgls"),
-                          seeds=(0,), search_seeds=(), fixed_lrs=BENCH_CHOSEN_LRS)
+DEMO_PRETRAINED = replace(
+    PRETRAINED_M,
+    tasks=("clipart-fine",),
+    strategies=("full", "L6-10", "linear", "bvgls"),
+    seeds=(0,),
+    search_seeds=(),
+    fixed_lrs=BENCH_CHOSEN_LRS,
+)
 #: ``bvgls-lab demo --suite NAME``
 DEMOS = {"pretrained": DEMO_PRETRAINED, "fmnist": DEMO}
 

@@ -32,14 +32,16 @@ DOCS = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, os.pardir, 
 
 @dataclass(frozen=True)
 class Task:
-    label: str          # the probe files' prefix
-    runs_csv: str       # recorded runs, relative to docs/
-    dataset: str        # the dataset column in runs.csv
+    label: str  # the probe files' prefix
+    runs_csv: str  # recorded runs, relative to docs/
+    dataset: str  # the dataset column in runs.csv
     groups: int
 
 
-TASKS = [Task(f"offline-{t}", "results/offline/runs.csv", t, 6)
-         for t in ("digits", "fmnist-invert", "fmnist-noise", "fmnist-pairs", "font-letters")] + [
+TASKS = [
+    Task(f"offline-{t}", "results/offline/runs.csv", t, 6)
+    for t in ("digits", "fmnist-invert", "fmnist-noise", "fmnist-pairs", "font-letters")
+] + [
     Task("mobilenet_v2-clipart-fine", "results/pretrained/mobilenet_v2/runs.csv", "clipart-fine", 10),
     Task("mobilenet_v2-clipart-coarse", "results/pretrained/mobilenet_v2/runs.csv", "clipart-coarse", 10),
     Task("efficientnet_lite0-clipart-fine", "results/pretrained/efficientnet_lite0/runs.csv", "clipart-fine", 9),
@@ -55,8 +57,15 @@ def recorded_ranges(task: Task, docs: str = DOCS) -> dict[int, float]:
                 continue
             name = row["strategy"]
             m = re.fullmatch(r"L(\d+)-(\d+)", name)
-            a = 1 if name == "full" else task.groups if name == "linear" else \
-                int(m.group(1)) if m and int(m.group(2)) == task.groups else None
+            a = (
+                1
+                if name == "full"
+                else task.groups
+                if name == "linear"
+                else int(m.group(1))
+                if m and int(m.group(2)) == task.groups
+                else None
+            )
             if a is not None:
                 errors.setdefault(a, []).append(float(row["test_error"]))
     return {a: statistics.mean(v) for a, v in sorted(errors.items())}
@@ -97,29 +106,43 @@ def full_rule(report: dict) -> int:
     return 1
 
 
-RULES: dict[str, Callable[[dict], int]] = {"coverage 80%": coverage_rule, "halves": halves_rule,
-                                           "uniform share": uniform_share_rule, "last half": last_half_rule,
-                                           "full": full_rule}
+RULES: dict[str, Callable[[dict], int]] = {
+    "coverage 80%": coverage_rule,
+    "halves": halves_rule,
+    "uniform share": uniform_share_rule,
+    "last half": last_half_rule,
+    "full": full_rule,
+}
 
 
 def task_rows(task: Task, probes: str, docs: str = DOCS) -> dict:
     recorded = recorded_ranges(task, docs)
     reports = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(probes, f"{task.label}_seed*.json")))]
     best_a = min(recorded, key=recorded.get)
-    row = {"task": task.label, "recorded": recorded, "best": (best_a, recorded[best_a]), "seeds": len(reports),
-           "rules": {}}
+    row = {
+        "task": task.label,
+        "recorded": recorded,
+        "best": (best_a, recorded[best_a]),
+        "seeds": len(reports),
+        "rules": {},
+    }
     for name, rule in RULES.items():
         picks = [rule(r) for r in reports] if reports else []
         regrets = [recorded[a] - recorded[best_a] for a in picks if a in recorded]
-        row["rules"][name] = {"picks": picks, "regret": statistics.mean(regrets) if regrets else None,
-                              "not_run": sum(a not in recorded for a in picks)}
+        row["rules"][name] = {
+            "picks": picks,
+            "regret": statistics.mean(regrets) if regrets else None,
+            "not_run": sum(a not in recorded for a in picks),
+        }
     return row
 
 
 def table(rows: list[dict]) -> str:
     names = list(RULES)
-    lines = ["| task | recorded ranges: mean test error | best | " + " | ".join(names) + " |",
-             "|---|---|---|" + "---|" * len(names)]
+    lines = [
+        "| task | recorded ranges: mean test error | best | " + " | ".join(names) + " |",
+        "|---|---|---|" + "---|" * len(names),
+    ]
     for row in rows:
         n = next(t.groups for t in TASKS if t.label == row["task"])
         recorded = ", ".join(f"L{a}-{n} {e:.2f}" for a, e in row["recorded"].items())
@@ -130,8 +153,9 @@ def table(rows: list[dict]) -> str:
             regret = "not run" if r["regret"] is None else f"{r['regret']:+.2f}"
             extra = f" ({r['not_run']} not run)" if r["not_run"] and r["regret"] is not None else ""
             cells.append(f"{picks}: {regret}{extra}")
-        lines.append(f"| {row['task']} | {recorded} | L{row['best'][0]}-{n} {row['best'][1]:.2f} | "
-                     + " | ".join(cells) + " |")
+        lines.append(
+            f"| {row['task']} | {recorded} | L{row['best'][0]}-{n} {row['best'][1]:.2f} | " + " | ".join(cells) + " |"
+        )
     means = []
     for name in names:
         vals = [row["rules"][name]["regret"] for row in rows if row["rules"][name]["regret"] is not None]

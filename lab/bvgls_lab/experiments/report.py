@@ -42,10 +42,24 @@ def t_quantile(df: int, q: float = 0.975) -> float:
     """Student-t quantile (scipy when installed; else a table for the 95% two-sided case)."""
     try:
         from scipy.stats import t
+
         return float(t.ppf(q, df))
     except ImportError:
-        table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
-                 10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
+        table = {
+            1: 12.706,
+            2: 4.303,
+            3: 3.182,
+            4: 2.776,
+            5: 2.571,
+            6: 2.447,
+            7: 2.365,
+            8: 2.306,
+            9: 2.262,
+            10: 2.228,
+            15: 2.131,
+            20: 2.086,
+            30: 2.042,
+        }
         return table.get(df) or table[max(k for k in table if k <= df)] if df >= 1 else math.nan
 
 
@@ -74,8 +88,7 @@ def errors_by_seed(rows, task, strategy) -> dict[int, float]:
 
 def _mean_history(out: Path, rows, task, strategy):
     """The per-epoch records of a cell's final runs averaged over seeds (a History)."""
-    hists = [History.load(r["path"]) for r in rows
-             if r["dataset"] == task and r["strategy"] == strategy]
+    hists = [History.load(r["path"]) for r in rows if r["dataset"] == task and r["strategy"] == strategy]
     if not hists:
         return None
     epochs = []
@@ -83,26 +96,38 @@ def _mean_history(out: Path, rows, task, strategy):
         avg = {}
         for key, value in records[0].items():
             values = [rec.get(key) for rec in records]
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and all(
-                    isinstance(v, (int, float)) for v in values):
+            if (
+                isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and all(isinstance(v, (int, float)) for v in values)
+            ):
                 avg[key] = statistics.fmean(values)
             elif isinstance(value, list) and all(isinstance(v, list) for v in values):
-                avg[key] = [statistics.fmean(col) if all(isinstance(c, (int, float)) for c in col) else None
-                            for col in zip(*values)]
+                avg[key] = [
+                    statistics.fmean(col) if all(isinstance(c, (int, float)) for c in col) else None
+                    for col in zip(*values)
+                ]
             else:
                 avg[key] = value
         avg["epoch"] = records[0]["epoch"]
         epochs.append(avg)
-    return History({**hists[0].config, "seeds": len(hists)}, hists[0].group_names, hists[0].layer_group_names,
-                   epochs, True)
+    return History(
+        {**hists[0].config, "seeds": len(hists)}, hists[0].group_names, hists[0].layer_group_names, epochs, True
+    )
 
 
 def fmt_ci(mean: float, lo: float, hi: float) -> str:
     return f"{mean:+.2f} [{lo:+.2f}, {hi:+.2f}]" if not math.isnan(lo) else f"{mean:+.2f}"
 
 
-def write_report(out: str | os.PathLike, protocol: Protocol, cells: Sequence[dict] = (), *,
-                 wall_s: float | None = None, reference: str | os.PathLike | None = None) -> dict:
+def write_report(
+    out: str | os.PathLike,
+    protocol: Protocol,
+    cells: Sequence[dict] = (),
+    *,
+    wall_s: float | None = None,
+    reference: str | os.PathLike | None = None,
+) -> dict:
     """Table A, paired differences, error against training length and figures B/C, from the
     finished runs in ``out`` (``report.md``, ``summary.json``, ``runs.csv``, ``figures/``).
     ``reference``: an earlier benchmark's ``runs.csv`` whose final runs the same cells must reproduce."""
@@ -127,19 +152,29 @@ def write_report(out: str | os.PathLike, protocol: Protocol, cells: Sequence[dic
     lines.append("")
     # ---- learning rates
     if cell_info:
-        lines += ["Learning rate per task and strategy: the one with the lowest mean final validation error over the "
-                  "search seeds, searched grid in brackets, **EDGE** = still at an end of the grid; (fixed) = given "
-                  "by the protocol.", ""]
+        lines += [
+            "Learning rate per task and strategy: the one with the lowest mean final validation error over the "
+            "search seeds, searched grid in brackets, **EDGE** = still at an end of the grid; (fixed) = given "
+            "by the protocol.",
+            "",
+        ]
         lines += text_grid_lines(tasks, strategies, lambda t, s: lr_cell_text(cell_info.get((t, s))), header="Task")
         lines.append("")
     # ---- paired differences
-    summary: dict[str, Any] = {"protocol": asdict(protocol), "tasks": tasks, "strategies": strategies,
-                               "cells": list(cell_info.values()), "table": {}, "differences": {}}
+    summary: dict[str, Any] = {
+        "protocol": asdict(protocol),
+        "tasks": tasks,
+        "strategies": strategies,
+        "cells": list(cell_info.values()),
+        "table": {},
+        "differences": {},
+    }
     for (t, s), by_seed in errors.items():
         summary["table"].setdefault(t, {})[s] = {
             "mean": statistics.fmean(by_seed.values()) if by_seed else None,
             "std": statistics.stdev(by_seed.values()) if len(by_seed) > 1 else None,
-            "by_seed": by_seed}
+            "by_seed": by_seed,
+        }
     diff_lines = _difference_section(tasks, strategies, errors, means, summary)
     lines += diff_lines
     lines += _pairs_section(tasks, strategies, errors, summary)
@@ -165,8 +200,13 @@ def write_report(out: str | os.PathLike, protocol: Protocol, cells: Sequence[dic
         env = previous["environment"]
         summary["wall_s"] = previous.get("wall_s")
     summary["environment"] = env
-    lines += ["## Run", "", f"- command: `{env['command']}`", f"- hardware: {env['cpu']}, {env['cores']} cores, "
-              f"torch {env['torch']} ({env['threads']} thread(s) per run)", f"- date: {env['date']}"]
+    lines += [
+        "## Run",
+        "",
+        f"- command: `{env['command']}`",
+        f"- hardware: {env['cpu']}, {env['cores']} cores, torch {env['torch']} ({env['threads']} thread(s) per run)",
+        f"- date: {env['date']}",
+    ]
     if summary.get("wall_s") is not None:
         lines.append(f"- total wall time: {summary['wall_s'] / 60:.1f} min")
     searched = f"; {_count_search(out)} in the lr search" if (out / "search").is_dir() else ""
@@ -183,8 +223,9 @@ def write_runs_csv(out: Path) -> None:
     from bvgls.runner.grid import RESULT_COLUMNS
 
     columns = [c for c in RESULT_COLUMNS if c != "chosen"]
-    rows = [r for part in ("search", "sweep", "final") if (out / part).is_dir()
-            for r in collect_results(str(out / part))]
+    rows = [
+        r for part in ("search", "sweep", "final") if (out / part).is_dir() for r in collect_results(str(out / part))
+    ]
     with open(out / "runs.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -200,8 +241,10 @@ def _tasks_lines(out: Path) -> list[str]:
     lines = ["Tasks (built by `bash scripts/setup_pretrained.sh`; images train / val / test per class):", ""]
     for name, info in json.loads(path.read_text()).items():
         counts = ", ".join(f"{c} {v['train']}/{v['val']}/{v['test']}" for c, v in info["counts"].items())
-        lines.append(f"- `{name}`: manifest sha256 `{info['manifest_sha256'][:16]}`; validation fraction of the "
-                     f"pool {info['val_fraction']:.4f}; {counts}")
+        lines.append(
+            f"- `{name}`: manifest sha256 `{info['manifest_sha256'][:16]}`; validation fraction of the "
+            f"pool {info['val_fraction']:.4f}; {counts}"
+        )
     return lines + [""]
 
 
@@ -228,12 +271,16 @@ def _difference_section(tasks, strategies, errors, means, summary) -> list[str]:
     fixed = [s for s in strategies if s in ("full", "linear") or is_partial_spec(s)]  # not adaptive peers
     lines = []
     for sel in [s for s in SELECTIVE + PEERS if s in strategies]:
-        lines += [f"## Paired differences: {sel} minus baselines (test error points; negative = {sel} better)", "",
-                  "Mean over seeds [95% t-interval], paired by seed (same few-shot draw). *Best partial* = the "
-                  "one of " + (", ".join(partial) or "(none run)") + " with the lowest mean test error on that task, "
-                  "*best fixed* = "
-                  "the best of " + ", ".join(fixed) + " (both chosen with hindsight on the test set, as in the "
-                  "paper's comparison).", ""]
+        lines += [
+            f"## Paired differences: {sel} minus baselines (test error points; negative = {sel} better)",
+            "",
+            "Mean over seeds [95% t-interval], paired by seed (same few-shot draw). *Best partial* = the "
+            "one of " + (", ".join(partial) or "(none run)") + " with the lowest mean test error on that task, "
+            "*best fixed* = "
+            "the best of " + ", ".join(fixed) + " (both chosen with hindsight on the test set, as in the "
+            "paper's comparison).",
+            "",
+        ]
         lines.append("| Task | vs full | vs best partial | vs best fixed |")
         lines.append("|---|---:|---:|---:|")
         per_seed_avg: dict[str, dict[int, list[float]]] = {"full": {}, "partial": {}, "fixed": {}}
@@ -251,7 +298,11 @@ def _difference_section(tasks, strategies, errors, means, summary) -> list[str]:
                     per_seed_avg[kind].setdefault(k, []).append(d)
                 mean, lo, hi = paired_ci(diffs)
                 summary["differences"].setdefault(sel, {}).setdefault(t, {})[kind] = {
-                    "reference": ref, "mean": mean, "ci95": [lo, hi], "n": len(diffs)}
+                    "reference": ref,
+                    "mean": mean,
+                    "ci95": [lo, hi],
+                    "n": len(diffs),
+                }
                 row.append(fmt_ci(mean, lo, hi) + (f" ({ref})" if kind != "full" else ""))
             lines.append("| " + " | ".join(row) + " |")
         if len(tasks) > 1:
@@ -261,7 +312,10 @@ def _difference_section(tasks, strategies, errors, means, summary) -> list[str]:
                 if diffs:
                     mean, lo, hi = paired_ci(diffs)
                     summary["differences"].setdefault(sel, {}).setdefault("average", {})[kind] = {
-                        "mean": mean, "ci95": [lo, hi], "n": len(diffs)}
+                        "mean": mean,
+                        "ci95": [lo, hi],
+                        "n": len(diffs),
+                    }
                     row.append(fmt_ci(mean, lo, hi))
                 else:
                     row.append("–")
@@ -303,9 +357,13 @@ def _pairs_section(tasks, strategies, errors, summary) -> list[str]:
     others = [s for s in strategies if s.startswith("bvgls:") or s == "auto-snr"]
     if not others:
         return []
-    lines = ["## Against BVG-LS (test error points, paired by seed; negative = better than bvgls)", "",
-             f"Lean verdict: *keeps the accuracy* iff the mean is at most +{LEAN_MARGIN} points and "
-             "the 95% interval includes 0 or lies below it (judged on the average over tasks, or on the one task).", ""]
+    lines = [
+        "## Against BVG-LS (test error points, paired by seed; negative = better than bvgls)",
+        "",
+        f"Lean verdict: *keeps the accuracy* iff the mean is at most +{LEAN_MARGIN} points and "
+        "the 95% interval includes 0 or lies below it (judged on the average over tasks, or on the one task).",
+        "",
+    ]
     keys = [t for t in tasks] + (["average"] if len(tasks) > 1 else [])
     lines.append("| Difference | " + " | ".join(keys) + " | verdict |")
     lines.append("|---|" + "---:|" * len(keys) + "---|")
@@ -316,10 +374,14 @@ def _pairs_section(tasks, strategies, errors, summary) -> list[str]:
         if judged and s.startswith("bvgls:") and not math.isnan(judged[1]):
             verdict = "keeps the accuracy" if lean_keeps_accuracy(judged[0], judged[1]) else "does not keep it"
         summary.setdefault("against_bvgls", {})[s] = {
-            k: {"mean": m, "ci95": [lo, hi], "n": n} for k, (m, lo, hi, n) in diffs.items()}
+            k: {"mean": m, "ci95": [lo, hi], "n": n} for k, (m, lo, hi, n) in diffs.items()
+        }
         summary["against_bvgls"][s]["verdict"] = verdict
-        lines.append(f"| {s} − bvgls | " + " | ".join(fmt_ci(*diffs[k][:3]) if k in diffs else "–" for k in keys)
-                     + f" | {verdict} |")
+        lines.append(
+            f"| {s} − bvgls | "
+            + " | ".join(fmt_ci(*diffs[k][:3]) if k in diffs else "–" for k in keys)
+            + f" | {verdict} |"
+        )
     return lines + [""]
 
 
@@ -339,27 +401,44 @@ def _cost_section(out, rows, strategies, summary) -> list[str]:
     for s in strategies:
         wall, train = _run_seconds([r for r in rows if r["strategy"] == s])
         search = sum(float(r["wall_s"]) for r in search_rows if r["strategy"] == s and r.get("wall_s") is not None)
-        cost[s] = {"runs": sum(r["strategy"] == s for r in rows), "wall_s": wall, "train_s": train,
-                   "search_wall_s": search}
+        cost[s] = {
+            "runs": sum(r["strategy"] == s for r in rows),
+            "wall_s": wall,
+            "train_s": train,
+            "search_wall_s": search,
+        }
     full = cost["full"]
-    lines = [f"## Cost of the final runs (sum over tasks and seeds; ratio to full finetuning's; lean target <= "
-             f"{LEAN_COST}x wall)", "", "| Strategy | runs | wall_s | × full | train_s | × full | lr-search wall_s |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"## Cost of the final runs (sum over tasks and seeds; ratio to full finetuning's; lean target <= "
+        f"{LEAN_COST}x wall)",
+        "",
+        "| Strategy | runs | wall_s | × full | train_s | × full | lr-search wall_s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for s, c in cost.items():
         c["wall_ratio"] = c["wall_s"] / full["wall_s"] if full["wall_s"] else math.nan
         c["train_ratio"] = c["train_s"] / full["train_s"] if full["train_s"] else math.nan
-        lines.append(f"| {s} | {c['runs']} | {c['wall_s']:.0f} | {c['wall_ratio']:.2f} | {c['train_s']:.0f} | "
-                     f"{c['train_ratio']:.2f} | {c['search_wall_s']:.0f} |")
+        lines.append(
+            f"| {s} | {c['runs']} | {c['wall_s']:.0f} | {c['wall_ratio']:.2f} | {c['train_s']:.0f} | "
+            f"{c['train_ratio']:.2f} | {c['search_wall_s']:.0f} |"
+        )
     summary["cost"] = cost
-    return lines + ["", "Wall times come from one run of the benchmark on a shared machine: they carry its load "
-                    "(other jobs), which differs between cells run at different times.", ""]
+    return lines + [
+        "",
+        "Wall times come from one run of the benchmark on a shared machine: they carry its load "
+        "(other jobs), which differs between cells run at different times.",
+        "",
+    ]
 
 
 def _reproduction_section(rows, reference: Path, summary) -> list[str]:
     """The final runs' test errors against an earlier benchmark's ``runs.csv`` (same cells)."""
     with open(reference, newline="") as f:
-        ref = {(r["dataset"], r["strategy"], int(r["seed"]), float(r["lr"])): float(r["test_error"])
-               for r in csv.DictReader(f) if r.get("phase") == "final" and r.get("test_error")}
+        ref = {
+            (r["dataset"], r["strategy"], int(r["seed"]), float(r["lr"])): float(r["test_error"])
+            for r in csv.DictReader(f)
+            if r.get("phase") == "final" and r.get("test_error")
+        }
     matched, differ = 0, []
     for r in rows:
         key = (r["dataset"], r["strategy"], int(r["seed"]), float(r["lr"]))
@@ -368,9 +447,12 @@ def _reproduction_section(rows, reference: Path, summary) -> list[str]:
             if not math.isclose(ref[key], float(r["test_error"]), abs_tol=1e-9):
                 differ.append(f"{key[0]} {key[1]} seed {key[2]}: {ref[key]:.2f} -> {float(r['test_error']):.2f}")
     summary["reproduction"] = {"reference": str(reference), "compared": matched, "differ": differ}
-    lines = [f"## Reproduction of `{reference}`", "",
-             f"{matched} final runs have a counterpart (task, strategy, seed, lr) there; "
-             f"{matched - len(differ)} have the identical test error, {len(differ)} differ."]
+    lines = [
+        f"## Reproduction of `{reference}`",
+        "",
+        f"{matched} final runs have a counterpart (task, strategy, seed, lr) there; "
+        f"{matched - len(differ)} have the identical test error, {len(differ)} differ.",
+    ]
     return lines + ([""] + [f"- {d}" for d in differ] if differ else []) + [""]
 
 
@@ -384,9 +466,12 @@ def _search_section(out, tasks, strategies, summary) -> list[str]:
             by_cell.setdefault((r["dataset"], r["strategy"]), {}).setdefault(r["lr"], []).append(r["val_error"])
     if not by_cell:
         return []
-    summary["search_val_error"] = {f"{t} {s}": {format(lr, "g"): statistics.fmean(v) for lr, v in sorted(c.items())}
-                                   for (t, s), c in by_cell.items()}
+    summary["search_val_error"] = {
+        f"{t} {s}": {format(lr, "g"): statistics.fmean(v) for lr, v in sorted(c.items())}
+        for (t, s), c in by_cell.items()
+    }
     lines = ["## lr search: mean final validation error (%) at every lr tried", ""]
+
     def order(kv):
         (t, s), _ = kv
         return tasks.index(t) if t in tasks else 99, strategies.index(s) if s in strategies else 99
@@ -423,33 +508,46 @@ def _claims_section(out, rows, tasks, strategies, errors, summary) -> list[str]:
     partial = [s for s in strategies if is_partial_spec(s)]
     vs_full = paired_differences(tasks, errors, "bvgls", "full")
     if partial:
-        best = {t: min((s for s in partial if errors.get((t, s))),
-                       key=lambda s, t=t: statistics.fmean(errors[(t, s)].values()))
-                for t in tasks}
+        best = {
+            t: min(
+                (s for s in partial if errors.get((t, s))), key=lambda s, t=t: statistics.fmean(errors[(t, s)].values())
+            )
+            for t in tasks
+        }
         per_task = {t: paired_differences([t], errors, "bvgls", best[t]).get(t) for t in tasks}
         key = "average" if len(tasks) > 1 else tasks[0]
-        part_avg = (paired_differences(tasks, {(t, "best"): errors[(t, best[t])] for t in tasks} | errors,
-                                       "bvgls", "best").get(key))
+        part_avg = paired_differences(
+            tasks, {(t, "best"): errors[(t, best[t])] for t in tasks} | errors, "bvgls", "best"
+        ).get(key)
         below = [d is not None and not math.isnan(d[2]) and d[2] < 0 for d in (vs_full.get(key), part_avg)]
         above = [d is not None and not math.isnan(d[1]) and d[1] > 0 for d in (vs_full.get(key), part_avg)]
         verdicts = {2: "reproduced", 1: "partly reproduced", 0: "not reproduced"}
         verdict = "contradicted" if any(above) else verdicts[sum(below)]
         claims["A"] = verdict
-        lines.append(f"- **A** (BVG-LS beats full finetuning and the best partial strategy): **{verdict}** "
-                     f"(bvgls − full {fmt_ci(*vs_full[key][:3])}, bvgls − best partial {fmt_ci(*part_avg[:3])}, "
-                     f"{'averaged over tasks' if len(tasks) > 1 else key}); per task: " + "; ".join(
-                         f"{t} vs full {_side(*vs_full[t][1:3])}, vs {best[t]} {_side(*per_task[t][1:3])}"
-                         for t in tasks if t in vs_full and per_task[t]))
+        lines.append(
+            f"- **A** (BVG-LS beats full finetuning and the best partial strategy): **{verdict}** "
+            f"(bvgls − full {fmt_ci(*vs_full[key][:3])}, bvgls − best partial {fmt_ci(*part_avg[:3])}, "
+            f"{'averaged over tasks' if len(tasks) > 1 else key}); per task: "
+            + "; ".join(
+                f"{t} vs full {_side(*vs_full[t][1:3])}, vs {best[t]} {_side(*per_task[t][1:3])}"
+                for t in tasks
+                if t in vs_full and per_task[t]
+            )
+        )
     loss = {t: (_first_eval_losses(rows, t, "bvgls"), _first_eval_losses(rows, t, "full")) for t in tasks}
-    diffs = {t: paired_ci([b[k] - f[k] for k in sorted(set(b) & set(f))])
-             for t, (b, f) in loss.items() if set(b) & set(f)}
+    diffs = {
+        t: paired_ci([b[k] - f[k] for k in sorted(set(b) & set(f))]) for t, (b, f) in loss.items() if set(b) & set(f)
+    }
     if diffs:
         lower = all(m < 0 for m, _, _ in diffs.values()) and len(diffs) == len(tasks)
         one_ci = any(not math.isnan(hi) and hi < 0 for _, _, hi in diffs.values())
         claims["B"] = "reproduced" if lower and one_ci else "not reproduced"
-        lines.append(f"- **B** (faster test-loss descent: lower test loss than full at the first evaluation on every "
-                     f"task, interval below 0 on at least one): **{claims['B']}** (bvgls − full test loss: "
-                     + "; ".join(f"{t} {fmt_ci(*d)}" for t, d in diffs.items()) + ")")
+        lines.append(
+            f"- **B** (faster test-loss descent: lower test loss than full at the first evaluation on every "
+            f"task, interval below 0 on at least one): **{claims['B']}** (bvgls − full test loss: "
+            + "; ".join(f"{t} {fmt_ci(*d)}" for t, d in diffs.items())
+            + ")"
+        )
     selection = summary.get("selection", {}).get("bvgls", {})
     if selection:
         holds = []
@@ -458,9 +556,11 @@ def _claims_section(out, rows, tasks, strategies, errors, summary) -> list[str]:
             holds.append((order[0] == len(order) - 1, order[1] == 0))
         head, stem = all(h for h, _ in holds), all(s for _, s in holds)
         claims["C"] = "reproduced" if head and stem else ("partly reproduced" if head or stem else "not reproduced")
-        lines.append(f"- **C** (first epoch: the head most selected, the input group second): **{claims['C']}** "
-                     f"(head first on {sum(h for h, _ in holds)}/{len(holds)} tasks, input group second on "
-                     f"{sum(s for _, s in holds)}/{len(holds)}; frequencies in the selection table above)")
+        lines.append(
+            f"- **C** (first epoch: the head most selected, the input group second): **{claims['C']}** "
+            f"(head first on {sum(h for h, _ in holds)}/{len(holds)} tasks, input group second on "
+            f"{sum(s for _, s in holds)}/{len(holds)}; frequencies in the selection table above)"
+        )
     summary["claims"] = claims
     return lines + [""]
 
@@ -473,14 +573,18 @@ def _length_section(out, rows, tasks, strategies, summary) -> list[str]:
             hist = _mean_history(out, rows, t, s)
             if hist is None:
                 continue
-            curves.setdefault(t, {})[s] = {r["epoch"]: r["test_error"] for r in hist.epochs
-                                           if r.get("test_error") is not None}
+            curves.setdefault(t, {})[s] = {
+                r["epoch"]: r["test_error"] for r in hist.epochs if r.get("test_error") is not None
+            }
     summary["test_error_by_epoch"] = curves
     epochs = sorted({e for t in curves for s in curves[t] for e in curves[t][s]})
     if len(epochs) < 2:
         return []
-    lines = ["## Test error (%) against training length (average over tasks; each strategy at its chosen lr, "
-             "constant schedule, so epoch e is where an e-epoch run would stop)", ""]
+    lines = [
+        "## Test error (%) against training length (average over tasks; each strategy at its chosen lr, "
+        "constant schedule, so epoch e is where an e-epoch run would stop)",
+        "",
+    ]
     lines.append("| Epoch | " + " | ".join(strategies) + " |")
     lines.append("|---:|" + "---:|" * len(strategies))
     for e in epochs:
@@ -492,8 +596,9 @@ def _length_section(out, rows, tasks, strategies, summary) -> list[str]:
                 vals[s] = statistics.fmean(per_task)
         best = min(vals.values()) if vals else None
         for s in strategies:
-            texts.append("–" if s not in vals else (f"**{vals[s]:.2f}**" if math.isclose(vals[s], best)
-                                                    else f"{vals[s]:.2f}"))
+            texts.append(
+                "–" if s not in vals else (f"**{vals[s]:.2f}**" if math.isclose(vals[s], best) else f"{vals[s]:.2f}")
+            )
         lines.append(f"| {e} | " + " | ".join(texts) + " |")
     lines.append("")
     return lines
@@ -507,8 +612,11 @@ def _selection_section(out, rows, tasks, strategies, summary) -> list[str]:
             hist = _mean_history(out, rows, t, sel)
             if hist is None or not hist.epochs:
                 continue
-            key = "layer_selection_frequency" if hist.epochs[0].get("layer_selection_frequency") else \
-                "selection_frequency"
+            key = (
+                "layer_selection_frequency"
+                if hist.epochs[0].get("layer_selection_frequency")
+                else "selection_frequency"
+            )
             names = hist.layer_group_names if key == "layer_selection_frequency" else hist.group_names
             first = hist.epochs[0][key]
             overall = [statistics.fmean(col) for col in zip(*[r[key] for r in hist.epochs])]
@@ -517,14 +625,16 @@ def _selection_section(out, rows, tasks, strategies, summary) -> list[str]:
             continue
         summary.setdefault("selection", {})[sel] = table
         names = next(iter(table.values()))["groups"]
-        what = "mean over the group's tensors of the fraction of steps" if sel.startswith("bvgts") else \
-            "fraction of steps"
+        what = (
+            "mean over the group's tensors of the fraction of steps" if sel.startswith("bvgts") else "fraction of steps"
+        )
         lines += [f"## {sel}: selection frequency per group ({what}; mean over seeds), first epoch / whole run", ""]
         lines.append("| Task | " + " | ".join(f"{i + 1} {n}" for i, n in enumerate(names)) + " |")
         lines.append("|---|" + "---:|" * len(names))
         for t, v in table.items():
-            lines.append(f"| {t} | " + " | ".join(f"{a:.2f} / {b:.2f}" for a, b in zip(v["first_epoch"], v["overall"]))
-                         + " |")
+            lines.append(
+                f"| {t} | " + " | ".join(f"{a:.2f} / {b:.2f}" for a, b in zip(v["first_epoch"], v["overall"])) + " |"
+            )
         lines.append("")
     return lines
 
@@ -540,16 +650,25 @@ def _figures(out: Path, rows, tasks, strategies) -> dict[str, str]:
         for s in ("bvgls", "full"):
             if s in strategies:
                 means[(t, s)] = _mean_history(out, rows, t, s)
-        runs = [(f"{s} (mean of {means[(t, s)].config['seeds']} seeds)", means[(t, s)])
-                for s in ("bvgls", "full") if means.get((t, s)) is not None]
+        runs = [
+            (f"{s} (mean of {means[(t, s)].config['seeds']} seeds)", means[(t, s)])
+            for s in ("bvgls", "full")
+            if means.get((t, s)) is not None
+        ]
         if runs:
             written[f"B {t}"] = plot_losses(runs, str(fig_dir / f"B_loss_{t}.png"), f"{t}: BVG-LS vs full finetuning")
         if means.get((t, "bvgls")) is not None:
-            written[f"C {t}"] = plot_selection(means[(t, "bvgls")], str(fig_dir / f"C_selection_{t}.png"),
-                                               f"{t}: BVG-LS selection frequency per epoch (mean over seeds)")
+            written[f"C {t}"] = plot_selection(
+                means[(t, "bvgls")],
+                str(fig_dir / f"C_selection_{t}.png"),
+                f"{t}: BVG-LS selection frequency per epoch (mean over seeds)",
+            )
     search = collect_results(str(out / "search")) if (out / "search").is_dir() else []
-    lr_figure = write_lr_sensitivity(search, str(fig_dir), "lr search runs: test (solid) and validation (dashed) "
-                                     "error against lr, mean ± std over the search seeds")
+    lr_figure = write_lr_sensitivity(
+        search,
+        str(fig_dir),
+        "lr search runs: test (solid) and validation (dashed) error against lr, mean ± std over the search seeds",
+    )
     if lr_figure:
         written["lr sensitivity"] = lr_figure
     if any(means.get((t, "bvgls")) for t in tasks):
@@ -569,8 +688,14 @@ def _summary_losses(path: Path, tasks, means) -> str:
             for row, key in ((0, "train_loss"), (1, "test_loss")):
                 pts = [(r["epoch"], r[key]) for r in hist.epochs if r.get(key) is not None]
                 if pts:
-                    axes[row][i].plot(*zip(*pts), marker="o", markersize=2.5, color=color,
-                                      lw=2.2 if s == "bvgls" else 1.4, label="BVG-LS" if s == "bvgls" else "full")
+                    axes[row][i].plot(
+                        *zip(*pts),
+                        marker="o",
+                        markersize=2.5,
+                        color=color,
+                        lw=2.2 if s == "bvgls" else 1.4,
+                        label="BVG-LS" if s == "bvgls" else "full",
+                    )
         axes[0][i].set_title(t, fontsize=10)
         axes[1][i].set_xlabel("epoch")
         for row in (0, 1):
@@ -578,8 +703,7 @@ def _summary_losses(path: Path, tasks, means) -> str:
     axes[0][0].set_ylabel("train loss")
     axes[1][0].set_ylabel("test loss")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("(B) loss per epoch: BVG-LS vs full finetuning (mean over seeds, each at its chosen lr)",
-                 fontsize=10)
+    fig.suptitle("(B) loss per epoch: BVG-LS vs full finetuning (mean over seeds, each at its chosen lr)", fontsize=10)
     return save_figure(fig, str(path))
 
 
@@ -593,16 +717,25 @@ def _summary_selection(path: Path, tasks, means) -> str:
     for ax, t in zip(axes, present):
         hist = means[(t, "bvgls")]
         data = np.array([r["selection_frequency"] for r in hist.epochs], dtype=float).T
-        im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest",
-                       extent=(0.5, len(hist.epochs) + 0.5, len(hist.group_names) - 0.5, -0.5))
+        im = ax.imshow(
+            data,
+            aspect="auto",
+            cmap="viridis",
+            vmin=0.0,
+            vmax=1.0,
+            interpolation="nearest",
+            extent=(0.5, len(hist.epochs) + 0.5, len(hist.group_names) - 0.5, -0.5),
+        )
         ax.set_title(t, fontsize=10)
         ax.set_xlabel("epoch")
-        ax.set_yticks(range(len(hist.group_names)), hist.group_names if ax is axes[0] else [""] * len(hist.group_names),
-                      fontsize=8)
+        ax.set_yticks(
+            range(len(hist.group_names)),
+            hist.group_names if ax is axes[0] else [""] * len(hist.group_names),
+            fontsize=8,
+        )
     if im is not None:
         fig.colorbar(im, ax=list(axes), label="fraction of steps")
-    fig.suptitle("(C) BVG-LS: fraction of each epoch's steps that updated each group (mean over seeds)",
-                 fontsize=10)
+    fig.suptitle("(C) BVG-LS: fraction of each epoch's steps that updated each group (mean over seeds)", fontsize=10)
     return save_figure(fig, str(path))
 
 
@@ -617,10 +750,17 @@ def environment() -> dict:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    return {"command": " ".join(["bvgls"] + sys.argv[1:]) if sys.argv and sys.argv[0].endswith("bvgls") else
-            " ".join(sys.argv), "cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            "threads": 1, "python": platform.python_version(),
-            "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")}
+    return {
+        "command": " ".join(["bvgls"] + sys.argv[1:])
+        if sys.argv and sys.argv[0].endswith("bvgls")
+        else " ".join(sys.argv),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": 1,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+    }
 
 
 def print_table(out: str | os.PathLike) -> str:
@@ -630,6 +770,4 @@ def print_table(out: str | os.PathLike) -> str:
     if start < 0:  # a sweep's report: its first table, the lr sensitivity
         start = text.index("## ")
     end = text.find("\n## ", start + 1)
-    return text[start:end if end > 0 else None].strip()
-
-
+    return text[start : end if end > 0 else None].strip()

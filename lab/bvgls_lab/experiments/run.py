@@ -46,9 +46,15 @@ class Cell:
     def grid_options(self, eval_every: int) -> dict:
         p = self.protocol
         model = p.model if p.head_dropout is None else HeadDropoutModel(p.model, p.weights, p.head_dropout)
-        return dict(model=model, **p.training(eval_every, self.val_fraction).options(without=GRID_AXES),
-                    weights=p.weights,
-                    augment=p.augment, image_size=p.image_size, tie_break=p.tie_break, lr_ladder=p.lr_ladder)
+        return dict(
+            model=model,
+            **p.training(eval_every, self.val_fraction).options(without=GRID_AXES),
+            weights=p.weights,
+            augment=p.augment,
+            image_size=p.image_size,
+            tie_break=p.tie_break,
+            lr_ladder=p.lr_ladder,
+        )
 
 
 class HeadDropoutModel:
@@ -87,9 +93,13 @@ def pooled_folder(path: str, input, augment: str = "light"):
     train, val, test = (ImageFolder(os.path.join(path, part)) for part in ("train", "val", "test"))
     if not train.classes == val.classes == test.classes:
         raise DatasetError(f"{path}: the class folders of train/, val/ and test/ differ")
-    return DatasetSplits(train=TransformedDataset(ConcatDataset([train, val]), make_transform(input, True, augment)),
-                         test=TransformedDataset(test, make_transform(input, False, augment)),
-                         num_classes=len(train.classes), classes=list(train.classes), name=os.path.basename(path))
+    return DatasetSplits(
+        train=TransformedDataset(ConcatDataset([train, val]), make_transform(input, True, augment)),
+        test=TransformedDataset(test, make_transform(input, False, augment)),
+        num_classes=len(train.classes),
+        classes=list(train.classes),
+        name=os.path.basename(path),
+    )
 
 
 @contextmanager
@@ -118,9 +128,15 @@ def search(cell: Cell) -> tuple[float, list[float], bool]:
         return fixed, [fixed], False
     if len(p.lrs) == 1:
         return p.lrs[0], list(p.lrs), False
-    result = run_grid([cell.strategy], {cell.task: cell.dataset()}, p.search_seeds, p.lrs,
-                      out_dir=os.path.join(cell.out_dir, "search"), extend_lrs=p.extend_grid,
-                      **cell.grid_options(eval_every=p.epochs))
+    result = run_grid(
+        [cell.strategy],
+        {cell.task: cell.dataset()},
+        p.search_seeds,
+        p.lrs,
+        out_dir=os.path.join(cell.out_dir, "search"),
+        extend_lrs=p.extend_grid,
+        **cell.grid_options(eval_every=p.epochs),
+    )
     choice = result.searches[(cell.task, cell.strategy)]  # search runs are evaluated once, at the end
     return choice.lr, choice.grid, choice.edge
 
@@ -129,9 +145,15 @@ def sweep(cell: Cell) -> tuple[float, list[float]]:
     """Every lr of the cell's grid on every seed (``sweep/``): returns (chosen lr, grid)."""
     p = cell.protocol
     grid = list(p.cell_grid(cell.task, cell.strategy))
-    result = run_grid([cell.strategy], {cell.task: cell.dataset()}, cell.seeds or p.seeds, grid,
-                      out_dir=os.path.join(cell.out_dir, "sweep"), extend_lrs=False,
-                      **cell.grid_options(eval_every=p.eval_every))
+    result = run_grid(
+        [cell.strategy],
+        {cell.task: cell.dataset()},
+        cell.seeds or p.seeds,
+        grid,
+        out_dir=os.path.join(cell.out_dir, "sweep"),
+        extend_lrs=False,
+        **cell.grid_options(eval_every=p.eval_every),
+    )
     return (result.searches[(cell.task, cell.strategy)].lr if len(grid) > 1 else grid[0]), grid
 
 
@@ -145,13 +167,33 @@ def run_cell(cell: Cell) -> dict:
     with lines_to(os.path.join(cell.out_dir, "logs", f"{cell.task}__{cell.strategy}.log")):
         if p.design == "sweep":
             lr, grid = sweep(cell)
-            return {"task": cell.task, "strategy": cell.strategy, "lr": lr, "grid": grid, "edge": False,
-                    "fixed": False, "wall_s": round(time.time() - start, 1)}
+            return {
+                "task": cell.task,
+                "strategy": cell.strategy,
+                "lr": lr,
+                "grid": grid,
+                "edge": False,
+                "fixed": False,
+                "wall_s": round(time.time() - start, 1),
+            }
         lr, grid, edge = search(cell)
-        run_grid([cell.strategy], {cell.task: cell.dataset()}, p.seeds, [lr],
-                 out_dir=os.path.join(cell.out_dir, "final"), **cell.grid_options(eval_every=p.eval_every))
-    return {"task": cell.task, "strategy": cell.strategy, "lr": lr, "grid": grid, "edge": edge,
-            "fixed": p.fixed_lr(cell.task, cell.strategy) is not None, "wall_s": round(time.time() - start, 1)}
+        run_grid(
+            [cell.strategy],
+            {cell.task: cell.dataset()},
+            p.seeds,
+            [lr],
+            out_dir=os.path.join(cell.out_dir, "final"),
+            **cell.grid_options(eval_every=p.eval_every),
+        )
+    return {
+        "task": cell.task,
+        "strategy": cell.strategy,
+        "lr": lr,
+        "grid": grid,
+        "edge": edge,
+        "fixed": p.fixed_lr(cell.task, cell.strategy) is not None,
+        "wall_s": round(time.time() - start, 1),
+    }
 
 
 def report_of(protocol: Protocol):
@@ -166,9 +208,16 @@ def report_of(protocol: Protocol):
     return lambda out, protocol, cells=(), *, wall_s=None, reference=None: write_sweep_report(out, protocol, wall_s)
 
 
-def run_benchmark(out_dir: str | os.PathLike, protocol: Protocol = BENCH, *, workers: int = 2, threads: int = 1,
-                  data_root: str | None = None, download: bool = False,
-                  reference: str | os.PathLike | None = None) -> dict:
+def run_benchmark(
+    out_dir: str | os.PathLike,
+    protocol: Protocol = BENCH,
+    *,
+    workers: int = 2,
+    threads: int = 1,
+    data_root: str | None = None,
+    download: bool = False,
+    reference: str | os.PathLike | None = None,
+) -> dict:
     """Run ``protocol`` into ``out_dir`` (resumable: finished runs are skipped) and write the report.
 
     ``workers`` processes run (task, strategy) cells in parallel, each with ``threads`` torch
@@ -185,18 +234,37 @@ def run_benchmark(out_dir: str | os.PathLike, protocol: Protocol = BENCH, *, wor
     start = time.time()
     data_dirs = {}
     for name in protocol.tasks:
-        data_dirs[name] = tasks[name]["path"] if name in tasks else str(export_image_folder(
-            name, out / "data" / name, seed=protocol.task_seed, data_root=data_root, download=download))
+        data_dirs[name] = (
+            tasks[name]["path"]
+            if name in tasks
+            else str(
+                export_image_folder(
+                    name, out / "data" / name, seed=protocol.task_seed, data_root=data_root, download=download
+                )
+            )
+        )
     logger.info(f"{len(data_dirs)} task(s) ready ({time.time() - start:.0f} s)")
     if tasks:
         (out / "tasks.json").write_text(json.dumps(tasks, indent=2) + "\n")
-    cells = [Cell(t, s, data_dirs[t], str(out), protocol, threads, tasks.get(t, {}).get("val_fraction", 0.0)
-                  if protocol.val_fraction == "manifest" else protocol.val_fraction)
-             for s in protocol.strategies for t in protocol.tasks]  # by strategy: a cut-short run has whole ones
+    cells = [
+        Cell(
+            t,
+            s,
+            data_dirs[t],
+            str(out),
+            protocol,
+            threads,
+            tasks.get(t, {}).get("val_fraction", 0.0) if protocol.val_fraction == "manifest" else protocol.val_fraction,
+        )
+        for s in protocol.strategies
+        for t in protocol.tasks
+    ]  # by strategy: a cut-short run has whole ones
     if protocol.design == "sweep":  # seed by seed: a cut-short sweep has whole seeds of every cell
         cells = [replace(c, seeds=(seed,)) for seed in protocol.seeds for c in cells]
-    logger.info(f"{len(cells)} (task, strategy) cells: {plan_text(protocol, cells)}, {workers} at a time; "
-        f"logs in {out / 'logs'}")
+    logger.info(
+        f"{len(cells)} (task, strategy) cells: {plan_text(protocol, cells)}, {workers} at a time; "
+        f"logs in {out / 'logs'}"
+    )
     results = []
     for res in map_cells(cells, workers):
         results.append(res)
@@ -216,12 +284,15 @@ def run_suite(out_dir: str | os.PathLike, name: str = "offline", **options) -> l
         for task in protocol.tasks:
             if task not in TASKS:
                 locate_task(task, protocol)
-    return [run_benchmark(Path(out_dir) if len(parts) == 1 else Path(out_dir) / part, protocol, **options)
-            for part, protocol in parts]
+    return [
+        run_benchmark(Path(out_dir) if len(parts) == 1 else Path(out_dir) / part, protocol, **options)
+        for part, protocol in parts
+    ]
 
 
-def report_suite(out_dir: str | os.PathLike, name: str,
-                 reference: str | os.PathLike | None = None) -> list[dict | None]:
+def report_suite(
+    out_dir: str | os.PathLike, name: str, reference: str | os.PathLike | None = None
+) -> list[dict | None]:
     """Rewrite the reports of a suite's parts from the runs finished so far (also of a run still going
     or cut short: the lr of a cell comes from its final runs, the grid from its search runs). A later
     part that never started (the suite was stopped before it) gets None."""
@@ -266,9 +337,18 @@ def cells_from_runs(out: Path, protocol: Protocol) -> list[dict]:
             lr = lrs.pop()
             grid = sorted({r["lr"] for r in search if (r["dataset"], r["strategy"]) == (t, s)}) or [lr]
             fixed = protocol.fixed_lr(t, s) is not None
-            cells.append({"task": t, "strategy": s, "lr": lr, "grid": grid, "fixed": fixed,
-                          "edge": len(grid) > 1 and lr in (grid[0], grid[-1]) and lr in (min(protocol.lr_ladder),
-                                                                                         max(protocol.lr_ladder))})
+            cells.append(
+                {
+                    "task": t,
+                    "strategy": s,
+                    "lr": lr,
+                    "grid": grid,
+                    "fixed": fixed,
+                    "edge": len(grid) > 1
+                    and lr in (grid[0], grid[-1])
+                    and lr in (min(protocol.lr_ladder), max(protocol.lr_ladder)),
+                }
+            )
     return cells
 
 
@@ -286,7 +366,8 @@ def missing_assets(protocol: Protocol) -> str | None:
         from ..pretrained.image_tasks import BUILD_HINT
 
         path = {"mobilenet_v2": weights.mobilenet_v2_path, "efficientnet_lite0": weights.efficientnet_lite0_path}[
-            protocol.model]()
+            protocol.model
+        ]()
         if not path.is_file():
             return f"the {protocol.model} ImageNet weights are not set up ({path} is missing); set up: {BUILD_HINT}"
     return None
@@ -302,9 +383,11 @@ def check_model(protocol: Protocol) -> None:
 
     groups = layer_groups(build_model(protocol.model, 2, "none"))
     if len(groups) != expected:
-        raise ValueError(f"{protocol.model} has {len(groups)} groups ({', '.join(groups.names)}), the protocol's "
-                         f"partial strategies assume {expected}: the grouping changed; the protocol cannot run "
-                         "as frozen")
+        raise ValueError(
+            f"{protocol.model} has {len(groups)} groups ({', '.join(groups.names)}), the protocol's "
+            f"partial strategies assume {expected}: the grouping changed; the protocol cannot run "
+            "as frozen"
+        )
 
 
 def locate_task(name: str, protocol: Protocol) -> dict:
@@ -319,8 +402,12 @@ def locate_task(name: str, protocol: Protocol) -> dict:
     n_val = sum(c["val"] for c in counts.values())
     if protocol.pool == "train+val" and not n_val:
         raise ValueError(f"task {name!r} has no val/ images to pool")
-    return {"path": str(path), "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
-            "counts": counts, "val_fraction": n_val / (n_train + n_val)}
+    return {
+        "path": str(path),
+        "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
+        "counts": counts,
+        "val_fraction": n_val / (n_train + n_val),
+    }
 
 
 def map_cells(cells: list[Cell], workers: int):
@@ -341,15 +428,19 @@ def plan_text(protocol: Protocol, cells: list[Cell]) -> str:
     searched = [c for c in cells if protocol.fixed_lr(c.task, c.strategy) is None]
     plan = f"{len(cells) * len(protocol.seeds)} runs"
     if searched and len(protocol.lrs) > 1:
-        plan = (f"{len(searched) * len(protocol.search_seeds) * len(protocol.lrs)} lr-search runs (more if a grid "
-                f"is extended) + {plan}")
+        plan = (
+            f"{len(searched) * len(protocol.search_seeds) * len(protocol.lrs)} lr-search runs (more if a grid "
+            f"is extended) + {plan}"
+        )
     return plan
 
 
 def cell_line(res: dict, done: int, total: int, start: float) -> str:
     grid = ", ".join(f"{x:g}" for x in res["grid"])
-    return (f"[{done}/{total}] {res['task']} {res['strategy']}: lr {res['lr']:g} (grid {grid}"
-            f"{', EDGE' if res['edge'] else ''}) {res['wall_s']:.0f} s; {(time.time() - start) / 60:.1f} min so far")
+    return (
+        f"[{done}/{total}] {res['task']} {res['strategy']}: lr {res['lr']:g} (grid {grid}"
+        f"{', EDGE' if res['edge'] else ''}) {res['wall_s']:.0f} s; {(time.time() - start) / 60:.1f} min so far"
+    )
 
 
 def protocol_differences(out: Path, protocol: Protocol) -> list[str] | None:
@@ -367,6 +458,7 @@ def protocol_differences(out: Path, protocol: Protocol) -> list[str] | None:
 def check_protocol(out: Path, protocol: Protocol) -> None:
     diff = protocol_differences(out, protocol)
     if diff:
-        raise ValueError(f"{out} holds a benchmark with another protocol (differs in {', '.join(diff)}); "
-                         "use a new output directory")
+        raise ValueError(
+            f"{out} holds a benchmark with another protocol (differs in {', '.join(diff)}); use a new output directory"
+        )
     (out / "protocol.json").write_text(json.dumps(asdict(protocol), indent=2) + "\n")

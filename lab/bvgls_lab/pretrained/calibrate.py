@@ -43,8 +43,10 @@ class ProbeResult:
 
     @property
     def keep(self) -> bool:
-        return (self.random_error - self.pretrained_error >= MIN_GAIN_OVER_RANDOM
-                and self.chance_error - self.pretrained_error >= MIN_GAIN_OVER_CHANCE)
+        return (
+            self.random_error - self.pretrained_error >= MIN_GAIN_OVER_RANDOM
+            and self.chance_error - self.pretrained_error >= MIN_GAIN_OVER_CHANCE
+        )
 
 
 def feature_extractor(backbone: str, weights: str | None, seed: int = 0) -> nn.Module:
@@ -70,8 +72,13 @@ def split_features(model: nn.Module, folder: str, size: int, batch_size: int = 6
     from torchvision.datasets import ImageFolder
 
     inp = model.bvgls_input
-    tf = T.Compose([T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-                    T.ToTensor(), T.Normalize(inp.mean, inp.std)])
+    tf = T.Compose(
+        [
+            T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+            T.ToTensor(),
+            T.Normalize(inp.mean, inp.std),
+        ]
+    )
     data = ImageFolder(folder, transform=tf)
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
     feats, labels = [], []
@@ -105,25 +112,41 @@ def calibrate_task(task: str, backbone: str = "mobilenet_v2", size: int = 128, r
         train, val, test = (split_features(model, str(path / s), size) for s in ("train", "val", "test"))
         errors[label] = probe_error(train, val, test)
     classes = int(train[1].max()) + 1
-    return ProbeResult(task, backbone, size, classes, len(train[1]), len(test[1]), 1.0 - 1.0 / classes,
-                       errors["pretrained"][0], errors["random"][0], errors["pretrained"][1], errors["random"][1])
+    return ProbeResult(
+        task,
+        backbone,
+        size,
+        classes,
+        len(train[1]),
+        len(test[1]),
+        1.0 - 1.0 / classes,
+        errors["pretrained"][0],
+        errors["random"][0],
+        errors["pretrained"][1],
+        errors["random"][1],
+    )
 
 
 def format_table(results: list[ProbeResult]) -> str:
-    lines = ["| task | backbone | px | classes | train | test | chance err | ImageNet err | random-init err | keep |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| task | backbone | px | classes | train | test | chance err | ImageNet err | random-init err | keep |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
-        lines.append(f"| {r.task} | {r.backbone} | {r.size} | {r.classes} | {r.train} | {r.test} | "
-                     f"{r.chance_error:.1%} | {r.pretrained_error:.1%} | {r.random_error:.1%} | "
-                     f"{'yes' if r.keep else 'no'} |")
+        lines.append(
+            f"| {r.task} | {r.backbone} | {r.size} | {r.classes} | {r.train} | {r.test} | "
+            f"{r.chance_error:.1%} | {r.pretrained_error:.1%} | {r.random_error:.1%} | "
+            f"{'yes' if r.keep else 'no'} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     from .image_tasks import image_task_names
 
-    parser = argparse.ArgumentParser(prog="python -m bvgls_lab.pretrained.calibrate",
-                                     description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bvgls_lab.pretrained.calibrate", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--tasks", default=",".join(image_task_names()), help="comma-separated tasks (default: all)")
     parser.add_argument("--backbone", default="mobilenet_v2", help="a registered model (default mobilenet_v2)")
     parser.add_argument("--size", type=int, default=128, help="input resolution in px (default 128)")

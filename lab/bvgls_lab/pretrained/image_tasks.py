@@ -39,10 +39,12 @@ MAX_PIXELS = 16_000_000
 DEBIAN_OPENCLIPART = "/usr/share/openclipart/png"
 EMOJI_NPM_PACKAGES = ("@iconify-json/noto@1.2.9", "@iconify-json/twemoji@1.2.5", "emoji-datasource-google@16.0.0")
 EMOJI_VENDORS = {"train": "noto", "val": "noto", "test": "twemoji"}
-LICENCES = {"noto": "Apache-2.0 (Google Noto Emoji, via @iconify-json/noto)",
-            "twemoji": "CC-BY-4.0 (Twitter Twemoji, via @iconify-json/twemoji)",
-            "emoji-datasource-google": "MIT (emoji.json metadata)",
-            "openclipart-png": "public domain (Open Clip Art Library 0.18, Debian openclipart-png)"}
+LICENCES = {
+    "noto": "Apache-2.0 (Google Noto Emoji, via @iconify-json/noto)",
+    "twemoji": "CC-BY-4.0 (Twitter Twemoji, via @iconify-json/twemoji)",
+    "emoji-datasource-google": "MIT (emoji.json metadata)",
+    "openclipart-png": "public domain (Open Clip Art Library 0.18, Debian openclipart-png)",
+}
 BUILD_HINT = "bash scripts/setup_pretrained.sh"
 
 
@@ -68,37 +70,98 @@ class TaskSpec:
 
 
 def _emoji_categories() -> dict[str, tuple[str, ...]]:
-    cats = ["Smileys & Emotion", "People & Body", "Animals & Nature", "Food & Drink", "Travel & Places",
-            "Activities", "Objects", "Symbols"]
+    cats = [
+        "Smileys & Emotion",
+        "People & Body",
+        "Animals & Nature",
+        "Food & Drink",
+        "Travel & Places",
+        "Activities",
+        "Objects",
+        "Symbols",
+    ]
     return {c.lower().replace(" & ", "-").replace(" ", "-"): (f"cat:{c}",) for c in cats}
 
 
-TASK_SPECS: dict[str, TaskSpec] = {spec.name: spec for spec in (
-    TaskSpec("emoji-vendor", "emoji", _emoji_categories(), shots=30, val=10, test_cap=60, min_test=20,
-             help="8 Unicode emoji categories; train/val on Noto drawings, test on Twemoji drawings of other emoji"),
-    TaskSpec("emoji-sub", "emoji", {
-        "mammals": ("sub:animal-mammal",), "birds": ("sub:animal-bird",), "marine": ("sub:animal-marine",),
-        "bugs": ("sub:animal-bug",), "fruit": ("sub:food-fruit",), "vegetables": ("sub:food-vegetable",),
-        "prepared-food": ("sub:food-prepared",), "drinks": ("sub:drink",),
-        "transport-ground": ("sub:transport-ground",), "transport-air": ("sub:transport-air",),
-        "clothing": ("sub:clothing",), "buildings": ("sub:place-building",)},
-        shots=10, val=3, test_cap=30, min_test=3,
-        help="12 emoji subcategories (mammals ... buildings); train/val Noto, test Twemoji of other emoji"),
-    TaskSpec("clipart-coarse", "clipart", {
-        "animals": ("animals",), "buildings": ("buildings",), "food": ("food",), "office": ("office",),
-        "people": ("people",), "plants": ("plants",), "tools": ("tools",),
-        "transportation": ("transportation", "-transportation/roadsigns", "-transportation/aiga-symbols")},
-        shots=30, val=10, test_cap=60, min_test=30,
-        help="8 Open Clip Art topics (animals, buildings, food, office, people, plants, tools, transportation)"),
-    TaskSpec("clipart-fine", "clipart", {
-        "mammals": ("animals/mammals",), "birds": ("animals/birds",), "bugs": ("animals/bugs",),
-        "fruit": ("food/fruit",), "desserts": ("food/desserts",), "drinks": ("food/beverages",),
-        "vehicles": ("transportation/vehicles",), "music": ("recreation/music",),
-        "flowers": ("plants/flowers",), "homes": ("buildings/homes",)},
-        shots=20, val=6, test_cap=40, min_test=8,
-        help="10 Open Clip Art sub-topics (mammals, birds, bugs, fruit, desserts, drinks, vehicles, music, "
-             "flowers, homes)"),
-)}
+TASK_SPECS: dict[str, TaskSpec] = {
+    spec.name: spec
+    for spec in (
+        TaskSpec(
+            "emoji-vendor",
+            "emoji",
+            _emoji_categories(),
+            shots=30,
+            val=10,
+            test_cap=60,
+            min_test=20,
+            help="8 Unicode emoji categories; train/val on Noto drawings, test on Twemoji drawings of other emoji",
+        ),
+        TaskSpec(
+            "emoji-sub",
+            "emoji",
+            {
+                "mammals": ("sub:animal-mammal",),
+                "birds": ("sub:animal-bird",),
+                "marine": ("sub:animal-marine",),
+                "bugs": ("sub:animal-bug",),
+                "fruit": ("sub:food-fruit",),
+                "vegetables": ("sub:food-vegetable",),
+                "prepared-food": ("sub:food-prepared",),
+                "drinks": ("sub:drink",),
+                "transport-ground": ("sub:transport-ground",),
+                "transport-air": ("sub:transport-air",),
+                "clothing": ("sub:clothing",),
+                "buildings": ("sub:place-building",),
+            },
+            shots=10,
+            val=3,
+            test_cap=30,
+            min_test=3,
+            help="12 emoji subcategories (mammals ... buildings); train/val Noto, test Twemoji of other emoji",
+        ),
+        TaskSpec(
+            "clipart-coarse",
+            "clipart",
+            {
+                "animals": ("animals",),
+                "buildings": ("buildings",),
+                "food": ("food",),
+                "office": ("office",),
+                "people": ("people",),
+                "plants": ("plants",),
+                "tools": ("tools",),
+                "transportation": ("transportation", "-transportation/roadsigns", "-transportation/aiga-symbols"),
+            },
+            shots=30,
+            val=10,
+            test_cap=60,
+            min_test=30,
+            help="8 Open Clip Art topics (animals, buildings, food, office, people, plants, tools, transportation)",
+        ),
+        TaskSpec(
+            "clipart-fine",
+            "clipart",
+            {
+                "mammals": ("animals/mammals",),
+                "birds": ("animals/birds",),
+                "bugs": ("animals/bugs",),
+                "fruit": ("food/fruit",),
+                "desserts": ("food/desserts",),
+                "drinks": ("food/beverages",),
+                "vehicles": ("transportation/vehicles",),
+                "music": ("recreation/music",),
+                "flowers": ("plants/flowers",),
+                "homes": ("buildings/homes",),
+            },
+            shots=20,
+            val=6,
+            test_cap=40,
+            min_test=8,
+            help="10 Open Clip Art sub-topics (mammals, birds, bugs, fruit, desserts, drinks, vehicles, music, "
+            "flowers, homes)",
+        ),
+    )
+}
 
 
 def image_task_names() -> list[str]:
@@ -125,8 +188,10 @@ def split_counts(n: int, spec: TaskSpec) -> tuple[int, int, int]:
     """(train, val, test) sizes for a class of ``n`` items under ``spec``."""
     train = min(spec.shots, n - spec.val - spec.min_test)
     if train < 2:
-        raise ValueError(f"a class of {n} items is too small for {spec.name} "
-                         f"({spec.val} val + {spec.min_test} test + at least 2 shots)")
+        raise ValueError(
+            f"a class of {n} items is too small for {spec.name} "
+            f"({spec.val} val + {spec.min_test} test + at least 2 shots)"
+        )
     return train, spec.val, min(spec.test_cap, n - train - spec.val)
 
 
@@ -139,8 +204,8 @@ def draw_splits(items: dict[str, list[Item]], spec: TaskSpec, seed: int) -> dict
         n_train, n_val, n_test = split_counts(len(pool), spec)
         picked = [pool[i] for i in order]
         out["train"][label] = picked[:n_train]
-        out["val"][label] = picked[n_train:n_train + n_val]
-        out["test"][label] = picked[n_train + n_val:n_train + n_val + n_test]
+        out["val"][label] = picked[n_train : n_train + n_val]
+        out["test"][label] = picked[n_train + n_val : n_train + n_val + n_test]
     return out
 
 
@@ -247,12 +312,17 @@ class EmojiSources:
         icon = data["icons"][name]
         left, top = icon.get("left", data.get("left", 0)), icon.get("top", data.get("top", 0))
         width, height = icon.get("width", data.get("width", 16)), icon.get("height", data.get("height", 16))
-        return (f'<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink" '
-                f'viewBox="{left} {top} {width} {height}">{icon["body"]}</svg>')
+        return (
+            f'<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink" '
+            f'viewBox="{left} {top} {width} {height}">{icon["body"]}</svg>'
+        )
 
     def input_checksums(self) -> dict[str, str]:
-        files = ["@iconify-json/noto/icons.json", "@iconify-json/twemoji/icons.json",
-                 "emoji-datasource-google/emoji.json"]
+        files = [
+            "@iconify-json/noto/icons.json",
+            "@iconify-json/twemoji/icons.json",
+            "emoji-datasource-google/emoji.json",
+        ]
         return {f: sha256_file(self.root / f) for f in files}
 
 
@@ -280,12 +350,12 @@ def make_emoji_renderer(sources: EmojiSources) -> Callable:
         from PIL import Image
 
         name = item.origin.split("|")[0 if vendor == "noto" else 1]
-        png = cairosvg.svg2png(bytestring=sources.svg(vendor, name).encode(), output_width=size,
-                               output_height=size)
+        png = cairosvg.svg2png(bytestring=sources.svg(vendor, name).encode(), output_width=size, output_height=size)
         rgba = Image.open(io.BytesIO(png)).convert("RGBA")
         canvas = Image.new("RGB", (size, size), (255, 255, 255))
         canvas.paste(rgba, (0, 0), rgba)
         return canvas
+
     return render
 
 
@@ -295,14 +365,27 @@ def ensure_sources(source: str) -> Path:
     if source == "emoji":
         root = emoji_root()
         if not (root / "emoji-datasource-google" / "emoji.json").is_file():
-            run_tool(["npm", "install", "--prefix", str(root.parent), "--no-audit", "--no-fund",
-                      "--no-save", *EMOJI_NPM_PACKAGES], "emoji tasks")
+            run_tool(
+                [
+                    "npm",
+                    "install",
+                    "--prefix",
+                    str(root.parent),
+                    "--no-audit",
+                    "--no-fund",
+                    "--no-save",
+                    *EMOJI_NPM_PACKAGES,
+                ],
+                "emoji tasks",
+            )
             logger.info(f"emoji sources: installed {', '.join(EMOJI_NPM_PACKAGES)} into {root.parent}")
         try:
             import cairosvg  # noqa: F401  - the renderer
         except (ImportError, OSError) as e:
-            raise AssetUnavailable(f"emoji tasks: cairosvg cannot be imported ({type(e).__name__}); "
-                                   "pip install cairosvg (it needs the system cairo library)") from None
+            raise AssetUnavailable(
+                f"emoji tasks: cairosvg cannot be imported ({type(e).__name__}); "
+                "pip install cairosvg (it needs the system cairo library)"
+            ) from None
         return root
     root = openclipart_root()
     if not root.is_dir():
@@ -311,8 +394,9 @@ def ensure_sources(source: str) -> Path:
     return root
 
 
-def build_image_task(name: str, out_dir: str | os.PathLike | None = None, seed: int = 0, *,
-               source_root: str | os.PathLike | None = None) -> Path:
+def build_image_task(
+    name: str, out_dir: str | os.PathLike | None = None, seed: int = 0, *, source_root: str | os.PathLike | None = None
+) -> Path:
     """Build task ``name`` as an ImageFolder with a manifest in ``out_dir`` (default
     ``<tasks dir>/<name>``); idempotent: an existing build of the same spec and seed is kept.
 
@@ -339,16 +423,28 @@ def build_image_task(name: str, out_dir: str | os.PathLike | None = None, seed: 
     splits = draw_splits(items, spec, seed)
     staging = out.with_name(f".{out.name}.partial")  # an interrupted build leaves only this behind
     manifest = _write_images(splits, staging, render, vendors)
-    manifest.update(key=key, task=name, format=TASK_FORMAT, seed=seed, resolution=RESOLUTION,
-                    classes=list(spec.classes), sources=_sources_record(spec, root), inputs=inputs,
-                    skipped=skipped, available={label: len(v) for label, v in items.items()})
+    manifest.update(
+        key=key,
+        task=name,
+        format=TASK_FORMAT,
+        seed=seed,
+        resolution=RESOLUTION,
+        classes=list(spec.classes),
+        sources=_sources_record(spec, root),
+        inputs=inputs,
+        skipped=skipped,
+        available={label: len(v) for label, v in items.items()},
+    )
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
     if out.exists():
         shutil.rmtree(out)
     os.replace(staging, out)
     counts = manifest["counts"]
-    logger.info(f"{name}: built {out} ({len(spec.classes)} classes; "
-        + ", ".join(f"{s} {sum(c[s] for c in counts.values())}" for s in ("train", "val", "test")) + ")")
+    logger.info(
+        f"{name}: built {out} ({len(spec.classes)} classes; "
+        + ", ".join(f"{s} {sum(c[s] for c in counts.values())}" for s in ("train", "val", "test"))
+        + ")"
+    )
     return out
 
 
@@ -366,8 +462,9 @@ def _check_replaceable(out: Path) -> None:
         raise ValueError(f"{out} exists and is not a folder")
 
 
-def _write_images(splits: dict[str, dict[str, list[Item]]], out: Path, render: Callable,
-                  vendors: dict[str, str]) -> dict:
+def _write_images(
+    splits: dict[str, dict[str, list[Item]]], out: Path, render: Callable, vendors: dict[str, str]
+) -> dict:
     """Render every split into a fresh ``out``; the manifest's image records."""
     if out.exists():
         shutil.rmtree(out)
@@ -380,9 +477,16 @@ def _write_images(splits: dict[str, dict[str, list[Item]]], out: Path, render: C
             for item in items:
                 file = folder / (_slug(item.id) + ".png")
                 render(item, vendors[split], RESOLUTION).save(file, format="PNG", optimize=False)
-                records.append({"split": split, "class": label, "file": str(file.relative_to(out)),
-                                "source": item.id, "vendor": vendors[split],
-                                **({"source_sha256": item.sha256} if item.sha256 else {})})
+                records.append(
+                    {
+                        "split": split,
+                        "class": label,
+                        "file": str(file.relative_to(out)),
+                        "source": item.id,
+                        "vendor": vendors[split],
+                        **({"source_sha256": item.sha256} if item.sha256 else {}),
+                    }
+                )
     return {"counts": counts, "images": records}
 
 
@@ -399,8 +503,14 @@ def _spec_record(spec: TaskSpec) -> dict:
 
 def _sources_record(spec: TaskSpec, root: Path) -> list[dict]:
     if spec.source == "clipart":
-        return [{"name": "openclipart-png", "root": str(root), "licence": LICENCES["openclipart-png"],
-                 "version": _debian_version("openclipart-png")}]
+        return [
+            {
+                "name": "openclipart-png",
+                "root": str(root),
+                "licence": LICENCES["openclipart-png"],
+                "version": _debian_version("openclipart-png"),
+            }
+        ]
     out = []
     for package in ("@iconify-json/noto", "@iconify-json/twemoji", "emoji-datasource-google"):
         meta = root / package / "package.json"
@@ -438,8 +548,9 @@ def task_path(name: str, root: str | os.PathLike | None = None) -> Path:
             return path
     from bvgls.runner.data import DatasetError
 
-    raise DatasetError(f"task {name!r} is not built (no manifest.json in {candidates[-1]}); "
-                       f"build it with: {BUILD_HINT}")
+    raise DatasetError(
+        f"task {name!r} is not built (no manifest.json in {candidates[-1]}); build it with: {BUILD_HINT}"
+    )
 
 
 def load_task(name: str, root: str | os.PathLike | None = None, input=None, augment: str = "light"):

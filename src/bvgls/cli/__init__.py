@@ -35,10 +35,10 @@ ENTRY_POINT_GROUP = "bvgls.plugins"
 app = typer.Typer(
     name="bvgls",
     help="BVG-LS finetuning: update, at every step, the layer group whose gradient has the largest "
-         "bias-variance ratio; compare it against full, partial and linear finetuning.",
+    "bias-variance ratio; compare it against full, partial and linear finetuning.",
     epilog="Examples: bvgls finetune --model resnet50 --data pets --download --epochs 50 --lr 0.01 --out runs/pets  "
-           "|  bvgls compare --model tiny-resnet --weights none --data digits --strategies full,bvgls --epochs 3 "
-           "--out cmp  |  bvgls plot runs/pets. Set BVGLS_DEBUG=1 for tracebacks.",
+    "|  bvgls compare --model tiny-resnet --weights none --data digits --strategies full,bvgls --epochs 3 "
+    "--out cmp  |  bvgls plot runs/pets. Set BVGLS_DEBUG=1 for tracebacks.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
@@ -135,6 +135,7 @@ def user_errors():
     except BaseException as e:
         if not isinstance(e, typer.Exit) or e.exit_code not in (0, None):
             from ..runner.rundir import remove_empty_created_dirs
+
             remove_empty_created_dirs()
         raise
 
@@ -175,6 +176,7 @@ def numbers(text: str, what: str, kind: type = float) -> list:
 
 def console():
     from rich.console import Console
+
     return Console(stderr=False, highlight=False, soft_wrap=True)
 
 

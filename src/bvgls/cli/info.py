@@ -15,8 +15,12 @@ from .options import SHARED, command, field_params, param, require
 @app.command(no_args_is_help=True)
 def plot(
     paths: Annotated[list[Path], typer.Argument(help="Run directories and/or `bvgls compare` output directories.")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help=(
-        "Where the comparison of several runs goes (default: the first run's directory)."))] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", "-o", help=("Where the comparison of several runs goes (default: the first run's directory).")
+        ),
+    ] = None,
 ) -> None:
     """Draw loss curves and selection-frequency heatmaps as PNGs next to the metrics.
 
@@ -38,8 +42,14 @@ GROUPS_OWN = [
     *field_params(DataOptions, ["weights"]),
     param("num_classes", Annotated[int, typer.Option("--num-classes", min=1, help="Classes of the head.")], 1000),
     *field_params(FinetuneConfig, ["groups"]),
-    param("strategy", Annotated[str | None, typer.Option("--strategy", "-s", help=(
-        "Also show which groups this strategy trains (e.g. L3-6)."))], None),
+    param(
+        "strategy",
+        Annotated[
+            str | None,
+            typer.Option("--strategy", "-s", help=("Also show which groups this strategy trains (e.g. L3-6).")),
+        ],
+        None,
+    ),
     *field_params(FinetuneConfig, ["trust_pickle"]),
 ]
 
@@ -52,8 +62,9 @@ def groups(**values: Any) -> None:
 
     with user_errors():
         require(values, "model")
-        net = build_model(values["model"], values["num_classes"], values["weights"],
-                          trust_pickle=values["trust_pickle"])
+        net = build_model(
+            values["model"], values["num_classes"], values["weights"], trust_pickle=values["trust_pickle"]
+        )
         lg = layer_groups(net, values["groups"])
         typer.echo(lg.describe())
         strategy = values["strategy"]
@@ -61,6 +72,7 @@ def groups(**values: Any) -> None:
             import torch
 
             from ..strategies import make_strategy
+
             opt = torch.optim.SGD(lg.param_groups(), lr=0.1)
             strat = make_strategy(strategy, opt, lg)
             trained = [n for n, ps in zip(strat.group_names, strat.group_params) if any(p.requires_grad for p in ps)]

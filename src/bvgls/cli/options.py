@@ -66,8 +66,9 @@ def field_param(cls: type, f: dataclasses.Field) -> inspect.Parameter:
     return param(f.name, Annotated[_cli_type(hint, meta["choices"]), option], default)
 
 
-def field_params(cls: type, names: Sequence[str] | None = None, *,
-                 without: Sequence[str] = ()) -> list[inspect.Parameter]:
+def field_params(
+    cls: type, names: Sequence[str] | None = None, *, without: Sequence[str] = ()
+) -> list[inspect.Parameter]:
     """One typer option per CLI field of ``cls`` (or per field named in ``names``), less ``without``."""
     fields = cli_fields(cls, without) if names is None else [f for f in dataclasses.fields(cls) if f.name in names]
     return [field_param(cls, f) for f in fields]
@@ -89,15 +90,23 @@ def make_config(cls: type, values: dict[str, Any], **overrides: Any) -> Any:
         raise CLIError(e.for_option(option_name(cls, e.name))) from None
 
 
-def command(app: typer.Typer, own: Sequence[inspect.Parameter], *configs: type, name: str | None = None,
-            without: Sequence[str] = (), **command_kwargs) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def command(
+    app: typer.Typer,
+    own: Sequence[inspect.Parameter],
+    *configs: type,
+    name: str | None = None,
+    without: Sequence[str] = (),
+    **command_kwargs,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``fn(**values)`` as a command whose options are ``own`` then those of ``configs``
     (less the fields named in ``without``: the command sets them itself)."""
+
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         params = list(own) + [p for cls in configs for p in field_params(cls, without=without)]
         fn.__signature__ = inspect.Signature(params)
         app.command(name, **command_kwargs)(fn)
         return fn
+
     return deco
 
 
@@ -107,10 +116,14 @@ def split_values(values: dict[str, Any], cls: type) -> dict[str, Any]:
     return {k: v for k, v in values.items() if k in names}
 
 
-MODEL_HELP = ("Registered name (see `bvgls list`), timm:<name>, or a model file (a bvgls model.pt, or a pickled "
-              "nn.Module with --trust-pickle).")
-DATA_HELP = ("Registered dataset (see `bvgls list`) or an ImageFolder root with train/ and test/ (or val/); "
-             "compare takes several, comma-separated.")
+MODEL_HELP = (
+    "Registered name (see `bvgls list`), timm:<name>, or a model file (a bvgls model.pt, or a pickled "
+    "nn.Module with --trust-pickle)."
+)
+DATA_HELP = (
+    "Registered dataset (see `bvgls list`) or an ImageFolder root with train/ and test/ (or val/); "
+    "compare takes several, comma-separated."
+)
 
 #: the options several commands share that are no config field, each declared once
 SHARED: dict[str, inspect.Parameter] = {

@@ -3,6 +3,7 @@ selection frequency and recommends a fixed ``L<a>-<b>`` spec (:func:`bvgls.recom
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -26,25 +27,80 @@ ACCELERATOR_BATCH = 64
 RECOMMEND_OWN = [
     SHARED["model"],
     SHARED["data"],
-    param("steps", Annotated[int, opt("--steps", "-n", min=1, help=(
-        "Optimizer steps of the run (every step a BVG-LS step with statistics)."))], 50),
+    param(
+        "steps",
+        Annotated[
+            int,
+            opt(
+                "--steps", "-n", min=1, help=("Optimizer steps of the run (every step a BVG-LS step with statistics).")
+            ),
+        ],
+        50,
+    ),
     param("k", Annotated[int, opt("--k", min=1, help="Groups selected per step (BVG-LS k).")], 1),
-    param("coverage", Annotated[float, opt("--coverage", min=0.0, max=1.0, help=(
-        "Share of the selections the recommended range (ending at the head) must hold."))], 0.8),
-    param("batch_size", Annotated[int | None, opt("--batch-size", "-b", min=1, help=(
-        f"Examples per step (default: {CPU_BATCH} on CPU, {ACCELERATOR_BATCH} on a GPU)."))], None),
-    param("image_size", Annotated[int | None, opt("--image-size", min=1, panel=MODEL_AND_DATA, help=(
-        f"Crop size in px (default: {CPU_IMAGE_SIZE} on CPU, or the model's own if smaller; the model's own "
-        "input size on a GPU)."))], None),
-    param("json_out", Annotated[str | None, opt("--json", help=(
-        "Also write the report (frequencies, intervals, per-step selections, settings) to this JSON file."))],
-          None),
+    param(
+        "coverage",
+        Annotated[
+            float,
+            opt(
+                "--coverage",
+                min=0.0,
+                max=1.0,
+                help=("Share of the selections the recommended range (ending at the head) must hold."),
+            ),
+        ],
+        0.8,
+    ),
+    param(
+        "batch_size",
+        Annotated[
+            int | None,
+            opt(
+                "--batch-size",
+                "-b",
+                min=1,
+                help=(f"Examples per step (default: {CPU_BATCH} on CPU, {ACCELERATOR_BATCH} on a GPU)."),
+            ),
+        ],
+        None,
+    ),
+    param(
+        "image_size",
+        Annotated[
+            int | None,
+            opt(
+                "--image-size",
+                min=1,
+                panel=MODEL_AND_DATA,
+                help=(
+                    f"Crop size in px (default: {CPU_IMAGE_SIZE} on CPU, or the model's own if smaller; "
+                    "the model's own "
+                    "input size on a GPU)."
+                ),
+            ),
+        ],
+        None,
+    ),
+    param(
+        "json_out",
+        Annotated[
+            str | None,
+            opt(
+                "--json",
+                help=(
+                    "Also write the report (frequencies, intervals, per-step selections, settings) to this JSON file."
+                ),
+            ),
+        ],
+        None,
+    ),
 ]
 
 
 def recommend_fields() -> list:
-    return [p for p in field_params(FinetuneConfig) if p.name in RECOMMEND_FIELDS] + \
-        field_params(DataOptions, RECOMMEND_DATA_FIELDS)
+    return [p for p in field_params(FinetuneConfig) if p.name in RECOMMEND_FIELDS] + field_params(
+        DataOptions, RECOMMEND_DATA_FIELDS
+    )
 
 
 @command(app, RECOMMEND_OWN + recommend_fields(), no_args_is_help=True)
@@ -59,8 +115,11 @@ def recommend(**values: Any) -> None:
     with user_errors():
         report = run_recommend(values)
     print(report)
-    print(f"settings: batch {report.extra['batch_size']}, {report.extra['image_size']} px, "
-          f"{report.steps} steps, lr {values['lr']:g}, device {report.extra['device']}", file=sys.stderr)
+    print(
+        f"settings: batch {report.extra['batch_size']}, {report.extra['image_size']} px, "
+        f"{report.steps} steps, lr {values['lr']:g}, device {report.extra['device']}",
+        file=sys.stderr,
+    )
 
 
 def run_sizes(device, model_size: int, batch_size: int | None, image_size: int | None) -> tuple[int, int]:
@@ -71,28 +130,33 @@ def run_sizes(device, model_size: int, batch_size: int | None, image_size: int |
     return batch, size
 
 
+@contextlib.contextmanager
 def step_bar(enabled: bool, steps: int):
-    """A progress bar on stderr advanced by ``on_step(done)``; (None, None) when disabled."""
-    if not enabled:
-        return None, None
-    from tqdm.auto import tqdm
+    """Yields ``on_step(done)``, advancing a progress bar on stderr (None when disabled); flushes
+    denormals to zero while inside, as the runner does (they slow CPU steps)."""
+    import torch
 
-    bar = tqdm(total=steps, desc="recommend", unit="step", file=sys.stderr, dynamic_ncols=True)
-    return bar, lambda done: bar.update(done - bar.n)
+    bar = None
+    if enabled:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc="recommend", unit="step", file=sys.stderr, dynamic_ncols=True)
+    flush = torch.set_flush_denormal(True)
+    try:
+        yield None if bar is None else (lambda done: bar.update(done - bar.n))
+    finally:
+        if bar is not None:
+            bar.close()
+        if flush:
+            torch.set_flush_denormal(False)
 
 
 def run_recommend(p: dict[str, Any]):
-    import dataclasses
-
-    import torch
-    from torch.utils.data import DataLoader
-
+    """The command's run: checks, data, model, the BVG-LS run with a bar, the report (and its JSON)."""
     from ..grouping import layer_groups
     from ..recommend import recommend as recommend_layers
-    from ..runner.data import load_dataset
     from ..runner.loop import resolve_device, seed_everything
     from ..runner.models import build_model
-    from ..selector import BVGLS
 
     if p["coverage"] <= 0:
         raise CLIError(f"--coverage must be in (0, 1], got {p['coverage']}")
@@ -100,35 +164,72 @@ def run_recommend(p: dict[str, Any]):
     make_config(FinetuneConfig, p, epochs=1, batch_size=1)  # the training options, checked with their flags
     data_options = make_config(DataOptions, p)
     device = resolve_device(p["device"])
-    shape = build_model(p["model"], 2, data_options.weights)
-    # an unknown or unfitting scheme, or a k above the groups, fails before the data is loaded
-    groups = layer_groups(shape, p["groups"])
-    BVGLS._check_k(p["k"], sum(1 for _, params in groups.named_param_lists() if params))
-    batch, size = run_sizes(device, int(shape.bvgls_input.size), p["batch_size"], p["image_size"])
-    splits = load_dataset(p["data"], data_options.data_root, data_options.download,
-                          dataclasses.replace(shape.bvgls_input, size=size), augment=data_options.augment_override)
-    del shape
+    splits, batch, size = load_data(p, data_options, device)
     example_shape = list(splits.train[0][0].shape)  # what the model is fed (before seeding: it draws a crop)
     seed_everything(p["seed"])
     net = build_model(p["model"], splits.num_classes, data_options.weights)
-    workers = p["num_workers"] if p["num_workers"] is not None else (0 if device.type == "cpu" else
-                                                                     min(8, os.cpu_count() or 1))
-    loader = DataLoader(splits.train, batch_size=batch, shuffle=True, num_workers=workers,
-                        generator=torch.Generator().manual_seed(p["seed"]))
-    bar, on_step = step_bar(p["progress"], p["steps"])
-    flush = device.type == "cpu" and torch.set_flush_denormal(True)  # as the runner: denormals slow CPU steps
-    try:
-        report = recommend_layers(net, loader, p["steps"], groups=lambda m: layer_groups(m, p["groups"]), lr=p["lr"],
-                           momentum=p["momentum"], weight_decay=p["weight_decay"], k=p["k"],
-                           coverage=p["coverage"], device=device, copy_model=False, on_step=on_step)
-    finally:
-        if bar is not None:
-            bar.close()
-        if flush:
-            torch.set_flush_denormal(False)
-    report.extra.update(batch_size=batch, image_size=size, example_shape=example_shape, device=str(device),
-                        model=p["model"], data=p["data"], seed=p["seed"], lr=p["lr"])
+    loader = train_loader(splits.train, batch, p["num_workers"], p["seed"], device)
+    with step_bar(p["progress"], p["steps"]) as on_step:
+        report = recommend_layers(
+            net,
+            loader,
+            p["steps"],
+            groups=lambda m: layer_groups(m, p["groups"]),
+            lr=p["lr"],
+            momentum=p["momentum"],
+            weight_decay=p["weight_decay"],
+            k=p["k"],
+            coverage=p["coverage"],
+            device=device,
+            copy_model=False,
+            on_step=on_step,
+        )
+    report.extra.update(
+        batch_size=batch,
+        image_size=size,
+        example_shape=example_shape,
+        device=str(device),
+        model=p["model"],
+        data=p["data"],
+        seed=p["seed"],
+        lr=p["lr"],
+    )
     if p["json_out"]:
         with open(p["json_out"], "w") as f:
             json.dump({**report.to_dict(), "settings": report.extra}, f)
     return report
+
+
+def load_data(p: dict[str, Any], data_options: DataOptions, device):
+    """The dataset at the run's crop size, its batch size and crop size; an unknown or unfitting
+    grouping, or a k above the groups, fails before the data is loaded."""
+    import dataclasses
+
+    from ..grouping import layer_groups
+    from ..runner.data import load_dataset
+    from ..runner.models import build_model
+    from ..selector import BVGLS
+
+    shape = build_model(p["model"], 2, data_options.weights)
+    groups = layer_groups(shape, p["groups"])
+    BVGLS.check_k(p["k"], sum(1 for _, params in groups.named_param_lists() if params))
+    batch, size = run_sizes(device, int(shape.bvgls_input.size), p["batch_size"], p["image_size"])
+    splits = load_dataset(
+        p["data"],
+        data_options.data_root,
+        data_options.download,
+        dataclasses.replace(shape.bvgls_input, size=size),
+        augment=data_options.augment_override,
+    )
+    return splits, batch, size
+
+
+def train_loader(dataset, batch: int, num_workers: int | None, seed: int, device):
+    """Shuffled batches seeded by ``seed``; workers: the option, else 0 on CPU and up to 8 on a GPU."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    workers = num_workers if num_workers is not None else (0 if device.type == "cpu" else min(8, os.cpu_count() or 1))
+    return DataLoader(
+        dataset, batch_size=batch, shuffle=True, num_workers=workers, generator=torch.Generator().manual_seed(seed)
+    )

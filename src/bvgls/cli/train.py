@@ -18,8 +18,9 @@ from .options import SHARED, command, make_config, opt, param, require
 #: draws from per-worker streams, so another count would not reproduce the uninterrupted run
 RESUME_KEEPS = ("num_workers",)
 #: finetune options that may differ when a run is resumed (they do not change its results)
-RESUME_RUNTIME = tuple(f.name for f in dataclasses.fields(FinetuneConfig)
-                       if f.metadata["kind"] != RESULT and f.name not in RESUME_KEEPS) + ("tensorboard", "stop_after")
+RESUME_RUNTIME = tuple(
+    f.name for f in dataclasses.fields(FinetuneConfig) if f.metadata["kind"] != RESULT and f.name not in RESUME_KEEPS
+) + ("tensorboard", "stop_after")
 
 
 def typed(cls: type, values: dict[str, Any]) -> Any:
@@ -45,17 +46,62 @@ FINETUNE_OWN = [
     param("ctx", typer.Context),  # to tell the options typed on the command line (resume)
     SHARED["model"],
     SHARED["data"],
-    param("out", Annotated[Path | None, opt("--out", "-o", panel=OUTPUT, help=(
-        "Run directory (config.json, metrics.jsonl, checkpoint.pt, model.pt, result.json); "
-        "default runs/<data>_<strategy>_seed<seed>."))], None),
-    param("resume", Annotated[Path | None, opt("--resume", panel=OUTPUT, help=(
-        "Continue the interrupted run in this directory with its recorded settings."))], None),
-    param("stop_after", Annotated[int | None, opt("--stop-after", min=1, panel=OUTPUT, help=(
-        "Exit after this many epochs (for time-limited jobs); continue later with --resume."))], None),
-    param("keep_checkpoint", Annotated[bool, opt("--keep-checkpoint", panel=OUTPUT, help=(
-        "Keep checkpoint.pt after the run finished."))], False),
-    param("tensorboard", Annotated[bool, opt("--tensorboard", panel=OUTPUT, help=(
-        "Also log to RUN_DIR/tensorboard (needs the tensorboard package)."))], False),
+    param(
+        "out",
+        Annotated[
+            Path | None,
+            opt(
+                "--out",
+                "-o",
+                panel=OUTPUT,
+                help=(
+                    "Run directory (config.json, metrics.jsonl, checkpoint.pt, model.pt, result.json); "
+                    "default runs/<data>_<strategy>_seed<seed>."
+                ),
+            ),
+        ],
+        None,
+    ),
+    param(
+        "resume",
+        Annotated[
+            Path | None,
+            opt(
+                "--resume",
+                panel=OUTPUT,
+                help=("Continue the interrupted run in this directory with its recorded settings."),
+            ),
+        ],
+        None,
+    ),
+    param(
+        "stop_after",
+        Annotated[
+            int | None,
+            opt(
+                "--stop-after",
+                min=1,
+                panel=OUTPUT,
+                help=("Exit after this many epochs (for time-limited jobs); continue later with --resume."),
+            ),
+        ],
+        None,
+    ),
+    param(
+        "keep_checkpoint",
+        Annotated[bool, opt("--keep-checkpoint", panel=OUTPUT, help=("Keep checkpoint.pt after the run finished."))],
+        False,
+    ),
+    param(
+        "tensorboard",
+        Annotated[
+            bool,
+            opt(
+                "--tensorboard", panel=OUTPUT, help=("Also log to RUN_DIR/tensorboard (needs the tensorboard package).")
+            ),
+        ],
+        False,
+    ),
 ]
 
 
@@ -95,8 +141,9 @@ def recorded_values(run_dir: str, given: dict[str, Any], ctx: typer.Context) -> 
     if "workers" in recorded:  # recorded before the option was named after its config field
         recorded["num_workers"] = recorded.pop("workers")
     # a default the run resolved itself (the worker count) is compared, and resumed, as resolved
-    resolved = {k: config[k] if v is None and config.get(k) is not None else v for k, v in recorded.items()
-                if k in RESUME_KEEPS}
+    resolved = {
+        k: config[k] if v is None and config.get(k) is not None else v for k, v in recorded.items() if k in RESUME_KEEPS
+    }
     recorded = {**recorded, **resolved}
     refuse_changed_options(given, recorded, ctx)
     return {**recorded, **{k: given[k] for k in RESUME_RUNTIME if k in given}, "resume": run_dir, "out": run_dir}
@@ -116,77 +163,127 @@ def refuse_changed_options(given: dict[str, Any], recorded: dict[str, Any], ctx:
             changed.append(f"{p.opts[0]} {given[p.name]} (recorded: {old})")
             keeps = keeps or p.name in RESUME_KEEPS
     if changed:
-        why = (" (with DataLoader workers the augmentation streams depend on their number, so the resumed run "
-               "would not reproduce the uninterrupted one)") if keeps else ""
-        raise CLIError(f"{', '.join(changed)} differ{'s' if len(changed) == 1 else ''} from the run's recorded "
-                       f"settings{why}; a resumed run keeps its settings (start a new --out to change them)")
+        why = (
+            (
+                " (with DataLoader workers the augmentation streams depend on their number, so the resumed run "
+                "would not reproduce the uninterrupted one)"
+            )
+            if keeps
+            else ""
+        )
+        raise CLIError(
+            f"{', '.join(changed)} differ{'s' if len(changed) == 1 else ''} from the run's recorded "
+            f"settings{why}; a resumed run keeps its settings (start a new --out to change them)"
+        )
 
 
-def run_finetune(run: FinetuneRun, settings: FinetuneConfig, data_options: DataOptions,
-                 cli_record: dict[str, Any]) -> None:
+def run_finetune(
+    run: FinetuneRun, settings: FinetuneConfig, data_options: DataOptions, cli_record: dict[str, Any]
+) -> None:
     """One finetuning run from the command's typed options; ``cli_record``: the command line's
     values, recorded in ``config.json`` for ``--resume``."""
-    from ..runner.data import dataset_label, load_dataset
-    from ..runner.grid import check_strategies, slug
+    from ..runner.data import load_dataset
+    from ..runner.grid import check_strategies
     from ..runner.loop import epoch_summary, resolve_device, seed_everything
     from ..runner.loop import finetune as train
     from ..runner.models import build_model
-    from ..runner.rundir import prepare_out_dir
 
     out = console()
     if run.tensorboard:
         check_tensorboard()
     resolve_device(settings.device)
     resuming = run.resume is not None
+    run_dir = prepare_run_dir(run, settings, resuming)
+    trust = settings.trust_pickle
+    shape_model = build_model(run.model, 2, data_options.weights, trust_pickle=trust)  # input spec and groups
+    [spec] = check_strategies([settings.strategy], shape_model, settings.groups)
+    splits = load_dataset(
+        run.data,
+        data_options.data_root,
+        data_options.download,
+        data_options.model_input(shape_model.bvgls_input),
+        augment=data_options.augment_override,
+    )
+    del shape_model
+    seed_everything(settings.seed)
+    net = build_model(run.model, splits.num_classes, data_options.weights, trust_pickle=trust)
+    out.print(
+        f"[bold]{spec.text}[/] on [bold]{splits.name}[/] ({len(splits.train)} train / "
+        f"{len(splits.test)} test, {splits.num_classes} classes) with {run.model} -> {run_dir}"
+    )
+    config = {
+        "model": run.model,
+        "weights": data_options.weights,
+        "image_size": data_options.image_size,
+        "dataset": splits.name,
+        "data": run.data,
+        "num_classes": splits.num_classes,
+        "cli": cli_record,
+    }
+    # without bars the per-epoch summary lines (which a bar would print under itself) still show
+    summaries = [] if settings.progress else [lambda record: out.print(epoch_summary(record, settings.epochs))]
+    history = train(
+        net,
+        splits,
+        spec,
+        **settings.options(without=("strategy",)),
+        out_dir=run_dir,
+        resume=resuming,
+        stop_after=run.stop_after,
+        keep_checkpoint=run.keep_checkpoint,
+        save_model=True,
+        tensorboard=run.tensorboard,
+        config=config,
+        callbacks=summaries,
+    )
+    report_finetune(out, history, run_dir, settings.epochs)
+
+
+def prepare_run_dir(run: FinetuneRun, settings: FinetuneConfig, resuming: bool) -> str:
+    """The run's directory (--out, else runs/<data>_<strategy>_seed<seed>), created; a finished or
+    interrupted run there is refused unless resuming."""
+    from ..runner.data import dataset_label
+    from ..runner.grid import slug
+    from ..runner.rundir import prepare_out_dir
+
     default_dir = f"{slug(dataset_label(run.data))}_{slug(settings.strategy)}_seed{settings.seed}"
     run_dir = run.out or os.path.join("runs", default_dir)
     if not resuming:
         refuse_used_run_dir(run_dir)
     prepare_out_dir(run_dir)
-    trust = settings.trust_pickle
-    shape_model = build_model(run.model, 2, data_options.weights, trust_pickle=trust)  # input spec and groups
-    [spec] = check_strategies([settings.strategy], shape_model, settings.groups)
-    splits = load_dataset(run.data, data_options.data_root, data_options.download,
-                          data_options.model_input(shape_model.bvgls_input), augment=data_options.augment_override)
-    del shape_model
-    seed_everything(settings.seed)
-    net = build_model(run.model, splits.num_classes, data_options.weights, trust_pickle=trust)
-    out.print(f"[bold]{spec.text}[/] on [bold]{splits.name}[/] ({len(splits.train)} train / "
-              f"{len(splits.test)} test, {splits.num_classes} classes) with {run.model} -> {run_dir}")
-    config = {"model": run.model, "weights": data_options.weights, "image_size": data_options.image_size,
-              "dataset": splits.name, "data": run.data, "num_classes": splits.num_classes,
-              "cli": cli_record}
-    # without bars the per-epoch summary lines (which a bar would print under itself) still show
-    summaries = [] if settings.progress else [lambda record: out.print(epoch_summary(record, settings.epochs))]
-    history = train(net, splits, spec, **settings.options(without=("strategy",)), out_dir=run_dir, resume=resuming,
-                    stop_after=run.stop_after, keep_checkpoint=run.keep_checkpoint, save_model=True,
-                    tensorboard=run.tensorboard, config=config, callbacks=summaries)
-    report_finetune(out, history, run_dir, settings.epochs)
+    return run_dir
 
 
 def refuse_used_run_dir(run_dir: str) -> None:
     if os.path.isfile(os.path.join(run_dir, "result.json")):
         raise CLIError(f"{run_dir!r} already holds a finished run; choose another --out")
     if os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
-        raise CLIError(f"{run_dir!r} holds an interrupted run; continue it with --resume {run_dir} "
-                       "or choose another --out")
+        raise CLIError(
+            f"{run_dir!r} holds an interrupted run; continue it with --resume {run_dir} or choose another --out"
+        )
 
 
 def report_finetune(out, history, run_dir: str, epochs: int) -> None:
     final = history.final
     if history.diverged:
-        out.print(f"diverged at epoch {final['epoch']}: the training loss is not finite (lr {history.config['lr']:g}); "
-                  f"try a smaller --lr. Recorded in {os.path.join(run_dir, 'result.json')}")
+        out.print(
+            f"diverged at epoch {final['epoch']}: the training loss is not finite (lr {history.config['lr']:g}); "
+            f"try a smaller --lr. Recorded in {os.path.join(run_dir, 'result.json')}"
+        )
         raise typer.Exit(1)
     if not history.finished:
-        out.print(f"stopped after epoch {final.get('epoch', 0)}/{epochs}; continue with "
-                  f"[bold]bvgls finetune --resume {run_dir}[/]")
+        out.print(
+            f"stopped after epoch {final.get('epoch', 0)}/{epochs}; continue with "
+            f"[bold]bvgls finetune --resume {run_dir}[/]"
+        )
         return
     text = f"done: test error {final['test_error']:.2f}%, test loss {final['test_loss']:.4f}"
     if final.get("val_error") is not None:
         text += f", val error {final['val_error']:.2f}%"
-    out.print(text + f", {history.wall_s:.1f}s. Metrics: {os.path.join(run_dir, 'metrics.jsonl')}; "
-              f"figures: bvgls plot {run_dir}")
+    out.print(
+        text + f", {history.wall_s:.1f}s. Metrics: {os.path.join(run_dir, 'metrics.jsonl')}; "
+        f"figures: bvgls plot {run_dir}"
+    )
 
 
 # ---------------------------------------------------------------------- compare
@@ -206,24 +303,78 @@ class CompareGrid:
 
 
 COMPARE_OWN = [
-    param("out", Annotated[Path, opt("--out", "-o", panel=OUTPUT, help=(
-        "Output directory: runs/, results.csv, table.md. Rerunning skips finished runs."))]),
+    param(
+        "out",
+        Annotated[
+            Path,
+            opt(
+                "--out",
+                "-o",
+                panel=OUTPUT,
+                help=("Output directory: runs/, results.csv, table.md. Rerunning skips finished runs."),
+            ),
+        ],
+    ),
     SHARED["model"],
     SHARED["data"],
-    param("strategies", Annotated[str, opt("--strategies", "-s", help=(
-        "Comma-separated strategy specs (columns of the table)."))], "full,L2-6,L3-6,L4-6,L5-6,linear,bvgls"),
+    param(
+        "strategies",
+        Annotated[str, opt("--strategies", "-s", help=("Comma-separated strategy specs (columns of the table)."))],
+        "full,L2-6,L3-6,L4-6,L5-6,linear,bvgls",
+    ),
     param("seeds", Annotated[str, opt("--seeds", help="Comma-separated seeds.")], "0,1,2"),
-    param("lrs", Annotated[str, opt("--lrs", "--lr", help=(
-        "Comma-separated base learning rates; several need --val-fraction and each strategy gets the one "
-        "with the lowest validation error (the grid is extended past an edge, see --extend-lrs)."))], "0.01"),
-    param("extend_lrs", Annotated[bool, opt("--extend-lrs/--no-extend-lrs", help=(
-        "When a strategy's chosen lr is at an end of the grid, also try the next lr of the ladder "
-        "0.001, 0.003, ..., 1.0 beyond it, until the choice is interior (or a run diverges, or the "
-        "ladder ends)."))], True),
-    param("refit", Annotated[bool, opt("--refit", help=(
-        "After choosing the lr, retrain at it on the full training set and report those runs."))], False),
-    param("keep_going", Annotated[bool, opt("--keep-going", panel=OUTPUT, help=(
-        "Continue with the other runs when one fails (exit code 1 at the end)."))], False),
+    param(
+        "lrs",
+        Annotated[
+            str,
+            opt(
+                "--lrs",
+                "--lr",
+                help=(
+                    "Comma-separated base learning rates; several need --val-fraction and each strategy gets the one "
+                    "with the lowest validation error (the grid is extended past an edge, see --extend-lrs)."
+                ),
+            ),
+        ],
+        "0.01",
+    ),
+    param(
+        "extend_lrs",
+        Annotated[
+            bool,
+            opt(
+                "--extend-lrs/--no-extend-lrs",
+                help=(
+                    "When a strategy's chosen lr is at an end of the grid, also try the next lr of the ladder "
+                    "0.001, 0.003, ..., 1.0 beyond it, until the choice is interior (or a run diverges, or the "
+                    "ladder ends)."
+                ),
+            ),
+        ],
+        True,
+    ),
+    param(
+        "refit",
+        Annotated[
+            bool,
+            opt(
+                "--refit", help=("After choosing the lr, retrain at it on the full training set and report those runs.")
+            ),
+        ],
+        False,
+    ),
+    param(
+        "keep_going",
+        Annotated[
+            bool,
+            opt(
+                "--keep-going",
+                panel=OUTPUT,
+                help=("Continue with the other runs when one fails (exit code 1 at the end)."),
+            ),
+        ],
+        False,
+    ),
 ]
 
 
@@ -249,10 +400,22 @@ def compare(**values: Any) -> None:
         settings = make_config(FinetuneConfig, values, lr=lrs[0])  # the lr is set per run by the grid
         data_options = make_config(DataOptions, values)
         result = run_grid(
-            grid.strategies, grid.data, grid.seeds, grid.lrs, model=grid.model, out_dir=grid.out,
-            weights=data_options.weights, refit=grid.refit, extend_lrs=grid.extend_lrs,
-            data_root=data_options.data_root, download=data_options.download, augment=data_options.augment_override,
-            image_size=data_options.image_size, keep_going=grid.keep_going, **settings.options(without=GRID_AXES))
+            grid.strategies,
+            grid.data,
+            grid.seeds,
+            grid.lrs,
+            model=grid.model,
+            out_dir=grid.out,
+            weights=data_options.weights,
+            refit=grid.refit,
+            extend_lrs=grid.extend_lrs,
+            data_root=data_options.data_root,
+            download=data_options.download,
+            augment=data_options.augment_override,
+            image_size=data_options.image_size,
+            keep_going=grid.keep_going,
+            **settings.options(without=GRID_AXES),
+        )
     out.print(result.table, markup=False)
     out.print(f"wrote {result.csv_path} and {result.table_path}")
     if result.lr_figure:

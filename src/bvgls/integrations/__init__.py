@@ -45,8 +45,7 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
 
 
 def _has_specific_scheme(module: nn.Module) -> bool:
-    return any(s.detect is not None and s.name != "generic" and s.detect(module)
-               for s in GROUPING_SCHEMES.entries())
+    return any(s.detect is not None and s.name != "generic" and s.detect(module) for s in GROUPING_SCHEMES.entries())
 
 
 def _core_module(model: nn.Module) -> nn.Module:
@@ -79,8 +78,7 @@ def model_groups(model: nn.Module, groups: Any = None) -> GroupsSpec:
     return groups
 
 
-def build_strategy(strategy: StrategyArg, optimizer: Any, model: nn.Module | None,
-                   groups: Any = None) -> GroupStrategy:
+def build_strategy(strategy: StrategyArg, optimizer: Any, model: nn.Module | None, groups: Any = None) -> GroupStrategy:
     """Attach ``strategy`` to ``optimizer`` (unwrapped), grouping ``model``'s parameters.
 
     ``strategy`` is a spec string (see :func:`bvgls.make_strategy`) or a factory called
@@ -98,23 +96,30 @@ def build_strategy(strategy: StrategyArg, optimizer: Any, model: nn.Module | Non
         if not isinstance(built, GroupStrategy):
             raise TypeError(f"the strategy factory returned a {type(built).__name__}, not a bvgls.GroupStrategy")
         return built
-    raise TypeError(f"strategy must be a spec string like 'bvgls' or a factory(optimizer, groups=...), "
-                    f"got {type(strategy).__name__}")
+    raise TypeError(
+        f"strategy must be a spec string like 'bvgls' or a factory(optimizer, groups=...), "
+        f"got {type(strategy).__name__}"
+    )
 
 
-def refuse_fused(strategy: GroupStrategy, *, clip: float | None, accumulation: int, grad_scaler: bool,
-                 names: tuple[str, str, str]) -> None:
+def refuse_fused(
+    strategy: GroupStrategy, *, clip: float | None, accumulation: int, grad_scaler: bool, names: tuple[str, str, str]
+) -> None:
     """Fused BVG-LS (``fused=true``) frees every gradient it does not update during backward and folds
     each once per optimizer step: refuse, detaching it, a framework setting that needs all gradients
     after backward (clipping by their norm), several backward passes per step (accumulation) or
     scaled gradients (a GradScaler). ``names``: the framework's names of those three settings."""
     problem = None
     if clip:
-        problem = (f"{names[0]}={clip} clips with the norm of all gradients, which fused mode no longer holds "
-                   f"after backward; set {names[0]}=0")
+        problem = (
+            f"{names[0]}={clip} clips with the norm of all gradients, which fused mode no longer holds "
+            f"after backward; set {names[0]}=0"
+        )
     elif accumulation > 1:
-        problem = (f"{names[1]}={accumulation} runs several backward passes per optimizer step and fused mode "
-                   f"folds each gradient once per step; set {names[1]}=1")
+        problem = (
+            f"{names[1]}={accumulation} runs several backward passes per optimizer step and fused mode "
+            f"folds each gradient once per step; set {names[1]}=1"
+        )
     elif grad_scaler:
         problem = f"{names[2]} uses a GradScaler, whose scaled gradients fused mode would fold; use bf16 instead"
     if getattr(strategy, "fused", False) and problem:
@@ -122,8 +127,9 @@ def refuse_fused(strategy: GroupStrategy, *, clip: float | None, accumulation: i
         raise ValueError(f"bvgls fused=true: {problem}, or use fused=false")
 
 
-def init_attachment(callback: Any, strategy: StrategyArg, groups: Any, log_prefix: str,
-                    verify_selection_every: int) -> None:
+def init_attachment(
+    callback: Any, strategy: StrategyArg, groups: Any, log_prefix: str, verify_selection_every: int
+) -> None:
     """The attributes both framework callbacks hold: what to attach, how to log, and (once
     attached) ``.strategy``, ``.tracker`` and ``.mode``."""
     callback.spec = strategy

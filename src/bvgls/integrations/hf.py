@@ -64,8 +64,15 @@ class BVGLSCallback(TrainerCallback):
     ``.mode`` (``"single"``, ``"ddp"`` or ``"fsdp"``), ``.tracker``.
     """
 
-    def __init__(self, strategy: StrategyArg = "bvgls", groups: Any = None, *, log_prefix: str = "bvgls/",
-                 verify_selection_every: int = 0, save_state: bool = True):
+    def __init__(
+        self,
+        strategy: StrategyArg = "bvgls",
+        groups: Any = None,
+        *,
+        log_prefix: str = "bvgls/",
+        verify_selection_every: int = 0,
+        save_state: bool = True,
+    ):
         init_attachment(self, strategy, groups, log_prefix, verify_selection_every)
         self.save_state = save_state
 
@@ -75,16 +82,25 @@ class BVGLSCallback(TrainerCallback):
             raise RuntimeError("BVGLSCallback: the Trainer passed no optimizer to on_train_begin")
         self._detach()
         self.strategy = build_strategy(self.spec, optimizer, model, self.groups)
-        refuse_fused(self.strategy, clip=args.max_grad_norm, accumulation=args.gradient_accumulation_steps,
-                     grad_scaler=bool(args.fp16), names=("max_grad_norm", "gradient_accumulation_steps", "fp16"))
-        self.mode = distributed.setup(self.strategy, verify_every=self.verify_selection_every,
-                                      modules=[model] if model is not None else [])
+        refuse_fused(
+            self.strategy,
+            clip=args.max_grad_norm,
+            accumulation=args.gradient_accumulation_steps,
+            grad_scaler=bool(args.fp16),
+            names=("max_grad_norm", "gradient_accumulation_steps", "fp16"),
+        )
+        self.mode = distributed.setup(
+            self.strategy, verify_every=self.verify_selection_every, modules=[model] if model is not None else []
+        )
         if self.save_state and state.global_step > 0:
             self._restore(args, state)
         self.tracker = SelectionTracker(self.strategy)
         if args.max_grad_norm and args.max_grad_norm > 0 and getattr(self.strategy, "needs_all_gradients", False):
-            logger.info("bvgls: max_grad_norm=%s clips the gradients before %s sees them; the paper does not clip",
-                        args.max_grad_norm, type(self.strategy).__name__)
+            logger.info(
+                "bvgls: max_grad_norm=%s clips the gradients before %s sees them; the paper does not clip",
+                args.max_grad_norm,
+                type(self.strategy).__name__,
+            )
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         if self.strategy is not None:
@@ -125,8 +141,11 @@ class BVGLSCallback(TrainerCallback):
         if os.path.isfile(path):
             self.strategy.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         else:
-            logger.warning("bvgls: resuming at step %d but %s does not exist; the gradient statistics start afresh",
-                           state.global_step, path)
+            logger.warning(
+                "bvgls: resuming at step %d but %s does not exist; the gradient statistics start afresh",
+                state.global_step,
+                path,
+            )
 
     def _detach(self) -> None:
         detach(self.strategy, self.tracker)

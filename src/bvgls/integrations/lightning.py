@@ -49,8 +49,16 @@ class BVGLSCallback(Callback):
     (``"single"``, ``"ddp"`` or ``"fsdp"``), ``.tracker``.
     """
 
-    def __init__(self, strategy: StrategyArg = "bvgls", groups: Any = None, *, optimizer_index: int = 0,
-                 log_every_n_steps: int | None = None, log_prefix: str = "bvgls/", verify_selection_every: int = 0):
+    def __init__(
+        self,
+        strategy: StrategyArg = "bvgls",
+        groups: Any = None,
+        *,
+        optimizer_index: int = 0,
+        log_every_n_steps: int | None = None,
+        log_prefix: str = "bvgls/",
+        verify_selection_every: int = 0,
+    ):
         if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 0):
             raise ValueError(f"log_every_n_steps must be a non-negative int or None, got {log_every_n_steps!r}")
         init_attachment(self, strategy, groups, log_prefix, verify_selection_every)
@@ -64,20 +72,29 @@ class BVGLSCallback(Callback):
         if not optimizers:
             raise RuntimeError("BVGLSCallback: configure_optimizers returned no optimizer")
         if not 0 <= self.optimizer_index < len(optimizers):
-            raise ValueError(f"BVGLSCallback: optimizer_index={self.optimizer_index}, but configure_optimizers "
-                             f"returned {len(optimizers)} optimizer(s)")
+            raise ValueError(
+                f"BVGLSCallback: optimizer_index={self.optimizer_index}, but configure_optimizers "
+                f"returned {len(optimizers)} optimizer(s)"
+            )
         self._detach()
         optimizer = unwrap_optimizer(optimizers[self.optimizer_index])
         self.strategy = build_strategy(self.spec, optimizer, pl_module, self.groups)
-        refuse_fused(self.strategy, clip=trainer.gradient_clip_val, accumulation=trainer.accumulate_grad_batches,
-                     grad_scaler=str(trainer.precision).startswith("16"),
-                     names=("gradient_clip_val", "accumulate_grad_batches", "precision=16-mixed"))
+        refuse_fused(
+            self.strategy,
+            clip=trainer.gradient_clip_val,
+            accumulation=trainer.accumulate_grad_batches,
+            grad_scaler=str(trainer.precision).startswith("16"),
+            names=("gradient_clip_val", "accumulate_grad_batches", "precision=16-mixed"),
+        )
         if self._restored_state is not None:
             self.strategy.load_state_dict(self._restored_state)
             self._restored_state = None
         wrapped = getattr(trainer.strategy, "model", None)
-        self.mode = distributed.setup(self.strategy, verify_every=self.verify_selection_every,
-                                      modules=[m for m in (pl_module, wrapped) if isinstance(m, torch.nn.Module)])
+        self.mode = distributed.setup(
+            self.strategy,
+            verify_every=self.verify_selection_every,
+            modules=[m for m in (pl_module, wrapped) if isinstance(m, torch.nn.Module)],
+        )
         self.tracker = SelectionTracker(self.strategy)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:

@@ -38,18 +38,40 @@ MODEL_AND_DATA, TRAINING, SPEED, OUTPUT = "Model and data", "Training", "Speed",
 RESULT, RECORDED, RUNTIME = "result", "recorded", "runtime"
 
 
-def option(default: Any = dataclasses.MISSING, help: str = "", *, flags: tuple[str, ...] | None = None,
-           kind: str = RESULT, panel: str = TRAINING, cli: bool = True, cli_default: Any = dataclasses.MISSING,
-           min: float | None = None, max: float | None = None, min_open: bool = False, max_open: bool = False,
-           choices: tuple[str, ...] | None = None):
+def option(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    flags: tuple[str, ...] | None = None,
+    kind: str = RESULT,
+    panel: str = TRAINING,
+    cli: bool = True,
+    cli_default: Any = dataclasses.MISSING,
+    min: float | None = None,
+    max: float | None = None,
+    min_open: bool = False,
+    max_open: bool = False,
+    choices: tuple[str, ...] | None = None,
+):
     """A config field with its CLI and bookkeeping metadata, and the checks of its value: the
     field's type, ``min``/``max`` (inclusive, or exclusive with ``min_open``/``max_open``) and
     ``choices``. Those checks run when the dataclass is built (:func:`check_fields`), from Python
     and from the command line alike. ``cli=False``: not a command-line option (set by the
     command, e.g. the evaluation cadence). ``cli_default``: the CLI's default for a field the
     Python API requires."""
-    meta = {"help": help, "flags": flags, "kind": kind, "panel": panel, "cli": cli, "cli_default": cli_default,
-            "min": min, "max": max, "min_open": min_open, "max_open": max_open, "choices": choices}
+    meta = {
+        "help": help,
+        "flags": flags,
+        "kind": kind,
+        "panel": panel,
+        "cli": cli,
+        "cli_default": cli_default,
+        "min": min,
+        "max": max,
+        "min_open": min_open,
+        "max_open": max_open,
+        "choices": choices,
+    }
     return field(default=default, metadata=meta)
 
 
@@ -59,11 +81,15 @@ class FinetuneConfig:
 
     epochs: int = option(help="Epochs (paper: 50).", flags=("--epochs", "-e"), min=1, cli_default=50)
     lr: float = option(help="Base learning rate (paper, WRN-50-2: 0.01).", min=0.0, min_open=True, cli_default=0.01)
-    strategy: str = option("bvgls", "bvgls, bvgls:k=2, bvgts, full, linear, L<a>-<b> (groups a..b, 1-indexed), or any "
-                                    "registered one.", flags=("--strategy", "-s"))
+    strategy: str = option(
+        "bvgls",
+        "bvgls, bvgls:k=2, bvgts, full, linear, L<a>-<b> (groups a..b, 1-indexed), or any registered one.",
+        flags=("--strategy", "-s"),
+    )
     batch_size: int = option(128, "Examples per step (paper: 128).", flags=("--batch-size", "-b"), min=1)
-    optimizer: str | Callable = option("sgd", "sgd: momentum + Nesterov, as in the paper; or adamw.",
-                                       choices=OPTIMIZERS)
+    optimizer: str | Callable = option(
+        "sgd", "sgd: momentum + Nesterov, as in the paper; or adamw.", choices=OPTIMIZERS
+    )
     momentum: float = option(0.9, "SGD momentum.", min=0.0, max=1.0, max_open=True)
     nesterov: bool = option(True, "Nesterov momentum (SGD).", cli=False)
     weight_decay: float = option(5e-4, "Weight decay (paper: 5e-4).", min=0.0)
@@ -71,33 +97,63 @@ class FinetuneConfig:
     warmup_epochs: float = option(0.0, "Linear warmup length in epochs.", min=0.0)
     grad_accum: int = option(1, "Micro-batches per optimizer step.", min=1)
     full_backward_chunks: int = option(
-        1, "Split the batch of every step whose backward runs through the whole network (the first group trains: "
-           "every step of full finetuning and paper BVG-LS, lean BVG-LS's probe steps and steps that train the "
-           "stem) into this many chunks, backward one at a time: the same gradient (batch-norm layers see the "
-           "smaller chunks) at a lower activation-memory peak.",
-        panel=SPEED, min=1)
+        1,
+        "Split the batch of every step whose backward runs through the whole network (the first group trains: "
+        "every step of full finetuning and paper BVG-LS, lean BVG-LS's probe steps and steps that train the "
+        "stem) into this many chunks, backward one at a time: the same gradient (batch-norm layers see the "
+        "smaller chunks) at a lower activation-memory peak.",
+        panel=SPEED,
+        min=1,
+    )
     label_smoothing: float = option(0.0, "Label smoothing of the training loss.", min=0.0, max=1.0)
     steps_per_epoch: int | None = option(None, "Cap on steps per epoch (smoke tests).", min=1)
-    groups: str = option("auto", "Layer grouping scheme the strategy selects from (see `bvgls list`): auto "
-                                 "detects the model's stages; resolution: stem, one group per feature-map "
-                                 "resolution, head.", flags=("--groups",), panel=MODEL_AND_DATA)
+    groups: str = option(
+        "auto",
+        "Layer grouping scheme the strategy selects from (see `bvgls list`): auto "
+        "detects the model's stages; resolution: stem, one group per feature-map "
+        "resolution, head.",
+        flags=("--groups",),
+        panel=MODEL_AND_DATA,
+    )
     seed: int = option(0, "Seeds init of the head, shuffling, augmentation.")
-    val_fraction: float = option(0.0, "Hold out this fraction of the training set as a validation split "
-                                      "(reported every epoch; compare chooses the lr on it, never on the test set).",
-                                min=0.0, max=1.0, max_open=True)
+    val_fraction: float = option(
+        0.0,
+        "Hold out this fraction of the training set as a validation split "
+        "(reported every epoch; compare chooses the lr on it, never on the test set).",
+        min=0.0,
+        max=1.0,
+        max_open=True,
+    )
     amp: str | None = option(None, "Mixed precision: bf16 or fp16 (GPU).", panel=SPEED, choices=AMP_MODES)
-    channels_last: bool = option(False, "NHWC memory format (faster convolutions on CPU and GPUs).",
-                                 flags=("--channels-last/--no-channels-last",), panel=SPEED)
+    channels_last: bool = option(
+        False,
+        "NHWC memory format (faster convolutions on CPU and GPUs).",
+        flags=("--channels-last/--no-channels-last",),
+        panel=SPEED,
+    )
     device: str = option("auto", "auto (cuda > mps > cpu), cpu, cuda:1, ...", kind=RECORDED, panel=SPEED)
-    eval_every: int = option(1, "Evaluate every this many epochs (and after the last).", kind=RECORDED, cli=False,
-                            min=1)
-    num_workers: int | None = option(None, "DataLoader workers; default 0 on CPU, up to 8 on a GPU.",
-                                     flags=("--workers",), kind=RUNTIME, panel=SPEED, min=0)
-    progress: bool = option(True, "A progress bar per epoch.", flags=("--progress/--no-progress",), kind=RUNTIME,
-                            panel=OUTPUT)
-    trust_pickle: bool = option(False, "Allow full unpickling of model, weights and checkpoint files (runs code "
-                                       "from the file; only for files you trust).", flags=("--trust-pickle",),
-                                kind=RUNTIME, panel=MODEL_AND_DATA)
+    eval_every: int = option(
+        1, "Evaluate every this many epochs (and after the last).", kind=RECORDED, cli=False, min=1
+    )
+    num_workers: int | None = option(
+        None,
+        "DataLoader workers; default 0 on CPU, up to 8 on a GPU.",
+        flags=("--workers",),
+        kind=RUNTIME,
+        panel=SPEED,
+        min=0,
+    )
+    progress: bool = option(
+        True, "A progress bar per epoch.", flags=("--progress/--no-progress",), kind=RUNTIME, panel=OUTPUT
+    )
+    trust_pickle: bool = option(
+        False,
+        "Allow full unpickling of model, weights and checkpoint files (runs code "
+        "from the file; only for files you trust).",
+        flags=("--trust-pickle",),
+        kind=RUNTIME,
+        panel=MODEL_AND_DATA,
+    )
 
     def __post_init__(self):
         if self.amp == "none":
@@ -133,8 +189,11 @@ class FinetuneConfig:
         for f in dataclasses.fields(self):
             if f.metadata["kind"] != RUNTIME:
                 value = getattr(self, f.name)
-                out[f.name] = value if value is None or isinstance(value, (str, int, float, bool)) else \
-                    getattr(value, "__name__", repr(value))
+                out[f.name] = (
+                    value
+                    if value is None or isinstance(value, (str, int, float, bool))
+                    else getattr(value, "__name__", repr(value))
+                )
         return out
 
 
@@ -227,16 +286,27 @@ def cli_fields(cls: type, without: Sequence[str] = ()) -> list[dataclasses.Field
 class DataOptions:
     """How the model and datasets are loaded (shared by ``finetune`` and ``compare``)."""
 
-    weights: str = option("DEFAULT", "DEFAULT (the model's pretrained weights; none exist for tiny-*), a torchvision "
-                                     "weights name, none (random init), or a state-dict file.", panel=MODEL_AND_DATA)
-    data_root: str = option("data", "Where registered datasets are stored / downloaded to.", kind=RUNTIME,
-                            panel=MODEL_AND_DATA)
-    download: bool = option(False, "Download a missing registered dataset (needs internet).", kind=RUNTIME,
-                            panel=MODEL_AND_DATA)
-    augment: str = option("default", "Training augmentation: paper (RandomResizedCrop + flip), light, none; "
-                                     "default: the dataset's own.", panel=MODEL_AND_DATA, choices=AUGMENTS)
-    image_size: int | None = option(None, "Train and test crop size in px (default: the model's own input size).",
-                                    panel=MODEL_AND_DATA, min=1)
+    weights: str = option(
+        "DEFAULT",
+        "DEFAULT (the model's pretrained weights; none exist for tiny-*), a torchvision "
+        "weights name, none (random init), or a state-dict file.",
+        panel=MODEL_AND_DATA,
+    )
+    data_root: str = option(
+        "data", "Where registered datasets are stored / downloaded to.", kind=RUNTIME, panel=MODEL_AND_DATA
+    )
+    download: bool = option(
+        False, "Download a missing registered dataset (needs internet).", kind=RUNTIME, panel=MODEL_AND_DATA
+    )
+    augment: str = option(
+        "default",
+        "Training augmentation: paper (RandomResizedCrop + flip), light, none; default: the dataset's own.",
+        panel=MODEL_AND_DATA,
+        choices=AUGMENTS,
+    )
+    image_size: int | None = option(
+        None, "Train and test crop size in px (default: the model's own input size).", panel=MODEL_AND_DATA, min=1
+    )
 
     def __post_init__(self):
         check_fields(self)

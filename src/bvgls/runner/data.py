@@ -138,17 +138,27 @@ def targets_of(dataset) -> list[int] | None:
     return None
 
 
-def _splits(name: str, train_base, test_base, classes: list[str], input: ModelInput, augment: str,
-            hflip: bool = True) -> DatasetSplits:
+def _splits(
+    name: str, train_base, test_base, classes: list[str], input: ModelInput, augment: str, hflip: bool = True
+) -> DatasetSplits:
     return DatasetSplits(
         train=TransformedDataset(train_base, make_transform(input, True, augment, hflip)),
         test=TransformedDataset(test_base, make_transform(input, False, augment, hflip)),
-        num_classes=len(classes), classes=list(classes), name=name)
+        num_classes=len(classes),
+        classes=list(classes),
+        name=name,
+    )
 
 
 # ---------------------------------------------------------------------- entry points
-def load_dataset(name_or_path: str, root: str | os.PathLike | None = None, download: bool = False,
-                 input: ModelInput | None = None, *, augment: str | None = None) -> DatasetSplits:
+def load_dataset(
+    name_or_path: str,
+    root: str | os.PathLike | None = None,
+    download: bool = False,
+    input: ModelInput | None = None,
+    *,
+    augment: str | None = None,
+) -> DatasetSplits:
     """Train and test sets for a registered dataset name or an ImageFolder root.
 
     Args:
@@ -167,8 +177,10 @@ def load_dataset(name_or_path: str, root: str | os.PathLike | None = None, downl
     elif os.path.sep in str(name_or_path) or os.path.isdir(name_or_path):
         splits = image_folder(name_or_path, input=input, **options)
     else:
-        raise DatasetError(f"unknown dataset {name_or_path!r}; known: {', '.join(DATASETS.names())}, "
-                           "or the path of an ImageFolder root with train/ and test/ subfolders")
+        raise DatasetError(
+            f"unknown dataset {name_or_path!r}; known: {', '.join(DATASETS.names())}, "
+            "or the path of an ImageFolder root with train/ and test/ subfolders"
+        )
     if not splits.name:
         splits.name = dataset_label(name_or_path)
     return splits
@@ -194,8 +206,11 @@ def eval_view(train, test):
         if hasattr(view, "transforms") and hasattr(test, "transforms"):
             view.transforms = test.transforms
         return view
-    warnings.warn("cannot swap the training transform for the test transform on this dataset; "
-                  "the validation split keeps the training augmentation", stacklevel=2)
+    warnings.warn(
+        "cannot swap the training transform for the test transform on this dataset; "
+        "the validation split keeps the training augmentation",
+        stacklevel=2,
+    )
     return train
 
 
@@ -242,23 +257,28 @@ def image_folder(path: str | os.PathLike, input: ModelInput | None = None, augme
     input = input or ModelInput()
     root = Path(path).expanduser()
     if not root.is_dir():
-        raise DatasetError(f"data directory {str(root)!r} does not exist; pass --data with a registered name "
-                           f"({', '.join(DATASETS.names())}) or a folder with train/ and test/ subfolders")
+        raise DatasetError(
+            f"data directory {str(root)!r} does not exist; pass --data with a registered name "
+            f"({', '.join(DATASETS.names())}) or a folder with train/ and test/ subfolders"
+        )
     train_dir = root / "train"
     test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
     if not train_dir.is_dir() or test_dir is None:
-        raise DatasetError(f"{str(root)!r} needs train/ and test/ (or val/) subfolders, each with one folder "
-                           "per class")
+        raise DatasetError(f"{str(root)!r} needs train/ and test/ (or val/) subfolders, each with one folder per class")
     try:
         train, test = ImageFolder(str(train_dir)), ImageFolder(str(test_dir))
     except (FileNotFoundError, RuntimeError) as e:
         raise DatasetError(f"{str(root)!r}: {str(e).splitlines()[0]}") from None
     if train.classes != test.classes:
-        raise DatasetError(f"{str(root)!r}: the class folders of train/ and {test_dir.name}/ differ "
-                           f"({len(train.classes)} vs {len(test.classes)} classes)")
+        raise DatasetError(
+            f"{str(root)!r}: the class folders of train/ and {test_dir.name}/ differ "
+            f"({len(train.classes)} vs {len(test.classes)} classes)"
+        )
     if len(train.classes) < 2:
-        raise DatasetError(f"{root} has {len(train.classes)} class folder ({', '.join(train.classes)}); "
-                           "classification needs at least 2")
+        raise DatasetError(
+            f"{root} has {len(train.classes)} class folder ({', '.join(train.classes)}); "
+            "classification needs at least 2"
+        )
     check_images([path for path, _ in train.samples + test.samples])
     return _splits(root.name, train, test, train.classes, input, augment)
 
@@ -271,8 +291,9 @@ def check_images(paths: list[str], show: int = 5) -> None:
     if bad:
         more = f"; and {len(bad) - show} more" if len(bad) > show else ""
         noun = "is not a readable image" if len(bad) == 1 else f"are not readable images ({len(bad)} files)"
-        raise DatasetError(f"{'; '.join(bad[:show])}{more} {noun}; remove or replace "
-                           f"{'it' if len(bad) == 1 else 'them'}")
+        raise DatasetError(
+            f"{'; '.join(bad[:show])}{more} {noun}; remove or replace {'it' if len(bad) == 1 else 'them'}"
+        )
 
 
 def image_problem(path: str) -> str | None:
@@ -295,20 +316,26 @@ def image_problem(path: str) -> str | None:
 # ---------------------------------------------------------------------- the paper's seven
 def _missing(name: str, root: str, error: Exception) -> DatasetError:
     reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
-    return DatasetError(f"dataset {name!r} not found under --data-root {root!r} ({reason}); pass --download "
-                        "to fetch it (needs internet) or --data-root DIR where it is")
+    return DatasetError(
+        f"dataset {name!r} not found under --data-root {root!r} ({reason}); pass --download "
+        "to fetch it (needs internet) or --data-root DIR where it is"
+    )
 
 
 def _torchvision(name: str, root: str, download: bool, make: Callable[[str], Any]):
     """``make(split)`` with torchvision's errors turned into one-line DatasetErrors."""
+
     def get(split):
         try:
             return make(split)
         except (RuntimeError, FileNotFoundError) as e:
             raise _missing(name, root, e) from None
         except OSError as e:  # URLError etc. while downloading
-            raise DatasetError(f"downloading {name!r} into {root!r} failed ({type(e).__name__}: "
-                               f"{str(e)[:120]}); check the connection or put the files there") from None
+            raise DatasetError(
+                f"downloading {name!r} into {root!r} failed ({type(e).__name__}: "
+                f"{str(e)[:120]}); check the connection or put the files there"
+            ) from None
+
     return get
 
 
@@ -327,8 +354,9 @@ def _flowers102(root: str, *, download: bool = False, input: ModelInput, augment
 def _pets(root: str, *, download: bool = False, input: ModelInput, augment: str = "paper") -> DatasetSplits:
     from torchvision.datasets import OxfordIIITPet
 
-    get = _torchvision("pets", root, download,
-                       lambda s: OxfordIIITPet(root, split=s, target_types="category", download=download))
+    get = _torchvision(
+        "pets", root, download, lambda s: OxfordIIITPet(root, split=s, target_types="category", download=download)
+    )
     train, test = get("trainval"), get("test")
     return _splits("pets", train, test, train.classes, input, augment)
 
@@ -347,8 +375,9 @@ def _dtd(root: str, *, download: bool = False, input: ModelInput, augment: str =
 def _aircraft(root: str, *, download: bool = False, input: ModelInput, augment: str = "paper") -> DatasetSplits:
     from torchvision.datasets import FGVCAircraft
 
-    get = _torchvision("aircraft", root, download,
-                       lambda s: FGVCAircraft(root, split=s, annotation_level="variant", download=download))
+    get = _torchvision(
+        "aircraft", root, download, lambda s: FGVCAircraft(root, split=s, annotation_level="variant", download=download)
+    )
     train = get("trainval")
     return _splits("aircraft", train, get("test"), train.classes, input, augment)
 
@@ -374,8 +403,11 @@ def _fetch_sun397_partitions(data_dir: Path) -> None:
     try:
         download_and_extract_archive(SUN397_PARTITIONS_URL, download_root=str(data_dir), extract_root=str(target))
     except Exception as e:  # noqa: BLE001 - any failure means: use the fallback split
-        warnings.warn(f"could not fetch the SUN397 partitions ({type(e).__name__}); using the fixed 50/50 "
-                      "per-class split instead of the official partition 1", stacklevel=2)
+        warnings.warn(
+            f"could not fetch the SUN397 partitions ({type(e).__name__}); using the fixed 50/50 "
+            "per-class split instead of the official partition 1",
+            stacklevel=2,
+        )
         return
     nested = next(target.rglob("Training_01.txt"), None)
     if nested is not None and nested.parent != target:  # the archive may hold a Partitions/ folder itself
@@ -405,12 +437,15 @@ def _sun397_partition(data_dir: Path, files: list[Path], labels: list[int]) -> t
         gen.shuffle(idx)
         half = min(50, len(idx) // 2)
         train += idx[:half].tolist()
-        test += idx[half:2 * half].tolist()
+        test += idx[half : 2 * half].tolist()
     return train, test
 
 
-@DATASETS.register("sun397", help="SUN397 (official partition 1 if its files are there, else a fixed 50/50 "
-                                  "per class split, 397 classes), torchvision")
+@DATASETS.register(
+    "sun397",
+    help="SUN397 (official partition 1 if its files are there, else a fixed 50/50 "
+    "per class split, 397 classes), torchvision",
+)
 def _sun397(root: str, *, download: bool = False, input: ModelInput, augment: str = "paper") -> DatasetSplits:
     from torchvision.datasets import SUN397
 
@@ -431,8 +466,18 @@ def _cifar100(root: str, *, download: bool = False, input: ModelInput, augment: 
 
 
 # ---------------------------------------------------------------------- offline sets
-FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
-                         "Bag", "Ankle boot"]
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -443,12 +488,16 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     if data[0] != 0 or data[1] != 0 or data[2] != 8:
         raise DatasetError(f"{str(path)!r} is not an unsigned-byte IDX file")
     ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-FASHION_MNIST_FILES = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
-                       "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte"}
+FASHION_MNIST_FILES = {
+    "train_x": "train-images-idx3-ubyte",
+    "train_y": "train-labels-idx1-ubyte",
+    "test_x": "t10k-images-idx3-ubyte",
+    "test_y": "t10k-labels-idx1-ubyte",
+}
 
 
 def _fashion_files(directory: Path) -> dict[str, Path] | None:
@@ -468,8 +517,9 @@ def find_fashion_mnist(root: str | os.PathLike | None) -> dict[str, Path] | None
     return next((f for f in (_fashion_files(c) for c in candidates + [Path(DEBIAN_FASHION_MNIST)]) if f), None)
 
 
-def read_fashion_mnist(split: str, root: str | os.PathLike | None = None, download: bool = False
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def read_fashion_mnist(
+    split: str, root: str | os.PathLike | None = None, download: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Fashion-MNIST ``split`` ("train" or "test") as ``(uint8 images N x 28 x 28, int64 labels)``:
     the IDX files (:func:`find_fashion_mnist`), else torchvision's ``FashionMNIST`` (downloading
     into ``root`` only if ``download``)."""
@@ -477,27 +527,33 @@ def read_fashion_mnist(split: str, root: str | os.PathLike | None = None, downlo
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     files = find_fashion_mnist(root)
     if files is not None:
-        return (torch.from_numpy(read_idx(files[f"{split}_x"]).copy()),
-                torch.from_numpy(read_idx(files[f"{split}_y"]).astype(np.int64)))
+        return (
+            torch.from_numpy(read_idx(files[f"{split}_x"]).copy()),
+            torch.from_numpy(read_idx(files[f"{split}_y"]).astype(np.int64)),
+        )
     try:
         from torchvision.datasets import FashionMNIST
+
         ds = FashionMNIST(root or "data", train=split == "train", download=download)
     except RuntimeError as e:
         raise FileNotFoundError(
             f"Fashion-MNIST not found in {root or '(no root)'} nor {DEBIAN_FASHION_MNIST}: install the Debian "
-            "package dataset-fashion-mnist, or pass --download with --data-root DIR") from e
+            "package dataset-fashion-mnist, or pass --download with --data-root DIR"
+        ) from e
     return ds.data.clone(), ds.targets.clone().long()
 
 
-@DATASETS.register("fashion-mnist", help="Fashion-MNIST (60k / 10k, 10 classes, 28x28 grey): the Debian "
-                                         "package's files if present, else torchvision's under --data-root")
+@DATASETS.register(
+    "fashion-mnist",
+    help="Fashion-MNIST (60k / 10k, 10 classes, 28x28 grey): the Debian "
+    "package's files if present, else torchvision's under --data-root",
+)
 def _fashion_mnist(root: str, *, download: bool = False, input: ModelInput, augment: str = "light") -> DatasetSplits:
     files = find_fashion_mnist(root)
     if files is None:
         from torchvision.datasets import FashionMNIST
 
-        get = _torchvision("fashion-mnist", root, download,
-                           lambda s: FashionMNIST(root, train=s, download=download))
+        get = _torchvision("fashion-mnist", root, download, lambda s: FashionMNIST(root, train=s, download=download))
         train, test = get(True), get(False)
         train_base = ArrayImages(train.data.numpy(), train.targets.numpy())
         test_base = ArrayImages(test.data.numpy(), test.targets.numpy())
@@ -517,5 +573,12 @@ def _digits(root: str, *, download: bool = False, input: ModelInput, augment: st
     bunch = load_digits()
     images = np.clip(bunch.images * (255.0 / 16.0), 0, 255).round().astype(np.uint8)
     tr, te = train_test_split(np.arange(len(images)), test_size=0.2, random_state=0, stratify=bunch.target)
-    return _splits("digits", ArrayImages(images[tr], bunch.target[tr]), ArrayImages(images[te], bunch.target[te]),
-                   [str(i) for i in range(10)], input, augment, hflip=False)
+    return _splits(
+        "digits",
+        ArrayImages(images[tr], bunch.target[tr]),
+        ArrayImages(images[te], bunch.target[te]),
+        [str(i) for i in range(10)],
+        input,
+        augment,
+        hflip=False,
+    )

@@ -41,8 +41,23 @@ from .results import choose_lrs, collect_results, lr_text, mark_reported, read_r
 
 logger = logging.getLogger(__name__)
 
-RESULT_COLUMNS = ["dataset", "strategy", "seed", "lr", "test_error", "test_loss", "val_error", "val_loss",
-                  "train_loss", "epochs", "wall_s", "phase", "chosen", "diverged", "run_dir"]
+RESULT_COLUMNS = [
+    "dataset",
+    "strategy",
+    "seed",
+    "lr",
+    "test_error",
+    "test_loss",
+    "val_error",
+    "val_loss",
+    "train_loss",
+    "epochs",
+    "wall_s",
+    "phase",
+    "chosen",
+    "diverged",
+    "run_dir",
+]
 #: besides the result options, what a reused run directory must agree on
 RUN_IDENTITY = ("model", "weights", "augment", "image_size", "dataset", "phase")
 
@@ -71,8 +86,11 @@ class CompareResult:
 
     def test_errors(self, dataset: str, strategy: str) -> list[float]:
         """Test errors (percent) of the reported runs of one table cell, one per seed."""
-        return [r["test_error"] for r in self.rows if r["chosen"] and r["dataset"] == dataset
-                and r["strategy"] == strategy and r["test_error"] is not None]
+        return [
+            r["test_error"]
+            for r in self.rows
+            if r["chosen"] and r["dataset"] == dataset and r["strategy"] == strategy and r["test_error"] is not None
+        ]
 
 
 def check_lrs(lrs: Sequence[float], name: str = "lrs") -> list[float]:
@@ -84,8 +102,9 @@ def check_lrs(lrs: Sequence[float], name: str = "lrs") -> list[float]:
 
 
 def run_dir_for(out_dir: str, dataset: str, strategy: str, lr: float, seed: int, refit: bool = False) -> str:
-    return os.path.join(out_dir, "runs", slug(dataset), slug(strategy), f"lr{lr_text(lr)}",
-                        f"seed{seed}{'-refit' if refit else ''}")
+    return os.path.join(
+        out_dir, "runs", slug(dataset), slug(strategy), f"lr{lr_text(lr)}", f"seed{seed}{'-refit' if refit else ''}"
+    )
 
 
 # ---------------------------------------------------------------------- inputs
@@ -97,8 +116,11 @@ def dataset_entries(datasets) -> list[tuple[str, DatasetSource]]:
 
     if isinstance(datasets, str):
         datasets = [d.strip() for d in datasets.split(",") if d.strip()]
-    items = list(datasets.items()) if isinstance(datasets, Mapping) else \
-        [d if isinstance(d, tuple) else (dataset_label(d), d) for d in datasets]
+    items = (
+        list(datasets.items())
+        if isinstance(datasets, Mapping)
+        else [d if isinstance(d, tuple) else (dataset_label(d), d) for d in datasets]
+    )
     labels = [label for label, _ in items]
     if not items:
         raise ValueError("no datasets given")
@@ -120,6 +142,7 @@ def load_source(source: DatasetSource, input, data_root, download, augment):
 def model_builder(model, weights, trust_pickle: bool = False) -> tuple[str, Callable[[int], nn.Module]]:
     if isinstance(model, str):
         from .models import build_model
+
         return model, lambda n: build_model(model, n, weights, trust_pickle=trust_pickle)
     if callable(model):
         return getattr(model, "__name__", repr(model)), model
@@ -130,13 +153,17 @@ def parse_strategies(strategies: Sequence[str | StrategySpec] | str) -> list[Str
     """Spec strings (a list or comma-separated) parsed once, duplicates dropped, order kept."""
     if isinstance(strategies, str):
         strategies = strategies.split(",")
-    specs = [parse_spec(s if isinstance(s, StrategySpec) else s.strip()) for s in strategies
-             if isinstance(s, StrategySpec) or s.strip()]
+    specs = [
+        parse_spec(s if isinstance(s, StrategySpec) else s.strip())
+        for s in strategies
+        if isinstance(s, StrategySpec) or s.strip()
+    ]
     return list({spec.text: spec for spec in specs}.values())
 
 
-def check_strategies(strategies: Sequence[str | StrategySpec], model: nn.Module,
-                     scheme: str = "auto") -> list[StrategySpec]:
+def check_strategies(
+    strategies: Sequence[str | StrategySpec], model: nn.Module, scheme: str = "auto"
+) -> list[StrategySpec]:
     """Parse ``strategies`` and raise ValueError now, not hours into a grid, for specs with an
     unknown option, an option value the strategy refuses, or a group range that does not fit
     ``model``'s groups under the grouping ``scheme`` (each strategy is built once on a throwaway
@@ -150,8 +177,10 @@ def check_strategies(strategies: Sequence[str | StrategySpec], model: nn.Module,
         try:
             spec.check_fits(len(groups))
         except ValueError as e:
-            raise ValueError(f"strategy {spec.text!r} does not fit {type(model).__name__} "
-                             f"({len(groups)} groups: {', '.join(groups.names)}): {e}") from None
+            raise ValueError(
+                f"strategy {spec.text!r} does not fit {type(model).__name__} "
+                f"({len(groups)} groups: {', '.join(groups.names)}): {e}"
+            ) from None
         try_build(spec, model, groups)
     return specs
 
@@ -174,10 +203,22 @@ def try_build(spec: StrategySpec, model: nn.Module, groups) -> None:
 class Grid:
     """One ``compare`` invocation: runs cells, searches lrs, rewrites the reports."""
 
-    def __init__(self, out_dir: str, specs: list[StrategySpec], labels: list[str], seeds: list[int],
-                 cfg: FinetuneConfig, identity: dict[str, Any], build: Callable[[int], nn.Module], *,
-                 keep_going: bool, title: str, total: int, tie_break: str = "lr",
-                 lr_ladder: Sequence[float] = LR_LADDER):
+    def __init__(
+        self,
+        out_dir: str,
+        specs: list[StrategySpec],
+        labels: list[str],
+        seeds: list[int],
+        cfg: FinetuneConfig,
+        identity: dict[str, Any],
+        build: Callable[[int], nn.Module],
+        *,
+        keep_going: bool,
+        title: str,
+        total: int,
+        tie_break: str = "lr",
+        lr_ladder: Sequence[float] = LR_LADDER,
+    ):
         self.out_dir, self.specs, self.labels, self.seeds, self.cfg = out_dir, specs, labels, seeds, cfg
         self.tie_break, self.lr_ladder = tie_break, tuple(lr_ladder)
         self.identity, self.build, self.keep_going, self.title = identity, build, keep_going, title
@@ -185,8 +226,17 @@ class Grid:
         self.searches: dict[tuple[str, str], LrChoice] = {}
         self.done, self.total = 0, total
 
-    def run(self, label: str, splits, spec: StrategySpec, seed: int, lr: float, phase: str,
-            val_fraction: float, refit: bool = False) -> None:
+    def run(
+        self,
+        label: str,
+        splits,
+        spec: StrategySpec,
+        seed: int,
+        lr: float,
+        phase: str,
+        val_fraction: float,
+        refit: bool = False,
+    ) -> None:
         """One finetuning run (skipped when finished, resumed when interrupted)."""
         run_dir = run_dir_for(self.out_dir, label, spec.text, lr, seed, refit=refit)
         cfg = self.cfg.replace(strategy=spec.text, lr=lr, seed=seed, val_fraction=val_fraction)
@@ -195,13 +245,15 @@ class Grid:
         self.done += 1
         if rundir.is_finished(run_dir):
             return
-        logger.info(f"[{self.done}/{self.total}] {label} {spec.text} lr={lr_text(lr)} seed={seed} ({phase}) "
-                    f"-> {run_dir}")
+        logger.info(
+            f"[{self.done}/{self.total}] {label} {spec.text} lr={lr_text(lr)} seed={seed} ({phase}) -> {run_dir}"
+        )
         seed_everything(seed)
         net = self.build(splits.num_classes)
         try:
-            history = finetune(net, splits, spec, out_dir=run_dir, resume=True, config=record,
-                               **cfg.options(without=("strategy",)))
+            history = finetune(
+                net, splits, spec, out_dir=run_dir, resume=True, config=record, **cfg.options(without=("strategy",))
+            )
         except Exception as e:  # with keep_going a failed run must not stop the grid
             if not self.keep_going:
                 raise
@@ -220,24 +272,32 @@ class Grid:
         self.write()
 
     def write(self) -> CompareResult:
-        return write_reports(self.out_dir, strategies=[s.text for s in self.specs], datasets=self.labels,
-                             title=self.title, tie_break=self.tie_break)
+        return write_reports(
+            self.out_dir,
+            strategies=[s.text for s in self.specs],
+            datasets=self.labels,
+            title=self.title,
+            tie_break=self.tie_break,
+        )
 
     def search(self, label: str, splits, spec: StrategySpec, lrs: Sequence[float], *, extend: bool) -> LrChoice:
         """The lr search of one (dataset, strategy) on the validation split."""
+
         def run(grid: list[float]) -> None:
             for seed in self.seeds:
                 for lr in grid:
                     self.run(label, splits, spec, seed, lr, "search", self.cfg.val_fraction)
 
         def choose(grid: list[float]) -> tuple[float, set[float]]:
-            rows = [r for r in collect_results(self.out_dir) if r["dataset"] == label
-                    and r["strategy"] == spec.text and r["phase"] == "search" and r["lr"] in grid]
+            rows = [
+                r
+                for r in collect_results(self.out_dir)
+                if r["dataset"] == label and r["strategy"] == spec.text and r["phase"] == "search" and r["lr"] in grid
+            ]
             diverged = {r["lr"] for r in rows if r["train_loss"] is None}
             return choose_lrs(rows, self.tie_break).get((label, spec.text)), diverged
 
-        choice = search_lr(lrs, run, choose, extend=extend, label=f"{label} {spec.text}",
-                           ladder=self.lr_ladder)
+        choice = search_lr(lrs, run, choose, extend=extend, label=f"{label} {spec.text}", ladder=self.lr_ladder)
         self.searches[(label, spec.text)] = choice
         return choice
 
@@ -252,8 +312,9 @@ def check_existing(run_dir: str, expected: Mapping[str, Any]) -> None:
     keys = [k for k in result_keys() + RUN_IDENTITY if k in expected and k in old]
     changed = [f"{k}: {old.get(k)!r} -> {expected[k]!r}" for k in keys if old.get(k) != expected[k]]
     if changed:
-        raise ValueError(f"{run_dir!r} holds a run with other settings ({'; '.join(changed)}); "
-                         "use a new --out directory")
+        raise ValueError(
+            f"{run_dir!r} holds a run with other settings ({'; '.join(changed)}); use a new --out directory"
+        )
 
 
 def compare(
@@ -303,11 +364,10 @@ def compare(
         check_no_stray_runs(str(out_dir), [label for label, _ in entries], [s.text for s in specs], lrs[0])
     model_label, build = model_builder(model, weights, cfg.trust_pickle)
     specs, input = check_model_fit(specs, build, image_size, cfg.groups)  # before any data is loaded
-    identity = dict(model=model_label, weights=weights if isinstance(model, str) else None, augment=augment,
-                    image_size=image_size)
-    grid = Grid(str(out_dir), specs, [label for label, _ in entries], seeds, cfg, identity, build,
-                keep_going=keep_going, title=table_title(model_label, cfg, lrs, refit),
-                total=len(entries) * len(specs) * len(seeds) * len(lrs), tie_break=tie_break, lr_ladder=lr_ladder)
+    identity = dict(model=model_label, weights=weights if isinstance(model, str) else None, augment=augment)
+    identity["image_size"] = image_size
+    grid_options = dict(refit=refit, keep_going=keep_going, tie_break=tie_break, lr_ladder=lr_ladder)
+    grid = make_grid(str(out_dir), specs, entries, seeds, lrs, cfg, identity, build, **grid_options)
     for label, source in entries:
         splits = load_source(source, input, data_root, download, augment)
         run_dataset(grid, label, splits, lrs, search=len(lrs) > 1, refit=refit, extend=extend_lrs)
@@ -315,6 +375,26 @@ def compare(
     result = grid.write()
     result.failed, result.searches, result.lr_figure = grid.failed, grid.searches, lr_figure
     return result
+
+
+def make_grid(
+    out_dir, specs, entries, seeds, lrs, cfg, identity, build, *, refit, keep_going, tie_break, lr_ladder
+) -> Grid:
+    """The :class:`Grid` of a :func:`compare` call (its table's title and its run count)."""
+    return Grid(
+        out_dir,
+        specs,
+        [label for label, _ in entries],
+        seeds,
+        cfg,
+        identity,
+        build,
+        keep_going=keep_going,
+        title=table_title(identity["model"], cfg, lrs, refit),
+        total=len(entries) * len(specs) * len(seeds) * len(lrs),
+        tie_break=tie_break,
+        lr_ladder=lr_ladder,
+    )
 
 
 def check_compare_arguments(strategies, seeds, lrs, refit, tie_break, image_size, options):
@@ -349,14 +429,17 @@ def check_model_fit(specs, build, image_size, groups: str = "auto"):
 def table_title(model_label: str, cfg: FinetuneConfig, lrs: Sequence[float], refit: bool) -> str:
     search = len(lrs) > 1
     lr_part = f"lr chosen on a {cfg.val_fraction:g} validation split" if search else "lr " + lr_text(lrs[0])
-    return (f"# Table A: {model_label}, {cfg.epochs} epochs, batch {cfg.batch_size}, {lr_part}"
-            f"{', refit on the full training set' if refit else ''}")
+    return (
+        f"# Table A: {model_label}, {cfg.epochs} epochs, batch {cfg.batch_size}, {lr_part}"
+        f"{', refit on the full training set' if refit else ''}"
+    )
 
 
 def draw_lr_sensitivity(out_dir: str) -> str | None:
     """``out_dir/plots/lr_sensitivity.png`` when the grid tried more than one lr somewhere (else None)."""
     try:
         from .plots import write_lr_sensitivity
+
         return write_lr_sensitivity(collect_results(out_dir), os.path.join(out_dir, "plots"))
     except ImportError as e:  # matplotlib is optional for a grid
         logger.info("no lr-sensitivity figure: %s", e)
@@ -369,8 +452,10 @@ def check_grid_arguments(specs, seeds, lrs, val_fraction, refit) -> None:
     if len(set(lrs)) != len(lrs):
         raise ValueError(f"lrs has duplicates: {lrs}")
     if len(lrs) > 1 and not val_fraction:
-        raise ValueError("several --lrs need --val-fraction: the lr is chosen on a validation split carved "
-                         "from the training set, never on the test set")
+        raise ValueError(
+            "several --lrs need --val-fraction: the lr is chosen on a validation split carved "
+            "from the training set, never on the test set"
+        )
     if refit and len(lrs) == 1:
         raise ValueError("refit only makes sense with several lrs to choose from")
 
@@ -381,9 +466,11 @@ def check_no_stray_runs(out_dir: str, labels: Sequence[str], strategies: Sequenc
     before training, naming that run's directory."""
     for r in collect_results(out_dir):
         if r["phase"] == "final" and r["dataset"] in labels and r["strategy"] in strategies and r["lr"] != lr:
-            raise ValueError(f"{os.path.join(out_dir, r['run_dir'])} holds a {r['dataset']} / {r['strategy']} run at "
-                             f"lr {lr_text(r['lr'])} without a validation search, this grid runs lr {lr_text(lr)}; "
-                             "remove that directory or use another --out")
+            raise ValueError(
+                f"{os.path.join(out_dir, r['run_dir'])} holds a {r['dataset']} / {r['strategy']} run at "
+                f"lr {lr_text(r['lr'])} without a validation search, this grid runs lr {lr_text(lr)}; "
+                "remove that directory or use another --out"
+            )
 
 
 def run_dataset(grid: Grid, label: str, splits, lrs: list[float], *, search: bool, refit: bool, extend: bool) -> None:
@@ -426,16 +513,23 @@ def mean_std_text(values: Sequence[float]) -> str:
     return f"{mean:.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{mean:.2f}"
 
 
-def text_grid_lines(row_names: Sequence[str], columns: Sequence[str], text: Callable[[str, str], str], *,
-                    header: str = "Dataset") -> list[str]:
+def text_grid_lines(
+    row_names: Sequence[str], columns: Sequence[str], text: Callable[[str, str], str], *, header: str = "Dataset"
+) -> list[str]:
     """A markdown table with one text per (row, column), e.g. the lr each strategy used."""
     lines = ["| " + header + " | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     return lines + [f"| {r} | " + " | ".join(text(r, c) for c in columns) + " |" for r in row_names]
 
 
-def table_a_lines(row_names: Sequence[str], columns: Sequence[str], cells: Mapping[tuple[str, str], list[float]],
-                  *, header: str = "Dataset", extra: Mapping[str, str] | None = None,
-                  extra_header: str = "") -> list[str]:
+def table_a_lines(
+    row_names: Sequence[str],
+    columns: Sequence[str],
+    cells: Mapping[tuple[str, str], list[float]],
+    *,
+    header: str = "Dataset",
+    extra: Mapping[str, str] | None = None,
+    extra_header: str = "",
+) -> list[str]:
     """The paper's Table A as markdown lines: mean ± std per (row, column), the best (lowest)
     mean of each row in bold, and with several rows an average row over the columns that have
     every row. ``extra``: one more text column after the row name (e.g. the kind of shift)."""
@@ -445,8 +539,9 @@ def table_a_lines(row_names: Sequence[str], columns: Sequence[str], cells: Mappi
 
     def row(name: str, means: Mapping[str, float], texts: Mapping[str, str], extra_text: str | None) -> str:
         best = min(means.values()) if means else None
-        cols = [f"**{texts[c]}**" if c in means and math.isclose(means[c], best) else texts.get(c, "–")
-                for c in columns]
+        cols = [
+            f"**{texts[c]}**" if c in means and math.isclose(means[c], best) else texts.get(c, "–") for c in columns
+        ]
         lead_cells = f"| {name} | " + ("" if extra_text is None else f"{extra_text} | " if extra_text else "| ")
         return lead_cells + " | ".join(cols) + " |"
 
@@ -455,16 +550,28 @@ def table_a_lines(row_names: Sequence[str], columns: Sequence[str], cells: Mappi
         means = {c: statistics.fmean(cells[(name, c)]) for c in columns if cells.get((name, c))}
         for c, m in means.items():
             per_column[c].append(m)
-        lines.append(row(name, means, {c: mean_std_text(cells[(name, c)]) for c in means},
-                         None if extra is None else extra.get(name, "")))
+        lines.append(
+            row(
+                name,
+                means,
+                {c: mean_std_text(cells[(name, c)]) for c in means},
+                None if extra is None else extra.get(name, ""),
+            )
+        )
     if len(row_names) > 1:
         avg = {c: statistics.fmean(v) for c, v in per_column.items() if len(v) == len(row_names)}
         lines.append(row("Average", avg, {c: f"{m:.2f}" for c, m in avg.items()}, None if extra is None else ""))
     return lines
 
 
-def format_table(rows: Sequence[dict], chosen: Mapping[tuple[str, str], float], *,
-                 strategies: Sequence[str] = (), datasets: Sequence[str] = (), title: str = "") -> str:
+def format_table(
+    rows: Sequence[dict],
+    chosen: Mapping[tuple[str, str], float],
+    *,
+    strategies: Sequence[str] = (),
+    datasets: Sequence[str] = (),
+    title: str = "",
+) -> str:
     """The paper's Table A as markdown: test error (%) mean ± std over seeds, datasets x strategies,
     an average row (over datasets, for strategies with every dataset), the best of each row in bold;
     then the lr each strategy used, flagged when it sits at the edge of the searched grid."""
@@ -480,8 +587,10 @@ def format_table(rows: Sequence[dict], chosen: Mapping[tuple[str, str], float], 
     lines.append("")
     seeds_used = {len(v) for v in cell.values()}
     if seeds_used:
-        lines.append(f"Seeds per cell: {', '.join(str(n) for n in sorted(seeds_used))}. "
-                     "Each cell's runs are listed in results.csv (rows with chosen=True).")
+        lines.append(
+            f"Seeds per cell: {', '.join(str(n) for n in sorted(seeds_used))}. "
+            "Each cell's runs are listed in results.csv (rows with chosen=True)."
+        )
     lines += diverged_lines(rows)
     lines.append("")
     lines += lr_lines(rows, chosen, dataset_rows, strategy_cols)
@@ -494,20 +603,31 @@ def diverged_lines(rows: Sequence[dict]) -> list[str]:
     for r in rows:
         if r["chosen"]:
             cells.setdefault((r["dataset"], r["strategy"]), []).append(r)
-    bad = [f"{d} / {s}: {sum(r['diverged'] for r in rs)} of {len(rs)} seeds"
-           for (d, s), rs in cells.items() if any(r.get("diverged") for r in rs)]
+    bad = [
+        f"{d} / {s}: {sum(r['diverged'] for r in rs)} of {len(rs)} seeds"
+        for (d, s), rs in cells.items()
+        if any(r.get("diverged") for r in rs)
+    ]
     return [f"Runs that diverged (training loss not finite), left out of the table: {'; '.join(bad)}."] if bad else []
 
 
-def lr_lines(rows: Sequence[dict], chosen: Mapping[tuple[str, str], float], dataset_rows: Sequence[str],
-             strategy_cols: Sequence[str]) -> list[str]:
+def lr_lines(
+    rows: Sequence[dict],
+    chosen: Mapping[tuple[str, str], float],
+    dataset_rows: Sequence[str],
+    strategy_cols: Sequence[str],
+) -> list[str]:
     """The lr each strategy used per dataset; ``_edge_`` where it is at an end of the searched grid."""
     grid = _lr_grid(rows)
     if not grid:
         lrs = sorted({lr for (d, s), lr in chosen.items()})
         return [f"Learning rate: {', '.join(lr_text(x) for x in lrs)} (no search)."]
-    lines = ["Learning rate chosen per strategy on the validation split (lowest mean final validation "
-             "error); _edge_ = at the end of the searched grid, so a better lr may lie outside it.", ""]
+    lines = [
+        "Learning rate chosen per strategy on the validation split (lowest mean final validation "
+        "error); _edge_ = at the end of the searched grid, so a better lr may lie outside it.",
+        "",
+    ]
+
     def text(d: str, s: str) -> str:
         lr, lrs_tried = chosen.get((d, s)), grid.get((d, s), [])
         if lr is None:
@@ -520,8 +640,14 @@ def lr_lines(rows: Sequence[dict], chosen: Mapping[tuple[str, str], float], data
     return lines + ["", f"Grid: {', '.join(lr_text(x) for x in tried)}."]
 
 
-def write_reports(out_dir: str | os.PathLike, *, strategies: Sequence[str] = (),
-                  datasets: Sequence[str] = (), title: str = "", tie_break: str = "lr") -> CompareResult:
+def write_reports(
+    out_dir: str | os.PathLike,
+    *,
+    strategies: Sequence[str] = (),
+    datasets: Sequence[str] = (),
+    title: str = "",
+    tie_break: str = "lr",
+) -> CompareResult:
     """Rewrite ``results.csv`` and ``table.md`` in ``out_dir`` from every finished run there."""
     out_dir = str(out_dir)
     rows = collect_results(out_dir)
@@ -531,8 +657,13 @@ def write_reports(out_dir: str | os.PathLike, *, strategies: Sequence[str] = (),
     sens = lr_sensitivity(rows)
     if several_lrs(sens):
         figure = os.path.join("plots", FIGURE_NAME)
-        table += "\n" + "\n".join(lr_sensitivity_lines(
-            sens, chosen, figure if os.path.isfile(os.path.join(out_dir, figure)) else None)) + "\n"
+        table += (
+            "\n"
+            + "\n".join(
+                lr_sensitivity_lines(sens, chosen, figure if os.path.isfile(os.path.join(out_dir, figure)) else None)
+            )
+            + "\n"
+        )
     os.makedirs(out_dir, exist_ok=True)
 
     def write_csv(tmp):

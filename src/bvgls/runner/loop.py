@@ -63,16 +63,20 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"device {str(device)!r} is not a device; use --device auto, cpu, cuda, cuda:N or mps") \
-            from None
+        raise ValueError(
+            f"device {str(device)!r} is not a device; use --device auto, cpu, cuda, cuda:N or mps"
+        ) from None
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0 or (dev.index or 0) >= count:
-            raise ValueError(f"device {str(device)!r} is not available here ({count} cuda device(s)); "
-                             "use --device cpu or auto")
+            raise ValueError(
+                f"device {str(device)!r} is not available here ({count} cuda device(s)); use --device cpu or auto"
+            )
     elif dev.type == "mps" and not mps_available():
-        raise ValueError(f"device {str(device)!r} is not available here (torch.backends.mps.is_available() is "
-                         "False); use --device cpu or auto")
+        raise ValueError(
+            f"device {str(device)!r} is not available here (torch.backends.mps.is_available() is "
+            "False); use --device cpu or auto"
+        )
     elif dev.type not in ("cpu", "cuda", "mps"):
         module = getattr(torch, dev.type, None)
         if module is None or not getattr(module, "is_available", lambda: False)():
@@ -86,6 +90,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     try:
         import numpy as np
+
         np.random.seed(seed % 2**32)
     except ImportError:
         pass
@@ -130,8 +135,13 @@ def make_optimizer(cfg: FinetuneConfig, param_groups) -> torch.optim.Optimizer:
     if callable(cfg.optimizer) and not isinstance(cfg.optimizer, str):
         return cfg.optimizer(param_groups, cfg.lr)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum,
-                               nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            param_groups,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov and cfg.momentum > 0,
+            weight_decay=cfg.weight_decay,
+        )
     return torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
@@ -143,6 +153,7 @@ def lr_factor(schedule: str, total_steps: int, warmup_steps: int) -> Callable[[i
             return 1.0
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
     return factor
 
 
@@ -163,8 +174,9 @@ def to_device(x, y, device, channels_last):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: torch.dtype | None = None,
-             channels_last: bool = False) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module, loader, device: torch.device, amp_dtype: torch.dtype | None = None, channels_last: bool = False
+) -> tuple[float, float]:
     """Mean cross-entropy and error (percent) of ``model`` on ``loader``; one host sync."""
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -228,6 +240,7 @@ def make_loaders(data: Any, cfg: FinetuneConfig, device: torch.device):
             raise ValueError("val_fraction needs datasets, not DataLoaders (carve the split yourself)")
         from ..registry import DatasetSplits
         from .data import validation_split
+
         if not isinstance(data, DatasetSplits):
             data = DatasetSplits(splits["train"], splits["test"], 0)
         splits["train"], splits["val"] = validation_split(data, cfg.val_fraction, cfg.seed)
@@ -239,9 +252,15 @@ def make_loaders(data: Any, cfg: FinetuneConfig, device: torch.device):
             return ds
         # an evaluation loader gets its own generator: without one, each pass would draw its
         # workers' base seed from the global RNG that training's augmentation and dropout use
-        return DataLoader(ds, batch_size=cfg.batch_size, shuffle=train,
-                          generator=shuffle_gen if train else torch.Generator(),
-                          num_workers=workers, pin_memory=device.type == "cuda", drop_last=False)
+        return DataLoader(
+            ds,
+            batch_size=cfg.batch_size,
+            shuffle=train,
+            generator=shuffle_gen if train else torch.Generator(),
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+            drop_last=False,
+        )
 
     train_loader = loader(splits["train"], True)
     eval_loaders = {k: loader(splits[k], False) for k in ("val", "test") if k in splits}
@@ -294,10 +313,12 @@ def few_updates_message(strategy: GroupStrategy, total_steps: int, label: str) -
     expected = strategy.expected_updates(total_steps)
     if expected is None or expected >= FEW_UPDATES:
         return None
-    return (f"{label}: a layer group it rotates through gets about {expected:.1f} optimizer updates in this run "
-            f"(expected updates per group = {total_steps} optimizer steps x groups updated per step / groups "
-            f"selected from), fewer than {FEW_UPDATES}: selection strategies tend to trail full finetuning at "
-            "so few updates; train more steps (more epochs, a smaller batch size) or use a fixed strategy")
+    return (
+        f"{label}: a layer group it rotates through gets about {expected:.1f} optimizer updates in this run "
+        f"(expected updates per group = {total_steps} optimizer steps x groups updated per step / groups "
+        f"selected from), fewer than {FEW_UPDATES}: selection strategies tend to trail full finetuning at "
+        "so few updates; train more steps (more epochs, a smaller batch size) or use a fixed strategy"
+    )
 
 
 def check_fused(strategy: GroupStrategy, cfg: FinetuneConfig) -> None:
@@ -306,18 +327,23 @@ def check_fused(strategy: GroupStrategy, cfg: FinetuneConfig) -> None:
     if not getattr(strategy, "fused", False):
         return
     if cfg.grad_accum > 1 or cfg.full_backward_chunks > 1:
-        raise ValueError(f"{cfg.strategy}: fused=true folds each gradient once per optimizer step during its one "
-                         "backward pass; set grad_accum=1 and full_backward_chunks=1, or use fused=false")
+        raise ValueError(
+            f"{cfg.strategy}: fused=true folds each gradient once per optimizer step during its one "
+            "backward pass; set grad_accum=1 and full_backward_chunks=1, or use fused=false"
+        )
     if cfg.amp == "fp16":
-        raise ValueError(f"{cfg.strategy}: fused=true cannot run under fp16's GradScaler (it would fold scaled "
-                         "gradients and steps the scaler skips); use amp=bf16 or none, or fused=false")
+        raise ValueError(
+            f"{cfg.strategy}: fused=true cannot run under fp16's GradScaler (it would fold scaled "
+            "gradients and steps the scaler skips); use amp=bf16 or none, or fused=false"
+        )
 
 
 def peak_memory_mb(device: torch.device) -> float:
     """Peak memory so far: allocated on the GPU since the epoch began, else the process's peak RSS."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+        return torch.cuda.max_memory_allocated(device) / 2**20
     import resource  # Unix only: imported here so that importing the runner does not need it
+
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kibibytes on Linux
 
 
@@ -339,9 +365,26 @@ def prepare_run(model, data, strategy, groups, cfg: FinetuneConfig, out_dir: str
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg.schedule, total_steps, warmup_steps))
     scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
     history = History(record, list(strat.group_names), list(groups.names))
-    return Run(cfg, model, device, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp), channels_last,
-               train_loader, eval_loaders, shuffle_gen, opt_steps, batches_per_epoch, groups, opt, strat, scheduler,
-               scaler, nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), history, out_dir)
+    return Run(
+        cfg,
+        model,
+        device,
+        {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp),
+        channels_last,
+        train_loader,
+        eval_loaders,
+        shuffle_gen,
+        opt_steps,
+        batches_per_epoch,
+        groups,
+        opt,
+        strat,
+        scheduler,
+        scaler,
+        nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
+        history,
+        out_dir,
+    )
 
 
 #: besides the result options, what a resumption must keep to reproduce the run exactly: with
@@ -485,13 +528,17 @@ def epoch_record(run: Run, epoch: int, trained: EpochTraining, evals: Mapping, e
     freq = stats["frequency"]
     train_s = trained.seconds
     record: dict[str, Any] = {
-        "epoch": epoch + 1, "steps": run.global_step, "lr": trained.step_lr,
+        "epoch": epoch + 1,
+        "steps": run.global_step,
+        "lr": trained.step_lr,
         "train_loss": finite_or_none(trained.loss_sum.item() / max(trained.seen, 1)),
         "test_loss": finite_or_none(evals["test"][0]) if evals["test"] else None,
         "test_error": evals["test"][1] if evals["test"] else None,
         "val_loss": finite_or_none(evals["val"][0]) if evals["val"] else None,
         "val_error": evals["val"][1] if evals["val"] else None,
-        "train_s": round(train_s, 3), "eval_s": round(eval_s, 3), "wall_s": round(train_s + eval_s, 3),
+        "train_s": round(train_s, 3),
+        "eval_s": round(eval_s, 3),
+        "wall_s": round(train_s + eval_s, 3),
         "peak_mem_mb": round(peak_memory_mb(run.device), 1),
         "selection_frequency": freq,
         "mean_bvr": [finite_or_none(v) for v in stats["bvr"]] if run.tracker.has_ratios else None,
@@ -521,8 +568,9 @@ def epoch_summary(record: Mapping[str, Any], epochs: int) -> str:
     parts = [f"train loss {loss_text(record['train_loss'])}"]
     for split in ("val", "test"):
         if record[f"{split}_error"] is not None:
-            parts.append(f"{split} loss {loss_text(record[f'{split}_loss'])}, "
-                         f"{split} error {record[f'{split}_error']:.2f}%")
+            parts.append(
+                f"{split} loss {loss_text(record[f'{split}_loss'])}, {split} error {record[f'{split}_error']:.2f}%"
+            )
     memory = f", peak memory {record['peak_mem_mb']:.0f} MB" if record.get("peak_mem_mb") is not None else ""
     return f"epoch {record['epoch']}/{epochs}: {'; '.join(parts)} ({record['wall_s']:.1f} s{memory})"
 
@@ -531,9 +579,17 @@ def save_epoch(run: Run, epoch: int) -> None:
     """Metrics and an atomic checkpoint after an epoch."""
     if run.out_dir:
         rundir.write_metrics(run.out_dir, run.history)
-        rundir.save_checkpoint(run.checkpoint_path, model=run.model, optimizer=run.optimizer, strategy=run.strategy,
-                               scheduler=run.scheduler, scaler=run.scaler, epoch=epoch + 1,
-                               global_step=run.global_step, history=run.history)
+        rundir.save_checkpoint(
+            run.checkpoint_path,
+            model=run.model,
+            optimizer=run.optimizer,
+            strategy=run.strategy,
+            scheduler=run.scheduler,
+            scaler=run.scaler,
+            epoch=epoch + 1,
+            global_step=run.global_step,
+            history=run.history,
+        )
 
 
 def finish(run: Run, *, save_model: bool, keep_checkpoint: bool) -> None:
@@ -555,8 +611,13 @@ def run_epochs(run: Run, stop_after: int | None, bar_factory) -> None:
         if stop_after is not None and epochs_run >= stop_after:
             break
         run.state.epoch = epoch
-        bar = bar_factory(total=run.opt_steps, desc=f"epoch {epoch + 1}/{epochs}", unit="step", leave=True,
-                          dynamic_ncols=True) if bar_factory else None
+        bar = (
+            bar_factory(
+                total=run.opt_steps, desc=f"epoch {epoch + 1}/{epochs}", unit="step", leave=True, dynamic_ncols=True
+            )
+            if bar_factory
+            else None
+        )
         trained = train_one_epoch(run, epoch, bar)
         if bar is not None:
             bar.close()
@@ -643,14 +704,13 @@ def finetune(
     out_dir = None if out_dir is None else str(out_dir)
     if resume and rundir.is_finished(out_dir):  # a finished run is not run again
         return History.load(out_dir)
-    # plain JSON types only: the config goes into config.json and into weights_only checkpoints
-    record = json.loads(json.dumps({**dict(config or {}), **cfg.record(), "torch": str(torch.__version__)},
-                                   default=str))
+    record = config_record(cfg, config)
     trainable_before = {id(p): p.requires_grad for p in model.parameters()}  # strategies may freeze groups
     run = prepare_run(model, data, strategy, groups, cfg, out_dir, record)
     try:
-        train_run(run, resume, stop_after, callbacks, tensorboard, save_model=save_model,
-                  keep_checkpoint=keep_checkpoint)
+        train_run(
+            run, resume, stop_after, callbacks, tensorboard, save_model=save_model, keep_checkpoint=keep_checkpoint
+        )
     finally:
         if run.tracker is not None:
             run.tracker.close()
@@ -660,16 +720,31 @@ def finetune(
     return run.history
 
 
-def train_run(run: Run, resume: bool, stop_after: int | None, callbacks, tensorboard: bool, *, save_model: bool,
-              keep_checkpoint: bool) -> None:
+def config_record(cfg: FinetuneConfig, config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What ``config.json`` records: the caller's entries and the settings, as plain JSON types
+    (it goes into config.json and into weights_only checkpoints)."""
+    return json.loads(json.dumps({**dict(config or {}), **cfg.record(), "torch": str(torch.__version__)}, default=str))
+
+
+def train_run(
+    run: Run,
+    resume: bool,
+    stop_after: int | None,
+    callbacks,
+    tensorboard: bool,
+    *,
+    save_model: bool,
+    keep_checkpoint: bool,
+) -> None:
     """Restore or seed, then the epochs with their callbacks, then the result files."""
     restore_or_seed(run, resume)
     run.tracker = SelectionTracker(run.strategy)
     run.callbacks = [as_callback(c) for c in callbacks]
     if tensorboard:
         run.callbacks.append(TensorBoardLogger(os.path.join(run.out_dir, "tensorboard")))
-    run.state = TrainState(run.model, run.optimizer, run.strategy, run.history, run.start_epoch, run.global_step,
-                           run.out_dir)
+    run.state = TrainState(
+        run.model, run.optimizer, run.strategy, run.history, run.start_epoch, run.global_step, run.out_dir
+    )
     for cb in run.callbacks:
         cb.on_train_start(run.state)
     flush_denormal = run.device.type == "cpu" and torch.set_flush_denormal(True)

@@ -43,10 +43,15 @@ class LrChoice:
     stopped: str  # "interior", "single lr", "not extended", "ladder end", "diverged"
 
 
-def search_lr(lrs: Sequence[float], run: Callable[[list[float]], None],
-              choose: Callable[[list[float]], tuple[float | None, set[float]]], *, extend: bool = True,
-              label: str = "",
-              ladder: Sequence[float] = LR_LADDER) -> LrChoice:
+def search_lr(
+    lrs: Sequence[float],
+    run: Callable[[list[float]], None],
+    choose: Callable[[list[float]], tuple[float | None, set[float]]],
+    *,
+    extend: bool = True,
+    label: str = "",
+    ladder: Sequence[float] = LR_LADDER,
+) -> LrChoice:
     """Run ``lrs`` (``run(lrs)`` trains every seed at each), choose (``choose(grid)`` -> the best
     lr and the set of lrs whose runs diverged), and extend past an edge of ``ladder`` while ``extend``."""
     grid = sorted(float(x) for x in lrs)

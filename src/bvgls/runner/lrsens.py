@@ -58,8 +58,15 @@ def lr_sensitivity(rows: Sequence[Mapping]) -> Sensitivity:
         for lr in sorted(by_lr):
             runs = by_lr[lr]
             ok = [r for r in runs if not r.get("diverged")]
-            points.append(LrPoint(lr, Spread.of([r["test_error"] for r in ok]), Spread.of([r["val_error"] for r in ok]),
-                                  len(runs), len(runs) - len(ok)))
+            points.append(
+                LrPoint(
+                    lr,
+                    Spread.of([r["test_error"] for r in ok]),
+                    Spread.of([r["val_error"] for r in ok]),
+                    len(runs),
+                    len(runs) - len(ok),
+                )
+            )
         out[cell] = points
     return out
 
@@ -84,24 +91,31 @@ def _cell_text(point: LrPoint | None, chosen: bool, counts: bool = False) -> str
     return f"**{text}**" if chosen else text
 
 
-def lr_sensitivity_lines(sens: Sensitivity, chosen: Mapping[tuple[str, str], float] | None = None,
-                         figure: str | None = None) -> list[str]:
+def lr_sensitivity_lines(
+    sens: Sensitivity, chosen: Mapping[tuple[str, str], float] | None = None, figure: str | None = None
+) -> list[str]:
     """A markdown table: one row per (dataset, strategy), one column per lr; test error mean ± std over
     seeds, the mean validation error in brackets (and the number of seeds where it differs between
     cells); the chosen lr (where given) in bold."""
     from .results import lr_text
 
     lrs = sorted({p.lr for points in sens.values() for p in points})
-    lines = ["## Learning-rate sensitivity", "",
-             "Test error (%) mean ± std over seeds at every lr tried, mean validation error in brackets"
-             + ("; the lr chosen on validation in **bold**" if chosen else "") + "."
-             + (f" Figure: `{figure}`." if figure else ""), "",
-             "| Dataset | Strategy | " + " | ".join(f"lr {lr_text(x)}" for x in lrs) + " |",
-             "|---|---|" + "---:|" * len(lrs)]
+    lines = [
+        "## Learning-rate sensitivity",
+        "",
+        "Test error (%) mean ± std over seeds at every lr tried, mean validation error in brackets"
+        + ("; the lr chosen on validation in **bold**" if chosen else "")
+        + "."
+        + (f" Figure: `{figure}`." if figure else ""),
+        "",
+        "| Dataset | Strategy | " + " | ".join(f"lr {lr_text(x)}" for x in lrs) + " |",
+        "|---|---|" + "---:|" * len(lrs),
+    ]
     counts = len({p.test.n for points in sens.values() for p in points if p.test is not None}) > 1
     for (dataset, strategy), points in sens.items():
         at = {p.lr: p for p in points}
         pick = (chosen or {}).get((dataset, strategy))
-        lines.append(f"| {dataset} | {strategy} | " + " | ".join(_cell_text(at.get(x), x == pick, counts)
-                                                                for x in lrs) + " |")
+        lines.append(
+            f"| {dataset} | {strategy} | " + " | ".join(_cell_text(at.get(x), x == pick, counts) for x in lrs) + " |"
+        )
     return lines

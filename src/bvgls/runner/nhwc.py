@@ -19,8 +19,12 @@ __all__ = ["apply_channels_last", "channels_last_refusal", "nhwc_crash_hazard"]
 def nhwc_crash_hazard(model: nn.Module) -> str | None:
     """The name of the first 1x1 strided convolution with 4-15 input channels; None if none."""
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.Conv2d) and mod.kernel_size == (1, 1) and max(mod.stride) > 1 \
-                and 3 < mod.in_channels < 16:
+        if (
+            isinstance(mod, nn.Conv2d)
+            and mod.kernel_size == (1, 1)
+            and max(mod.stride) > 1
+            and 3 < mod.in_channels < 16
+        ):
             return name
     return None
 
@@ -30,8 +34,10 @@ def channels_last_refusal(model: nn.Module, device: torch.device) -> str | None:
     hazard = nhwc_crash_hazard(model) if torch.device(device).type == "cpu" else None
     if hazard is None:
         return None
-    return (f"on CPU, oneDNN's weight gradient of 1x1 strided convolutions with fewer than 16 input channels "
-            f"({hazard}) can crash the process (uxlfoundation/oneDNN#6035)")
+    return (
+        f"on CPU, oneDNN's weight gradient of 1x1 strided convolutions with fewer than 16 input channels "
+        f"({hazard}) can crash the process (uxlfoundation/oneDNN#6035)"
+    )
 
 
 def apply_channels_last(model: nn.Module, device: torch.device, requested: bool) -> tuple[bool, str | None]:

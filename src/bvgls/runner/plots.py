@@ -82,8 +82,13 @@ def _selection_matrix(history: History) -> tuple[list[str], list[list[float]], s
         rows = history.layer_group_names
         cols = layer
         what = "mean over the group's tensors of the fraction of steps updated"
-    elif history.epochs and all(r.get("mean_scale") is not None for r in history.epochs) and any(
-            any(abs(a - b) > 1e-12 for a, b in zip(r["mean_scale"], r["selection_frequency"])) for r in history.epochs):
+    elif (
+        history.epochs
+        and all(r.get("mean_scale") is not None for r in history.epochs)
+        and any(
+            any(abs(a - b) > 1e-12 for a, b in zip(r["mean_scale"], r["selection_frequency"])) for r in history.epochs
+        )
+    ):
         rows = history.group_names  # graded strategy: every group moves every step, at different rates
         cols = [r["mean_scale"] for r in history.epochs]
         what = "mean learning-rate multiplier"
@@ -106,15 +111,29 @@ def plot_selection(history: History, path: str, title: str = "") -> str:
     epochs = [r["epoch"] for r in history.epochs]
     if data.size:
         vmax = max(float(data.max()), 1e-9)
-        im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest",
-                       extent=(epochs[0] - 0.5, epochs[-1] + 0.5, len(names) - 0.5, -0.5))
+        im = ax.imshow(
+            data,
+            aspect="auto",
+            cmap="viridis",
+            vmin=0.0,
+            vmax=vmax,
+            interpolation="nearest",
+            extent=(epochs[0] - 0.5, epochs[-1] + 0.5, len(names) - 0.5, -0.5),
+        )
         fig.colorbar(im, ax=ax, label=what if len(what) < 30 else "fraction of steps updated")
         if len(epochs) <= 20 and len(names) <= 20:
             for gi in range(len(names)):
                 for ei, ep in enumerate(epochs):
                     v = data[gi, ei]
-                    ax.text(ep, gi, f"{v:.2f}", ha="center", va="center", fontsize=7,
-                            color="white" if v < 0.6 * vmax else "black")
+                    ax.text(
+                        ep,
+                        gi,
+                        f"{v:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if v < 0.6 * vmax else "black",
+                    )
     ax.set_yticks(range(len(names)), [f"{i + 1} {n}" for i, n in enumerate(names)], fontsize=8)
     ax.set_xlabel("epoch")
     ax.set_ylabel("group")
@@ -133,8 +152,11 @@ def plot_bvr(history: History, path: str, title: str = "") -> str | None:
     ax = fig.subplots()
     epochs = [r["epoch"] for r in history.epochs]
     for g, name in enumerate(history.group_names):
-        pts = [(e, r["mean_bvr"][g]) for e, r in zip(epochs, history.epochs)
-               if r["mean_bvr"][g] is not None and r["mean_bvr"][g] > 0]
+        pts = [
+            (e, r["mean_bvr"][g])
+            for e, r in zip(epochs, history.epochs)
+            if r["mean_bvr"][g] is not None and r["mean_bvr"][g] > 0
+        ]
         if pts:
             ax.plot(*zip(*pts), marker="o", markersize=3, label=f"{g + 1} {name}", color=f"C{g % 10}")
     ax.set_yscale("log")
@@ -155,8 +177,10 @@ def plot_run(run_dir: str) -> list[str]:
     label = run_label(hist)
     data = hist.config.get("dataset", "")
     title = f"{label} on {data}" if data else label
-    out = [plot_losses([(label, hist)], os.path.join(run_dir, "loss.png"), title),
-           plot_selection(hist, os.path.join(run_dir, "selection.png"), f"selection frequency: {title}")]
+    out = [
+        plot_losses([(label, hist)], os.path.join(run_dir, "loss.png"), title),
+        plot_selection(hist, os.path.join(run_dir, "selection.png"), f"selection frequency: {title}"),
+    ]
     bvr = plot_bvr(hist, os.path.join(run_dir, "bvr.png"), f"mean BVR per group: {title}")
     return out + ([bvr] if bvr else [])
 
@@ -186,12 +210,17 @@ def plot_compare(out_dir: str) -> list[str]:
                 hist = History.load(os.path.join(out_dir, r["run_dir"]))
                 runs.append((r["strategy"], hist))
                 if _is_selective(hist):
-                    written.append(plot_selection(
-                        hist, os.path.join(plots, f"selection_{slug(dataset)}_{slug(r['strategy'])}.png"),
-                        f"selection frequency: {r['strategy']} on {dataset} (seed {first_seed})"))
+                    written.append(
+                        plot_selection(
+                            hist,
+                            os.path.join(plots, f"selection_{slug(dataset)}_{slug(r['strategy'])}.png"),
+                            f"selection frequency: {r['strategy']} on {dataset} (seed {first_seed})",
+                        )
+                    )
         runs.sort(key=lambda x: (not x[0].startswith("bvgls"), x[0]))
-        written.append(plot_losses(runs, os.path.join(plots, f"loss_{slug(dataset)}.png"),
-                                   f"{dataset} (seed {first_seed})"))
+        written.append(
+            plot_losses(runs, os.path.join(plots, f"loss_{slug(dataset)}.png"), f"{dataset} (seed {first_seed})")
+        )
     return written
 
 
@@ -219,8 +248,9 @@ def plot_paths(paths: Sequence[str], out: str | None = None) -> list[str]:
         if len(set(labels)) < len(labels):
             labels = [f"{lab} ({os.path.basename(os.path.normpath(p))})" for lab, p in zip(labels, runs)]
         target = out or runs[0]
-        written.append(plot_losses(list(zip(labels, histories)), os.path.join(target, "loss_compare.png"),
-                                   " vs ".join(labels)))
+        written.append(
+            plot_losses(list(zip(labels, histories)), os.path.join(target, "loss_compare.png"), " vs ".join(labels))
+        )
     return written
 
 
@@ -241,10 +271,19 @@ def plot_lr_sensitivity(sens, path: str, title: str = "") -> str:
                 if not xs:
                     continue
                 errs = [0.0 if math.isnan(s.std) else s.std for s in spreads]
-                ax.errorbar(xs, [s.mean for s in spreads], yerr=errs, color=f"C{k % 10}", linestyle=style,
-                            marker="o" if key == "test" else None, markersize=4, capsize=2,
-                            linewidth=2.2 if strategy.startswith("bvgls") else 1.4,
-                            label=strategy if key == "test" else None, alpha=1.0 if key == "test" else 0.6)
+                ax.errorbar(
+                    xs,
+                    [s.mean for s in spreads],
+                    yerr=errs,
+                    color=f"C{k % 10}",
+                    linestyle=style,
+                    marker="o" if key == "test" else None,
+                    markersize=4,
+                    capsize=2,
+                    linewidth=2.2 if strategy.startswith("bvgls") else 1.4,
+                    label=strategy if key == "test" else None,
+                    alpha=1.0 if key == "test" else 0.6,
+                )
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.set_ylabel("error (%): test solid, validation dashed")
@@ -265,5 +304,8 @@ def write_lr_sensitivity(rows, fig_dir: str, title: str = "") -> str | None:
     if not several_lrs(sens):
         return None
     os.makedirs(fig_dir, exist_ok=True)
-    return plot_lr_sensitivity(sens, os.path.join(fig_dir, FIGURE_NAME),
-                               title or "test and validation error against lr (mean ± std over seeds)")
+    return plot_lr_sensitivity(
+        sens,
+        os.path.join(fig_dir, FIGURE_NAME),
+        title or "test and validation error against lr (mean ± std over seeds)",
+    )

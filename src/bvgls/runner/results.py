@@ -36,15 +36,25 @@ def collect_results(out_dir: str) -> list[dict]:
             continue
         result = rundir.read_json(os.path.join(dirpath, "result.json"))
         cfg, final = result["config"], result["final"]
-        rows.append({
-            "dataset": cfg.get("dataset", "?"), "strategy": cfg["strategy"], "seed": int(cfg["seed"]),
-            "lr": float(cfg["lr"]), "test_error": final.get("test_error"), "test_loss": final.get("test_loss"),
-            "val_error": final.get("val_error"), "val_loss": final.get("val_loss"),
-            "train_loss": final.get("train_loss"), "epochs": int(final["epoch"]),
-            "wall_s": round(float(result.get("wall_s", 0.0)), 2), "phase": cfg.get("phase", "final"),
-            "chosen": False, "diverged": bool(result.get("diverged", False)),
-            "run_dir": os.path.relpath(dirpath, out_dir),
-        })
+        rows.append(
+            {
+                "dataset": cfg.get("dataset", "?"),
+                "strategy": cfg["strategy"],
+                "seed": int(cfg["seed"]),
+                "lr": float(cfg["lr"]),
+                "test_error": final.get("test_error"),
+                "test_loss": final.get("test_loss"),
+                "val_error": final.get("val_error"),
+                "val_loss": final.get("val_loss"),
+                "train_loss": final.get("train_loss"),
+                "epochs": int(final["epoch"]),
+                "wall_s": round(float(result.get("wall_s", 0.0)), 2),
+                "phase": cfg.get("phase", "final"),
+                "chosen": False,
+                "diverged": bool(result.get("diverged", False)),
+                "run_dir": os.path.relpath(dirpath, out_dir),
+            }
+        )
     return rows
 
 
@@ -70,9 +80,11 @@ def choose_lrs(rows: Sequence[dict], tie_break: str = "lr") -> dict[tuple[str, s
             single.setdefault((r["dataset"], r["strategy"]), {}).setdefault(r["lr"], r.get("run_dir", "?"))
     for cell, lrs in single.items():
         if len(lrs) > 1:  # choosing among them by test error would tune on the test set
-            raise ValueError(f"{cell[0]} / {cell[1]} has runs at several lrs without a validation search "
-                             f"({', '.join(lrs[lr] for lr in sorted(lrs))}); remove all but one, put them in "
-                             "separate --out directories or use --lrs with --val-fraction")
+            raise ValueError(
+                f"{cell[0]} / {cell[1]} has runs at several lrs without a validation search "
+                f"({', '.join(lrs[lr] for lr in sorted(lrs))}); remove all but one, put them in "
+                "separate --out directories or use --lrs with --val-fraction"
+            )
         chosen[cell] = next(iter(lrs))
     return chosen
 

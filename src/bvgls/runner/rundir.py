@@ -62,8 +62,14 @@ class History:
         return [r.get(key) for r in self.epochs]
 
     def to_dict(self) -> dict:
-        return {"config": self.config, "group_names": self.group_names, "layer_group_names": self.layer_group_names,
-                "epochs": self.epochs, "finished": self.finished, "diverged": self.diverged}
+        return {
+            "config": self.config,
+            "group_names": self.group_names,
+            "layer_group_names": self.layer_group_names,
+            "epochs": self.epochs,
+            "finished": self.finished,
+            "diverged": self.diverged,
+        }
 
     def meta(self) -> dict:
         """Everything but the epochs (``history.json``)."""
@@ -71,9 +77,14 @@ class History:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> History:
-        return cls(dict(d.get("config", {})), list(d.get("group_names", [])), list(d.get("layer_group_names", [])),
-                   [dict(r) for r in d.get("epochs", [])], bool(d.get("finished", False)),
-                   bool(d.get("diverged", False)))
+        return cls(
+            dict(d.get("config", {})),
+            list(d.get("group_names", [])),
+            list(d.get("layer_group_names", [])),
+            [dict(r) for r in d.get("epochs", [])],
+            bool(d.get("finished", False)),
+            bool(d.get("diverged", False)),
+        )
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike) -> History:
@@ -101,6 +112,7 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     def write(tmp):
         with open(tmp, "w") as f:
             f.write(text)
+
     atomic_write(path, write)
 
 
@@ -174,9 +186,16 @@ def write_history(out_dir: str, history: History) -> None:
 
 
 def write_result(out_dir: str, history: History) -> None:
-    write_json(os.path.join(out_dir, RESULT_FILE), {"finished": True, "diverged": history.diverged,
-                                                    "final": history.final, "wall_s": history.wall_s,
-                                                    "config": history.config})
+    write_json(
+        os.path.join(out_dir, RESULT_FILE),
+        {
+            "finished": True,
+            "diverged": history.diverged,
+            "final": history.final,
+            "wall_s": history.wall_s,
+            "config": history.config,
+        },
+    )
 
 
 def is_finished(run_dir: str | os.PathLike) -> bool:
@@ -191,6 +210,7 @@ def rng_state() -> dict:
         state["cuda"] = torch.cuda.get_rng_state_all()
     try:
         import numpy as np
+
         kind, keys, pos, has_gauss, gauss = np.random.get_state()
         state["numpy"] = (kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(gauss))
     except ImportError:
@@ -205,18 +225,27 @@ def set_rng_state(state: Mapping) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
     if "numpy" in state:
         import numpy as np
+
         kind, keys, pos, has_gauss, gauss = state["numpy"]
         np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
 
 
 # ---------------------------------------------------------------------- checkpoints
-def save_checkpoint(path: str, *, model, optimizer, strategy, scheduler, scaler, epoch: int, global_step: int,
-                    history: History) -> None:
+def save_checkpoint(
+    path: str, *, model, optimizer, strategy, scheduler, scaler, epoch: int, global_step: int, history: History
+) -> None:
     payload = {
-        "format": CHECKPOINT_FORMAT, "epoch": epoch, "global_step": global_step,
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "strategy": strategy.state_dict(),
-        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
-        "rng": rng_state(), "history": history.to_dict(), "config": history.config,
+        "format": CHECKPOINT_FORMAT,
+        "epoch": epoch,
+        "global_step": global_step,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "strategy": strategy.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": rng_state(),
+        "history": history.to_dict(),
+        "config": history.config,
     }
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
@@ -252,10 +281,13 @@ def load_torch_file(path: str | os.PathLike, *, what: str, trust_pickle: bool = 
                 raise
     except Exception as e:  # noqa: BLE001 - any failure to read is reported as a damaged file
         first = (str(e).strip().splitlines() or [""])[0][:120]
-        raise ValueError(f"{what} {path} is not a readable torch file (damaged or truncated?): "
-                         f"{type(e).__name__}: {first}") from None
+        raise ValueError(
+            f"{what} {path} is not a readable torch file (damaged or truncated?): {type(e).__name__}: {first}"
+        ) from None
     if not trust_pickle:
-        raise ValueError(f"{what} {path} holds Python objects ({', '.join(unsafe[:3])}) that only a full unpickle "
-                         "can load, and unpickling runs code from the file; pass trust_pickle=True (--trust-pickle) "
-                         "if you trust it")
+        raise ValueError(
+            f"{what} {path} holds Python objects ({', '.join(unsafe[:3])}) that only a full unpickle "
+            "can load, and unpickling runs code from the file; pass trust_pickle=True (--trust-pickle) "
+            "if you trust it"
+        )
     return torch.load(path, map_location="cpu", weights_only=False)

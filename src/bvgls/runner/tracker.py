@@ -39,8 +39,10 @@ class SelectionTracker:
 
     def _zeros(self) -> tuple[torch.Tensor, torch.Tensor]:
         n = self.strategy.num_groups
-        return (torch.zeros(n, dtype=torch.float64, device=self._device),
-                torch.zeros(n, dtype=torch.float64, device=self._device))
+        return (
+            torch.zeros(n, dtype=torch.float64, device=self._device),
+            torch.zeros(n, dtype=torch.float64, device=self._device),
+        )
 
     @torch.no_grad()
     def _after_step(self, optimizer, args, kwargs) -> None:

@@ -61,8 +61,12 @@ class StrategyEntry(Entry):
         return bool(self.declared_needs_all_gradients)
 
 
-STRATEGIES: Registry = Registry("strategy", entry_type=StrategyEntry, title="strategies (--strategy)",
-                                forms={PARTIAL_FORM: "partial finetuning: groups a..b (1-indexed)"})
+STRATEGIES: Registry = Registry(
+    "strategy",
+    entry_type=StrategyEntry,
+    title="strategies (--strategy)",
+    forms={PARTIAL_FORM: "partial finetuning: groups a..b (1-indexed)"},
+)
 
 
 def register_strategy(name: str, help: str = "", needs_all_gradients: bool | None = None):
@@ -98,9 +102,11 @@ class StrategySpec:
     def builder(self) -> Callable[..., GroupStrategy]:
         if self.partial_range is not None:
             from .baselines import partial_finetuning
+
             first, last = self.partial_range
-            return lambda optimizer, groups=None, **options: partial_finetuning(optimizer, first, last, groups,
-                                                                                **options)
+            return lambda optimizer, groups=None, **options: partial_finetuning(
+                optimizer, first, last, groups, **options
+            )
         return STRATEGIES.get(self.name)
 
     def check_fits(self, num_groups: int) -> None:
@@ -108,16 +114,20 @@ class StrategySpec:
         if self.partial_range is not None:
             first, last = self.partial_range
             if not 1 <= first <= last <= num_groups:
-                raise ValueError(f"partial finetuning L{first}-{last} needs 1 <= first <= last <= {num_groups} "
-                                 f"(this model has {num_groups} groups)")
+                raise ValueError(
+                    f"partial finetuning L{first}-{last} needs 1 <= first <= last <= {num_groups} "
+                    f"(this model has {num_groups} groups)"
+                )
 
     def check_options(self) -> None:
         """Raise ValueError for options the builder does not take, naming the ones it does."""
         unknown = sorted(set(self.options) - set(option_types(self)))
         if unknown:
-            raise ValueError(f"strategy {self.text!r}: unknown option{'s' if len(unknown) > 1 else ''} "
-                             f"{', '.join(unknown)}; the options of {self.name} are: "
-                             f"{', '.join(option_types(self)) or 'none'}")
+            raise ValueError(
+                f"strategy {self.text!r}: unknown option{'s' if len(unknown) > 1 else ''} "
+                f"{', '.join(unknown)}; the options of {self.name} are: "
+                f"{', '.join(option_types(self)) or 'none'}"
+            )
 
     def build(self, optimizer: torch.optim.Optimizer, groups: GroupsSpec = None) -> GroupStrategy:
         self.check_options()
@@ -130,13 +140,18 @@ def option_types(spec: StrategySpec) -> dict[str, type | None]:
     if spec.partial_range is not None:
         return {"freeze": bool}
     params = list(inspect.signature(STRATEGIES.get(spec.name)).parameters.values())[1:]  # after the optimizer
-    return {p.name: (type(p.default) if p.default is not None else None) for p in params
-            if p.name != "groups" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-            and p.default is not inspect.Parameter.empty}
+    return {
+        p.name: (type(p.default) if p.default is not None else None)
+        for p in params
+        if p.name != "groups"
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        and p.default is not inspect.Parameter.empty
+    }
 
 
 def convert_option(spec_text: str, key: str, value: str, kind: type | None) -> Any:
     """``value`` as the type the option takes; ValueError naming the option otherwise."""
+
     def bad(what: str) -> ValueError:
         return ValueError(f"strategy {spec_text!r}: {key} must be {what}, got {value!r}")
 
@@ -193,8 +208,9 @@ def strategy_needs_all_gradients(spec: str) -> bool:
     return parse_spec(spec).needs_all_gradients
 
 
-def make_strategy(spec: str | StrategySpec, optimizer: torch.optim.Optimizer,
-                  groups: GroupsSpec = None) -> GroupStrategy:
+def make_strategy(
+    spec: str | StrategySpec, optimizer: torch.optim.Optimizer, groups: GroupsSpec = None
+) -> GroupStrategy:
     """Build a strategy from its spec string (see the module docstring)."""
     return parse_spec(spec).build(optimizer, groups)
 
@@ -204,7 +220,18 @@ from . import auto_snr, peers  # noqa: E402,F401  (auto-snr; auto-rgn, lisa, bcd
 from .baselines import FixedGroups, full_finetuning, linear_finetuning, partial_finetuning  # noqa: E402
 
 __all__ = [
-    "STRATEGIES", "FixedGroups", "StrategyEntry", "StrategySpec", "full_finetuning", "is_partial_spec",
-    "linear_finetuning", "make_strategy", "parse_spec", "parse_strategy", "partial_finetuning", "register_strategy",
-    "strategy_names", "strategy_needs_all_gradients",
+    "STRATEGIES",
+    "FixedGroups",
+    "StrategyEntry",
+    "StrategySpec",
+    "full_finetuning",
+    "is_partial_spec",
+    "linear_finetuning",
+    "make_strategy",
+    "parse_spec",
+    "parse_strategy",
+    "partial_finetuning",
+    "register_strategy",
+    "strategy_names",
+    "strategy_needs_all_gradients",
 ]

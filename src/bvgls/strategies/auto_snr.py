@@ -85,16 +85,37 @@ class AutoSNR(AutoRGN):
     #: added to the variance, as in the authors' ``get_grad_norms``
     EPS = 1e-8
 
-    def __init__(self, optimizer: torch.optim.Optimizer, groups: GroupsSpec = None, *,
-                 refresh: str | int = "epoch", batches: int = 5, threshold: float = 0.95,
-                 norm: str = "freeze", model: nn.Module | None = None,
-                 norm_params: Iterable[torch.Tensor] | None = None, skip_unselected: bool = False):
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
-                or not math.isfinite(threshold) or threshold < 0:
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        groups: GroupsSpec = None,
+        *,
+        refresh: str | int = "epoch",
+        batches: int = 5,
+        threshold: float = 0.95,
+        norm: str = "freeze",
+        model: nn.Module | None = None,
+        norm_params: Iterable[torch.Tensor] | None = None,
+        skip_unselected: bool = False,
+    ):
+        if (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, (int, float))
+            or not math.isfinite(threshold)
+            or threshold < 0
+        ):
             raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
         self.threshold = float(threshold)
-        super().__init__(optimizer, groups, refresh=refresh, batches=batches, norm=norm, model=model,
-                         norm_params=norm_params, skip_unselected=skip_unselected)
+        super().__init__(
+            optimizer,
+            groups,
+            refresh=refresh,
+            batches=batches,
+            norm=norm,
+            model=model,
+            norm_params=norm_params,
+            skip_unselected=skip_unselected,
+        )
 
     def _options(self) -> dict[str, Any]:
         return {**super()._options(), "threshold": self.threshold}
@@ -144,15 +165,21 @@ class AutoSNR(AutoRGN):
         return torch.where(self._rgn_count > 0, self._mean_scores(), math.nan).tolist()
 
     def __repr__(self) -> str:
-        return (f"AutoSNR(refresh={self.refresh!r}, batches={self.batches}, threshold={self.threshold}, "
-                f"norm={self.norm!r}, norm_params={self.norm_param_count}, groups={self.num_groups}, "
-                f"steps={self.num_steps})")
+        return (
+            f"AutoSNR(refresh={self.refresh!r}, batches={self.batches}, threshold={self.threshold}, "
+            f"norm={self.norm!r}, norm_params={self.norm_param_count}, groups={self.num_groups}, "
+            f"steps={self.num_steps})"
+        )
 
 
-@register_strategy("auto-snr", needs_all_gradients=True,
-                   help="Auto-SNR (surgical finetuning, eb-criterion): per-tensor lr weight 1 if "
-                        "mean(g^2 / (var over dim 0 + 1e-8)) >= threshold else 0; options refresh=epoch|step|N, "
-                        "batches=5, threshold=0.95, norm=freeze|snr, skip=False")
+@register_strategy(
+    "auto-snr",
+    needs_all_gradients=True,
+    help="Auto-SNR (surgical finetuning, eb-criterion): per-tensor lr weight 1 if "
+    "mean(g^2 / (var over dim 0 + 1e-8)) >= threshold else 0; options refresh=epoch|step|N, "
+    "batches=5, threshold=0.95, norm=freeze|snr, skip=False",
+)
 def _auto_snr(optimizer, groups=None, refresh="epoch", batches=5, threshold=0.95, norm="freeze", skip=False):
-    return AutoSNR(optimizer, groups, refresh=refresh, batches=batches, threshold=threshold, norm=norm,
-                   skip_unselected=skip)
+    return AutoSNR(
+        optimizer, groups, refresh=refresh, batches=batches, threshold=threshold, norm=norm, skip_unselected=skip
+    )

@@ -22,14 +22,23 @@ class FixedGroups(GroupStrategy):
             ``freeze=False`` they still get gradients but learning rate 0.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, trained: Sequence[int], groups: GroupsSpec = None, *,
-                 freeze: bool = True, label: str | None = None):
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        trained: Sequence[int],
+        groups: GroupsSpec = None,
+        *,
+        freeze: bool = True,
+        label: str | None = None,
+    ):
         super().__init__(optimizer, groups)
         trained = sorted(set(int(i) for i in trained))
         bad = [i for i in trained if not 0 <= i < self.num_groups]
         if bad or not trained:
-            raise ValueError(f"trained groups {[i + 1 for i in trained]} are not within 1..{self.num_groups} "
-                             f"(groups: {', '.join(self.group_names)})")
+            raise ValueError(
+                f"trained groups {[i + 1 for i in trained]} are not within 1..{self.num_groups} "
+                f"(groups: {', '.join(self.group_names)})"
+            )
         self.trained = trained
         self.label = label or f"groups {[i + 1 for i in trained]}"
         self.freeze = freeze
@@ -59,14 +68,16 @@ def full_finetuning(optimizer, groups=None) -> FixedGroups:
     return FixedGroups(optimizer, range(n), groups, freeze=False, label="full")
 
 
-def partial_finetuning(optimizer, first: int, last: int | None = None, groups=None, *,
-                       freeze: bool = True) -> FixedGroups:
+def partial_finetuning(
+    optimizer, first: int, last: int | None = None, groups=None, *, freeze: bool = True
+) -> FixedGroups:
     """Groups ``first..last`` (1-indexed, inclusive; ``last`` defaults to the last group)."""
     n = count_groups(optimizer, groups)
     last = n if last is None else last
     if not 1 <= first <= last <= n:
-        raise ValueError(f"partial finetuning L{first}-{last} needs 1 <= first <= last <= {n} "
-                         f"(this model has {n} groups)")
+        raise ValueError(
+            f"partial finetuning L{first}-{last} needs 1 <= first <= last <= {n} (this model has {n} groups)"
+        )
     return FixedGroups(optimizer, range(first - 1, last), groups, freeze=freeze, label=f"L{first}-{last}")
 
 
@@ -94,24 +105,35 @@ EMA_DTYPES = {"param": None, "bfloat16": torch.bfloat16, "float16": torch.float1
 
 
 @register_strategy("bvgls")
-def _bvgls(optimizer, groups=None, k=1, alpha=0.9, probe=1, static=None, release_state=False,
-           ema="param", fused=False) -> BVGLS:
+def _bvgls(
+    optimizer, groups=None, k=1, alpha=0.9, probe=1, static=None, release_state=False, ema="param", fused=False
+) -> BVGLS:
     """BVG-LS: the k groups with the largest gradient bias-variance ratio (paper: k=1); probe=P: statistics
     every P-th step, unselected groups frozen in between; static=N: keep the k most selected after N steps;
     release_state=True (lean only): free a frozen group's optimizer state; ema=param|bfloat16|float16: the
     gradient EMA's dtype; fused=True: fold each gradient during backward and free it (selection lags a step)."""
     if ema not in EMA_DTYPES:
         raise ValueError(f"strategy option ema must be one of {', '.join(EMA_DTYPES)}, got {ema!r}")
-    return BVGLS(optimizer, k=k, alpha=alpha, groups=groups, probe=probe, static=static,
-                 release_state=release_state, ema_dtype=EMA_DTYPES[ema], fused=fused)
+    return BVGLS(
+        optimizer,
+        k=k,
+        alpha=alpha,
+        groups=groups,
+        probe=probe,
+        static=static,
+        release_state=release_state,
+        ema_dtype=EMA_DTYPES[ema],
+        fused=fused,
+    )
 
 
 @register_strategy("bvgls-fused")
 def _bvgls_fused(optimizer, groups=None, k=1, alpha=0.9, probe=10, release_state=True, ema="bfloat16") -> BVGLS:
     """The large-model preset: bvgls:fused=true:probe=10:release_state=true:ema=bfloat16 (options can be
     changed, e.g. bvgls-fused:probe=1)."""
-    return _bvgls(optimizer, groups, k=k, alpha=alpha, probe=probe, release_state=release_state and probe > 1,
-                  ema=ema, fused=True)
+    return _bvgls(
+        optimizer, groups, k=k, alpha=alpha, probe=probe, release_state=release_state and probe > 1, ema=ema, fused=True
+    )
 
 
 @register_strategy("bvgls-skip")

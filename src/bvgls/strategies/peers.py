@@ -42,7 +42,11 @@ from ..base import GroupsSpec, GroupStrategy
 from . import register_strategy
 
 __all__ = [
-    "AutoRGN", "BlockCoordinateDescent", "GradualUnfreezing", "LISA", "LayerwiseLRDecay",
+    "AutoRGN",
+    "BlockCoordinateDescent",
+    "GradualUnfreezing",
+    "LISA",
+    "LayerwiseLRDecay",
     "normalization_parameters",
 ]
 
@@ -74,8 +78,10 @@ def _freeze_option(freeze: Any, skip: bool) -> bool:
         return skip
     freeze = _flag("freeze", freeze)
     if freeze and not skip:
-        raise ValueError("freeze=True needs skip=True: a frozen group has no gradient, so it cannot take the "
-                         "learning-rate-0 step that skip=False asks for")
+        raise ValueError(
+            "freeze=True needs skip=True: a frozen group has no gradient, so it cannot take the "
+            "learning-rate-0 step that skip=False asks for"
+        )
     return freeze
 
 
@@ -169,10 +175,17 @@ class _PeerStrategy(GroupStrategy):
 
 
 # ---------------------------------------------------------------------- Auto-RGN
-_NORM_TYPES: tuple[type, ...] = tuple(t for t in (
-    nn.modules.batchnorm._NormBase,  # BatchNorm*, SyncBatchNorm, InstanceNorm*
-    nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None), nn.LocalResponseNorm,
-) if t is not None)
+_NORM_TYPES: tuple[type, ...] = tuple(
+    t
+    for t in (
+        nn.modules.batchnorm._NormBase,  # BatchNorm*, SyncBatchNorm, InstanceNorm*
+        nn.LayerNorm,
+        nn.GroupNorm,
+        getattr(nn, "RMSNorm", None),
+        nn.LocalResponseNorm,
+    )
+    if t is not None
+)
 # module-path components that name a normalisation layer in torchvision / timm / transformers
 _NORM_COMPONENT = re.compile(r"(?:bn|ln|gn)(?:_?\d+|_?f)?|.*_bn\d*|.*norm.*", re.IGNORECASE)
 
@@ -273,10 +286,18 @@ class AutoRGN(_PeerStrategy):
     REFRESH_MODES = ("epoch", "step")
     NORM_MODES = ("freeze", "rgn")
 
-    def __init__(self, optimizer: torch.optim.Optimizer, groups: GroupsSpec = None, *,
-                 refresh: str | int = "epoch", batches: int = 5, norm: str = "freeze",
-                 model: nn.Module | None = None, norm_params: Iterable[torch.Tensor] | None = None,
-                 skip_unselected: bool = False):
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        groups: GroupsSpec = None,
+        *,
+        refresh: str | int = "epoch",
+        batches: int = 5,
+        norm: str = "freeze",
+        model: nn.Module | None = None,
+        norm_params: Iterable[torch.Tensor] | None = None,
+        skip_unselected: bool = False,
+    ):
         if not (isinstance(refresh, str) and refresh in self.REFRESH_MODES):
             if isinstance(refresh, str):
                 raise ValueError(f"refresh must be 'epoch', 'step' or a number of steps, got {refresh!r}")
@@ -346,7 +367,7 @@ class AutoRGN(_PeerStrategy):
         device = weights[0].device
         norms = torch.stack([x.to(device, torch.float32) for x in torch._foreach_norm(grads + weights)])
         norms = norms.to(torch.float64).cpu()  # the one device-to-host transfer of a measuring step
-        g_norm, p_norm = norms[:len(idx)], norms[len(idx):]
+        g_norm, p_norm = norms[: len(idx)], norms[len(idx) :]
         index = torch.tensor(idx, dtype=torch.long)
         rgn = torch.where(p_norm > 0, g_norm / p_norm.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
         self._rgn_sum.index_add_(0, index, rgn)
@@ -371,7 +392,7 @@ class AutoRGN(_PeerStrategy):
             self.tensor_weights = self._weights()
         scales = []
         for params, start in zip(self.group_params, self._group_starts()):
-            ws = self.tensor_weights[start:start + len(params)]
+            ws = self.tensor_weights[start : start + len(params)]
             scales.append(sum(ws) / len(ws) if ws else 0.0)
         return scales
 
@@ -387,16 +408,23 @@ class AutoRGN(_PeerStrategy):
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state.update(rgn_sum=self._rgn_sum.clone(), rgn_count=self._rgn_count.clone(),
-                     saturated=self._saturated.clone(), window_steps=self._window_steps,
-                     tensor_weights=list(self.tensor_weights), is_norm=list(self.is_norm))
+        state.update(
+            rgn_sum=self._rgn_sum.clone(),
+            rgn_count=self._rgn_count.clone(),
+            saturated=self._saturated.clone(),
+            window_steps=self._window_steps,
+            tensor_weights=list(self.tensor_weights),
+            is_norm=list(self.is_norm),
+        )
         return state
 
     def _check_state(self, state: Mapping[str, Any]) -> None:
         super()._check_state(state)
         if list(state.get("is_norm", ())) != self.is_norm:
-            raise ValueError("state_dict marks other parameters as normalisation layers than this AutoRGN; "
-                             "build it with the same model / norm_params as the checkpoint")
+            raise ValueError(
+                "state_dict marks other parameters as normalisation layers than this AutoRGN; "
+                "build it with the same model / norm_params as the checkpoint"
+            )
 
     def _set_state(self, state: Mapping[str, Any]) -> None:
         super()._set_state(state)
@@ -407,8 +435,10 @@ class AutoRGN(_PeerStrategy):
         self.tensor_weights = [float(w) for w in state["tensor_weights"]]
 
     def __repr__(self) -> str:
-        return (f"AutoRGN(refresh={self.refresh!r}, batches={self.batches}, norm={self.norm!r}, "
-                f"norm_params={self.norm_param_count}, groups={self.num_groups}, steps={self.num_steps})")
+        return (
+            f"AutoRGN(refresh={self.refresh!r}, batches={self.batches}, norm={self.norm!r}, "
+            f"norm_params={self.norm_param_count}, groups={self.num_groups}, steps={self.num_steps})"
+        )
 
 
 # ---------------------------------------------------------------------- LISA
@@ -442,9 +472,17 @@ class LISA(_PeerStrategy):
 
     _state_fields = {"active": lambda v: [int(i) for i in v], "window": int}
 
-    def __init__(self, optimizer: torch.optim.Optimizer, groups: GroupsSpec = None, *,
-                 K: int = 20, gamma: int = 2, seed: int = 0, skip_unselected: bool = True,
-                 freeze: bool | None = None):
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        groups: GroupsSpec = None,
+        *,
+        K: int = 20,
+        gamma: int = 2,
+        seed: int = 0,
+        skip_unselected: bool = True,
+        freeze: bool | None = None,
+    ):
         self.K = _positive_int("K", K)
         if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma < 0:
             raise ValueError(f"gamma must be a non-negative integer, got {gamma!r}")
@@ -455,8 +493,10 @@ class LISA(_PeerStrategy):
             raise ValueError(f"LISA needs at least 2 groups (first and last), got {self.num_groups}")
         self.middle_groups = [i for i in self.nonempty_groups if 0 < i < self.num_groups - 1]
         if gamma > len(self.middle_groups):
-            raise ValueError(f"gamma={gamma} is larger than the number of middle groups "
-                             f"({len(self.middle_groups)}: {[self.group_names[i] for i in self.middle_groups]})")
+            raise ValueError(
+                f"gamma={gamma} is larger than the number of middle groups "
+                f"({len(self.middle_groups)}: {[self.group_names[i] for i in self.middle_groups]})"
+            )
         self._rng = torch.Generator().manual_seed(self.seed)
         self.active: list[int] = []
         self.window = -1  # the K-step window whose draw ``active`` holds
@@ -472,17 +512,17 @@ class LISA(_PeerStrategy):
     def _ensure_plan(self):
         window = self.num_steps // self.K
         if window != self.window:
-            draw = torch.randperm(len(self.middle_groups), generator=self._rng)[:self.gamma].tolist()
+            draw = torch.randperm(len(self.middle_groups), generator=self._rng)[: self.gamma].tolist()
             self.active = sorted({0, self.num_groups - 1, *(self.middle_groups[j] for j in draw)})
             self.window = window
 
     def _active(self):
         return self.active
 
-
     def __repr__(self):
-        return (f"LISA(K={self.K}, gamma={self.gamma}, seed={self.seed}, groups={self.num_groups}, "
-                f"steps={self.num_steps})")
+        return (
+            f"LISA(K={self.K}, gamma={self.gamma}, seed={self.seed}, groups={self.num_groups}, steps={self.num_steps})"
+        )
 
 
 # ---------------------------------------------------------------------- block coordinate descent
@@ -515,14 +555,27 @@ class BlockCoordinateDescent(_PeerStrategy):
         freeze: freeze the inactive groups for real (default: ``skip_unselected``).
     """
 
-    _state_fields = {"cycle": lambda v: [int(i) for i in v], "position": int,
-                     "active": lambda v: None if v is None else int(v), "block": int}
+    _state_fields = {
+        "cycle": lambda v: [int(i) for i in v],
+        "position": int,
+        "active": lambda v: None if v is None else int(v),
+        "block": int,
+    }
 
     ORDERS = ("ascending", "descending", "random")
 
-    def __init__(self, optimizer: torch.optim.Optimizer, groups: GroupsSpec = None, *,
-                 K: int = 50, order: str = "descending", seed: int = 0, reset_state: bool = True,
-                 skip_unselected: bool = True, freeze: bool | None = None):
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        groups: GroupsSpec = None,
+        *,
+        K: int = 50,
+        order: str = "descending",
+        seed: int = 0,
+        reset_state: bool = True,
+        skip_unselected: bool = True,
+        freeze: bool | None = None,
+    ):
         self.K = _positive_int("K", K)
         self.order = _choice("order", order, self.ORDERS)
         self.seed = _seed(seed)
@@ -530,16 +583,21 @@ class BlockCoordinateDescent(_PeerStrategy):
         super().__init__(optimizer, groups, skip_unselected=_flag("skip", skip_unselected))
         self._rng = torch.Generator().manual_seed(self.seed)
         self.cycle: list[int] = []  # the order of the current cycle
-        self.position = -1          # index of the active group in ``cycle``
+        self.position = -1  # index of the active group in ``cycle``
         self.active: int | None = None
-        self.block = -1             # the K-step block whose group ``active`` holds
+        self.block = -1  # the K-step block whose group ``active`` holds
         self.lean = _freeze_option(freeze, self.skip_unselected)
         # the state is cleared when a group becomes active again anyway: free it as soon as it is frozen
         self.release_frozen_state = self.lean and self.reset_state
 
     def _options(self):
-        return {**super()._options(), "K": self.K, "order": self.order, "seed": self.seed,
-                "reset_state": self.reset_state}
+        return {
+            **super()._options(),
+            "K": self.K,
+            "order": self.order,
+            "seed": self.seed,
+            "reset_state": self.reset_state,
+        }
 
     def expected_updates(self, total_steps: int) -> float | None:
         """``total_steps / groups``: one group at a time."""
@@ -569,10 +627,11 @@ class BlockCoordinateDescent(_PeerStrategy):
     def _active(self):
         return [self.active]
 
-
     def __repr__(self):
-        return (f"BlockCoordinateDescent(K={self.K}, order={self.order!r}, groups={self.num_groups}, "
-                f"steps={self.num_steps})")
+        return (
+            f"BlockCoordinateDescent(K={self.K}, order={self.order!r}, groups={self.num_groups}, "
+            f"steps={self.num_steps})"
+        )
 
 
 # ---------------------------------------------------------------------- gradual unfreezing
@@ -599,8 +658,15 @@ class GradualUnfreezing(_PeerStrategy):
         freeze: freeze the groups not yet unfrozen for real (default: ``skip_unselected``).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, groups: GroupsSpec = None, *,
-                 every: int | None = None, skip_unselected: bool = True, freeze: bool | None = None):
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        groups: GroupsSpec = None,
+        *,
+        every: int | None = None,
+        skip_unselected: bool = True,
+        freeze: bool | None = None,
+    ):
         self.every = None if every is None else _positive_int("every", every)
         super().__init__(optimizer, groups, skip_unselected=_flag("skip", skip_unselected))
         self.unfrozen = 1  # number of unfrozen groups, counted from the top
@@ -620,14 +686,17 @@ class GradualUnfreezing(_PeerStrategy):
             self.unfrozen = min(len(self.nonempty_groups), self.num_steps // self.every + 1)
 
     def _active(self):
-        return self.nonempty_groups[-self.unfrozen:]
+        return self.nonempty_groups[-self.unfrozen :]
 
     def _plan(self):
         self._ensure_plan()
         if self.every is None and self.epoch is None and not self._warned:
-            warnings.warn("gradual-unfreeze unfreezes one group per epoch through on_epoch_start(epoch), "
-                          "which the training loop has not called; only the last group is trained "
-                          "(call on_epoch_start at each epoch, or pass every=N steps)", stacklevel=4)
+            warnings.warn(
+                "gradual-unfreeze unfreezes one group per epoch through on_epoch_start(epoch), "
+                "which the training loop has not called; only the last group is trained "
+                "(call on_epoch_start at each epoch, or pass every=N steps)",
+                stacklevel=4,
+            )
             self._warned = True
         return self._binary(self._active())
 
@@ -681,35 +750,48 @@ class LayerwiseLRDecay(_PeerStrategy):
 
 
 # ---------------------------------------------------------------------- registry
-@register_strategy("auto-rgn", needs_all_gradients=True,
-                   help="Auto-RGN (surgical finetuning): per-tensor lr weight = RGN / max RGN, "
-                        "RGN = ||grad|| / ||param||; options refresh=epoch|step|N, batches=5, norm=freeze|rgn")
+@register_strategy(
+    "auto-rgn",
+    needs_all_gradients=True,
+    help="Auto-RGN (surgical finetuning): per-tensor lr weight = RGN / max RGN, "
+    "RGN = ||grad|| / ||param||; options refresh=epoch|step|N, batches=5, norm=freeze|rgn",
+)
 def _auto_rgn(optimizer, groups=None, refresh="epoch", batches=5, norm="freeze", skip=False):
     return AutoRGN(optimizer, groups, refresh=refresh, batches=batches, norm=norm, skip_unselected=skip)
 
 
-@register_strategy("lisa", help="LISA: first + last group and gamma random middle groups, redrawn every K steps; "
-                                "options K=20, gamma=2, seed=0, skip=True, freeze=True")
+@register_strategy(
+    "lisa",
+    help="LISA: first + last group and gamma random middle groups, redrawn every K steps; "
+    "options K=20, gamma=2, seed=0, skip=True, freeze=True",
+)
 def _lisa(optimizer, groups=None, K=20, gamma=2, seed=0, skip=True, freeze=None):
     return LISA(optimizer, groups, K=K, gamma=gamma, seed=seed, skip_unselected=skip, freeze=freeze)
 
 
-@register_strategy("bcd-cyclic", help="block coordinate descent (BAdam): one group at a time, next every K steps; "
-                                      "options K=50, order=descending|ascending|random, seed=0, reset_state=True, "
-                                      "freeze=True")
-def _bcd_cyclic(optimizer, groups=None, K=50, order="descending", seed=0, reset_state=True, skip=True,
-                freeze=None):
-    return BlockCoordinateDescent(optimizer, groups, K=K, order=order, seed=seed, reset_state=reset_state,
-                                  skip_unselected=skip, freeze=freeze)
+@register_strategy(
+    "bcd-cyclic",
+    help="block coordinate descent (BAdam): one group at a time, next every K steps; "
+    "options K=50, order=descending|ascending|random, seed=0, reset_state=True, "
+    "freeze=True",
+)
+def _bcd_cyclic(optimizer, groups=None, K=50, order="descending", seed=0, reset_state=True, skip=True, freeze=None):
+    return BlockCoordinateDescent(
+        optimizer, groups, K=K, order=order, seed=seed, reset_state=reset_state, skip_unselected=skip, freeze=freeze
+    )
 
 
-@register_strategy("gradual-unfreeze", help="gradual unfreezing (ULMFiT): the last group, then one more from the top "
-                                            "each epoch (or every=N steps); option freeze=True")
+@register_strategy(
+    "gradual-unfreeze",
+    help="gradual unfreezing (ULMFiT): the last group, then one more from the top "
+    "each epoch (or every=N steps); option freeze=True",
+)
 def _gradual_unfreeze(optimizer, groups=None, every=None, skip=True, freeze=None):
     return GradualUnfreezing(optimizer, groups, every=every, skip_unselected=skip, freeze=freeze)
 
 
-@register_strategy("llrd", help="layer-wise lr decay (BEiT/timm): lr of group l = lr * decay^(L-1-l); "
-                                "option decay=0.75")
+@register_strategy(
+    "llrd", help="layer-wise lr decay (BEiT/timm): lr of group l = lr * decay^(L-1-l); option decay=0.75"
+)
 def _llrd(optimizer, groups=None, decay=0.75):
     return LayerwiseLRDecay(optimizer, groups, decay=decay)
