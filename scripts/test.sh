@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
 ${PYTHON:-python3} -m ruff check src tests lab benchmarks
+${PYTHON:-python3} -m ruff format --check src tests lab benchmarks
 exec ${PYTHON:-python3} -m pytest -q "$@"
