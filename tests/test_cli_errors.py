@@ -605,5 +605,5 @@ def test_list_does_not_cut_descriptions(tmp_path):
     res = bvgls("list", env={"COLUMNS": "1000"})
     assert res.returncode == 0, res.stderr
     # both docstrings wrap their first sentence over several lines
-    assert "ema=param|bfloat16|float16: the gradient EMA's dtype." in res.stdout
+    assert "fused=True: fold each gradient during backward and free it (selection lags a step)." in res.stdout
     assert 'parameters held directly by a module come first, as "<name>.params".' in res.stdout

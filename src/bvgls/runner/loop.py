@@ -699,6 +699,8 @@ def finetune(
     ``tensorboard``: log to ``out_dir/tensorboard`` (needs the tensorboard package); ``config``: extra
     entries recorded in ``config.json`` (e.g. model and dataset names).
     """
+    if isinstance(groups, str):  # a scheme name is the config's ``groups`` option, recorded with the others
+        groups, options = None, {**options, "groups": groups}
     cfg = resolve_config(strategy, options)
     check_run_arguments(data, out_dir, resume, tensorboard)
     out_dir = None if out_dir is None else str(out_dir)
