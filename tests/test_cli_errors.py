@@ -67,6 +67,29 @@ class MakesMarker:
         return (os.mkdir, (self.path,))
 
 
+def compare(colors, out, *extra, strategies="full", lrs="0.05"):
+    """``bvgls compare`` on the colours task: one seed, one epoch, the tiny model, no bars
+    (``lrs=None``: no --lrs)."""
+    lr_args = () if lrs is None else ("--lrs", lrs)
+    return bvgls(
+        "compare",
+        "--data",
+        colors,
+        "--out",
+        out,
+        "--strategies",
+        strategies,
+        "--seeds",
+        "0",
+        *lr_args,
+        "--epochs",
+        "1",
+        *extra,
+        *MODEL,
+        "--no-progress",
+    )
+
+
 def copy_run(src, dst):
     shutil.copytree(src, dst)
     return dst
@@ -101,25 +124,7 @@ def stopped_run(colors, tmp_path_factory):
 def compare_dir(colors, tmp_path_factory):
     """A finished one-cell compare grid (full, lr 0.05, --augment none); tests copy it."""
     out = tmp_path_factory.mktemp("cmp") / "out"
-    res = bvgls(
-        "compare",
-        "--data",
-        colors,
-        "--out",
-        out,
-        "--strategies",
-        "full",
-        "--seeds",
-        "0",
-        "--lrs",
-        "0.05",
-        "--epochs",
-        "1",
-        "--augment",
-        "none",
-        *MODEL,
-        "--no-progress",
-    )
+    res = compare(colors, out, "--augment", "none")
     assert res.returncode == 0, res.stdout + res.stderr
     return out
 
@@ -252,25 +257,7 @@ def test_stray_single_lr_run_is_named(compare_dir, colors, tmp_path):
     # a stray single-lr run locks a compare directory (name the directory),
     # and the refusal comes before training a run that could never be reported
     out = copy_run(compare_dir, tmp_path / "out")
-    res = bvgls(
-        "compare",
-        "--data",
-        colors,
-        "--out",
-        out,
-        "--strategies",
-        "full",
-        "--seeds",
-        "0",
-        "--lrs",
-        "0.1",
-        "--epochs",
-        "1",
-        "--augment",
-        "none",
-        *MODEL,
-        "--no-progress",
-    )
+    res = compare(colors, out, "--augment", "none", lrs="0.1")
     assert_one_line_error(res, os.path.join("runs", "colors", "full", "lr0.05"))
     assert not (out / "runs" / "colors" / "full" / "lr0.1").exists()
 
@@ -278,23 +265,7 @@ def test_stray_single_lr_run_is_named(compare_dir, colors, tmp_path):
 def test_strategy_list_whitespace_is_stripped(colors, tmp_path):
     # --strategies "full, bvgls" recorded " bvgls" with a leading space
     out = tmp_path / "out"
-    res = bvgls(
-        "compare",
-        "--data",
-        colors,
-        "--out",
-        out,
-        "--strategies",
-        "full, bvgls",
-        "--seeds",
-        "0",
-        "--lrs",
-        "0.05",
-        "--epochs",
-        "1",
-        *MODEL,
-        "--no-progress",
-    )
+    res = compare(colors, out, strategies="full, bvgls")
     assert res.returncode == 0, res.stdout + res.stderr
     assert sorted(r["strategy"] for r in read_csv(out / "results.csv")) == ["bvgls", "full"]
     config = json.loads((out / "runs" / "colors" / "bvgls" / "lr0.05" / "seed0" / "config.json").read_text())
@@ -319,22 +290,7 @@ def test_non_finite_setting_is_rejected_up_front(command, option, value, colors,
     if command == "finetune":
         res = bvgls("finetune", "--data", colors, "--epochs", "1", "--out", out, *args, option, value)
     else:
-        res = bvgls(
-            "compare",
-            "--data",
-            colors,
-            "--out",
-            out,
-            "--strategies",
-            "full",
-            "--seeds",
-            "0",
-            "--epochs",
-            "1",
-            *args,
-            option,
-            value,
-        )
+        res = compare(colors, out, option, value, lrs=None)
     assert_one_line_error(res, option)
     assert not out.exists()
 
@@ -366,23 +322,7 @@ def test_diverged_finetune_is_reported(colors, tmp_path):
 def test_diverged_compare_run_is_marked(colors, tmp_path):
     # in compare a NaN model got a plausible test error in table.md
     out = tmp_path / "out"
-    res = bvgls(
-        "compare",
-        "--data",
-        colors,
-        "--out",
-        out,
-        "--strategies",
-        "full",
-        "--seeds",
-        "0",
-        "--lrs",
-        "1e30",
-        "--epochs",
-        "1",
-        *MODEL,
-        "--no-progress",
-    )
+    res = compare(colors, out, lrs="1e30")
     output = res.stdout + res.stderr
     assert "Traceback" not in output, output[-3000:]
     rows = read_csv(out / "results.csv")
@@ -394,25 +334,7 @@ def test_diverged_compare_run_is_marked(colors, tmp_path):
 def test_compare_rerun_with_other_augment(compare_dir, colors, tmp_path):
     # --augment is not checked on a rerun: seeds with different augmentation were averaged
     out = copy_run(compare_dir, tmp_path / "out")
-    res = bvgls(
-        "compare",
-        "--data",
-        colors,
-        "--out",
-        out,
-        "--strategies",
-        "full",
-        "--seeds",
-        "0",
-        "--lrs",
-        "0.05",
-        "--epochs",
-        "1",
-        "--augment",
-        "light",
-        *MODEL,
-        "--no-progress",
-    )
+    res = compare(colors, out, "--augment", "light")
     if res.returncode != 0:  # refused ...
         assert_one_line_error(res, "augment")
     else:  # ... or kept apart: the light run is trained, not the none run reused
@@ -423,26 +345,7 @@ def test_compare_rerun_with_other_augment(compare_dir, colors, tmp_path):
 def test_compare_lrs_beyond_six_digits_do_not_share_a_run(colors, tmp_path):
     # lrs that differ beyond 6 significant digits shared one run directory
     out = tmp_path / "out"
-    res = bvgls(
-        "compare",
-        "--data",
-        colors,
-        "--out",
-        out,
-        "--strategies",
-        "full",
-        "--seeds",
-        "0",
-        "--lrs",
-        "0.0123456,0.01234561",
-        "--no-extend-lrs",
-        "--val-fraction",
-        "0.34",
-        "--epochs",
-        "1",
-        *MODEL,
-        "--no-progress",
-    )
+    res = compare(colors, out, "--no-extend-lrs", "--val-fraction", "0.34", lrs="0.0123456,0.01234561")
     assert res.returncode == 0, res.stdout + res.stderr
     assert sorted(float(r["lr"]) for r in read_csv(out / "results.csv")) == [0.0123456, 0.01234561]
     assert len(os.listdir(out / "runs" / "colors" / "full")) == 2
