@@ -274,21 +274,9 @@ def test_bad_arguments(colors):
 def test_compare_refit_and_guards(colors, tmp_path):
     from bvgls.runner.grid import compare, read_results
 
-    res = compare(
-        "full,bvgls",
-        {"colors": colors},
-        seeds=[0],
-        lrs=[0.01, 0.1],
-        model="tiny-resnet",
-        weights=None,
-        out_dir=tmp_path,
-        epochs=1,
-        batch_size=8,
-        val_fraction=0.3,
-        refit=True,
-        progress=False,
-        extend_lrs=False,
-    )
+    grid = dict(seeds=[0], lrs=[0.01, 0.1], model="tiny-resnet", weights=None, out_dir=tmp_path, batch_size=8)
+    grid.update(val_fraction=0.3, progress=False, extend_lrs=False)
+    res = compare("full,bvgls", {"colors": colors}, epochs=1, refit=True, **grid)
     rows = read_results(res.csv_path)
     assert sorted(r["phase"] for r in rows) == ["refit", "refit"] + ["search"] * 4
     for strategy in ("full", "bvgls"):
@@ -298,20 +286,7 @@ def test_compare_refit_and_guards(colors, tmp_path):
         assert res.test_errors("colors", strategy) == [refit[0]["test_error"]]
     # the same out dir with other settings is refused, not mixed in
     with pytest.raises(ValueError, match="epochs: 1 -> 2"):
-        compare(
-            "full",
-            {"colors": colors},
-            seeds=[0],
-            lrs=[0.01, 0.1],
-            model="tiny-resnet",
-            weights=None,
-            out_dir=tmp_path,
-            epochs=2,
-            batch_size=8,
-            val_fraction=0.3,
-            progress=False,
-            extend_lrs=False,
-        )
+        compare("full", {"colors": colors}, epochs=2, **grid)
 
 
 def test_compare_keep_going_records_failures(colors, tmp_path):
