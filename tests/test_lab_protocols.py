@@ -174,34 +174,13 @@ def test_image_size_reaches_the_transforms(tmp_path):
         data = torch.utils.data.TensorDataset(x, torch.arange(8) % 2)
         return DatasetSplits(train=data, test=data, num_classes=2, name="t")
 
-    compare(
-        ["full"],
-        {"t": dataset},
-        [0],
-        [0.01],
-        model="tiny-cnn",
-        weights="none",
-        out_dir=tmp_path / "c",
-        epochs=1,
-        batch_size=4,
-        progress=False,
-        image_size=24,
-    )
+    cell = dict(strategies=["full"], datasets={"t": dataset}, seeds=[0], lrs=[0.01], model="tiny-cnn", epochs=1)
+    compare(**cell, weights="none", out_dir=tmp_path / "c", batch_size=4, progress=False, image_size=24)
     assert seen == [24]
     config = json.loads(next((tmp_path / "c").rglob("config.json")).read_text())
     assert config["image_size"] == 24
     with pytest.raises(ValueError, match="image_size must be a positive int"):
-        compare(
-            ["full"],
-            {"t": dataset},
-            [0],
-            [0.01],
-            model="tiny-cnn",
-            weights="none",
-            out_dir=tmp_path / "d",
-            epochs=1,
-            image_size=0,
-        )
+        compare(**cell, weights="none", out_dir=tmp_path / "d", image_size=0)
 
 
 def _fake_task(root: Path, per_class: dict[str, int]) -> Path:
