@@ -2,8 +2,9 @@
 
 Checked against the unfused strategy (same EMA, same sums of squares on the same gradients)
 and against a lag-1 reference built from :class:`bvgls.reference.NaiveBVR`: the groups
-updated at step t are the top-k of the ratios after step t-1, none at the first step, and
-unselected groups are skipped (``bvgls-skip``), not stepped at learning rate 0.
+updated at step t are the top-k of the ratios after step t-1, none at the first step; the
+other groups take the learning-rate-0 step (as in the paper), or are skipped under
+``bvgls-skip`` and in lean mode.
 """
 
 import copy
@@ -26,7 +27,7 @@ def build(spec, lr=0.1, opt="sgd", seed=0):
         optimizer = torch.optim.SGD(groups.param_groups(), lr=lr, momentum=0.9, weight_decay=1e-3)
     else:
         optimizer = torch.optim.AdamW(groups.param_groups(), lr=lr)
-    return model, optimizer, bvgls.make_strategy(spec, optimizer, groups)
+    return model, optimizer, (None if spec is None else bvgls.make_strategy(spec, optimizer, groups))
 
 
 @pytest.mark.parametrize("spec", ["bvgls", "bvgls:probe=3", "bvgls:ema=bfloat16", "bvgts"])
@@ -49,60 +50,94 @@ def test_fused_statistics_equal_unfused(spec):
         previous = list(p.probe_selection)
 
 
-def reference_run(steps, k=1, lr=0.1):
+def reference_run(steps, k=1, lr=0.1, opt="sgd", skip=False):
     """Lag-1 BVG-LS by hand: NaiveBVR ratios after each step choose the groups the next step updates
-    (step 1 chooses by the largest bias, as the method defines); unselected groups get no update."""
-    model = mlp()
-    groups = bvgls.layer_groups(model)
-    opt = torch.optim.SGD(groups.param_groups(), lr=lr, momentum=0.9, weight_decay=1e-3)
-    lists = [ps for _, ps in groups.named_param_lists()]
+    (step 1 chooses by the largest bias, as the method defines); the unselected groups step at
+    learning rate 0, or get no update at all with ``skip``."""
+    model, optimizer, _ = build(None, lr=lr, opt=opt)
+    lists = [g["params"] for g in optimizer.param_groups]
     naive = NaiveBVR(lists)
     chosen, trace = [], []
     for step in range(steps):
-        opt.zero_grad()
+        optimizer.zero_grad()
         x, y = batch(step)
         nn.functional.cross_entropy(model(x), y).backward()
         grads = [[p.grad.clone() for p in ps] for ps in lists]
         ratios = naive.update()
-        for gi, ps in enumerate(lists):
-            if gi not in chosen:
-                for p in ps:
+        for gi, group in enumerate(optimizer.param_groups):
+            group["lr"] = lr if gi in chosen else 0.0
+            if skip and gi not in chosen:
+                for p in group["params"]:
                     p.grad = None
-        opt.step()
+        optimizer.step()
         trace.append(list(chosen))
         chosen = largest_bias(grads, k) if step == 0 else clear_top_k(ratios, k)
         if chosen is None:  # a near-tie, decided by rounding: the comparison ends here
             break
-    return model, trace
+    return model, optimizer, trace
 
 
-def test_fused_selections_equal_the_lag1_reference():
-    steps = 12
-    ref_model, ref_trace = reference_run(steps)
+@pytest.mark.parametrize(
+    ("spec", "opt"),
+    [("bvgls:fused=true", "sgd"), ("bvgls:fused=true", "adamw"), ("bvgls-skip:fused=true", "sgd")],
+)
+def test_fused_equals_the_lag1_reference(spec, opt):
+    """Same selections, weights and optimizer state (momentum, moments, step counts) as the lag-1
+    reference: at probe=1 the learning-rate-0 steps taken during backward are the paper's."""
+    steps, lr = 12, (0.1 if opt == "sgd" else 1e-2)
+    ref_model, ref_opt, ref_trace = reference_run(steps, lr=lr, opt=opt, skip="skip" in spec)
     assert len(ref_trace) == steps, "the reference hit a near-tie: pick other seeds"
-    model, opt, s = build("bvgls:fused=true")
+    model, optimizer, s = build(spec, lr=lr, opt=opt)
     trace = []
     for step in range(steps):
-        one_step(model, opt, s, step)
+        one_step(model, optimizer, s, step)
         trace.append(list(s.selected))
     assert trace == ref_trace
     assert trace[0] == [] and len({tuple(t) for t in trace[1:]}) > 1  # the first step updates nothing
     for p, q in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        assert optimizer.state[p].keys() == ref_opt.state[q].keys()
+        for key, value in optimizer.state[p].items():
+            torch.testing.assert_close(value, ref_opt.state[q][key], rtol=1e-5, atol=1e-6)
 
 
-def test_first_step_only_gathers_statistics():
-    model, opt, s = build("bvgls:fused=true")
+@pytest.mark.parametrize("spec", ["bvgls:fused=true", "bvgls-skip:fused=true"])
+def test_first_step_moves_no_weight(spec):
+    model, opt, s = build(spec)
     before = [p.detach().clone() for p in model.parameters()]
-    one_step(model, opt, s, 0)
+    x, y = batch(0)
+    nn.functional.cross_entropy(model(x), y).backward()
+    assert all(p.grad is None for p in model.parameters())  # nothing trains at step 0: every gradient freed
+    s.step()
     assert s.num_steps == 1 and s.selected == [] and s.counts == [0] * s.num_groups
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    assert not opt.state  # nothing stepped: no optimizer state yet
     assert len(s.probe_selection) == 1  # chosen for step 2 from step 1's statistics
+    if "skip" in spec:
+        assert not opt.state  # nothing stepped: no optimizer state yet
+    else:  # the learning-rate-0 step: momentum holds the first gradient (weight decay included)
+        for p, before_p in zip(model.parameters(), before):
+            buf = opt.state[p]["momentum_buffer"]
+            assert buf.shape == p.shape and bool(buf.ne(0).any())
 
 
-def test_only_the_updated_groups_keep_a_gradient_after_backward():
-    model, opt, s = build("bvgls:fused=true:probe=2")
+def test_learning_rate_0_steps_in_backward_are_not_optimizer_steps():
+    """The learning-rate-0 steps taken during backward run no step hook: a scheduler or a user's hook
+    sees one optimizer step per training step."""
+    model, opt, s = build("bvgls:fused=true")
+    calls = []
+    opt.register_step_pre_hook(lambda *_: calls.append("pre"))
+    opt.register_step_post_hook(lambda *_: calls.append("post"))
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    for step in range(4):
+        one_step(model, opt, s, step)
+        scheduler.step()
+    assert calls == ["pre", "post"] * 4
+    assert [g["lr"] for g in opt.param_groups] == [0.1 * 0.5**2] * len(opt.param_groups)
+
+
+@pytest.mark.parametrize("spec", ["bvgls:fused=true", "bvgls:fused=true:probe=2"])
+def test_only_the_updated_groups_keep_a_gradient_after_backward(spec):
+    model, opt, s = build(spec)
     for step in range(6):
         opt.zero_grad()
         x, y = batch(step)
@@ -212,3 +247,4 @@ def test_nonfinite_gradient_skips_the_step_and_warns():
     assert s.num_steps == 1 and s.nonfinite_steps == 1
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert all(m is None or m.isfinite().all() for m in s._m)
+    assert all(v.isfinite().all() for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor))

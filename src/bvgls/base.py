@@ -285,6 +285,7 @@ class GroupStrategy(metaclass=_AttachAfterInit):
         index_of = {id(p): i for i, p in enumerate(self.params)}
         # for every optimizer param group: the flat tensor indices of its params
         self._opt_layout = [[index_of[id(p)] for p in g["params"]] for g in self.optimizer.param_groups]
+        self._opt_group_of = {i: gi for gi, layout in enumerate(self._opt_layout) for i in layout}
         self._opt_param_count = len(opt_params)
 
     @property
@@ -367,6 +368,27 @@ class GroupStrategy(metaclass=_AttachAfterInit):
         self.scale_sums = [total + s for total, s in zip(self.scale_sums, scales)]
         self._set_step_rates(self._tensor_scales(scales))
         return replaced
+
+    def _step_now(self, indices: Sequence[int], scale: float) -> None:
+        """Run the optimizer's update over tensors ``indices`` alone, at ``scale`` x their group's lr,
+        outside a strategy step: fused BVG-LS gives a tensor its learning-rate-0 step during
+        backward, so that its gradient can be freed there. Each param group is stepped as a copy
+        holding just these tensors; what the optimizer writes into a copy is written back to the
+        group (as for a group stepped in place), except ``lr`` and ``params``. No step hook runs
+        (the optimizer's undecorated ``step``): to schedulers and hooks this is no optimizer step."""
+        change = _StepChange(self.optimizer.param_groups)
+        mine: dict[int, list[nn.Parameter]] = {}
+        for i in indices:
+            mine.setdefault(self._opt_group_of[i], []).append(self.params[i])
+        for gi, params in mine.items():
+            group = change.groups[gi]
+            change.splits.append((group, [(scale, dict(group, params=params, lr=group["lr"] * scale))]))
+        self.optimizer.param_groups = [sub for _, subs in change.splits for _, sub in subs]
+        try:
+            step = type(self.optimizer).step
+            getattr(step, "__wrapped__", step)(self.optimizer)  # no step hooks: not an optimizer step
+        finally:
+            change.undo(self.optimizer)
 
     def _skip_nonfinite_step(self) -> None:
         """Let the optimizer step over copies of its groups without parameters: nothing it

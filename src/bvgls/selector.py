@@ -38,10 +38,15 @@ frozen, and the gradient EMAs are freed (no statistics are needed any more).
 a post-accumulate-grad hook as soon as autograd has produced it (the same kernels as above,
 one tensor at a time), and freed unless its group is updated in this step, so the gradients
 of the other groups never coexist. The groups updated at step t are therefore the top-k
-after step t-1 (with ``probe=P``: after the previous probe): step 0 only gathers statistics
-and updates nothing; unselected groups are skipped (``bvgls-skip``). Gradient accumulation,
-GradScaler and torch.distributed are refused (``FUSED_*`` messages). A non-finite gradient
-skips the step, but the finite gradients of that step have already been folded.
+after step t-1 (with ``probe=P``: after the previous probe): step 0 updates no weight. A
+tensor whose group is not trained in the step takes the reference's learning-rate-0 optimizer
+step right after its fold, during backward (momentum, moments and step counts evolve as in the
+paper; weights stay put), and its gradient is then freed: only the selection differs from the
+paper, by one step. In lean mode (``probe > 1``, ``static``) and with ``skip_unselected``,
+unselected groups are skipped instead, as without ``fused``. Gradient accumulation, GradScaler
+and torch.distributed are refused (``FUSED_*`` messages). A non-finite gradient skips the step
+(no weight moves), but the tensors folded before it are already folded and, at probe=1, have
+already taken their learning-rate-0 step (with the non-finite elements as 0).
 """
 
 from __future__ import annotations
@@ -150,8 +155,10 @@ class BVGLS(GroupStrategy):
             the statistics buffer; None = each parameter's dtype. The EMA update runs
             in float32 and is rounded once per step.
         fused: fold each gradient into the statistics during backward and free it unless
-            its group is trained in this step; the selection lags one step (see the module
-            docstring). One backward pass per optimizer step; not with a GradScaler or DDP/FSDP.
+            its group is trained in this step (an unselected group takes its learning-rate-0
+            step first, unless lean or ``skip_unselected``); the selection lags one step (see
+            the module docstring). One backward pass per optimizer step; not with a GradScaler
+            or DDP/FSDP.
     """
 
     needs_all_gradients = True
@@ -177,8 +184,7 @@ class BVGLS(GroupStrategy):
         self.probe = _positive_int("probe (steps between two probe steps)", probe)
         self.static = None if static is None else _positive_int("static (probing steps before fixing)", static)
         self.fused = bool(fused)
-        # fused: an unselected group's gradient is freed during backward, so it cannot step at lr 0
-        super().__init__(optimizer, groups, skip_unselected=skip_unselected or self.fused)
+        super().__init__(optimizer, groups, skip_unselected=skip_unselected)
         nonempty = sum(1 for ps in self.group_params if ps)
         if nonempty < 2:
             raise ValueError(
@@ -231,11 +237,19 @@ class BVGLS(GroupStrategy):
         self._arange = torch.arange(n, device=self._device)
         self._fold_set: set[int] = set()
         self._fold_ok: torch.Tensor | None = None
+        # fused, not lean: an unselected tensor takes its learning-rate-0 step as soon as its
+        # gradient is folded (the reference's step, run early so that the gradient can be freed)
+        self._lr0_in_backward = self.fused and not self.lean and not self.skip_unselected
         if self.fused:
             self._nonfinite_effect = (
-                "weights and optimizer state untouched; the finite gradients of the step "
-                "were already folded into the statistics, as fused mode frees them during "
-                "backward"
+                "weights untouched; as fused mode frees the gradients during backward, the "
+                "finite ones were already folded into the statistics"
+                + (
+                    " and the groups not trained in this step already took their learning-rate-0 "
+                    "step (their optimizer state saw the gradient with nan/inf as 0)"
+                    if self._lr0_in_backward
+                    else ""
+                )
             )
 
     @staticmethod
@@ -465,6 +479,8 @@ class BVGLS(GroupStrategy):
         self._fold_ok = ok if self._fold_ok is None else self._fold_ok & ok
         self._fold_set.add(i)
         if self.param_group_index[i] not in self.probe_selection:
+            if self._lr0_in_backward:
+                self._step_now([i], 0.0)
             param.grad = None  # the point of fused mode: this gradient never coexists with the others
 
     def _plan_fused_probe(self):

@@ -141,6 +141,10 @@ BENCH_FUSED = replace(
     seeds=(0, 1, 2),
     fixed_lrs=_BVGLS_LRS + tuple((t, "bvgls:fused=true", lr) for t, _, lr in _BVGLS_LRS),
 )
+#: docs/experiments/offline.md, "Protocol: fused BVG-LS, version 2" (frozen before it was run): v1's setting;
+#: bvgls at v1's chosen lrs (final runs only), bvgls:fused=true (learning-rate-0 steps during backward) with its
+#: own v1-style lr search; final seeds 0-4
+BENCH_FUSED_V2 = replace(BENCH, strategies=("bvgls", "bvgls:fused=true"), seeds=(0, 1, 2, 3, 4), fixed_lrs=_BVGLS_LRS)
 
 #: docs/experiments/pretrained.md: shared by its parts
 PT_COMMON = dict(
@@ -265,6 +269,7 @@ SUITES: dict[str, tuple[tuple[str, Protocol], ...]] = {
     "offline": (("fmnist-resnet", BENCH),),
     "offline-v2": (("fmnist-resnet", BENCH_V2),),
     "offline-fused": (("fmnist-resnet", BENCH_FUSED),),
+    "offline-fused-v2": (("fmnist-resnet", BENCH_FUSED_V2),),
     "pretrained": (("mobilenet_v2", PRETRAINED_M), ("efficientnet_lite0", PRETRAINED_E)),
     "pretrained-batch": (("mobilenet_v2-b128", PRETRAINED_BATCH),),
     "pretrained-pilot": (("mobilenet_v2", PRETRAINED_PILOT),),

@@ -137,9 +137,10 @@ def _bvgls_fused(optimizer, groups=None, k=1, alpha=0.9, probe=10, release_state
 
 
 @register_strategy("bvgls-skip")
-def _bvgls_skip(optimizer, groups=None, k=1, alpha=0.9) -> BVGLS:
-    """BVG-LS variant: unselected groups skip the optimizer step entirely (no momentum update)."""
-    return BVGLS(optimizer, k=k, alpha=alpha, groups=groups, skip_unselected=True)
+def _bvgls_skip(optimizer, groups=None, k=1, alpha=0.9, fused=False) -> BVGLS:
+    """BVG-LS variant: unselected groups skip the optimizer step entirely (no momentum update); fused=True
+    as for bvgls."""
+    return BVGLS(optimizer, k=k, alpha=alpha, groups=groups, skip_unselected=True, fused=fused)
 
 
 @register_strategy("bvgts")
