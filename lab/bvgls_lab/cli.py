@@ -157,52 +157,56 @@ def _show(out: Path, summary: dict) -> None:
     typer.echo(f"full report: {out / 'report.md'} (per-task figures in {out / 'figures'}){total}")
 
 
+#: ``bvgls-lab bench`` options
+ProtocolName = Annotated[
+    str,
+    typer.Option(
+        "--protocol",
+        "-p",
+        help=(
+            f"Which frozen protocol: {', '.join(SUITES)} (docs/experiments/offline.md, docs/experiments/pretrained.md)."
+        ),
+    ),
+]
+ReportOnly = Annotated[
+    bool,
+    typer.Option("--report-only", help=("Rewrite the report from the runs finished in --out so far; train nothing.")),
+]
+Reference = Annotated[
+    Path | None,
+    typer.Option(
+        "--reference",
+        help=(
+            "An earlier benchmark's runs.csv: the report checks that final runs of the same cells reproduce it "
+            "(offline-v2: docs/results/offline/runs.csv)."
+        ),
+        exists=True,
+        dir_okay=False,
+    ),
+]
+Batch16 = Annotated[
+    Path | None,
+    typer.Option(
+        "--batch16",
+        help=(
+            "With --protocol pretrained-batch: the --out of a `--protocol pretrained` benchmark "
+            "(or its mobilenet_v2/ "
+            "part); the batch-size ablation report (OUT/ablation.md) then sets its batch-16 cells beside the "
+            "batch-128 arm."
+        ),
+    ),
+]
+
+
 @app.command("bench")
 def bench_cmd(
-    protocol: Annotated[
-        str,
-        typer.Option(
-            "--protocol",
-            "-p",
-            help=(
-                f"Which frozen protocol: {', '.join(SUITES)} (docs/experiments/offline.md, "
-                "docs/experiments/pretrained.md)."
-            ),
-        ),
-    ] = "offline",
+    protocol: ProtocolName = "offline",
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (resumable).")] = Path("bench-out"),
     workers: Annotated[int, typer.Option("--workers", "-j", min=1, help="Runs in parallel (one CPU core each).")] = 2,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the protocol and the number of runs only.")] = False,
-    report_only: Annotated[
-        bool,
-        typer.Option(
-            "--report-only", help=("Rewrite the report from the runs finished in --out so far; train nothing.")
-        ),
-    ] = False,
-    reference: Annotated[
-        Path | None,
-        typer.Option(
-            "--reference",
-            help=(
-                "An earlier benchmark's runs.csv: the report checks that final runs of the same cells reproduce it "
-                "(offline-v2: docs/results/offline/runs.csv)."
-            ),
-            exists=True,
-            dir_okay=False,
-        ),
-    ] = None,
-    batch16: Annotated[
-        Path | None,
-        typer.Option(
-            "--batch16",
-            help=(
-                "With --protocol pretrained-batch: the --out of a `--protocol pretrained` benchmark "
-                "(or its mobilenet_v2/ "
-                "part); the batch-size ablation report (OUT/ablation.md) then sets its batch-16 cells beside the "
-                "batch-128 arm."
-            ),
-        ),
-    ] = None,
+    report_only: ReportOnly = False,
+    reference: Reference = None,
+    batch16: Batch16 = None,
     data_root: DataRoot = None,
     download: Download = False,
 ) -> None:
@@ -220,18 +224,7 @@ def bench_cmd(
         if batch16 is not None:  # checked before anything runs
             _check_batch16(protocol, batch16)
     if dry_run:
-        for part, p in parts:
-            typer.echo(f"{part}: " + json.dumps(asdict(p), indent=2))
-            if p.design == "sweep":
-                runs = sum(len(p.cell_grid(t, s)) for t in p.tasks for s in p.strategies) * len(p.seeds)
-                typer.echo(f"{len(p.tasks) * len(p.strategies)} cells; a sweep: {runs} runs (every lr x every seed)")
-                continue
-            searched = sum(p.fixed_lr(t, s) is None for t in p.tasks for s in p.strategies)
-            cells = len(p.tasks) * len(p.strategies)
-            typer.echo(
-                f"{cells} cells; {searched * len(p.search_seeds) * len(p.lrs)} search runs "
-                f"(+{len(p.search_seeds)} per grid extension) and {cells * len(p.seeds)} final runs"
-            )
+        _print_plan(parts)
         return
     with user_errors():
         summaries = (
@@ -250,6 +243,22 @@ def bench_cmd(
         with user_errors():
             write_batch_ablation(batch16, out, out / "ablation.md")
         typer.echo(f"batch-size ablation report: {out / 'ablation.md'}")
+
+
+def _print_plan(parts) -> None:
+    """``--dry-run``: each part's protocol and how many runs it makes."""
+    for part, p in parts:
+        typer.echo(f"{part}: " + json.dumps(asdict(p), indent=2))
+        if p.design == "sweep":
+            runs = sum(len(p.cell_grid(t, s)) for t in p.tasks for s in p.strategies) * len(p.seeds)
+            typer.echo(f"{len(p.tasks) * len(p.strategies)} cells; a sweep: {runs} runs (every lr x every seed)")
+            continue
+        searched = sum(p.fixed_lr(t, s) is None for t in p.tasks for s in p.strategies)
+        cells = len(p.tasks) * len(p.strategies)
+        typer.echo(
+            f"{cells} cells; {searched * len(p.search_seeds) * len(p.lrs)} search runs "
+            f"(+{len(p.search_seeds)} per grid extension) and {cells * len(p.seeds)} final runs"
+        )
 
 
 def _check_batch16(protocol: str, batch16: Path) -> None:

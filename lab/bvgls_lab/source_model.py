@@ -211,73 +211,86 @@ def pretrain(
         torch.set_num_threads(int(threads))
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    train_x, train_y = read_fashion_mnist("train", data_root, download)
-    test_x, test_y = read_fashion_mnist("test", data_root, download)
-    train_x, test_x = _normalise(train_x), _normalise(test_x)
+    (train_x, train_y), (test_x, test_y) = (_split(name, data_root, download) for name in ("train", "test"))
 
     model = FMNISTResNet(10, widths, blocks)
     # the runner's channels-last policy: NHWC only where oneDNN's backward cannot crash
     channels_last, _ = apply_channels_last(model, torch.device("cpu"), True)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    optimizer = torch.optim.SGD(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr,
-        momentum=0.9,
-        nesterov=True,
-    )
     steps_per_epoch = len(train_x) // batch_size
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch, pct_start=0.15
-    )
+    optimizer, scheduler = _source_optimizer(model, lr, weight_decay, epochs * steps_per_epoch)
     start = time.time()
     for epoch in range(epochs):
-        model.train()
         order = torch.randperm(len(train_x), generator=generator)
-        total = 0.0
-        for step in range(steps_per_epoch):
-            idx = order[step * batch_size : (step + 1) * batch_size]
-            x = _augment(train_x[idx], generator).contiguous(memory_format=memory_format)
-            loss = nn.functional.cross_entropy(model(x), train_y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total += loss.item()
+        batches = [order[step * batch_size : (step + 1) * batch_size] for step in range(steps_per_epoch)]
+        loss = _train_epoch(model, optimizer, scheduler, train_x, train_y, batches, generator, memory_format)
         acc = evaluate_accuracy(model, test_x, test_y)
         logger.info(
-            f"epoch {epoch + 1}/{epochs}  train loss {total / steps_per_epoch:.4f}  "
+            f"epoch {epoch + 1}/{epochs}  train loss {loss:.4f}  "
             f"source test accuracy {acc:.2f}%  ({time.time() - start:.0f} s)"
         )
     runtime = time.time() - start
-    model = model.to(memory_format=torch.contiguous_format)
+    recipe = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "seed": seed}
     meta = {
-        "recipe": {
-            "epochs": epochs,
-            "batch_size": batch_size,
-            "lr": lr,
-            "weight_decay": weight_decay,
-            "seed": seed,
-            "schedule": "OneCycleLR(pct_start=0.15)",
-            "augment": "translate2+hflip",
-        },
+        "recipe": {**recipe, "schedule": "OneCycleLR(pct_start=0.15)", "augment": "translate2+hflip"},
         "source_test_accuracy": acc,
         "runtime_s": round(runtime, 1),
         "torch": str(torch.__version__),
         "threads": torch.get_num_threads(),
         "channels_last": channels_last,
     }
+    out = Path(out)
+    _save_source_checkpoint(out, model.to(memory_format=torch.contiguous_format), widths, blocks, meta)
+    meta["sha256"] = file_sha256(out)
+    logger.info(f"saved {out}  sha256 {meta['sha256']}  source test accuracy {acc:.2f}%  runtime {runtime:.0f} s")
+    return meta
+
+
+def _split(name: str, data_root: str | None, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Fashion-MNIST split: normalised float images (N, 1, 28, 28) and their labels."""
+    images, labels = read_fashion_mnist(name, data_root, download)
+    return _normalise(images), labels
+
+
+def _source_optimizer(model: nn.Module, lr: float, weight_decay: float, total_steps: int):
+    """Nesterov SGD with weight decay on the weights only (not on BN parameters and biases), and
+    its one-cycle schedule peaking at ``lr`` over ``total_steps`` steps."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    optimizer = torch.optim.SGD(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        momentum=0.9,
+        nesterov=True,
+    )
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps, pct_start=0.15)
+    return optimizer, scheduler
+
+
+def _train_epoch(model, optimizer, scheduler, images, labels, batches, generator, memory_format) -> float:
+    """One epoch over the index tensors ``batches`` (each image augmented, seeded by ``generator``);
+    the mean training loss."""
+    model.train()
+    total = 0.0
+    for idx in batches:
+        x = _augment(images[idx], generator).contiguous(memory_format=memory_format)
+        loss = nn.functional.cross_entropy(model(x), labels[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total += loss.item()
+    return total / len(batches)
+
+
+def _save_source_checkpoint(out: Path, model: nn.Module, widths, blocks: int, meta: dict) -> None:
+    """The weights, the architecture and ``meta`` in ``out``, written atomically."""
     ckpt = {
         "state_dict": {k: v.contiguous() for k, v in model.state_dict().items()},
         "config": {"num_classes": 10, "widths": list(widths), "blocks": blocks},
         "meta": meta,
     }
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")
     torch.save(ckpt, tmp)
     os.replace(tmp, out)
-    meta["sha256"] = file_sha256(out)
-    logger.info(f"saved {out}  sha256 {meta['sha256']}  source test accuracy {acc:.2f}%  runtime {runtime:.0f} s")
-    return meta

@@ -58,6 +58,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.optim import Optimizer
 
 from .base import GroupsSpec, GroupStrategy, StepReport, as_named_lists, is_sharded, local_tensor
 
@@ -623,20 +624,25 @@ class BVGTS(BVGLS):
 
     Each step the ``ceil(fraction * n)`` tensors with the largest ratio are updated,
     ``n`` being the number of tensors that have a gradient in this step.
+
+    ``options`` are the keyword options of :class:`BVGLS` that apply to tensor selection,
+    with BVGLS's meaning and defaults: ``skip_unselected``, ``eps``, ``reduce_sums`` and
+    ``fused``; the lean options (``probe``, ``static``, ``release_state``) and ``ema_dtype`` are
+    BVG-LS's only.
     """
 
+    #: the keyword options of BVGLS that BVGTS passes on
+    OPTIONS = ("skip_unselected", "eps", "reduce_sums", "fused")
+
     def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        fraction: float = 0.5,
-        alpha: float = 0.9,
-        groups: GroupsSpec = None,
-        *,
-        skip_unselected: bool = False,
-        eps: float = 1e-10,
-        reduce_sums: SumReducer | None = None,
-        fused: bool = False,
+        self, optimizer: Optimizer, fraction: float = 0.5, alpha: float = 0.9, groups: GroupsSpec = None, **options
     ):
+        unknown = sorted(set(options) - set(self.OPTIONS))
+        if unknown:
+            raise TypeError(
+                f"BVGTS got unexpected keyword argument(s) {', '.join(unknown)}; "
+                f"its options are {', '.join(self.OPTIONS)}"
+            )
         if not 0.0 < float(fraction) <= 1.0:
             raise ValueError(f"fraction must be in (0, 1], got {fraction}")
         self.fraction = float(fraction)
@@ -654,16 +660,7 @@ class BVGTS(BVGLS):
                 for name, ps in as_named_lists(groups)
                 for j, p in enumerate(ps)
             ]
-        super().__init__(
-            optimizer,
-            k=1,
-            alpha=alpha,
-            groups=groups,
-            skip_unselected=skip_unselected,
-            eps=eps,
-            reduce_sums=reduce_sums,
-            fused=fused,
-        )
+        super().__init__(optimizer, k=1, alpha=alpha, groups=groups, **options)
         self.k = None
 
     def _num_to_select(self, num_present: int) -> int:

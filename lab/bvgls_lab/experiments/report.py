@@ -19,7 +19,6 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 from bvgls.runner.grid import collect_results, table_a_lines, text_grid_lines
 from bvgls.runner.lrsens import FIGURE_NAME, lr_sensitivity, lr_sensitivity_lines, several_lrs
@@ -132,75 +131,99 @@ def write_report(
     finished runs in ``out`` (``report.md``, ``summary.json``, ``runs.csv``, ``figures/``).
     ``reference``: an earlier benchmark's ``runs.csv`` whose final runs the same cells must reproduce."""
     out = Path(out)
-    cell_info = {(c["task"], c["strategy"]): c for c in cells}
-    if not cell_info and (out / "summary.json").is_file():  # report rewritten later: keep the search facts
-        cell_info = {(c["task"], c["strategy"]): c for c in json.loads((out / "summary.json").read_text())["cells"]}
+    cell_info = _cell_info(out, cells)
     rows = final_rows(out, protocol.seeds)  # runs of other seeds (a protocol cut short) are not reported
     tasks = [t for t in protocol.tasks if any(r["dataset"] == t for r in rows)]
     strategies = [s for s in protocol.strategies if any(r["strategy"] == s for r in rows)]
     errors = {(t, s): errors_by_seed(rows, t, s) for t in tasks for s in strategies}
-    shift = {t: _task_manifest(out, t).get("shift", "") for t in tasks}
 
     lines = [f"# Transfer benchmark: {protocol.model} on few-shot target tasks", ""]
     lines += [f"Protocol: `{json.dumps(asdict(protocol))}`", ""]
     lines += _tasks_lines(out)
-    # ---- Table A
-    lines += ["## Table A: test error (%), mean ± std over seeds (best per row in bold)", ""]
-    cells = {(t, s): list(errors[(t, s)].values()) for t in tasks for s in strategies if errors[(t, s)]}
-    means: dict[tuple[str, str], float] = {cell: statistics.fmean(v) for cell, v in cells.items()}
-    lines += table_a_lines(tasks, strategies, cells, header="Task", extra=shift, extra_header="shift")
-    lines.append("")
-    # ---- learning rates
-    if cell_info:
-        lines += [
-            "Learning rate per task and strategy: the one with the lowest mean final validation error over the "
-            "search seeds, searched grid in brackets, **EDGE** = still at an end of the grid; (fixed) = given "
-            "by the protocol.",
-            "",
-        ]
-        lines += text_grid_lines(tasks, strategies, lambda t, s: lr_cell_text(cell_info.get((t, s))), header="Task")
-        lines.append("")
-    # ---- paired differences
-    summary: dict[str, Any] = {
-        "protocol": asdict(protocol),
-        "tasks": tasks,
-        "strategies": strategies,
-        "cells": list(cell_info.values()),
-        "table": {},
-        "differences": {},
-    }
-    for (t, s), by_seed in errors.items():
-        summary["table"].setdefault(t, {})[s] = {
-            "mean": statistics.fmean(by_seed.values()) if by_seed else None,
-            "std": statistics.stdev(by_seed.values()) if len(by_seed) > 1 else None,
-            "by_seed": by_seed,
-        }
-    diff_lines = _difference_section(tasks, strategies, errors, means, summary)
-    lines += diff_lines
+    lines += _table_a_section(out, tasks, strategies, errors)
+    lines += _learning_rate_section(tasks, strategies, cell_info)
+    summary = _new_summary(protocol, tasks, strategies, cell_info, errors)
+    means = {cell: statistics.fmean(by_seed.values()) for cell, by_seed in errors.items() if by_seed}
+    lines += _difference_section(tasks, strategies, errors, means, summary)
     lines += _pairs_section(tasks, strategies, errors, summary)
     lines += _cost_section(out, rows, strategies, summary)
     if reference is not None:
         lines += _reproduction_section(rows, Path(reference), summary)
     lines += _search_section(out, tasks, strategies, summary)
-    # ---- training length
     lines += _length_section(out, rows, tasks, strategies, summary)
-    # ---- selection
     lines += _selection_section(out, rows, tasks, strategies, summary)
     lines += _claims_section(out, rows, tasks, strategies, errors, summary)
-    # ---- figures
     figures = _figures(out, rows, tasks, strategies)
     summary["figures"] = figures
     lines += ["## Figures", ""] + [f"- {k}: `{v}`" for k, v in figures.items()] + [""]
-    # ---- environment
+    lines += _run_section(out, rows, wall_s, summary)
+    text = "\n".join(lines) + "\n"
+    (out / "report.md").write_text(text)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    write_runs_csv(out)
+    return summary
+
+
+def _cell_info(out: Path, cells: Sequence[dict]) -> dict[tuple[str, str], dict]:
+    """The lr search's facts per (task, strategy): from ``cells``, else (a report rewritten later)
+    from the earlier ``summary.json``."""
+    if not cells and (out / "summary.json").is_file():
+        cells = json.loads((out / "summary.json").read_text())["cells"]
+    return {(c["task"], c["strategy"]): c for c in cells}
+
+
+def _table_a_section(out: Path, tasks: list[str], strategies: list[str], errors: dict) -> list[str]:
+    shift = {t: _task_manifest(out, t).get("shift", "") for t in tasks}
+    cells = {(t, s): list(errors[(t, s)].values()) for t in tasks for s in strategies if errors[(t, s)]}
+    lines = ["## Table A: test error (%), mean ± std over seeds (best per row in bold)", ""]
+    lines += table_a_lines(tasks, strategies, cells, header="Task", extra=shift, extra_header="shift")
+    return lines + [""]
+
+
+def _learning_rate_section(tasks: list[str], strategies: list[str], cell_info: dict) -> list[str]:
+    if not cell_info:
+        return []
+    lines = [
+        "Learning rate per task and strategy: the one with the lowest mean final validation error over the "
+        "search seeds, searched grid in brackets, **EDGE** = still at an end of the grid; (fixed) = given "
+        "by the protocol.",
+        "",
+    ]
+    lines += text_grid_lines(tasks, strategies, lambda t, s: lr_cell_text(cell_info.get((t, s))), header="Task")
+    return lines + [""]
+
+
+def _new_summary(protocol: Protocol, tasks: list[str], strategies: list[str], cell_info: dict, errors: dict) -> dict:
+    """``summary.json``'s protocol, cells and Table A (mean, std and every seed's error per cell);
+    the report's sections add the rest."""
+    table: dict[str, dict] = {}
+    for (t, s), by_seed in errors.items():
+        table.setdefault(t, {})[s] = {
+            "mean": statistics.fmean(by_seed.values()) if by_seed else None,
+            "std": statistics.stdev(by_seed.values()) if len(by_seed) > 1 else None,
+            "by_seed": by_seed,
+        }
+    return {
+        "protocol": asdict(protocol),
+        "tasks": tasks,
+        "strategies": strategies,
+        "cells": list(cell_info.values()),
+        "table": table,
+        "differences": {},
+    }
+
+
+def _run_section(out: Path, rows: list[dict], wall_s: float | None, summary: dict) -> list[str]:
+    """How and when the runs were made (a report redrawn later keeps those of the run it reports)."""
     previous = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
     if wall_s is not None or "environment" not in previous:
         env = environment()
         summary["wall_s"] = None if wall_s is None else round(wall_s, 1)
-    else:  # the report of an earlier run, redrawn: keep how and when that run was made
+    else:
         env = previous["environment"]
         summary["wall_s"] = previous.get("wall_s")
     summary["environment"] = env
-    lines += [
+    lines = [
         "## Run",
         "",
         f"- command: `{env['command']}`",
@@ -211,11 +234,7 @@ def write_report(
         lines.append(f"- total wall time: {summary['wall_s'] / 60:.1f} min")
     searched = f"; {_count_search(out)} in the lr search" if (out / "search").is_dir() else ""
     lines.append(f"- runs: {len(rows)} reported" + searched)
-    text = "\n".join(lines) + "\n"
-    (out / "report.md").write_text(text)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    write_runs_csv(out)
-    return summary
+    return lines
 
 
 def write_runs_csv(out: Path) -> None:
@@ -504,65 +523,87 @@ def _claims_section(out, rows, tasks, strategies, errors, summary) -> list[str]:
     strategies they need were run)."""
     if not {"bvgls", "full"} <= set(strategies):
         return []
-    claims, lines = {}, ["## The paper's claims, as judged by the protocol", ""]
+    judged = {
+        "A": _claim_a(tasks, strategies, errors),
+        "B": _claim_b(rows, tasks),
+        "C": _claim_c(summary.get("selection", {}).get("bvgls", {})),
+    }
+    judged = {name: verdict_line for name, verdict_line in judged.items() if verdict_line is not None}
+    summary["claims"] = {name: verdict for name, (verdict, _) in judged.items()}
+    return ["## The paper's claims, as judged by the protocol", ""] + [line for _, line in judged.values()] + [""]
+
+
+def _claim_a(tasks, strategies, errors) -> tuple[str, str] | None:
+    """Claim A (BVG-LS beats full finetuning and the best partial strategy): verdict and report line;
+    None without a partial strategy."""
     partial = [s for s in strategies if is_partial_spec(s)]
+    if not partial:
+        return None
     vs_full = paired_differences(tasks, errors, "bvgls", "full")
-    if partial:
-        best = {
-            t: min(
-                (s for s in partial if errors.get((t, s))), key=lambda s, t=t: statistics.fmean(errors[(t, s)].values())
-            )
+    best = {
+        t: min((s for s in partial if errors.get((t, s))), key=lambda s, t=t: statistics.fmean(errors[(t, s)].values()))
+        for t in tasks
+    }
+    per_task = {t: paired_differences([t], errors, "bvgls", best[t]).get(t) for t in tasks}
+    key = "average" if len(tasks) > 1 else tasks[0]
+    part_avg = paired_differences(
+        tasks, {(t, "best"): errors[(t, best[t])] for t in tasks} | errors, "bvgls", "best"
+    ).get(key)
+    below = [d is not None and not math.isnan(d[2]) and d[2] < 0 for d in (vs_full.get(key), part_avg)]
+    above = [d is not None and not math.isnan(d[1]) and d[1] > 0 for d in (vs_full.get(key), part_avg)]
+    verdicts = {2: "reproduced", 1: "partly reproduced", 0: "not reproduced"}
+    verdict = "contradicted" if any(above) else verdicts[sum(below)]
+    line = (
+        f"- **A** (BVG-LS beats full finetuning and the best partial strategy): **{verdict}** "
+        f"(bvgls − full {fmt_ci(*vs_full[key][:3])}, bvgls − best partial {fmt_ci(*part_avg[:3])}, "
+        f"{'averaged over tasks' if len(tasks) > 1 else key}); per task: "
+        + "; ".join(
+            f"{t} vs full {_side(*vs_full[t][1:3])}, vs {best[t]} {_side(*per_task[t][1:3])}"
             for t in tasks
-        }
-        per_task = {t: paired_differences([t], errors, "bvgls", best[t]).get(t) for t in tasks}
-        key = "average" if len(tasks) > 1 else tasks[0]
-        part_avg = paired_differences(
-            tasks, {(t, "best"): errors[(t, best[t])] for t in tasks} | errors, "bvgls", "best"
-        ).get(key)
-        below = [d is not None and not math.isnan(d[2]) and d[2] < 0 for d in (vs_full.get(key), part_avg)]
-        above = [d is not None and not math.isnan(d[1]) and d[1] > 0 for d in (vs_full.get(key), part_avg)]
-        verdicts = {2: "reproduced", 1: "partly reproduced", 0: "not reproduced"}
-        verdict = "contradicted" if any(above) else verdicts[sum(below)]
-        claims["A"] = verdict
-        lines.append(
-            f"- **A** (BVG-LS beats full finetuning and the best partial strategy): **{verdict}** "
-            f"(bvgls − full {fmt_ci(*vs_full[key][:3])}, bvgls − best partial {fmt_ci(*part_avg[:3])}, "
-            f"{'averaged over tasks' if len(tasks) > 1 else key}); per task: "
-            + "; ".join(
-                f"{t} vs full {_side(*vs_full[t][1:3])}, vs {best[t]} {_side(*per_task[t][1:3])}"
-                for t in tasks
-                if t in vs_full and per_task[t]
-            )
+            if t in vs_full and per_task[t]
         )
+    )
+    return verdict, line
+
+
+def _claim_b(rows, tasks) -> tuple[str, str] | None:
+    """Claim B (faster test-loss descent than full finetuning): verdict and report line; None
+    without runs of both evaluated at a common first epoch."""
     loss = {t: (_first_eval_losses(rows, t, "bvgls"), _first_eval_losses(rows, t, "full")) for t in tasks}
     diffs = {
         t: paired_ci([b[k] - f[k] for k in sorted(set(b) & set(f))]) for t, (b, f) in loss.items() if set(b) & set(f)
     }
-    if diffs:
-        lower = all(m < 0 for m, _, _ in diffs.values()) and len(diffs) == len(tasks)
-        one_ci = any(not math.isnan(hi) and hi < 0 for _, _, hi in diffs.values())
-        claims["B"] = "reproduced" if lower and one_ci else "not reproduced"
-        lines.append(
-            f"- **B** (faster test-loss descent: lower test loss than full at the first evaluation on every "
-            f"task, interval below 0 on at least one): **{claims['B']}** (bvgls − full test loss: "
-            + "; ".join(f"{t} {fmt_ci(*d)}" for t, d in diffs.items())
-            + ")"
-        )
-    selection = summary.get("selection", {}).get("bvgls", {})
-    if selection:
-        holds = []
-        for v in selection.values():
-            order = sorted(range(len(v["first_epoch"])), key=lambda i: -v["first_epoch"][i])
-            holds.append((order[0] == len(order) - 1, order[1] == 0))
-        head, stem = all(h for h, _ in holds), all(s for _, s in holds)
-        claims["C"] = "reproduced" if head and stem else ("partly reproduced" if head or stem else "not reproduced")
-        lines.append(
-            f"- **C** (first epoch: the head most selected, the input group second): **{claims['C']}** "
-            f"(head first on {sum(h for h, _ in holds)}/{len(holds)} tasks, input group second on "
-            f"{sum(s for _, s in holds)}/{len(holds)}; frequencies in the selection table above)"
-        )
-    summary["claims"] = claims
-    return lines + [""]
+    if not diffs:
+        return None
+    lower = all(m < 0 for m, _, _ in diffs.values()) and len(diffs) == len(tasks)
+    one_ci = any(not math.isnan(hi) and hi < 0 for _, _, hi in diffs.values())
+    verdict = "reproduced" if lower and one_ci else "not reproduced"
+    line = (
+        f"- **B** (faster test-loss descent: lower test loss than full at the first evaluation on every "
+        f"task, interval below 0 on at least one): **{verdict}** (bvgls − full test loss: "
+        + "; ".join(f"{t} {fmt_ci(*d)}" for t, d in diffs.items())
+        + ")"
+    )
+    return verdict, line
+
+
+def _claim_c(selection: dict) -> tuple[str, str] | None:
+    """Claim C (first epoch: the head most selected, the input group second), from BVG-LS's
+    selection summary per task: verdict and report line; None without one."""
+    if not selection:
+        return None
+    holds = []
+    for v in selection.values():
+        order = sorted(range(len(v["first_epoch"])), key=lambda i: -v["first_epoch"][i])
+        holds.append((order[0] == len(order) - 1, order[1] == 0))
+    head, stem = all(h for h, _ in holds), all(s for _, s in holds)
+    verdict = "reproduced" if head and stem else ("partly reproduced" if head or stem else "not reproduced")
+    line = (
+        f"- **C** (first epoch: the head most selected, the input group second): **{verdict}** "
+        f"(head first on {sum(h for h, _ in holds)}/{len(holds)} tasks, input group second on "
+        f"{sum(s for _, s in holds)}/{len(holds)}; frequencies in the selection table above)"
+    )
+    return verdict, line
 
 
 def _length_section(out, rows, tasks, strategies, summary) -> list[str]:

@@ -232,6 +232,27 @@ def run_benchmark(
     (out / "logs").mkdir(parents=True, exist_ok=True)
     check_protocol(out, protocol)
     start = time.time()
+    data_dirs = _data_dirs(out, protocol, tasks, data_root, download)
+    logger.info(f"{len(data_dirs)} task(s) ready ({time.time() - start:.0f} s)")
+    if tasks:
+        (out / "tasks.json").write_text(json.dumps(tasks, indent=2) + "\n")
+    cells = _cells(out, protocol, tasks, data_dirs, threads)
+    logger.info(
+        f"{len(cells)} (task, strategy) cells: {plan_text(protocol, cells)}, {workers} at a time; "
+        f"logs in {out / 'logs'}"
+    )
+    results = []
+    for res in map_cells(cells, workers):
+        results.append(res)
+        logger.info(cell_line(res, len(results), len(cells), start))
+    wall = time.time() - start
+    summary = report_of(protocol)(out, protocol, results, wall_s=wall, reference=reference)
+    logger.info(f"total {wall / 60:.1f} min; report: {out / 'report.md'}")
+    return summary
+
+
+def _data_dirs(out: Path, protocol: Protocol, tasks: dict, data_root: str | None, download: bool) -> dict[str, str]:
+    """Each task's image folder: a located task's own, else one exported under ``out/data``."""
     data_dirs = {}
     for name in protocol.tasks:
         data_dirs[name] = (
@@ -243,9 +264,11 @@ def run_benchmark(
                 )
             )
         )
-    logger.info(f"{len(data_dirs)} task(s) ready ({time.time() - start:.0f} s)")
-    if tasks:
-        (out / "tasks.json").write_text(json.dumps(tasks, indent=2) + "\n")
+    return data_dirs
+
+
+def _cells(out: Path, protocol: Protocol, tasks: dict, data_dirs: dict[str, str], threads: int) -> list[Cell]:
+    """The (task, strategy) cells in the order they run."""
     cells = [
         Cell(
             t,
@@ -261,18 +284,7 @@ def run_benchmark(
     ]  # by strategy: a cut-short run has whole ones
     if protocol.design == "sweep":  # seed by seed: a cut-short sweep has whole seeds of every cell
         cells = [replace(c, seeds=(seed,)) for seed in protocol.seeds for c in cells]
-    logger.info(
-        f"{len(cells)} (task, strategy) cells: {plan_text(protocol, cells)}, {workers} at a time; "
-        f"logs in {out / 'logs'}"
-    )
-    results = []
-    for res in map_cells(cells, workers):
-        results.append(res)
-        logger.info(cell_line(res, len(results), len(cells), start))
-    wall = time.time() - start
-    summary = report_of(protocol)(out, protocol, results, wall_s=wall, reference=reference)
-    logger.info(f"total {wall / 60:.1f} min; report: {out / 'report.md'}")
-    return summary
+    return cells
 
 
 def run_suite(out_dir: str | os.PathLike, name: str = "offline", **options) -> list[dict]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -9,7 +10,7 @@ import typer
 
 from ..runner.config import DataOptions, FinetuneConfig
 from . import app, console, user_errors
-from .options import SHARED, command, field_params, param, require
+from .options import SHARED, command, field_params, param, require, typed
 
 
 @app.command(no_args_is_help=True)
@@ -54,30 +55,43 @@ GROUPS_OWN = [
 ]
 
 
-@command(app, GROUPS_OWN, no_args_is_help=True)
-def groups(**values: Any) -> None:
+@dataclasses.dataclass(frozen=True)
+class GroupsQuery:
+    """``bvgls groups``'s options: the model to group and the strategy to show on its groups."""
+
+    model: str
+    weights: str
+    num_classes: int
+    groups: str
+    strategy: str | None
+    trust_pickle: bool
+
+
+def groups_arguments(values: dict[str, Any]) -> tuple[GroupsQuery]:
+    require(values, "model")
+    return (typed(GroupsQuery, values),)
+
+
+@command(app, GROUPS_OWN, parse=groups_arguments, no_args_is_help=True)
+def groups(query: GroupsQuery) -> None:
     """Print the layer groups a strategy selects from: index, name, tensors, parameters."""
     from ..grouping import layer_groups
     from ..runner.models import build_model
 
     with user_errors():
-        require(values, "model")
-        net = build_model(
-            values["model"], values["num_classes"], values["weights"], trust_pickle=values["trust_pickle"]
-        )
-        lg = layer_groups(net, values["groups"])
+        net = build_model(query.model, query.num_classes, query.weights, trust_pickle=query.trust_pickle)
+        lg = layer_groups(net, query.groups)
         typer.echo(lg.describe())
-        strategy = values["strategy"]
-        if strategy:
+        if query.strategy:
             import torch
 
             from ..strategies import make_strategy
 
             opt = torch.optim.SGD(lg.param_groups(), lr=0.1)
-            strat = make_strategy(strategy, opt, lg)
+            strat = make_strategy(query.strategy, opt, lg)
             trained = [n for n, ps in zip(strat.group_names, strat.group_params) if any(p.requires_grad for p in ps)]
             kind = "selects among" if strat.needs_all_gradients else "trains"
-            typer.echo(f"{strategy} {kind}: {', '.join(trained)}")
+            typer.echo(f"{query.strategy} {kind}: {', '.join(trained)}")
 
 
 @app.command(name="list")

@@ -8,7 +8,8 @@ but several commands share (``--model``, ``--data``) are declared in
 
 Typer reads a command's options from its signature; :func:`command` builds that signature
 from the command's own parameters plus one ``typer.Option`` per config field, and sets it as
-``__signature__`` of a function taking ``**values``.
+``__signature__`` of a function taking ``**values``, which the command's ``parse`` turns into
+typed objects (:func:`typed`, :func:`make_config`): a command function never indexes the values.
 """
 
 from __future__ import annotations
@@ -94,20 +95,37 @@ def command(
     app: typer.Typer,
     own: Sequence[inspect.Parameter],
     *configs: type,
+    parse: Callable[[dict[str, Any]], tuple],
     name: str | None = None,
     without: Sequence[str] = (),
     **command_kwargs,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register ``fn(**values)`` as a command whose options are ``own`` then those of ``configs``
-    (less the fields named in ``without``: the command sets them itself)."""
+    """Register ``fn`` as a command whose options are ``own`` then those of ``configs`` (less the
+    fields named in ``without``: the command sets them itself). Typer passes the options' values
+    to ``parse``, which returns ``fn``'s typed arguments (its own options' dataclass and the
+    configs); a value it refuses ends the command with one ``error:`` line."""
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        from . import user_errors
+
+        def run(**values: Any) -> Any:
+            with user_errors():
+                arguments = parse(values)
+            return fn(*arguments)
+
+        run.__name__, run.__qualname__, run.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+        run.__module__ = fn.__module__
         params = list(own) + [p for cls in configs for p in field_params(cls, without=without)]
-        fn.__signature__ = inspect.Signature(params)
-        app.command(name, **command_kwargs)(fn)
+        run.__signature__ = inspect.Signature(params)
+        app.command(name, **command_kwargs)(run)
         return fn
 
     return deco
+
+
+def typed(cls: type, values: dict[str, Any]) -> Any:
+    """The dataclass ``cls`` of a command's own options, from its values."""
+    return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
 
 
 def split_values(values: dict[str, Any], cls: type) -> dict[str, Any]:

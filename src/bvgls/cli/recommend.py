@@ -4,6 +4,7 @@ selection frequency and recommends a fixed ``L<a>-<b>`` spec (:func:`bvgls.recom
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -11,7 +12,7 @@ from typing import Annotated, Any
 
 from ..runner.config import MODEL_AND_DATA, DataOptions, FinetuneConfig
 from . import CLIError, app, user_errors
-from .options import SHARED, command, field_params, make_config, opt, param, require
+from .options import SHARED, command, field_params, make_config, opt, param, require, typed
 
 #: training options of the config that a recommendation run uses (the others do not apply to a short SGD run)
 RECOMMEND_FIELDS = ("lr", "seed", "groups", "momentum", "weight_decay", "device", "num_workers", "progress")
@@ -103,8 +104,32 @@ def recommend_fields() -> list:
     )
 
 
-@command(app, RECOMMEND_OWN + recommend_fields(), no_args_is_help=True)
-def recommend(**values: Any) -> None:
+@dataclasses.dataclass(frozen=True)
+class RecommendRun:
+    """``bvgls recommend``'s own options (the training and data options it uses are its configs)."""
+
+    model: str
+    data: str
+    steps: int
+    k: int
+    coverage: float
+    batch_size: int | None
+    image_size: int | None
+    json_out: str | None
+
+
+def recommend_arguments(values: dict[str, Any]) -> tuple[RecommendRun, FinetuneConfig, DataOptions]:
+    """The command's typed options; the training options are checked with their flags."""
+    run = typed(RecommendRun, values)
+    if run.coverage <= 0:
+        raise CLIError(f"--coverage must be in (0, 1], got {run.coverage}")
+    require(values, "model", "data")
+    settings = make_config(FinetuneConfig, values, epochs=1, batch_size=1)
+    return run, settings, make_config(DataOptions, values)
+
+
+@command(app, RECOMMEND_OWN + recommend_fields(), parse=recommend_arguments, no_args_is_help=True)
+def recommend(run: RecommendRun, settings: FinetuneConfig, data_options: DataOptions) -> None:
     """Which layers should I finetune? Run BVG-LS for --steps steps and recommend a fixed L<a>-<b>.
 
     Prints, per layer group, the fraction of steps in which it was selected and its mean bias-variance ratio (over
@@ -113,11 +138,11 @@ def recommend(**values: Any) -> None:
     not saved.
     """
     with user_errors():
-        report = run_recommend(values)
+        report = run_recommend(run, settings, data_options)
     print(report)
     print(
         f"settings: batch {report.extra['batch_size']}, {report.extra['image_size']} px, "
-        f"{report.steps} steps, lr {values['lr']:g}, device {report.extra['device']}",
+        f"{report.steps} steps, lr {settings.lr:g}, device {report.extra['device']}",
         file=sys.stderr,
     )
 
@@ -151,35 +176,30 @@ def step_bar(enabled: bool, steps: int):
             torch.set_flush_denormal(False)
 
 
-def run_recommend(p: dict[str, Any]):
-    """The command's run: checks, data, model, the BVG-LS run with a bar, the report (and its JSON)."""
+def run_recommend(run: RecommendRun, settings: FinetuneConfig, data_options: DataOptions):
+    """The command's run: data, model, the BVG-LS run with a bar, the report (and its JSON)."""
     from ..grouping import layer_groups
     from ..recommend import recommend as recommend_layers
     from ..runner.loop import resolve_device, seed_everything
     from ..runner.models import build_model
 
-    if p["coverage"] <= 0:
-        raise CLIError(f"--coverage must be in (0, 1], got {p['coverage']}")
-    require(p, "model", "data")
-    make_config(FinetuneConfig, p, epochs=1, batch_size=1)  # the training options, checked with their flags
-    data_options = make_config(DataOptions, p)
-    device = resolve_device(p["device"])
-    splits, batch, size = load_data(p, data_options, device)
+    device = resolve_device(settings.device)
+    splits, batch, size = load_data(run, settings.groups, data_options, device)
     example_shape = list(splits.train[0][0].shape)  # what the model is fed (before seeding: it draws a crop)
-    seed_everything(p["seed"])
-    net = build_model(p["model"], splits.num_classes, data_options.weights)
-    loader = train_loader(splits.train, batch, p["num_workers"], p["seed"], device)
-    with step_bar(p["progress"], p["steps"]) as on_step:
+    seed_everything(settings.seed)
+    net = build_model(run.model, splits.num_classes, data_options.weights)
+    loader = train_loader(splits.train, batch, settings.num_workers, settings.seed, device)
+    with step_bar(settings.progress, run.steps) as on_step:
         report = recommend_layers(
             net,
             loader,
-            p["steps"],
-            groups=lambda m: layer_groups(m, p["groups"]),
-            lr=p["lr"],
-            momentum=p["momentum"],
-            weight_decay=p["weight_decay"],
-            k=p["k"],
-            coverage=p["coverage"],
+            run.steps,
+            groups=lambda m: layer_groups(m, settings.groups),
+            lr=settings.lr,
+            momentum=settings.momentum,
+            weight_decay=settings.weight_decay,
+            k=run.k,
+            coverage=run.coverage,
             device=device,
             copy_model=False,
             on_step=on_step,
@@ -189,33 +209,31 @@ def run_recommend(p: dict[str, Any]):
         image_size=size,
         example_shape=example_shape,
         device=str(device),
-        model=p["model"],
-        data=p["data"],
-        seed=p["seed"],
-        lr=p["lr"],
+        model=run.model,
+        data=run.data,
+        seed=settings.seed,
+        lr=settings.lr,
     )
-    if p["json_out"]:
-        with open(p["json_out"], "w") as f:
+    if run.json_out:
+        with open(run.json_out, "w") as f:
             json.dump({**report.to_dict(), "settings": report.extra}, f)
     return report
 
 
-def load_data(p: dict[str, Any], data_options: DataOptions, device):
+def load_data(run: RecommendRun, grouping: str, data_options: DataOptions, device):
     """The dataset at the run's crop size, its batch size and crop size; an unknown or unfitting
     grouping, or a k above the groups, fails before the data is loaded."""
-    import dataclasses
-
     from ..grouping import layer_groups
     from ..runner.data import load_dataset
     from ..runner.models import build_model
     from ..selector import BVGLS
 
-    shape = build_model(p["model"], 2, data_options.weights)
-    groups = layer_groups(shape, p["groups"])
-    BVGLS.check_k(p["k"], sum(1 for _, params in groups.named_param_lists() if params))
-    batch, size = run_sizes(device, int(shape.bvgls_input.size), p["batch_size"], p["image_size"])
+    shape = build_model(run.model, 2, data_options.weights)
+    groups = layer_groups(shape, grouping)
+    BVGLS.check_k(run.k, sum(1 for _, params in groups.named_param_lists() if params))
+    batch, size = run_sizes(device, int(shape.bvgls_input.size), run.batch_size, run.image_size)
     splits = load_dataset(
-        p["data"],
+        run.data,
         data_options.data_root,
         data_options.download,
         dataclasses.replace(shape.bvgls_input, size=size),

@@ -12,7 +12,7 @@ import typer
 
 from ..runner.config import GRID_AXES, OUTPUT, RESULT, DataOptions, FinetuneConfig
 from . import CLIError, app, check_tensorboard, console, numbers, user_errors
-from .options import SHARED, command, make_config, opt, param, require
+from .options import SHARED, command, make_config, opt, param, require, typed
 
 #: runtime options that must still not change on resume: with DataLoader workers the augmentation
 #: draws from per-worker streams, so another count would not reproduce the uninterrupted run
@@ -21,11 +21,6 @@ RESUME_KEEPS = ("num_workers",)
 RESUME_RUNTIME = tuple(
     f.name for f in dataclasses.fields(FinetuneConfig) if f.metadata["kind"] != RESULT and f.name not in RESUME_KEEPS
 ) + ("tensorboard", "stop_after")
-
-
-def typed(cls: type, values: dict[str, Any]) -> Any:
-    """The dataclass ``cls`` of a command's own options, from its values."""
-    return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
 
 
 # ---------------------------------------------------------------------- finetune
@@ -105,24 +100,29 @@ FINETUNE_OWN = [
 ]
 
 
-@command(app, FINETUNE_OWN, FinetuneConfig, DataOptions, no_args_is_help=True)
-def finetune(**values: Any) -> None:
+def finetune_arguments(values: dict[str, Any]) -> tuple[FinetuneRun, FinetuneConfig, DataOptions, dict[str, Any]]:
+    """The command's typed options; with --resume those recorded in the run directory. The last item
+    is the command line's values as ``config.json`` records them (for a later ``--resume``)."""
+    ctx = values.pop("ctx")
+    values = {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
+    if values["resume"] is not None:
+        values = recorded_values(values["resume"], values, ctx)
+    elif values["model"] is None or values["data"] is None:
+        raise CLIError("--model and --data are required (or --resume RUN_DIR)")
+    settings, data_options = make_config(FinetuneConfig, values), make_config(DataOptions, values)
+    cli_record = {k: v for k, v in values.items() if k not in ("resume", "trust_pickle")}
+    return typed(FinetuneRun, values), settings, data_options, cli_record
+
+
+@command(app, FINETUNE_OWN, FinetuneConfig, DataOptions, parse=finetune_arguments, no_args_is_help=True)
+def finetune(run: FinetuneRun, settings: FinetuneConfig, data_options: DataOptions, cli_record: dict[str, Any]) -> None:
     """Finetune one model on one dataset with one strategy.
 
     Writes in the run directory: config.json (resolved settings), metrics.jsonl (per epoch: losses, test error %,
     lr, wall time, selection frequency and mean BVR of every group), an atomic checkpoint.pt after every epoch, and
     model.pt + result.json at the end.
     """
-    ctx = values.pop("ctx")
-    values = {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
     with user_errors():
-        if values["resume"] is not None:
-            values = recorded_values(values["resume"], values, ctx)
-        elif values["model"] is None or values["data"] is None:
-            raise CLIError("--model and --data are required (or --resume RUN_DIR)")
-        run = typed(FinetuneRun, values)
-        settings, data_options = make_config(FinetuneConfig, values), make_config(DataOptions, values)
-        cli_record = {k: v for k, v in values.items() if k not in ("resume", "trust_pickle")}
         run_finetune(run, settings, data_options, cli_record)
 
 
@@ -301,6 +301,12 @@ class CompareGrid:
     refit: bool
     keep_going: bool
 
+    def arguments(self) -> dict[str, Any]:
+        """The grid as :func:`~bvgls.runner.grid.compare`'s arguments (its names for --data and --out)."""
+        arguments = dataclasses.asdict(self)
+        arguments["datasets"], arguments["out_dir"] = arguments.pop("data"), arguments.pop("out")
+        return arguments
+
 
 COMPARE_OWN = [
     param(
@@ -378,8 +384,21 @@ COMPARE_OWN = [
 ]
 
 
-@command(app, COMPARE_OWN, FinetuneConfig, DataOptions, without=GRID_AXES, no_args_is_help=True)
-def compare(**values: Any) -> None:
+def compare_arguments(values: dict[str, Any]) -> tuple[CompareGrid, FinetuneConfig, DataOptions]:
+    """The command's typed options: the grid (its number lists parsed) and the configs."""
+    from ..runner.grid import check_lrs
+
+    require(values, "model", "data")
+    lrs = check_lrs(numbers(values["lrs"], "--lrs"), "--lrs")
+    grid = typed(CompareGrid, {**values, "lrs": lrs, "seeds": numbers(values["seeds"], "--seeds", int)})
+    settings = make_config(FinetuneConfig, values, lr=lrs[0])  # the lr is set per run by the grid
+    return grid, settings, make_config(DataOptions, values)
+
+
+@command(
+    app, COMPARE_OWN, FinetuneConfig, DataOptions, parse=compare_arguments, without=GRID_AXES, no_args_is_help=True
+)
+def compare(grid: CompareGrid, settings: FinetuneConfig, data_options: DataOptions) -> None:
     """Run strategies x datasets x seeds (x learning rates) and write the paper's Table A.
 
     results.csv has one row per finished run (dataset, strategy, seed, lr, test_error in %, test_loss, val_error,
@@ -389,33 +408,11 @@ def compare(**values: Any) -> None:
     every strategy at that one shared lr, with no search. Rerunning with the same --out skips finished runs and
     resumes interrupted ones.
     """
-    from ..runner.grid import check_lrs
     from ..runner.grid import compare as run_grid
 
     out = console()
     with user_errors():
-        require(values, "model", "data")
-        lrs = check_lrs(numbers(values["lrs"], "--lrs"), "--lrs")
-        grid = typed(CompareGrid, {**values, "lrs": lrs, "seeds": numbers(values["seeds"], "--seeds", int)})
-        settings = make_config(FinetuneConfig, values, lr=lrs[0])  # the lr is set per run by the grid
-        data_options = make_config(DataOptions, values)
-        result = run_grid(
-            grid.strategies,
-            grid.data,
-            grid.seeds,
-            grid.lrs,
-            model=grid.model,
-            out_dir=grid.out,
-            weights=data_options.weights,
-            refit=grid.refit,
-            extend_lrs=grid.extend_lrs,
-            data_root=data_options.data_root,
-            download=data_options.download,
-            augment=data_options.augment_override,
-            image_size=data_options.image_size,
-            keep_going=grid.keep_going,
-            **settings.options(without=GRID_AXES),
-        )
+        result = run_grid(**grid.arguments(), **data_options.loading(), **settings.options(without=GRID_AXES))
     out.print(result.table, markup=False)
     out.print(f"wrote {result.csv_path} and {result.table_path}")
     if result.lr_figure:

@@ -316,6 +316,11 @@ class DataOptions:
         """The augmentation to ask the dataset for (None: its own)."""
         return None if self.augment == "default" else self.augment
 
+    def loading(self) -> dict[str, Any]:
+        """The options as the keyword arguments :func:`~bvgls.runner.grid.compare` takes (``augment``:
+        None for the dataset's own)."""
+        return {**dataclasses.asdict(self), "augment": self.augment_override}
+
     def model_input(self, input):
         """The model's ``ModelInput`` with the crop size replaced by ``image_size`` (when given)."""
         return input if self.image_size is None or input is None else dataclasses.replace(input, size=self.image_size)

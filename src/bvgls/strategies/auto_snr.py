@@ -53,11 +53,9 @@ a variance), so checkpoints resume exactly.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..base import GroupsSpec
 from . import register_strategy
@@ -72,13 +70,13 @@ class AutoSNR(AutoRGN):
     else 0. See the module docstring for the exact formula and its sources.
 
     Args:
-        refresh: ``"epoch"`` (default; needs ``on_epoch_start``), ``"step"`` or a
-            number of steps, as for :class:`~bvgls.peers.AutoRGN`.
-        batches: mini-batches averaged per refresh window (authors: 5).
         threshold: minimum mean score for weight 1 (authors: 0.95); a number >= 0.
-        norm: ``"freeze"`` (authors) or ``"snr"``.
-        model, norm_params: where to find the normalisation layers (see AutoRGN).
-        skip_unselected: tensors with weight 0 skip the optimizer step entirely.
+        options: the keyword options of :class:`~bvgls.peers.AutoRGN`, with its defaults:
+            ``refresh`` (``"epoch"``, needs ``on_epoch_start``; ``"step"`` or a number of steps),
+            ``batches`` (mini-batches averaged per refresh window; authors: 5), ``norm``
+            (``"freeze"``, the authors', or ``"snr"``), ``model`` and ``norm_params`` (where to find
+            the normalisation layers), ``skip_unselected`` (tensors with weight 0 skip the
+            optimizer step entirely).
     """
 
     NORM_MODES = ("freeze", "snr")
@@ -86,17 +84,7 @@ class AutoSNR(AutoRGN):
     EPS = 1e-8
 
     def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        groups: GroupsSpec = None,
-        *,
-        refresh: str | int = "epoch",
-        batches: int = 5,
-        threshold: float = 0.95,
-        norm: str = "freeze",
-        model: nn.Module | None = None,
-        norm_params: Iterable[torch.Tensor] | None = None,
-        skip_unselected: bool = False,
+        self, optimizer: torch.optim.Optimizer, groups: GroupsSpec = None, *, threshold: float = 0.95, **options
     ):
         if (
             isinstance(threshold, bool)
@@ -106,16 +94,7 @@ class AutoSNR(AutoRGN):
         ):
             raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
         self.threshold = float(threshold)
-        super().__init__(
-            optimizer,
-            groups,
-            refresh=refresh,
-            batches=batches,
-            norm=norm,
-            model=model,
-            norm_params=norm_params,
-            skip_unselected=skip_unselected,
-        )
+        super().__init__(optimizer, groups, **options)
 
     def _options(self) -> dict[str, Any]:
         return {**super()._options(), "threshold": self.threshold}
