@@ -249,3 +249,59 @@ def test_nonfinite_gradient_skips_the_step_and_warns():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert all(m is None or m.isfinite().all() for m in s._m)
     assert all(v.isfinite().all() for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor))
+
+
+@pytest.mark.parametrize(
+    ("spec", "opt"),
+    [
+        ("bvgls", "sgd"),
+        ("bvgls", "adamw"),
+        ("bvgls:k=2", "sgd"),
+        ("bvgls-skip", "sgd"),
+        ("bvgls:probe=3", "sgd"),
+        ("bvgls:probe=3:release_state=true:ema=bfloat16", "adamw"),
+    ],
+)
+def test_lag0_is_the_unfused_method(spec, opt):
+    """lag=0 holds the best groups' gradients instead of lagging: selections, weights, optimizer
+    state and statistics are the unfused strategy's."""
+    lr = 0.1 if opt == "sgd" else 1e-2
+    plain, fused = build(spec, lr=lr, opt=opt), build(spec + ":fused=true:lag=0", lr=lr, opt=opt)
+    for step in range(10):
+        for model, optimizer, s in (plain, fused):
+            one_step(model, optimizer, s, step)
+        assert fused[2].selected == plain[2].selected, f"step {step}"
+        assert torch.equal(plain[2].ratios.nan_to_num(-1.0), fused[2].ratios.nan_to_num(-1.0)), f"step {step}"
+    assert len({tuple(c) for c in [plain[2].counts]}) == 1 and sum(plain[2].counts) >= 10
+    for p, q in zip(plain[0].parameters(), fused[0].parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+        for key, value in plain[1].state[p].items():
+            torch.testing.assert_close(fused[1].state[q][key], value, rtol=1e-6, atol=1e-7)
+
+
+def test_lag0_holds_at_most_the_best_groups_gradients():
+    """During backward at most k + 1 groups hold a gradient (the best so far and the one being
+    folded); after it, only the candidates."""
+    model, opt, s = build("bvgls:fused=true:lag=0:k=2")
+    most = []
+
+    def count(_):
+        most.append(sum(any(p.grad is not None for p in ps) for ps in s.group_params))
+
+    handles = [p.register_post_accumulate_grad_hook(count) for p in model.parameters()]  # after the fold hooks
+    for step in range(4):
+        opt.zero_grad()
+        x, y = batch(step)
+        nn.functional.cross_entropy(model(x), y).backward()
+        assert sum(any(p.grad is not None for p in ps) for ps in s.group_params) <= 3
+        s.step()
+    assert max(most) <= 3 and s.num_groups > 3
+    for h in handles:
+        h.remove()
+
+
+def test_lag_is_checked():
+    with pytest.raises(ValueError, match="option of fused mode"):
+        build("bvgls:lag=0")
+    with pytest.raises(ValueError, match="lag must be 0 or 1"):
+        build("bvgls:fused=true:lag=2")

@@ -160,6 +160,11 @@ class BVGLS(GroupStrategy):
             step first, unless lean or ``skip_unselected``); the selection lags one step (see
             the module docstring). One backward pass per optimizer step; not with a GradScaler
             or DDP/FSDP.
+        lag: fused mode only. 1: the groups trained at (probe) step t are the top-k after step
+            t-1. 0: the top-k of step t itself, as without ``fused``: as each group's last
+            gradient is folded, its ratio is final, so the gradients of the k groups with the
+            largest ratio so far are held and every other group's are freed (one host sync per
+            group and step; at most k + 1 groups' gradients at once).
     """
 
     needs_all_gradients = True
@@ -179,12 +184,18 @@ class BVGLS(GroupStrategy):
         release_state: bool = False,
         ema_dtype: torch.dtype | None = None,
         fused: bool = False,
+        lag: int = 1,
     ):
         if not 0.0 < float(alpha) < 1.0:
             raise ValueError(f"alpha must be in (0, 1), got {alpha}")
         self.probe = _positive_int("probe (steps between two probe steps)", probe)
         self.static = None if static is None else _positive_int("static (probing steps before fixing)", static)
         self.fused = bool(fused)
+        if lag not in (0, 1) or isinstance(lag, bool):
+            raise ValueError(f"lag must be 0 or 1, got {lag!r}")
+        if lag == 0 and not self.fused:
+            raise ValueError("lag=0 is an option of fused mode (fused=true); without it the selection never lags")
+        self.lag = int(lag)
         super().__init__(optimizer, groups, skip_unselected=skip_unselected)
         nonempty = sum(1 for ps in self.group_params if ps)
         if nonempty < 2:
@@ -238,6 +249,14 @@ class BVGLS(GroupStrategy):
         self._arange = torch.arange(n, device=self._device)
         self._fold_set: set[int] = set()
         self._fold_ok: torch.Tensor | None = None
+        # fused, lag 0: the ratio of each group whose gradients are held, and per group the
+        # tensors expected / folded in this backward pass (None before its first fold)
+        self._candidates: dict[int, float] = {}
+        self._group_tensors: list[list[int]] = [[] for _ in range(self.num_groups)]
+        for i, g in enumerate(self.param_group_index):
+            self._group_tensors[g].append(i)
+        self._expected: list[int] | None = None
+        self._folded_in_group = [0] * self.num_groups
         # fused, not lean: an unselected tensor takes its learning-rate-0 step as soon as its
         # gradient is folded (the reference's step, run early so that the gradient can be freed)
         self._lr0_in_backward = self.fused and not self.lean and not self.skip_unselected
@@ -334,16 +353,7 @@ class BVGLS(GroupStrategy):
         """The per-group bias, variance and ratios of the tensors at ``index`` (whose EMAs have just
         been folded, ``||m||^2`` given), kept as they were unless ``ok``; returns ``ok`` (after a
         reduction over ranks, if any)."""
-        a = self.alpha
-        t, sq = self._t.index_select(0, index), self._sq.index_select(0, index)
-        correction = torch.pow(a, t).neg_().add_(1.0).reciprocal_()  # 1 / (1 - a^t)
-        bias_i = m_sq.mul_(correction.square())
-        # at a tensor's first step m_hat = g and v_hat = g^2 exactly: its variance is 0,
-        # not the rounding noise of v_hat - m_hat^2
-        v_i = torch.where(t == 1, bias_i, sq * correction)
-        groups = self._group_of.index_select(0, index)
-        bias = torch.zeros_like(self.ratios).index_add_(0, groups, bias_i)
-        v_sum = torch.zeros_like(self.ratios).index_add_(0, groups, v_i)
+        bias, v_sum = self._group_sums(index, m_sq)
         if self.reduce_sums is not None:
             # a non-finite shard on any rank makes every rank skip the step
             v_sum = torch.where(ok, v_sum, torch.nan)
@@ -354,6 +364,21 @@ class BVGLS(GroupStrategy):
         self.variance = torch.where(ok, variance, self.variance)
         self.ratios = torch.where(ok, torch.where(group_mask, bias / variance, torch.nan), self.ratios)
         return ok
+
+    def _group_sums(self, index: torch.Tensor, m_sq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per group, the bias-corrected ``sum m_hat^2`` and ``sum v_hat`` of the tensors at ``index``
+        (``||m||^2`` given; overwritten)."""
+        a = self.alpha
+        t, sq = self._t.index_select(0, index), self._sq.index_select(0, index)
+        correction = torch.pow(a, t).neg_().add_(1.0).reciprocal_()  # 1 / (1 - a^t)
+        bias_i = m_sq.mul_(correction.square())
+        # at a tensor's first step m_hat = g and v_hat = g^2 exactly: its variance is 0,
+        # not the rounding noise of v_hat - m_hat^2
+        v_i = torch.where(t == 1, bias_i, sq * correction)
+        groups = self._group_of.index_select(0, index)
+        bias = torch.zeros_like(self.ratios).index_add_(0, groups, bias_i)
+        v_sum = torch.zeros_like(self.ratios).index_add_(0, groups, v_i)
+        return bias, v_sum
 
     @staticmethod
     def _lerp_ema(ms: list[torch.Tensor], grads: list[torch.Tensor], weight: torch.Tensor) -> None:
@@ -417,10 +442,14 @@ class BVGLS(GroupStrategy):
             scales[i] = 1.0
         return scales
 
-    def _top(self, ok: torch.Tensor, num_present: int) -> tuple[bool, list[int]]:
-        """The finite flag and the top-k groups by ratio, in the one host sync of a step."""
+    def _top(self, ok: torch.Tensor, num_present: int, among: list[int] | None = None) -> tuple[bool, list[int]]:
+        """The finite flag and the top-k groups by ratio (of the groups ``among``, default all), in
+        the one host sync of a step."""
         kk = self._num_to_select(num_present)
-        top = torch.topk(self.ratios.nan_to_num(nan=-math.inf), kk).indices if kk > 0 else ok.new_zeros(0)
+        ratios = self.ratios.nan_to_num(nan=-math.inf)
+        if among is not None:
+            ratios = torch.full_like(ratios, -math.inf).index_copy_(0, self._arange[among], ratios[among])
+        top = torch.topk(ratios, kk).indices if kk > 0 else ok.new_zeros(0)
         flag, *chosen = torch.cat([ok.view(1).long(), top.long()]).tolist()
         return bool(flag), chosen
 
@@ -479,10 +508,43 @@ class BVGLS(GroupStrategy):
         self._msq.index_copy_(0, index, m_sq)
         self._fold_ok = ok if self._fold_ok is None else self._fold_ok & ok
         self._fold_set.add(i)
-        if self.param_group_index[i] not in self.probe_selection:
-            if self._lr0_in_backward:
-                self._step_now([i], 0.0)
-            param.grad = None  # the point of fused mode: this gradient never coexists with the others
+        if self.lag == 0:
+            self._hold_best_groups(i)
+        elif self.param_group_index[i] not in self.probe_selection:
+            self._release([i])
+
+    def _release(self, indices: list[int]) -> None:
+        """Free these tensors' gradients (the point of fused mode: they never coexist with the others),
+        after their learning-rate-0 step where the paper's semantics apply."""
+        if self._lr0_in_backward:
+            self._step_now(indices, 0.0)
+        for i in indices:
+            self.params[i].grad = None
+
+    def _hold_best_groups(self, i: int) -> None:
+        """Lag 0: once tensor ``i``'s group has folded all its gradients its ratio is final; keep the
+        gradients of the k groups with the largest ratios so far (and of any tied with the k-th),
+        release the others'. Groups still being folded keep theirs until the step."""
+        g = self.param_group_index[i]
+        if self._expected is None:  # the first fold of this backward pass
+            self._expected = [sum(p.requires_grad for p in ps) for ps in self.group_params]
+            self._folded_in_group = [0] * self.num_groups
+        self._folded_in_group[g] += 1
+        if self._folded_in_group[g] < self._expected[g]:
+            return
+        index = self._group_index(g)
+        bias, v_sum = self._group_sums(index, self._msq.index_select(0, index))
+        ratio = float(bias[g] / (v_sum[g] - bias[g]).clamp_min(self.eps))  # a host sync per group
+        self._candidates[g] = -math.inf if math.isnan(ratio) else ratio
+        ranked = sorted(self._candidates.values(), reverse=True)
+        if len(ranked) > self.k:
+            kth = ranked[self.k - 1]
+            for loser in [h for h, r in self._candidates.items() if r < kth]:
+                del self._candidates[loser]
+                self._release([j for j in self._group_tensors[loser] if self.params[j].grad is not None])
+
+    def _group_index(self, g: int) -> torch.Tensor:
+        return self._arange[self._group_tensors[g]]
 
     def _plan_fused_probe(self):
         """A fused probe step: update the groups chosen at the previous probe (none at the first
@@ -500,11 +562,14 @@ class BVGLS(GroupStrategy):
         _, index, group_mask, num_present = self._index_info(folded)
         ok = self._set_ratios(index, group_mask, self._msq.index_select(0, index), ok)
         kept = list(self.probe_selection)
-        flag, chosen = self._top(ok, num_present)
+        # lag 0: choose among the groups whose gradients are still held
+        held = [g for g, ps in enumerate(self.group_params) if any(p.grad is not None for p in ps)]
+        self._candidates, self._expected = {}, None
+        flag, chosen = self._top(ok, num_present, among=held if self.lag == 0 else None)
         if not flag:
             return None
         self._record_probe(chosen)
-        return self._binary(kept)
+        return self._binary(chosen if self.lag == 0 else kept)
 
     def _plan(self):
         return self._plan_step()
@@ -549,6 +614,7 @@ class BVGLS(GroupStrategy):
             "ema_dtype": None if self.ema_dtype is None else str(self.ema_dtype).removeprefix("torch."),
             # only when on: checkpoints saved before the option existed still load
             **({"fused": True} if self.fused else {}),
+            **({"lag": 0} if self.lag == 0 else {}),
         }
 
     def state_dict(self) -> dict[str, Any]:

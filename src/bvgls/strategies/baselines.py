@@ -106,12 +106,22 @@ EMA_DTYPES = {"param": None, "bfloat16": torch.bfloat16, "float16": torch.float1
 
 @register_strategy("bvgls")
 def _bvgls(
-    optimizer, groups=None, k=1, alpha=0.9, probe=1, static=None, release_state=False, ema="param", fused=False
+    optimizer,
+    groups=None,
+    k=1,
+    alpha=0.9,
+    probe=1,
+    static=None,
+    release_state=False,
+    ema="param",
+    fused=False,
+    lag=1,
 ) -> BVGLS:
     """BVG-LS: the k groups with the largest gradient bias-variance ratio (paper: k=1); probe=P: statistics
     every P-th step, unselected groups frozen in between; static=N: keep the k most selected after N steps;
     release_state=True (lean only): free a frozen group's optimizer state; ema=param|bfloat16|float16: the
-    gradient EMA's dtype; fused=True: fold each gradient during backward and free it (selection lags a step)."""
+    gradient EMA's dtype; fused=True: fold each gradient during backward and free it (selection lags a step;
+    lag=0: no lag, the best groups' gradients are held instead)."""
     if ema not in EMA_DTYPES:
         raise ValueError(f"strategy option ema must be one of {', '.join(EMA_DTYPES)}, got {ema!r}")
     return BVGLS(
@@ -124,23 +134,32 @@ def _bvgls(
         release_state=release_state,
         ema_dtype=EMA_DTYPES[ema],
         fused=fused,
+        lag=lag,
     )
 
 
 @register_strategy("bvgls-fused")
-def _bvgls_fused(optimizer, groups=None, k=1, alpha=0.9, probe=10, release_state=True, ema="bfloat16") -> BVGLS:
+def _bvgls_fused(optimizer, groups=None, k=1, alpha=0.9, probe=10, release_state=True, ema="bfloat16", lag=1) -> BVGLS:
     """The large-model preset: bvgls:fused=true:probe=10:release_state=true:ema=bfloat16 (options can be
-    changed, e.g. bvgls-fused:probe=1)."""
+    changed, e.g. bvgls-fused:probe=1 or bvgls-fused:lag=0)."""
     return _bvgls(
-        optimizer, groups, k=k, alpha=alpha, probe=probe, release_state=release_state and probe > 1, ema=ema, fused=True
+        optimizer,
+        groups,
+        k=k,
+        alpha=alpha,
+        probe=probe,
+        release_state=release_state and probe > 1,
+        ema=ema,
+        fused=True,
+        lag=lag,
     )
 
 
 @register_strategy("bvgls-skip")
-def _bvgls_skip(optimizer, groups=None, k=1, alpha=0.9, fused=False) -> BVGLS:
+def _bvgls_skip(optimizer, groups=None, k=1, alpha=0.9, fused=False, lag=1) -> BVGLS:
     """BVG-LS variant: unselected groups skip the optimizer step entirely (no momentum update); fused=True
-    as for bvgls."""
-    return BVGLS(optimizer, k=k, alpha=alpha, groups=groups, skip_unselected=True, fused=fused)
+    and lag as for bvgls."""
+    return BVGLS(optimizer, k=k, alpha=alpha, groups=groups, skip_unselected=True, fused=fused, lag=lag)
 
 
 @register_strategy("bvgts")
