@@ -167,8 +167,8 @@ def test_fused_probe_steps_fold_every_gradient_others_only_the_trained():
         assert held <= set(s.probe_selection) | trained_before  # release_state: only trained groups hold state
 
 
-def test_resume_continues_identically():
-    spec = "bvgls-fused:probe=2"
+@pytest.mark.parametrize("spec", ["bvgls-fused:probe=2", "bvgls-fused:probe=2:lag=0", "bvgls:fused=true"])
+def test_resume_continues_identically(spec):
     model, opt, s = build(spec, opt="adamw", lr=1e-2)
     for step in range(5):
         one_step(model, opt, s, step)
