@@ -47,6 +47,11 @@ unselected groups are skipped instead, as without ``fused``. Gradient accumulati
 and torch.distributed are refused (``FUSED_*`` messages). A non-finite gradient skips the step
 (no weight moves), but the tensors folded before it are already folded and, at probe=1, have
 already taken their learning-rate-0 step (with the non-finite elements as 0).
+
+``lag=0`` removes the lag: a group's ratio depends only on its own tensors, so it is final once
+the group's last gradient is folded; the hook then keeps the gradients of the k best groups so
+far and releases the others (as above), and the step trains the top-k of its own statistics,
+exactly as without ``fused``.
 """
 
 from __future__ import annotations
@@ -547,8 +552,9 @@ class BVGLS(GroupStrategy):
         return self._arange[self._group_tensors[g]]
 
     def _plan_fused_probe(self):
-        """A fused probe step: update the groups chosen at the previous probe (none at the first
-        step), and choose the next ones from the statistics the backward pass just folded."""
+        """A fused probe step: choose from the statistics the backward pass just folded; update the
+        groups chosen at the previous probe (none at the first step), or with lag 0 the ones just
+        chosen (among the groups whose gradients were held)."""
         refuse_distributed_fused()
         if called_by_grad_scaler():
             raise RuntimeError(FUSED_SCALER)
