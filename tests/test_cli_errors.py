@@ -508,5 +508,8 @@ def test_list_does_not_cut_descriptions(tmp_path):
     res = bvgls("list", env={"COLUMNS": "1000"})
     assert res.returncode == 0, res.stderr
     # both docstrings wrap their first sentence over several lines
-    assert "fused=True: fold each gradient during backward and free it (selection lags a step)." in res.stdout
+    assert (
+        "fused=True: fold each gradient during backward and free it (selection lags a step; lag=0: no lag, "
+        "the best groups' gradients are held instead)." in res.stdout
+    )
     assert 'parameters held directly by a module come first, as "<name>.params".' in res.stdout

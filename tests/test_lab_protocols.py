@@ -39,6 +39,7 @@ def test_every_named_protocol_is_known_and_unknown_names_are_refused():
         "offline",
         "offline-v2",
         "offline-fused",
+        "offline-fused-v2",
         "pretrained",
         "pretrained-batch",
         "pretrained-pilot",
@@ -53,8 +54,8 @@ def test_every_named_protocol_is_known_and_unknown_names_are_refused():
     res = lab_cli("bench", "--protocol", "nope", "--dry-run")
     assert res.returncode != 0
     assert res.stderr.strip().splitlines() == [
-        "error: unknown protocol 'nope'; known: offline, offline-v2, offline-fused, pretrained, pretrained-batch, "
-        "pretrained-pilot, repro-sweep, repro-h3, repro-h2"
+        "error: unknown protocol 'nope'; known: offline, offline-v2, offline-fused, offline-fused-v2, pretrained, "
+        "pretrained-batch, pretrained-pilot, repro-sweep, repro-h3, repro-h2"
     ]
 
 
