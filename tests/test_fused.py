@@ -272,7 +272,7 @@ def test_lag0_is_the_unfused_method(spec, opt):
             one_step(model, optimizer, s, step)
         assert fused[2].selected == plain[2].selected, f"step {step}"
         assert torch.equal(plain[2].ratios.nan_to_num(-1.0), fused[2].ratios.nan_to_num(-1.0)), f"step {step}"
-    assert len({tuple(c) for c in [plain[2].counts]}) == 1 and sum(plain[2].counts) >= 10
+    assert sum(c > 0 for c in plain[2].counts) > 1 and sum(plain[2].counts) >= 10  # the selection moved
     for p, q in zip(plain[0].parameters(), fused[0].parameters()):
         torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
         for key, value in plain[1].state[p].items():

@@ -537,7 +537,7 @@ class BVGLS(GroupStrategy):
         self._folded_in_group[g] += 1
         if self._folded_in_group[g] < self._expected[g]:
             return
-        index = self._group_index(g)
+        index = self._arange[self._group_tensors[g]]
         bias, v_sum = self._group_sums(index, self._msq.index_select(0, index))
         ratio = float(bias[g] / (v_sum[g] - bias[g]).clamp_min(self.eps))  # a host sync per group
         self._candidates[g] = -math.inf if math.isnan(ratio) else ratio
@@ -547,9 +547,6 @@ class BVGLS(GroupStrategy):
             for loser in [h for h, r in self._candidates.items() if r < kth]:
                 del self._candidates[loser]
                 self._release([j for j in self._group_tensors[loser] if self.params[j].grad is not None])
-
-    def _group_index(self, g: int) -> torch.Tensor:
-        return self._arange[self._group_tensors[g]]
 
     def _plan_fused_probe(self):
         """A fused probe step: choose from the statistics the backward pass just folded; update the
@@ -568,10 +565,11 @@ class BVGLS(GroupStrategy):
         _, index, group_mask, num_present = self._index_info(folded)
         ok = self._set_ratios(index, group_mask, self._msq.index_select(0, index), ok)
         kept = list(self.probe_selection)
-        # lag 0: choose among the groups whose gradients are still held
-        held = [g for g, ps in enumerate(self.group_params) if any(p.grad is not None for p in ps)]
-        self._candidates, self._expected = {}, None
-        flag, chosen = self._top(ok, num_present, among=held if self.lag == 0 else None)
+        held = None
+        if self.lag == 0:  # choose among the groups whose gradients are still held
+            held = [g for g, ps in enumerate(self.group_params) if any(p.grad is not None for p in ps)]
+            self._candidates, self._expected = {}, None
+        flag, chosen = self._top(ok, num_present, among=held)
         if not flag:
             return None
         self._record_probe(chosen)
