@@ -299,13 +299,19 @@ def test_state_saved_with_other_options_is_refused(saved, now, message):
         other.load_state_dict(s.state_dict())
 
 
-def test_failed_load_leaves_the_strategy_untouched():
+def _trained_pair():
+    """Two BVG-LS strategies trained 3 and 1 steps: a saved state and a strategy to load it into."""
     model = mlp()
     opt, s = _bvgls(model)
     train(model, opt, s, 3)
     model2 = mlp(seed=1)
     opt2, s2 = _bvgls(model2)
     train(model2, opt2, s2, 1)
+    return s, s2
+
+
+def test_failed_load_leaves_the_strategy_untouched():
+    s, s2 = _trained_pair()
     before = copy.deepcopy(s2.state_dict())
     for corrupt in (
         lambda st: st["m"].__setitem__(2, torch.zeros(5)),  # a buffer of the wrong shape
@@ -321,12 +327,7 @@ def test_failed_load_leaves_the_strategy_untouched():
 
 
 def test_a_failure_while_assigning_rolls_back(monkeypatch):
-    model = mlp()
-    opt, s = _bvgls(model)
-    train(model, opt, s, 3)
-    model2 = mlp(seed=1)
-    opt2, s2 = _bvgls(model2)
-    train(model2, opt2, s2, 1)
+    s, s2 = _trained_pair()
     before = copy.deepcopy(s2.state_dict())
     state = s.state_dict()
     state["probe_counts"] = ["x"] * s2.num_groups  # passes the length check, fails when converted
